@@ -1,0 +1,386 @@
+"""The masked-diffusion language-model decoder: a Llama-style transformer.
+
+RMSNorm -> RoPE attention (grouped-query, optional q/k/v bias) -> SwiGLU MLP -> Block -> Decoder.
+The same module expresses LLaDA-8B (MHA, no bias, untied head, theta 5e5) and Dream-7B (GQA, q/k/v
+bias, theta 1e6, logits shifted by one position) as configs.
+
+The attention mask is switchable per call (:func:`attention_mask`):
+
+* ``bidirectional``: every token sees every token (masked diffusion, LLaDA / Dream),
+* ``causal``: token i sees tokens <= i (the autoregressive phase of Dimple's recipe, AR baseline),
+* ``prefix``: prompt/media tokens see only the prompt; response tokens see everything (LaViDa's
+  prefix-DLM), so the prompt's keys/values never depend on the response and can be cached exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_safetensors, load_state_checked, read_json, save_weights, write_json
+
+AttnMode = Literal["bidirectional", "causal", "prefix"]
+ATTN_MODES: tuple[str, ...] = ("bidirectional", "causal", "prefix")
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and conventions of a decoder. Saved as JSON beside the weights."""
+
+    vocab_size: int = 512  # rows of the embedding and of the output head
+    d_model: int = 256  # residual width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads (< n_heads: grouped-query attention)
+    mlp_hidden: int = 704  # SwiGLU hidden width
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2 / Dream)
+    tie_embeddings: bool = False  # output head shares the embedding matrix
+    logit_shift: bool = False  # Dream: the prediction for position i is read at position i-1
+    attn_mode: str = "bidirectional"  # default mask: bidirectional | causal | prefix
+    max_seq_len: int = 2048  # longest sequence accepted
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.attn_mode not in ATTN_MODES:
+            raise ValueError(f"attn_mode {self.attn_mode!r} not in {ATTN_MODES}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head dimension must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "decoder config") -> "DecoderConfig":
+        return config_from_dict(cls, data, source=source)
+
+
+#: Named presets (data, not code). ``llada-8b`` / ``dream-7b`` are the released shapes.
+PRESETS: dict[str, dict] = {
+    "tiny-test": dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64),
+    "mmdiff-tiny": dict(vocab_size=512, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, mlp_hidden=704),
+    "llada-8b": dict(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     mlp_hidden=12288, rope_theta=500000.0, norm_eps=1e-5, max_seq_len=4096),
+    "dream-7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                     mlp_hidden=18944, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, logit_shift=True,
+                     max_seq_len=131072),
+}
+
+
+def preset(name: str, **overrides) -> DecoderConfig:
+    """A :class:`DecoderConfig` from a named preset, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown decoder preset {name!r}; known: {sorted(PRESETS)}")
+    return DecoderConfig(**{**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------
+# masks, positions, RoPE
+# ------------------------------------------------------------------------------------------------
+def attention_mask(mode: str, key_valid: torch.Tensor, *, q_len: int | None = None,
+                   prefix_len: int | torch.Tensor = 0) -> torch.Tensor:
+    """Boolean attention mask (B, 1, Tq, Tk); True = may attend.
+
+    The queries are the last ``q_len`` positions of the ``Tk`` keys (all of them by default), so the
+    same function serves a full forward and a forward over new tokens with cached keys.
+
+    Args:
+        mode: ``bidirectional``, ``causal`` or ``prefix``.
+        key_valid: (B, Tk) bool, False at padding.
+        q_len: number of query positions (the last ones).
+        prefix_len: ``prefix`` mode: positions ``< prefix_len`` form the prompt (int or (B,) tensor).
+    """
+    B, Tk = key_valid.shape
+    Tq = Tk if q_len is None else q_len
+    qpos = torch.arange(Tk - Tq, Tk, device=key_valid.device)[:, None]  # (Tq, 1) absolute
+    kpos = torch.arange(Tk, device=key_valid.device)[None, :]  # (1, Tk)
+    allowed = key_valid[:, None, :].expand(B, Tq, Tk)  # (B, Tq, Tk)
+    if mode == "causal":
+        allowed = allowed & (kpos <= qpos)
+    elif mode == "prefix":
+        p = torch.as_tensor(prefix_len, device=key_valid.device).reshape(-1, 1, 1)  # (B|1, 1, 1)
+        allowed = allowed & ((qpos >= p) | (kpos < p))
+    elif mode != "bidirectional":
+        raise ValueError(f"attention mode {mode!r} not in {ATTN_MODES}")
+    allowed = allowed | (kpos == qpos)  # a padding query still sees itself: no empty softmax row
+    return allowed[:, None]  # (B, 1, Tq, Tk)
+
+
+def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) counting only valid tokens, so left padding does not shift positions."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, T, head_dim) for RoPE (Su et al. 2021), computed in float32.
+
+    inv_freq_j = theta^(-2j/d); the two halves of each head share frequencies ("rotate_half").
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    ang = positions.float()[..., None] * inv_freq  # (B, T, d/2)
+    ang = torch.cat([ang, ang], dim=-1)[:, None]  # (B, 1, T, d)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (j, j + d/2) of ``x`` (B, H, T, d): x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# modules
+# ------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+@dataclass
+class KVCache:
+    """Keys/values of already-processed positions, one entry per layer: the explicit cache object.
+
+    ``keys[i]`` is (B, H_kv, T_cached, d). The sampler owns it; the decoder reads it and, when asked
+    to ``store``, appends the keys/values of the positions it has just processed.
+    """
+
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([None] * n_layers, [None] * n_layers)
+
+    @property
+    def length(self) -> int:
+        k = next((k for k in self.keys if k is not None), None)
+        return 0 if k is None else k.shape[2]
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` cached positions."""
+        self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
+        self.values = [None if v is None else v[:, :, :length] for v in self.values]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with RoPE, via ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
+                cache: KVCache | None = None, layer: int = 0, store: bool = False,
+                probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend; returns (output (B, T, D), attention received per key (B, Tk) or None).
+
+        Args:
+            probe: (B, T) float weights over query positions; when given, also return the
+                head-averaged attention those queries pay to every key (FastV-style scores).
+        """
+        B, T, _ = x.shape
+        hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and cache.keys[layer] is not None:
+            k = torch.cat([cache.keys[layer], k], dim=2)  # (B, Hkv, Tc+T, hd)
+            v = torch.cat([cache.values[layer], v], dim=2)
+        if store and cache is not None:
+            cache.keys[layer], cache.values[layer] = k, v
+        if Hkv != H:  # GQA: each kv head serves H/Hkv consecutive query heads
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            v = v.repeat_interleave(H // Hkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        received = None
+        if probe is not None:
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, H, T, Tk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            attn = scores.softmax(-1).mean(1)  # (B, T, Tk)
+            w = probe.float() / probe.float().sum(-1, keepdim=True).clamp(min=1e-9)  # (B, T)
+            received = (w[:, :, None] * attn).sum(1)  # (B, Tk)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd)), received
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, mask, **attn_kwargs):
+        a, received = self.attn(self.attn_norm(x), cos, sin, mask, **attn_kwargs)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), received
+
+
+@dataclass
+class DecoderOutput:
+    """What a forward pass returns: logits plus the optional extras that were asked for."""
+
+    logits: torch.Tensor  # (B, T, V), raw: position i's own output (see Decoder.aligned_logits)
+    hidden_states: list[torch.Tensor] | None = None  # n_layers + 1 tensors (B, T, D) when requested
+    attn_received: dict[int, torch.Tensor] | None = None  # layer -> (B, Tk) attention received
+    cache: KVCache | None = None
+
+
+class Decoder(nn.Module):
+    """Token/embedding input -> logits. Stages: ``embed``, ``forward_layers``, ``forward_head``."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # a tied head reuses the embedding matrix and owns no parameter of its own
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) embeddings."""
+        return self.embed_tokens(input_ids)
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) final hidden states -> (B, T, V) logits."""
+        h = self.norm(h)
+        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    def aligned_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits whose position i predicts token i (undoes Dream's one-position shift)."""
+        if not self.cfg.logit_shift:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attn_mode: str | None = None, valid: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, store_cache: bool = False,
+                output_hidden_states: bool = False, probe: torch.Tensor | None = None,
+                probe_layers: tuple[int, ...] = (), skip_layers: frozenset[int] = frozenset()) -> DecoderOutput:
+        """Run the decoder.
+
+        Args:
+            input_ids: (B, T) token ids, or
+            inputs_embeds: (B, T, D) precomputed embeddings (image/audio tokens merged in).
+            attn_mode: mask kind; defaults to ``cfg.attn_mode``.
+            valid: (B, Tc+T) bool over cached + new positions, False at (left) padding.
+            prefix_len: prompt length for ``prefix`` mode, counted from the first cached position.
+            position_ids: (B, T) RoPE positions; by default counted over ``valid`` tokens.
+            cache: keys/values of earlier positions, prepended to this call's.
+            store_cache: append this call's keys/values to ``cache``.
+            output_hidden_states: also return the residual stream after embedding and every layer.
+            probe: (B, T) query weights; with ``probe_layers`` records attention received per key.
+            skip_layers: indices of blocks to skip (layer skipping).
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        Tc = 0 if cache is None else cache.length
+        if Tc + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {Tc + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if valid is None:
+            valid = torch.ones(B, Tc + T, dtype=torch.bool, device=x.device)
+        if position_ids is None:
+            position_ids = positions_from_valid(valid)[:, Tc:]
+        mode = attn_mode or self.cfg.attn_mode
+        mask = None
+        if mode != "bidirectional" or not bool(valid.all()):
+            mask = attention_mask(mode, valid, q_len=T, prefix_len=prefix_len)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        hidden = [x] if output_hidden_states else None
+        received: dict[int, torch.Tensor] | None = {} if probe_layers else None
+        if cache is None and store_cache:
+            cache = KVCache.empty(self.cfg.n_layers)
+        for i, block in enumerate(self.layers):
+            if i in skip_layers:
+                if hidden is not None:
+                    hidden.append(x)
+                continue
+            want = probe is not None and i in probe_layers
+            x, r = block(x, cos, sin, mask, cache=cache, layer=i, store=store_cache,
+                         probe=probe if want else None)
+            if want:
+                received[i] = r
+            if hidden is not None:
+                hidden.append(x)
+        return DecoderOutput(self.forward_head(x), hidden, received, cache)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        directory = Path(directory)
+        write_json(directory / CONFIG_NAME, {"model_type": "mmdiff-decoder", **self.cfg.to_dict()})
+        save_weights(self, directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "Decoder":
+        """Load a directory written by :meth:`save_pretrained`, or a LLaDA / Dream checkpoint."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        data = read_json(directory / CONFIG_NAME)
+        if data.get("model_type") != "mmdiff-decoder":
+            from .checkpoints import load_checkpoint  # real released formats
+
+            return load_checkpoint(directory, dtype=dtype, device=device)
+        data = {k: v for k, v in data.items() if k != "model_type"}
+        cfg = DecoderConfig.from_dict(data, source=str(directory / CONFIG_NAME))
+        model = cls(cfg)
+        load_state_checked(model, load_safetensors(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

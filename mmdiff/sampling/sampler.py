@@ -1,0 +1,227 @@
+"""The one masked-diffusion sampling loop.
+
+Reverse process of masked diffusion (LLaDA, Nie et al. 2025, Alg. 4/5; MDLM, Sahoo et al. 2024):
+start from a canvas of ``[MASK]`` tokens after the prompt; at each step predict every masked token
+at once, keep the predictions the transfer rule selects and leave the rest masked. Semi-
+autoregressive blocks (``block_length``) run this block by block, left to right.
+
+Everything that varies between methods is a small object plugged into this loop:
+
+* the :class:`Denoiser` computes logits for the canvas (plain recompute, or a cache strategy),
+* the schedule, remasking score and transfer rule choose what to fix (``schedules.py``, ``rules.py``),
+* :class:`Strategy` hooks adjust the initial canvas (structure priors) or the logits (EOS
+  suppression, constrained slots) and observe each step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from ..io import config_from_dict
+from .rules import REMASKING, TRANSFER
+from .schedules import SCHEDULES, num_transfer
+
+
+@dataclass
+class SamplerConfig:
+    """Every knob of the sampler. Saved with evaluation results so a run is reproducible."""
+
+    gen_length: int = 16  # response canvas length (tokens)
+    steps: int | None = None  # total denoising steps over all blocks; None = gen_length
+    block_length: int | None = None  # semi-autoregressive block size; None = gen_length (one block)
+    schedule: str = "linear"  # linear | shifted | cosine
+    shift: float = 3.0  # s of the shifted schedule
+    remasking: str = "low_confidence"  # low_confidence | random | margin | entropy
+    transfer: str = "schedule"  # schedule | threshold (Dimple confident decoding) | factor (Fast-dLLM)
+    threshold: float = 0.9  # confidence threshold of the threshold rule
+    factor: float = 1.0  # f of the factor rule
+    temperature: float = 0.0  # 0 = greedy; > 0 = Gumbel-max sampling in float64
+    suppress_eos: bool = False  # forbid EOS/PAD: the answer fills the whole canvas (length control)
+    seed: int = 0  # seeds Gumbel noise and random remasking
+
+    def __post_init__(self) -> None:
+        SCHEDULES.get(self.schedule), REMASKING.get(self.remasking), TRANSFER.get(self.transfer)
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
+        if self.block_length is not None and self.block_length < 1:
+            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplerConfig":
+        return config_from_dict(cls, data, source="sampler config")
+
+
+@dataclass
+class StepState:
+    """What the loop knows at a step; passed to the denoiser and to strategy hooks."""
+
+    canvas: torch.Tensor  # (B, L) current response tokens, mask id where undecided
+    step: int  # global step index (= NFE so far)
+    block: int  # block index
+    block_slice: slice  # canvas positions of the current block
+    mask_id: int
+
+
+@dataclass
+class StepEvent:
+    """One denoising step, as seen by a callback (the demo animates these)."""
+
+    step: int
+    block: int
+    canvas: torch.Tensor  # (B, L) after this step
+    fixed: torch.Tensor  # (B, L) bool: positions fixed at this step
+
+
+@dataclass
+class SampleOutput:
+    """Result of :func:`sample`."""
+
+    tokens: torch.Tensor  # (B, L) final response canvas
+    nfe: int  # forward evaluations of the denoiser
+    fixed_per_step: list[int] = field(default_factory=list)  # tokens fixed at each step (whole batch)
+    fixed_at: torch.Tensor | None = None  # (B, L) step that fixed each position; -1 = preset
+    wall_time: float = 0.0  # seconds
+
+
+class Denoiser(Protocol):
+    """Anything that maps the current canvas to per-position logits (B, L, V), aligned so that
+    position i's logits predict canvas token i."""
+
+    def logits(self, state: StepState) -> torch.Tensor: ...
+
+
+class Strategy:
+    """Hook points of the loop; subclasses override what they need (all default to no-ops)."""
+
+    def init_canvas(self, canvas: torch.Tensor, mask_id: int) -> torch.Tensor:
+        """Return the canvas before step 0 (e.g. a structure prior's fixed tokens)."""
+        return canvas
+
+    def process_logits(self, logits: torch.Tensor, state: StepState) -> torch.Tensor:
+        """Adjust logits before prediction (e.g. forbid tokens)."""
+        return logits
+
+    def on_step(self, event: StepEvent) -> None:
+        """Observe a finished step."""
+
+
+class SuppressTokens(Strategy):
+    """Forbid some token ids everywhere (EOS/PAD suppression for exact-length answers)."""
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        self.token_ids = sorted(set(token_ids))
+
+    def process_logits(self, logits: torch.Tensor, state: StepState) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., self.token_ids] = float("-inf")
+        return logits
+
+
+def predict(logits: torch.Tensor, *, temperature: float, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw x0 ~ softmax(logits / T) and return (x0, probs).
+
+    Greedy for T = 0. For T > 0 uses the Gumbel-max trick, argmax(logits/T + G) with
+    G = -log(-log U), computed in float64: in float32 the Gumbel noise is too coarse and rare tokens
+    are over-sampled (the reason LLaDA's ``add_gumbel_noise`` runs in float64).
+
+    Args:
+        logits: (B, L, V).
+
+    Returns:
+        x0 (B, L) long and probs (B, L, V) float32 of softmax(logits) (temperature-free confidence).
+    """
+    probs = logits.float().softmax(-1)
+    if temperature <= 0:
+        return logits.argmax(-1), probs
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    g = -torch.log(-torch.log(u.clamp(min=1e-300)))
+    return (logits.double() / temperature + g).argmax(-1), probs
+
+
+def _blocks(length: int, block_length: int) -> list[slice]:
+    return [slice(s, min(s + block_length, length)) for s in range(0, length, block_length)]
+
+
+def iter_sample(denoiser: Denoiser, *, batch_size: int, config: SamplerConfig, mask_id: int,
+                suppress_ids: Sequence[int] = (), strategies: Sequence[Strategy] = (),
+                device: str | torch.device = "cpu") -> Iterator[StepEvent | SampleOutput]:
+    """The denoising loop as a generator: yields a :class:`StepEvent` per step, then the
+    :class:`SampleOutput`. :func:`sample` is the plain-call wrapper.
+
+    Args:
+        denoiser: computes canvas logits (holds the prompt and any cache).
+        batch_size: B.
+        config: sampler settings.
+        mask_id: the ``[MASK]`` token id.
+        suppress_ids: token ids forbidden when ``config.suppress_eos`` (EOS, PAD).
+        strategies: extra hooks, applied in order.
+    """
+    cfg = config
+    L = cfg.gen_length
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    hooks = list(strategies) + ([SuppressTokens(suppress_ids)] if cfg.suppress_eos and suppress_ids else [])
+    canvas = torch.full((batch_size, L), mask_id, dtype=torch.long, device=device)
+    for h in hooks:
+        canvas = h.init_canvas(canvas, mask_id)
+    fixed_at = torch.where(canvas == mask_id, 0, -1)
+    blocks = _blocks(L, cfg.block_length or L)
+    steps_per_block = max(1, (cfg.steps or L) // len(blocks))
+    score_fn = REMASKING.get(cfg.remasking)
+    rule = TRANSFER.get(cfg.transfer)
+    nfe, fixed_per_step, t0 = 0, [], time.perf_counter()
+    for b, blk in enumerate(blocks):
+        in_block = torch.zeros(L, dtype=torch.bool, device=device)
+        in_block[blk] = True
+        budget = num_transfer((canvas[:, blk] == mask_id).sum(-1).cpu(), steps_per_block,
+                              schedule=cfg.schedule, shift=cfg.shift).to(device)  # (B, S)
+        s = 0
+        while True:
+            active = (canvas == mask_id) & in_block  # (B, L)
+            if not active.any():
+                break  # early stop: block (or whole canvas) filled
+            state = StepState(canvas, nfe, b, blk, mask_id)
+            logits = denoiser.logits(state)  # (B, L, V)
+            nfe += 1
+            for h in hooks:
+                logits = h.process_logits(logits, state)
+            x0, probs = predict(logits, temperature=cfg.temperature, generator=gen)
+            conf = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+            score = score_fn(probs, x0, gen).float()
+            score = torch.where(active, score, torch.full_like(score, float("-inf")))
+            remaining = active.sum(-1)
+            k = budget[:, s] if s < steps_per_block - 1 else remaining  # last step: fix the rest
+            k = torch.minimum(k.clamp(min=1), remaining)
+            pick = rule(score, conf, k, threshold=cfg.threshold, factor=cfg.factor) & active
+            canvas = torch.where(pick, x0, canvas)
+            fixed_at = torch.where(pick, nfe, fixed_at)
+            fixed_per_step.append(int(pick.sum()))
+            event = StepEvent(nfe, b, canvas, pick)
+            for h in hooks:
+                h.on_step(event)
+            yield event
+            s += 1
+    yield SampleOutput(canvas, nfe, fixed_per_step, fixed_at, time.perf_counter() - t0)
+
+
+def sample(denoiser: Denoiser, *, batch_size: int, config: SamplerConfig, mask_id: int,
+           suppress_ids: Sequence[int] = (), strategies: Sequence[Strategy] = (),
+           callback: Callable[[StepEvent], None] | None = None,
+           device: str | torch.device = "cpu") -> SampleOutput:
+    """Run :func:`iter_sample` to the end; ``callback`` sees every :class:`StepEvent`."""
+    out = None
+    for item in iter_sample(denoiser, batch_size=batch_size, config=config, mask_id=mask_id,
+                            suppress_ids=suppress_ids, strategies=strategies, device=device):
+        if isinstance(item, SampleOutput):
+            out = item
+        elif callback is not None:
+            callback(item)
+    assert out is not None
+    return out
