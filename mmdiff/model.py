@@ -1,0 +1,285 @@
+"""The multimodal masked-diffusion LM: encoders + adapters + decoder + tokenizer.
+
+Named stages (LLaVA's ``encode_images`` = vision tower -> projector, and DIFFA's audio path):
+
+* :meth:`MultimodalDiffusionLM.encode_image`: images -> vision encoder -> adapter -> (N, D) tokens,
+* :meth:`MultimodalDiffusionLM.encode_audio`: clips -> Whisper encoder -> adapter -> (N, D) tokens,
+* :meth:`MultimodalDiffusionLM.embed_prompt`: token ids with ``<image>``/``<audio>`` placeholders ->
+  embeddings with each placeholder replaced by its media tokens (left padded batch),
+* :meth:`MultimodalDiffusionLM.forward`: prompt embeddings + response tokens -> response logits,
+* :meth:`MultimodalDiffusionLM.generate`: the one sampler (``mmdiff.sampling``) on a prompt.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import special_tokens as st
+from .decoder import Decoder, DecoderConfig
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
+from .sampling import FullRecompute, PrefixCache, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
+from .special_tokens import SpecialIds
+
+log = logging.getLogger("mmdiff")
+
+PARTS = ("vision", "vision_adapter", "audio", "audio_adapter", "decoder")
+MODEL_TYPE = "mmdiff"
+
+
+@dataclass
+class ModelConfig:
+    """Every sub-config of a multimodal model; written as one ``config.json``."""
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: object | None = None  # encoders.VisionEncoderConfig
+    vision_adapter: object | None = None  # adapters.AdapterConfig
+    audio: object | None = None  # encoders.AudioEncoderConfig
+    audio_adapter: object | None = None  # adapters.AdapterConfig
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, **{k: None if getattr(self, k) is None else getattr(self, k).to_dict()
+                                             for k in ("decoder", "vision", "vision_adapter", "audio", "audio_adapter")}}
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config.json") -> "ModelConfig":
+        from .adapters import AdapterConfig
+        from .encoders import AudioEncoderConfig, VisionEncoderConfig
+
+        data = dict(data)
+        if data.pop("model_type", None) != MODEL_TYPE:
+            raise ValueError(f"{source}: not an mmdiff multimodal model config (model_type != {MODEL_TYPE!r})")
+        kinds = {"decoder": DecoderConfig, "vision": VisionEncoderConfig, "vision_adapter": AdapterConfig,
+                 "audio": AudioEncoderConfig, "audio_adapter": AdapterConfig}
+        unknown = sorted(set(data) - set(kinds))
+        if unknown:
+            raise ValueError(f"{source}: unknown sections {unknown}; known: {sorted(kinds)}")
+        return cls(**{k: None if data.get(k) is None else kinds[k].from_dict(data[k]) for k in kinds if k in data})
+
+
+@dataclass
+class GenerationResult:
+    """One answer with its cost."""
+
+    text: str
+    tokens: list[int]
+    nfe: int
+    latency_s: float
+    fixed_at: list[int] = field(default_factory=list)  # step at which each canvas token was fixed
+
+
+class MultimodalDiffusionLM(nn.Module):
+    """Encoders + adapters + masked-diffusion decoder, with a tokenizer.
+
+    Args:
+        cfg: the model configuration.
+        tokenizer: a ``PreTrainedTokenizerFast`` holding mmdiff's special tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.special = SpecialIds.from_tokenizer(tokenizer)
+        self.decoder = Decoder(cfg.decoder)
+        self.vision = self.vision_adapter = self.audio = self.audio_adapter = None
+        if cfg.vision is not None:
+            from .adapters import build_adapter
+            from .encoders import build_vision_encoder
+
+            self.vision = build_vision_encoder(cfg.vision)
+            self.vision_adapter = build_adapter(cfg.vision_adapter)
+        if cfg.audio is not None:
+            from .adapters import build_adapter
+            from .encoders import build_audio_encoder
+
+            self.audio = build_audio_encoder(cfg.audio)
+            self.audio_adapter = build_adapter(cfg.audio_adapter)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    # -- staged training --------------------------------------------------------------------------
+    def freeze(self, parts: Sequence[str], frozen: bool = True) -> None:
+        """Set ``requires_grad = not frozen`` on the named parts (see ``PARTS``)."""
+        for p in parts:
+            if p not in PARTS:
+                raise ValueError(f"unknown part {p!r}; known: {PARTS}")
+            module = getattr(self, p)
+            if module is not None:
+                module.requires_grad_(not frozen)
+
+    # -- stages -----------------------------------------------------------------------------------
+    def encode_image(self, images: Sequence) -> torch.Tensor:
+        """Images (paths or PIL) -> (B, N, D) decoder-space tokens: encoder then adapter."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder, but an image was given")
+        pixels = self.vision.preprocess(images).to(self.device)
+        return self.vision_adapter(self.vision(pixels))
+
+    def encode_audio(self, clips: Sequence) -> list[torch.Tensor]:
+        """Clips (paths or (array, rate)) -> list of (N_i, D) tokens (padding frames dropped)."""
+        if self.audio is None:
+            raise ValueError("this model has no audio encoder, but audio was given")
+        feats, mask = self.audio.preprocess(clips)
+        tokens, tmask = self.audio_adapter(self.audio(feats.to(self.device), mask.to(self.device)))
+        return [t[m] for t, m in zip(tokens, tmask)]
+
+    def embed_prompt(self, prompts: Sequence[Sequence[int]], *, images: Sequence[Sequence[torch.Tensor]] | None = None,
+                     audios: Sequence[Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace each placeholder by its media tokens; left-pad the batch.
+
+        Args:
+            prompts: token ids per sample, with ``<image>`` / ``<audio>`` placeholder tokens.
+            images: per sample, the (N, D) token tensors of its images, in placeholder order.
+            audios: per sample, the (N, D) token tensors of its clips, in placeholder order.
+
+        Returns:
+            embeds (B, T, D) and valid (B, T) bool (False at left padding).
+        """
+        B = len(prompts)
+        images = images or [[] for _ in range(B)]
+        audios = audios or [[] for _ in range(B)]
+        rows = []
+        for b, ids in enumerate(prompts):
+            media = {self.special.image: list(images[b]), self.special.audio: list(audios[b])}
+            for token, name in ((self.special.image, "image"), (self.special.audio, "audio")):
+                n_ph = sum(1 for t in ids if t == token)
+                if n_ph != len(media[token]):
+                    raise ValueError(f"prompt {b} has {n_ph} <{name}> placeholder(s) but {len(media[token])} {name}(s) were given")
+            text = self.decoder.embed(torch.as_tensor(list(ids), dtype=torch.long, device=self.device))  # (T, D)
+            parts, start = [], 0
+            for i, t in enumerate(ids):
+                if t in media and t is not None:
+                    parts += [text[start:i], media[t].pop(0).to(text.dtype)]
+                    start = i + 1
+            parts.append(text[start:])
+            rows.append(torch.cat(parts, dim=0))
+        T = max(r.shape[0] for r in rows)
+        D = rows[0].shape[1]
+        embeds = rows[0].new_zeros(B, T, D)
+        valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):
+            embeds[b, T - r.shape[0]:] = r
+            valid[b, T - r.shape[0]:] = True
+        return embeds, valid
+
+    def forward(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor, *,
+                attn_mode: str | None = None) -> torch.Tensor:
+        """Logits (B, L, V) for the response positions, aligned (position i predicts token i).
+
+        Meant for the bidirectional / prefix masks of masked diffusion; the causal AR phase reads
+        next-token logits from the decoder directly (``training.losses.ar_loss``).
+        """
+        P = prompt_embeds.shape[1]
+        x = torch.cat([prompt_embeds, self.decoder.embed(response)], dim=1)  # (B, P+L, D)
+        valid = torch.cat([prompt_valid, torch.ones_like(response, dtype=torch.bool)], dim=1)
+        out = self.decoder(inputs_embeds=x, valid=valid, attn_mode=attn_mode, prefix_len=P)
+        return self.decoder.aligned_logits(out.logits)[:, P:]
+
+    # -- prompts ----------------------------------------------------------------------------------
+    def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0) -> list[int]:
+        """Chat-formatted prompt ids: media placeholders first, then the question."""
+        content = st.IMAGE * n_images + st.AUDIO * n_audio + question
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Response tokens -> text: cut at the first EOS, drop PAD/MASK and special tokens."""
+        out = []
+        for t in tokens:
+            if t == self.special.eos:
+                break
+            if t not in (self.special.pad, self.special.mask):
+                out.append(int(t))
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
+                 audios: Sequence | None = None, config: SamplerConfig | None = None, cache: str = "none",
+                 strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None
+                 ) -> list[GenerationResult]:
+        """Answer a batch: one question (may be "") with optional one image and/or one clip per sample.
+
+        Args:
+            questions: text per sample.
+            images: per sample an image (path / PIL) or None.
+            audios: per sample a clip (path / (array, rate)) or None.
+            config: sampler settings.
+            cache: ``none`` (recompute the prompt every step) or ``prefix`` (exact prompt KV cache;
+                needs a model run with the ``prefix`` mask).
+            strategies: sampler strategy hooks (structure priors, ...).
+            callback: sees every denoising step.
+        """
+        if isinstance(questions, str):
+            questions = [questions]
+        B = len(questions)
+        images = list(images) if images is not None else [None] * B
+        audios = list(audios) if audios is not None else [None] * B
+        if len(images) != B or len(audios) != B:
+            raise ValueError(f"{B} questions but {len(images)} images and {len(audios)} audio entries")
+        config = config or SamplerConfig()
+        t0 = time.perf_counter()
+        img_idx = [i for i, im in enumerate(images) if im is not None]
+        aud_idx = [i for i, a in enumerate(audios) if a is not None]
+        img_tok = list(self.encode_image([images[i] for i in img_idx])) if img_idx else []
+        aud_tok = self.encode_audio([audios[i] for i in aud_idx]) if aud_idx else []
+        per_img = [[img_tok[img_idx.index(b)]] if b in img_idx else [] for b in range(B)]
+        per_aud = [[aud_tok[aud_idx.index(b)]] if b in aud_idx else [] for b in range(B)]
+        for b, q in enumerate(questions):
+            if not q.strip() and not per_aud[b]:
+                raise ValueError(f"sample {b}: empty question and no audio")
+        prompts = [self.format_prompt(q, n_images=len(per_img[b]), n_audio=len(per_aud[b]))
+                   for b, q in enumerate(questions)]
+        embeds, valid = self.embed_prompt(prompts, images=per_img, audios=per_aud)
+        out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback)
+        latency = time.perf_counter() - t0
+        return [GenerationResult(self.decode(out.tokens[b].tolist()), out.tokens[b].tolist(), out.nfe, latency,
+                                 out.fixed_at[b].tolist()) for b in range(B)]
+
+    def sample(self, embeds: torch.Tensor, valid: torch.Tensor, *, config: SamplerConfig, cache: str = "none",
+               strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None) -> SampleOutput:
+        """Run the one sampler on prepared prompt embeddings."""
+        if cache == "prefix":
+            denoiser = PrefixCache(self.decoder, embeds, valid)
+        elif cache == "none":
+            denoiser = FullRecompute(self.decoder, embeds, valid, attn_mode=self.cfg.decoder.attn_mode)
+        else:
+            raise ValueError(f"unknown cache {cache!r}; known: none, prefix")
+        return sample(denoiser, batch_size=embeds.shape[0], config=config, mask_id=self.special.mask,
+                      suppress_ids=(self.special.eos, self.special.pad), strategies=strategies,
+                      callback=callback, device=embeds.device)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` into ``directory``."""
+        from .tokenizer import save_tokenizer
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / CONFIG_NAME, self.cfg.to_dict())
+        save_weights(self, directory / WEIGHTS_NAME)
+        save_tokenizer(self.tokenizer, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "MultimodalDiffusionLM":
+        """Load a directory written by :meth:`save_pretrained`; errors name the missing/bad part."""
+        from .tokenizer import load_tokenizer
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+        cfg = ModelConfig.from_dict(read_json(directory / CONFIG_NAME), source=str(directory / CONFIG_NAME))
+        model = cls(cfg, load_tokenizer(directory))
+        load_state_checked(model, load_safetensors(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        model.eval()
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

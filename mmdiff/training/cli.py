@@ -1,0 +1,24 @@
+"""``mmdiff train --config FILE``: run a committed training recipe."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training recipe JSON (e.g. configs/mmdiff-tiny.json)")
+    p.add_argument("--out", help="override the output model directory of the recipe")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing <out>.train_state and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .recipe import TrainConfig
+    from .trainer import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig.from_file(args.config)
+    if args.out:
+        cfg.out = args.out
+    Trainer(cfg, resume=not args.fresh, progress=not args.no_progress).run()
+    return 0

@@ -1,0 +1,65 @@
+"""The training recipe as data: a committed JSON file read into :class:`TrainConfig`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..io import config_from_dict, read_json
+
+STAGE_KINDS = ("cells", "ar", "diffusion")
+
+
+@dataclass
+class StageConfig:
+    """One training stage.
+
+    ``cells`` pretrains the vision encoder on the scene generator's per-cell labels (the grounding
+    our tiny model cannot inherit from CLIP); ``ar`` is phase 1 of Dimple's recipe (causal mask,
+    next-token loss); ``diffusion`` is phase 2 (masked-diffusion ELBO under ``attn_mode``).
+    """
+
+    name: str
+    kind: str  # cells | ar | diffusion
+    steps: int
+    lr: float = 1e-3
+    batch_size: int = 128
+    train: list[str] = field(default_factory=lambda: ["vision_adapter", "decoder"])  # parts with gradients
+    attn_mode: str = "prefix"  # diffusion stages: bidirectional | prefix
+    complementary: bool = False  # LaViDa complementary masking
+    warmup: int = 100
+    weight_decay: float = 0.01
+    long_fraction: float = 0.15  # fraction of batches holding long answers (captions)
+    save_as: str | None = None  # also export the model at the end of this stage to this directory
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGE_KINDS:
+            raise ValueError(f"stage {self.name!r}: kind {self.kind!r} not in {STAGE_KINDS}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see ``configs/mmdiff-tiny.json``."""
+
+    out: str  # output model directory
+    model: dict  # ModelConfig sections (decoder, vision, vision_adapter, ...); decoder vocab set from tokenizer
+    stages: list[StageConfig]
+    seed: int = 0
+    vocab_size: int = 768  # tokenizer size
+    tokenizer_texts: int = 20000  # generated texts used to train the tokenizer
+    bank_images: int = 20000  # training scenes rendered and encoded once
+    val_images: int = 300  # validation scenes
+    short_length: int = 8  # response canvas for short answers
+    long_length: int = 96  # longest response canvas (captions)
+    type_weights: dict[str, float] = field(default_factory=dict)  # question type -> sampling weight
+    eval_every: int = 500
+    save_every: int = 250
+    threads: int = 0  # torch threads (0 = torch default)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        data = dict(read_json(path))
+        data["stages"] = [config_from_dict(StageConfig, s, source=f"{path}: stage") for s in data.get("stages", [])]
+        return config_from_dict(cls, data, source=str(path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

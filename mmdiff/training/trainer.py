@@ -1,0 +1,452 @@
+"""Staged training: encoder grounding, phase 1 (AR), phase 2 (masked diffusion).
+
+One :class:`Trainer` runs the stages of a :class:`~mmdiff.training.recipe.TrainConfig` in order,
+with a progress bar (loss, tokens/s), periodic validation accuracy per question type, atomic
+resumable checkpoints and a NaN guard. Data parallel over ``torch.distributed`` (gloo on CPU,
+nccl on GPU) by all-reducing gradients; launch with ``torchrun --nproc_per_node N -m mmdiff train``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import special_tokens as st
+from ..io import load_safetensors, read_json, write_json
+from ..model import ModelConfig, MultimodalDiffusionLM
+from ..sampling import SamplerConfig
+from ..sampling.autoregressive import ar_generate
+from .losses import ar_loss, diffusion_loss, forward_mask
+from .recipe import StageConfig, TrainConfig
+
+log = logging.getLogger("mmdiff")
+
+LONG_TYPES = ("caption", "caption_json")
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed helpers
+# ------------------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def sync_params(params: list[torch.Tensor], world: int) -> None:
+    """Broadcast rank 0's parameters so every replica starts identical."""
+    if world > 1:
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average gradients over replicas (one flat all-reduce)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view_as(g).clone()
+        off += n
+
+
+# ------------------------------------------------------------------------------------------------
+# the scene bank: rendered, preprocessed, and (after grounding) encoded once
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SceneBank:
+    """Scenes with preprocessed pixels, per-cell labels and (later) frozen encoder features."""
+
+    scenes: list
+    pixels: torch.Tensor  # (N, 3, H, W) float16
+    labels: dict[str, torch.Tensor]  # name -> (N, 9) long
+    features: torch.Tensor | None = None  # (N, n_patches, C) float16
+
+    @classmethod
+    def build(cls, model: MultimodalDiffusionLM, *, split: str, n: int, seed: int, desc: str) -> "SceneBank":
+        from tqdm import tqdm
+
+        from ..data.scenes import cell_labels, render, sample_scene
+
+        rng = random.Random(f"{split}-{seed}")
+        scenes, pixels, labels = [], [], {"shape": [], "colour": [], "size": []}
+        chunk = 256
+        for start in tqdm(range(0, n, chunk), desc=desc, unit="img", unit_scale=chunk, leave=False):
+            batch = [sample_scene(rng, split) for _ in range(min(chunk, n - start))]
+            images = [render(s, rng) for s in batch]
+            pixels.append(model.vision.preprocess(images).half())
+            for s in batch:
+                lab = cell_labels(s)
+                for k in labels:
+                    labels[k].append(lab[k])
+            scenes += batch
+        return cls(scenes, torch.cat(pixels), {k: torch.tensor(v) for k, v in labels.items()})
+
+    @torch.no_grad()
+    def encode(self, model: MultimodalDiffusionLM, batch_size: int = 256) -> None:
+        """Run the (frozen) vision encoder once over every image."""
+        model.vision.eval()
+        self.features = torch.cat([model.vision(self.pixels[i:i + batch_size].float()).half()
+                                   for i in range(0, len(self.scenes), batch_size)])
+
+
+class CellHead(nn.Module):
+    """Per-cell classifiers on grid-pooled encoder tokens (encoder grounding stage only)."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], n_cells: int = 3, n_classes: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.grid, self.n_cells = grid, n_cells
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, v) for k, v in (n_classes or {}).items()})
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        B, N, C = tokens.shape
+        x = tokens.transpose(1, 2).reshape(B, C, *self.grid)  # (B, C, h, w)
+        x = F.adaptive_avg_pool2d(x, self.n_cells).flatten(2).transpose(1, 2)  # (B, 9, C)
+        return {k: h(x) for k, h in self.heads.items()}  # name -> (B, 9, classes)
+
+
+# ------------------------------------------------------------------------------------------------
+# batches of questions
+# ------------------------------------------------------------------------------------------------
+class Batcher:
+    """Turns bank scenes into tokenised (prompt, response) batches, questions drawn per type weight."""
+
+    def __init__(self, model: MultimodalDiffusionLM, cfg: TrainConfig) -> None:
+        from ..data.questions import QUESTION_TYPES
+
+        self.model, self.cfg = model, cfg
+        weights = {t: cfg.type_weights.get(t, 1.0) for t in QUESTION_TYPES}
+        self.short_types = [t for t in QUESTION_TYPES if t not in LONG_TYPES and weights[t] > 0]
+        self.short_w = [weights[t] for t in self.short_types]
+        self.long_types = [t for t in LONG_TYPES if weights.get(t, 0) > 0]
+        self.long_w = [weights[t] for t in self.long_types]
+        self.prompt_ids = lru_cache(maxsize=200_000)(self._prompt_ids)
+        self.answer_ids = lru_cache(maxsize=200_000)(self._answer_ids)
+
+    def _prompt_ids(self, question: str) -> tuple[int, ...]:
+        return tuple(self.model.format_prompt(question, n_images=1))
+
+    def _answer_ids(self, answer: str) -> tuple[int, ...]:
+        return tuple(self.model.tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+    def sample_qas(self, bank: SceneBank, rng: random.Random, n: int, long: bool) -> list[tuple[int, object]]:
+        from ..data.questions import ask
+
+        types, w = (self.long_types, self.long_w) if long else (self.short_types, self.short_w)
+        out = []
+        while len(out) < n:
+            i = rng.randrange(len(bank.scenes))
+            qa = ask(bank.scenes[i], rng, rng.choices(types, w)[0])
+            if qa is not None:
+                out.append((i, qa))
+        return out
+
+    def make(self, bank: SceneBank, items: list[tuple[int, object]], *, eos_fill: bool) -> dict:
+        """Tokenise; response = answer + EOS, EOS-filled to the canvas length (LLaDA SFT) or
+        followed by ignored PAD (AR)."""
+        sp = self.model.special
+        prompts = [self.prompt_ids(qa.question) for _, qa in items]
+        answers = [self.answer_ids(qa.answers[0]) + (sp.eos,) for _, qa in items]
+        longest = max(len(a) for a in answers)
+        L = self.cfg.short_length if longest <= self.cfg.short_length else min(self.cfg.long_length, longest + 4)
+        answers = [a[:L] for a in answers]
+        fill = sp.eos if eos_fill else sp.pad
+        response = torch.tensor([list(a) + [fill] * (L - len(a)) for a in answers])  # (B, L)
+        loss_mask = torch.tensor([[1] * len(a) + [int(eos_fill)] * (L - len(a)) for a in answers], dtype=torch.bool)
+        return {"prompts": prompts, "index": torch.tensor([i for i, _ in items]), "response": response,
+                "loss_mask": loss_mask, "types": [qa.type for _, qa in items]}
+
+
+def embed_batch(model: MultimodalDiffusionLM, bank: SceneBank, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings from cached encoder features (the adapter runs with gradients)."""
+    feats = bank.features[batch["index"]].float().to(model.device)  # (B, N, C)
+    img_tokens = model.vision_adapter(feats)  # (B, n, D)
+    return model.embed_prompt(batch["prompts"], images=[[t] for t in img_tokens])
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation during training
+# ------------------------------------------------------------------------------------------------
+def normalize(ans: str) -> str:
+    return " ".join(ans.lower().strip().rstrip(".").split())
+
+
+@torch.no_grad()
+def quick_eval(model: MultimodalDiffusionLM, bank: SceneBank, batcher: Batcher, *, mode: str, seed: int,
+               per_type: int = 40) -> dict[str, float]:
+    """Exact-match accuracy per question type on validation scenes (greedy decoding)."""
+    from ..data.questions import QUESTION_TYPES, ask
+
+    model.eval()
+    rng = random.Random(seed)
+    acc: dict[str, float] = {}
+    for qtype in QUESTION_TYPES:
+        long = qtype in LONG_TYPES
+        n = per_type // 4 if long else per_type
+        items = []
+        for _ in range(n * 20):
+            if len(items) == n:
+                break
+            i = rng.randrange(len(bank.scenes))
+            qa = ask(bank.scenes[i], rng, qtype)
+            if qa is not None:
+                items.append((i, qa))
+        if not items:
+            continue
+        b = batcher.make(bank, items, eos_fill=True)
+        embeds, valid = embed_batch(model, bank, b)
+        L = batcher.cfg.long_length if long else batcher.cfg.short_length
+        if mode == "ar":
+            out = ar_generate(model.decoder, embeds, valid, max_new_tokens=L, eos_id=model.special.eos,
+                              pad_id=model.special.pad)
+        else:
+            out = model.sample(embeds, valid, config=SamplerConfig(gen_length=L, steps=L, block_length=L))
+        preds = [model.decode(t.tolist()) for t in out.tokens]
+        acc[qtype] = sum(normalize(p) in {normalize(a) for a in qa.answers} for p, (_, qa) in zip(preds, items)) / len(items)
+    model.train()
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints (safetensors + JSON; written to a temporary directory, then renamed)
+# ------------------------------------------------------------------------------------------------
+def save_state(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer | None, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if opt is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors, steps = {}, {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                s = opt.state.get(p)
+                if s:
+                    n = names[id(p)]
+                    tensors[f"{n}::exp_avg"] = s["exp_avg"].contiguous()
+                    tensors[f"{n}::exp_avg_sq"] = s["exp_avg_sq"].contiguous()
+                    steps[n] = float(s["step"])
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {**state, "adam_steps": steps}
+    write_json(tmp / "train_state.json", state)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_optimizer(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer, steps: dict) -> None:
+    f = path / "optimizer.safetensors"
+    if not f.exists():
+        return
+    tensors = load_safetensors(f)
+    for n, p in model.named_parameters():
+        if n in steps:
+            opt.state[p] = {"step": torch.tensor(steps[n]), "exp_avg": tensors[f"{n}::exp_avg"],
+                            "exp_avg_sq": tensors[f"{n}::exp_avg_sq"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    """Runs a :class:`TrainConfig`.
+
+    Args:
+        cfg: the recipe.
+        resume: continue from ``<out>/train_state`` when it exists.
+        progress: show tqdm progress bars (rank 0 only).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.rank, self.world = dist_info()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out)
+        self.state_dir = self.out.with_name(self.out.name + ".train_state")
+        self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
+        self.state = {"stage": 0, "step": 0}
+        torch.manual_seed(cfg.seed)
+        if resume and (self.state_dir / "train_state.json").exists():
+            self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
+            self.state = read_json(self.state_dir / "train_state.json")
+            log.info("resuming from %s at stage %d step %d", self.state_dir, self.state["stage"], self.state["step"])
+        else:
+            tok = self._tokenizer()
+            mcfg = ModelConfig.from_dict({"model_type": "mmdiff", **cfg.model})
+            mcfg.decoder.vocab_size = len(tok)
+            self.model = MultimodalDiffusionLM(mcfg, tok)
+        self.model.train()
+        self.bank: SceneBank | None = None
+        self.val: SceneBank | None = None
+        self.batcher = Batcher(self.model, cfg)
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def _tokenizer(self):
+        from ..data.questions import QUESTION_TYPES, ask
+        from ..data.scenes import sample_scene
+        from ..tokenizer import train_tokenizer
+
+        rng = random.Random(f"tokenizer-{self.cfg.seed}")
+        texts = []
+        while len(texts) < self.cfg.tokenizer_texts:
+            scene = sample_scene(rng, "train")
+            for t in QUESTION_TYPES:
+                qa = ask(scene, rng, t)
+                if qa is not None:
+                    texts += [qa.question, qa.answers[0]]
+        return train_tokenizer(texts, vocab_size=self.cfg.vocab_size)
+
+    def _banks(self, need_features: bool) -> None:
+        if self.bank is None:
+            self.bank = SceneBank.build(self.model, split="train", n=self.cfg.bank_images, seed=self.cfg.seed + 1000 * self.rank,
+                                        desc="rendering train scenes")
+            self.val = SceneBank.build(self.model, split="val", n=self.cfg.val_images, seed=self.cfg.seed, desc="rendering val scenes")
+        if need_features and self.bank.features is None:
+            self.bank.encode(self.model)
+            self.val.encode(self.model)
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _lr(self, stage: StageConfig, step: int) -> float:
+        if step < stage.warmup:
+            return stage.lr * (step + 1) / stage.warmup
+        prog = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> MultimodalDiffusionLM:
+        """Run every remaining stage, then write the final model to ``cfg.out``."""
+        for si, stage in enumerate(self.cfg.stages):
+            if si < self.state["stage"]:
+                continue
+            self._run_stage(si, stage)
+            self.state = {"stage": si + 1, "step": 0}
+            if self.rank == 0:
+                save_state(self.state_dir, self.model, None, self.state)
+                if stage.save_as:
+                    self.model.save_pretrained(stage.save_as)
+        if self.rank == 0:
+            self.model.eval()
+            self.model.save_pretrained(self.out)
+            log.info("wrote %s", self.out)
+        return self.model
+
+    def _run_stage(self, si: int, stage: StageConfig) -> None:
+        from tqdm import tqdm
+
+        model, cfg = self.model, self.cfg
+        self._banks(need_features=stage.kind != "cells")
+        head = None
+        model.freeze(["vision", "vision_adapter", "audio", "audio_adapter", "decoder"])
+        model.freeze(stage.train, frozen=False)
+        if stage.kind == "cells":
+            from ..data.scenes import COLOURS, SHAPES, SIZES
+
+            head = CellHead(model.vision.out_dim, model.vision.grid,
+                            n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
+        params = [p for p in model.parameters() if p.requires_grad] + ([] if head is None else list(head.parameters()))
+        sync_params(params, self.world)
+        opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
+        start = self.state["step"] if self.state["stage"] == si else 0
+        if start and head is None:
+            load_optimizer(self.state_dir, model, opt, self.state.get("adam_steps", {}))
+        bar = tqdm(range(start, stage.steps), desc=f"[{stage.name}]", disable=not self.progress or self.rank > 0,
+                   initial=start, total=stage.steps, dynamic_ncols=True)
+        t_last, tokens_since = time.perf_counter(), 0
+        for step in bar:
+            rng = random.Random(f"{cfg.seed}-{self.rank}-{si}-{step}")
+            for g in opt.param_groups:
+                g["lr"] = self._lr(stage, step)
+            loss, n_tokens = self._loss(stage, head, rng)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss ({loss.item()}) at stage {stage.name!r} step {step}, lr "
+                                   f"{opt.param_groups[0]['lr']:.2e}; last checkpoint: {self.state_dir}. Lower the "
+                                   "learning rate or resume from the checkpoint.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            allreduce_grads(params, self.world)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            tokens_since += n_tokens
+            if step % 10 == 0:
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
+                self._log({"stage": stage.name, "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                           "tok_s": tokens_since / (now - t_last), "time": time.time()})
+                t_last, tokens_since = now, 0
+            last = step == stage.steps - 1
+            if stage.kind != "cells" and self.rank == 0 and (step + 1) % cfg.eval_every == 0 or (last and stage.kind != "cells" and self.rank == 0):
+                acc = quick_eval(model, self.val, self.batcher, mode="ar" if stage.kind == "ar" else "diffusion",
+                                 seed=step)
+                tqdm.write(f"[{stage.name}] step {step + 1} val acc " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
+                self._log({"stage": stage.name, "step": step + 1, "val_acc": acc})
+            if stage.kind == "cells" and self.rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
+                acc = self._cell_accuracy(head)
+                tqdm.write(f"[{stage.name}] step {step + 1} val cell acc " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+                self._log({"stage": stage.name, "step": step + 1, "val_cell_acc": acc})
+            if head is None and self.rank == 0 and (step + 1) % cfg.save_every == 0 and not last:
+                save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1})
+        if stage.kind == "cells":
+            self.bank.features = None  # encoder changed: features are recomputed when needed
+
+    def _loss(self, stage: StageConfig, head: CellHead | None, rng: random.Random) -> tuple[torch.Tensor, int]:
+        model, bank = self.model, self.bank
+        if stage.kind == "cells":
+            idx = torch.tensor([rng.randrange(len(bank.scenes)) for _ in range(stage.batch_size)])
+            logits = head(model.vision(bank.pixels[idx].float()))
+            loss = sum(F.cross_entropy(v.reshape(-1, v.shape[-1]), bank.labels[k][idx].reshape(-1)) for k, v in logits.items())
+            return loss, stage.batch_size * model.vision.num_tokens
+        long = rng.random() < stage.long_fraction and bool(self.batcher.long_types)
+        n = stage.batch_size // 4 if long else stage.batch_size
+        batch = self.batcher.make(bank, self.batcher.sample_qas(bank, rng, n, long), eos_fill=stage.kind == "diffusion")
+        embeds, valid = embed_batch(model, bank, batch)
+        response = batch["response"].to(model.device)
+        P = embeds.shape[1]
+        if stage.kind == "ar":
+            logits = model.decoder(inputs_embeds=torch.cat([embeds, model.decoder.embed(response)], 1),
+                                   valid=torch.cat([valid, torch.ones_like(response, dtype=torch.bool)], 1),
+                                   attn_mode="causal").logits
+            targets = response.masked_fill(~batch["loss_mask"].to(response.device), -100)
+            return ar_loss(logits, targets, P), int(valid.sum()) + response.numel()
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        targets, masked, t = forward_mask(response, generator=g, complementary=stage.complementary)
+        if stage.complementary:
+            embeds, valid = torch.cat([embeds, embeds]), torch.cat([valid, valid])
+        noisy = targets.masked_fill(masked, model.special.mask)
+        logits = model(embeds, valid, noisy, attn_mode=stage.attn_mode)  # (B, L, V)
+        return diffusion_loss(logits, targets, masked, t), int(valid.sum()) + targets.numel()
+
+    @torch.no_grad()
+    def _cell_accuracy(self, head: CellHead) -> dict[str, float]:
+        self.model.vision.eval()
+        logits = head(self.model.vision(self.val.pixels.float()))
+        self.model.vision.train()
+        return {k: (v.argmax(-1) == self.val.labels[k]).float().mean().item() for k, v in logits.items()}
