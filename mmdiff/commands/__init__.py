@@ -1,0 +1,1 @@
+"""Thin CLI entry points over the library (argument parsing and printing only)."""
