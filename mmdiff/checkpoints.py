@@ -1,0 +1,497 @@
+"""Released diffusion LLMs (LLaDA, Dream) from local Hugging Face directories into :class:`Decoder`.
+
+A checkpoint format is data: how its ``config.json`` maps to a :class:`DecoderConfig` and a table
+from its tensor names to ours. Loading is memory-frugal: the decoder is built on the meta device,
+each tensor is read from its safetensors shard, cast to the requested dtype, moved to the device and
+assigned, so an 8B model never exists as an fp32 copy (nor twice).
+
+* **LLaDA** (Nie et al. 2025, ``LLaDAModelLM``): ``model.transformer.*`` names; ``ff_proj`` is the
+  SwiGLU *gate*, ``up_proj`` the linear branch, ``ff_out`` the down projection (and, outside the
+  blocks, the untied output head); RoPE on halves ("rotate_half"); bidirectional attention.
+* **Dream** (Ye et al. 2025, ``DreamModel``, Qwen2 weights): ``model.layers.*`` names, grouped-query
+  attention with q/k/v biases, untied ``lm_head``. Its logits are shifted by one position at sampling
+  time (``logit_shift``); the forward pass returns them raw.
+* **mmdiff-decoder**: our own :meth:`Decoder.save_pretrained` directories (what ``mmdiff convert``
+  writes), names unchanged.
+
+LLaDA-V (a LLaDA with a vision tower) is recognised and refused until the multimodal loader exists.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .decoder import Decoder, DecoderConfig
+from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json, write_json
+from .registry import Registry
+from .special_tokens import SpecialIds
+
+INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SPECIAL_TOKENS_NAME = "special_tokens.json"  # the ids of a converted checkpoint (SpecialIds as JSON)
+
+#: Files of a Hugging Face tokenizer; ``mmdiff convert`` copies whichever exist.
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                                    "chat_template.jinja")
+
+#: ``--dtype`` choices of ``mmdiff convert``.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ------------------------------------------------------------------------------------------------
+# weight-name tables: checkpoint name -> Decoder state-dict name; "{i}" is the block index
+# ------------------------------------------------------------------------------------------------
+#: Every Decoder state-dict name (q/k/v biases only with ``qkv_bias``; ``lm_head`` only untied).
+DECODER_NAMES: tuple[str, ...] = (
+    "embed_tokens.weight",
+    "layers.{i}.attn_norm.weight",
+    "layers.{i}.attn.q_proj.weight", "layers.{i}.attn.q_proj.bias",
+    "layers.{i}.attn.k_proj.weight", "layers.{i}.attn.k_proj.bias",
+    "layers.{i}.attn.v_proj.weight", "layers.{i}.attn.v_proj.bias",
+    "layers.{i}.attn.o_proj.weight",
+    "layers.{i}.mlp_norm.weight",
+    "layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.down_proj.weight",
+    "norm.weight",
+    "lm_head.weight",
+)
+
+LLADA_WEIGHTS: dict[str, str] = {
+    "model.transformer.wte.weight": "embed_tokens.weight",
+    "model.transformer.blocks.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "model.transformer.blocks.{i}.q_proj.weight": "layers.{i}.attn.q_proj.weight",
+    "model.transformer.blocks.{i}.q_proj.bias": "layers.{i}.attn.q_proj.bias",  # include_qkv_bias
+    "model.transformer.blocks.{i}.k_proj.weight": "layers.{i}.attn.k_proj.weight",
+    "model.transformer.blocks.{i}.k_proj.bias": "layers.{i}.attn.k_proj.bias",
+    "model.transformer.blocks.{i}.v_proj.weight": "layers.{i}.attn.v_proj.weight",
+    "model.transformer.blocks.{i}.v_proj.bias": "layers.{i}.attn.v_proj.bias",
+    "model.transformer.blocks.{i}.attn_out.weight": "layers.{i}.attn.o_proj.weight",
+    "model.transformer.blocks.{i}.ff_norm.weight": "layers.{i}.mlp_norm.weight",
+    "model.transformer.blocks.{i}.ff_proj.weight": "layers.{i}.mlp.gate_proj.weight",  # SiLU applies to this one
+    "model.transformer.blocks.{i}.up_proj.weight": "layers.{i}.mlp.up_proj.weight",
+    "model.transformer.blocks.{i}.ff_out.weight": "layers.{i}.mlp.down_proj.weight",
+    "model.transformer.ln_f.weight": "norm.weight",
+    "model.transformer.ff_out.weight": "lm_head.weight",  # absent when weight_tying
+}
+
+DREAM_WEIGHTS: dict[str, str] = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attn.q_proj.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.attn.q_proj.bias",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attn.k_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.attn.k_proj.bias",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attn.v_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.attn.v_proj.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attn.o_proj.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.gate_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.down_proj.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+MMDIFF_WEIGHTS: dict[str, str] = {name: name for name in DECODER_NAMES}
+
+
+def expand_names(table: Mapping[str, str], n_layers: int) -> dict[str, str]:
+    """Concrete names of a pattern table: each ``{i}`` entry once per block 0..n_layers-1."""
+    out: dict[str, str] = {}
+    for src, dst in table.items():
+        if "{i}" in src:
+            out.update({src.format(i=i): dst.format(i=i) for i in range(n_layers)})
+        else:
+            out[src] = dst
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json -> DecoderConfig
+# ------------------------------------------------------------------------------------------------
+#: LLaDA's ``ModelConfig`` defaults for the keys read here (``LLaDAConfig`` fills absent keys with them).
+LLADA_DEFAULTS: dict[str, Any] = dict(
+    n_kv_heads=None, mlp_ratio=4, mlp_hidden_size=None, embedding_size=50304, rope_theta=10000.0,
+    rms_norm_eps=1e-5, weight_tying=True, include_qkv_bias=False, max_sequence_length=1024,
+    activation_type="swiglu", block_type="sequential", block_group_size=1, alibi=False, rope=False,
+    multi_query_attention=None, attention_layer_norm=False, input_emb_norm=False, layer_norm_type="default",
+    layer_norm_with_affine=True, include_bias=False, bias_for_layer_norm=None, scale_logits=False,
+)
+#: LLaDA options the Decoder expresses: key -> accepted values (anything else is refused by name).
+LLADA_OPTIONS: dict[str, tuple] = dict(
+    alibi=(False,), rope=(True,), layer_norm_type=("rms",), block_type=("llama",), activation_type=("silu",),
+    block_group_size=(1,), multi_query_attention=(None, False), attention_layer_norm=(False,),
+    input_emb_norm=(False,), layer_norm_with_affine=(True,), include_bias=(False,),
+    bias_for_layer_norm=(None, False), scale_logits=(False,),
+)
+LLADA_REQUIRED: tuple[str, ...] = ("d_model", "n_layers", "n_heads", "vocab_size")
+
+#: ``DreamConfig`` defaults for the keys read here.
+DREAM_DEFAULTS: dict[str, Any] = dict(
+    num_key_value_heads=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    max_position_embeddings=32768, hidden_act="silu", rope_scaling=None, use_sliding_window=False,
+    use_mrope=False,
+)
+DREAM_OPTIONS: dict[str, tuple] = dict(
+    hidden_act=("silu",), rope_scaling=(None,), use_sliding_window=(False,), use_mrope=(False,),
+)
+DREAM_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size", "vocab_size")
+
+
+def _read_config(config: Mapping[str, Any], *, defaults: Mapping[str, Any], required: tuple[str, ...],
+                 options: Mapping[str, tuple], kind: str, source: str) -> dict[str, Any]:
+    """``config`` over ``defaults``, after checking the required keys and the supported options."""
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ValueError(f"{source}: {kind} config lacks {missing}")
+    c = {**defaults, **config}
+    bad = [f"{k}={c[k]!r} (supported: {', '.join(map(repr, ok))})" for k, ok in options.items() if c[k] not in ok]
+    if bad:
+        raise ValueError(f"{source}: unsupported {kind} options: {'; '.join(bad)}")
+    return c
+
+
+def llada_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> DecoderConfig:
+    """A LLaDA ``config.json`` as a :class:`DecoderConfig`.
+
+    ``mlp_hidden_size`` wins over ``mlp_ratio * d_model``; the embedding (and head) has
+    ``embedding_size or vocab_size`` rows; ``n_kv_heads`` defaults to ``n_heads``.
+    """
+    c = _read_config(config, defaults=LLADA_DEFAULTS, required=LLADA_REQUIRED, options=LLADA_OPTIONS,
+                     kind="LLaDA", source=source)
+    return DecoderConfig(
+        vocab_size=c["embedding_size"] or c["vocab_size"], d_model=c["d_model"], n_layers=c["n_layers"],
+        n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"] or c["n_heads"],
+        mlp_hidden=c["mlp_hidden_size"] or c["mlp_ratio"] * c["d_model"], rope_theta=float(c["rope_theta"]),
+        norm_eps=float(c["rms_norm_eps"]), qkv_bias=bool(c["include_qkv_bias"]),
+        tie_embeddings=bool(c["weight_tying"]), logit_shift=False, attn_mode="bidirectional",
+        max_seq_len=c["max_sequence_length"],
+    )
+
+
+def dream_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> DecoderConfig:
+    """A Dream (Qwen2-shaped) ``config.json`` as a :class:`DecoderConfig`: q/k/v biases, logits
+    shifted by one position at sampling time."""
+    c = _read_config(config, defaults=DREAM_DEFAULTS, required=DREAM_REQUIRED, options=DREAM_OPTIONS,
+                     kind="Dream", source=source)
+    return DecoderConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
+        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
+        qkv_bias=True, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=True,
+        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
+    )
+
+
+def mmdiff_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> DecoderConfig:
+    """Our own ``config.json`` (written by :meth:`Decoder.save_pretrained`)."""
+    return DecoderConfig.from_dict({k: v for k, v in config.items() if k != "model_type"}, source=source)
+
+
+# ------------------------------------------------------------------------------------------------
+# special-token ids
+# ------------------------------------------------------------------------------------------------
+def special_ids_from_configs(config: Mapping[str, Any], generation_config: Mapping[str, Any], *,
+                             source: str = CONFIG_NAME) -> SpecialIds:
+    """The ids a released checkpoint declares: each from ``config.json``, else ``generation_config.json``.
+
+    The mask id is the model's own ``mask_token_id`` (LLaDA: 126336; never hard-coded here). PAD
+    defaults to EOS; a list of EOS ids yields its first.
+    """
+
+    def declared(key: str) -> int | None:
+        for c in (config, generation_config):
+            value = c.get(key)
+            if value is not None:
+                return int(value[0] if isinstance(value, list) else value)
+        return None
+
+    mask, eos = declared("mask_token_id"), declared("eos_token_id")
+    for name, value in (("mask_token_id", mask), ("eos_token_id", eos)):
+        if value is None:
+            raise ValueError(f"{source}: no {name} in {CONFIG_NAME} or {GENERATION_CONFIG_NAME}")
+    pad = declared("pad_token_id")
+    return SpecialIds(mask=mask, pad=eos if pad is None else pad, eos=eos, bos=declared("bos_token_id"))
+
+
+def _hf_special_ids(directory: Path, config: Mapping[str, Any]) -> SpecialIds:
+    gen_path = directory / GENERATION_CONFIG_NAME
+    generation_config = read_json(gen_path) if gen_path.is_file() else {}
+    return special_ids_from_configs(config, generation_config, source=str(directory))
+
+
+def _mmdiff_special_ids(directory: Path, config: Mapping[str, Any]) -> SpecialIds | None:
+    """``special_tokens.json`` of a converted checkpoint; None for a plain ``save_pretrained`` directory."""
+    path = directory / SPECIAL_TOKENS_NAME
+    return config_from_dict(SpecialIds, read_json(path), source=str(path)) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# formats and their detection
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How one on-disk format becomes a :class:`Decoder`."""
+
+    name: str
+    model_types: tuple[str, ...]  # config.json "model_type" values
+    architectures: tuple[str, ...]  # config.json "architectures" entries
+    decoder_config: Callable[..., DecoderConfig]  # (config dict, *, source) -> DecoderConfig
+    weights: Mapping[str, str]  # checkpoint tensor name pattern -> Decoder name pattern
+    special_ids: Callable[[Path, Mapping[str, Any]], SpecialIds | None]  # (directory, config) -> ids
+
+
+FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
+for _fmt in (
+    CheckpointFormat("llada", ("llada",), ("LLaDAModelLM",), llada_decoder_config, LLADA_WEIGHTS, _hf_special_ids),
+    CheckpointFormat("dream", ("Dream",), ("DreamModel",), dream_decoder_config, DREAM_WEIGHTS, _hf_special_ids),
+    CheckpointFormat("mmdiff-decoder", ("mmdiff-decoder",), (), mmdiff_decoder_config, MMDIFF_WEIGHTS,
+                     _mmdiff_special_ids),
+):
+    FORMATS.register(_fmt.name)(_fmt)
+
+LLADA_V_MODEL_TYPES: tuple[str, ...] = ("llava_llada",)
+#: config keys that mark a LLaVA-style multimodal checkpoint
+VISION_KEYS: tuple[str, ...] = ("mm_vision_tower", "vision_tower", "mm_projector_type", "vision_config")
+
+
+def detect_format(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> CheckpointFormat:
+    """The format of a checkpoint, from its ``config.json`` (``model_type`` / ``architectures``).
+
+    Raises:
+        ValueError: for LLaDA-V (needs the multimodal loader) and for any unsupported model, naming
+            its model_type and architectures and the supported ones.
+    """
+    model_type = config.get("model_type")
+    architectures = list(config.get("architectures") or [])
+    if model_type in LLADA_V_MODEL_TYPES or (any("LLaDA" in a for a in architectures)
+                                             and any(k in config for k in VISION_KEYS)):
+        raise ValueError(f"{source}: a LLaDA-V checkpoint (model_type {model_type!r}, architectures "
+                         f"{architectures}) needs the multimodal loader, which is not implemented yet; "
+                         "text-only LLaDA and Dream checkpoints load into a Decoder now")
+    formats = [FORMATS.get(name) for name in FORMATS.names()]
+    for fmt in formats:
+        if model_type in fmt.model_types or any(a in fmt.architectures for a in architectures):
+            return fmt
+    supported = "; ".join(f"{fmt.name}: model_type {list(fmt.model_types)}, architectures {list(fmt.architectures)}"
+                          for fmt in formats)
+    raise ValueError(f"{source}: unsupported checkpoint with model_type {model_type!r} and architectures "
+                     f"{architectures}; supported: {supported}")
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors shards
+# ------------------------------------------------------------------------------------------------
+@contextmanager
+def _safe_open(path: Path) -> Iterator[Any]:
+    """``safetensors.safe_open`` (lazy, CPU), with errors that name the file."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    with handle as f:
+        yield f
+
+
+def shard_index(directory: str | Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it, from ``model.safetensors.index.json`` or ``model.safetensors``.
+
+    Raises:
+        FileNotFoundError: no weights at all, or the index names a shard file that does not exist.
+    """
+    directory = Path(directory)
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path} has no 'weight_map' object")
+        absent = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if absent:
+            raise FileNotFoundError(f"{index_path} refers to missing shard file(s) {absent} in {directory}")
+        return {name: directory / f for name, f in weight_map.items()}
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        with _safe_open(single) as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+
+
+def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
+    groups: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        groups.setdefault(path, []).append(name)
+    return groups
+
+
+def check_weights(files: Mapping[str, Path], rename: Mapping[str, str], expected: Mapping[str, tuple[int, ...]], *,
+                  dtype: torch.dtype | None, source: str) -> None:
+    """Check names, shapes and dtypes from the shard headers, before reading any tensor data.
+
+    Args:
+        files: checkpoint tensor name -> file (:func:`shard_index`).
+        rename: checkpoint name -> Decoder name, for the tensors the Decoder has.
+        expected: Decoder name -> shape.
+        dtype: requested dtype; None keeps the checkpoint's, which must then be a single one.
+        source: the checkpoint directory, for messages.
+    """
+    problems = []
+    unknown = sorted(set(files) - set(rename))
+    missing = sorted(set(rename) - set(files))
+    if unknown:
+        problems.append(f"unknown tensors {unknown}")
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    shapes, dtypes = [], set()
+    for path, names in _group_by_file({n: p for n, p in files.items() if n in rename}).items():
+        with _safe_open(path) as f:
+            held = set(f.keys())
+            for name in names:
+                if name not in held:
+                    problems.append(f"{INDEX_NAME} places {name} in {path.name}, which does not hold it")
+                    continue
+                header = f.get_slice(name)
+                shape, want = tuple(header.get_shape()), tuple(expected[rename[name]])
+                if shape != want:
+                    shapes.append(f"{name} ({path.name}): checkpoint {shape} vs model {want}")
+                dtypes.add(header.get_dtype())
+    if shapes:
+        problems.append(f"wrong shapes [{'; '.join(shapes)}]")
+    if dtype is None and len(dtypes) > 1:
+        problems.append(f"tensors of mixed dtypes {sorted(dtypes)}; pass dtype= to choose one")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def read_weights(files: Mapping[str, Path], rename: Mapping[str, str], *, dtype: torch.dtype | None,
+                 device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Read each tensor, cast it to ``dtype`` (None: as stored), move it to ``device``; keyed by Decoder name.
+
+    One tensor at a time, so the peak extra memory is one tensor, not a second copy of the model.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for path, names in _group_by_file(files).items():
+        with _safe_open(path) as f:
+            for name in names:
+                state[rename[name]] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return state
+
+
+def assert_materialised(module: torch.nn.Module) -> None:
+    """Raise if a parameter or buffer is still on the meta device (it would compute garbage)."""
+    stray = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if stray:
+        raise RuntimeError(f"left on the meta device after loading: {stray}")
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedCheckpoint:
+    """A loaded checkpoint: the decoder and what is needed to sample from it."""
+
+    decoder: Decoder
+    special_ids: SpecialIds | None  # None only for an mmdiff directory without special_tokens.json
+    tokenizer: Any | None  # a transformers tokenizer when the directory ships one and it was asked for
+    format: str  # name of the CheckpointFormat
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    tokenizer: bool = True) -> LoadedCheckpoint:
+    """Load a LLaDA / Dream / mmdiff-decoder directory with its special-token ids (and tokenizer).
+
+    Args:
+        path: a local Hugging Face-style directory (``config.json`` + safetensors shards).
+        dtype: parameter dtype; None keeps the checkpoint's own.
+        device: where the parameters live.
+        tokenizer: also load the tokenizer when the directory has tokenizer files.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config_path = directory / CONFIG_NAME
+    config = read_json(config_path)
+    fmt = detect_format(config, source=str(config_path))
+    cfg = fmt.decoder_config(config, source=str(config_path))
+    with torch.device("meta"):
+        decoder = Decoder(cfg)  # shapes only: no memory, no init cost
+    expected = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    rename = {src: dst for src, dst in expand_names(fmt.weights, cfg.n_layers).items() if dst in expected}
+    files = shard_index(directory)
+    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
+    state = read_weights(files, rename, dtype=dtype, device=device)
+    load_state_checked(decoder, state, source=str(directory), assign=True)
+    assert_materialised(decoder)
+    decoder.eval()
+    return LoadedCheckpoint(decoder, fmt.special_ids(directory, config),
+                            load_tokenizer_if_present(directory) if tokenizer else None, fmt.name)
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> Decoder:
+    """The :class:`Decoder` of a LLaDA / Dream / mmdiff-decoder directory (see :func:`load_pretrained`).
+
+    ``model(ids).logits`` are raw per-position logits; Dream's one-position shift is applied by
+    :meth:`Decoder.aligned_logits` in the sampler.
+    """
+    return load_pretrained(path, dtype=dtype, device=device, tokenizer=False).decoder
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The :data:`TOKENIZER_FILES` present in ``directory``."""
+    return [p for p in (Path(directory) / name for name in TOKENIZER_FILES) if p.is_file()]
+
+
+def load_tokenizer_if_present(path: str | Path):
+    """``AutoTokenizer.from_pretrained(path)`` when ``path`` has tokenizer files, else None."""
+    if not tokenizer_files(path):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# mmdiff convert SRC DST
+# ------------------------------------------------------------------------------------------------
+def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
+            device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Write ``src`` in mmdiff's format: ``config.json`` + ``model.safetensors`` (via
+    :meth:`Decoder.save_pretrained`), ``special_tokens.json``, and copies of the tokenizer files."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"destination {dst} exists and is not empty")
+    loaded = load_pretrained(src, dtype=dtype, device=device, tokenizer=False)
+    loaded.decoder.save_pretrained(dst)
+    if loaded.special_ids is not None:
+        write_json(dst / SPECIAL_TOKENS_NAME, asdict(loaded.special_ids))
+    for path in tokenizer_files(src):
+        shutil.copyfile(path, dst / path.name)
+    return loaded
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mmdiff convert SRC DST [--dtype ...] [--device ...]``."""
+    parser.add_argument("src", help="checkpoint directory (LLaDA, Dream or mmdiff)")
+    parser.add_argument("dst", help="output directory (created; must be empty if it exists)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter dtype of the output (default: the checkpoint's own)")
+    parser.add_argument("--device", default="cpu", help="device to load on while converting (default: cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mmdiff convert``: :func:`convert`, then one summary line."""
+    loaded = convert(args.src, args.dst, dtype=None if args.dtype is None else DTYPES[args.dtype],
+                     device=args.device)
+    n_params = sum(p.numel() for p in loaded.decoder.parameters())
+    print(f"converted {loaded.format} checkpoint {args.src} -> {args.dst} "
+          f"({n_params:,} parameters, {next(loaded.decoder.parameters()).dtype}); special ids {loaded.special_ids}")
+    return 0
