@@ -1,0 +1,59 @@
+"""Adapters (LLaVA's ``multimodal_projector``): encoder tokens -> decoder-width tokens.
+
+One config and one registry for both modalities; each entry is a class with a ``modality`` attribute:
+
+* ``image`` (:mod:`.vision`): ``forward(tokens (B, N, in_dim)) -> (B, N', out_dim)``,
+  ``num_tokens(n_in) -> N'``.
+* ``audio`` (:mod:`.audio`): ``forward(AudioFeatures) -> (tokens (B, N', out_dim), mask (B, N') bool)``,
+  ``num_tokens(n_frames) -> N'`` for a clip of ``n_frames`` encoder frames.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from ..io import config_from_dict
+from ..registry import Registry
+
+#: name -> adapter class; each class has ``modality`` ("image" | "audio") and takes an AdapterConfig.
+ADAPTERS: Registry[type[nn.Module]] = Registry("adapter")
+
+
+@dataclass
+class AdapterConfig:
+    """An adapter's kind and sizes. Saved as JSON with the model."""
+
+    kind: str  # mlp2x_gelu | linear | audio_semantic | audio_acoustic | audio_dual
+    in_dim: int  # encoder token width
+    out_dim: int  # decoder width
+    pool: int = 1  # vision: k x k average pooling of the patch grid before projection (LaViDa: 2)
+    grid: tuple[int, int] | None = None  # vision: patch grid (h, w); needed when pool > 1 or pos_embed
+    pos_embed: bool = False  # vision: learned embedding per output token, N(0, 1) * 0.5 at init
+    subsample: int = 4  # audio semantic: frame subsampling, a power of 2 (one stride-2 conv per factor 2)
+    num_queries: int = 16  # audio acoustic: Q-Former queries = output tokens
+    qformer_layers: int = 2  # audio acoustic: Q-Former blocks
+    qformer_heads: int = 4  # audio acoustic: attention heads (must divide out_dim)
+    n_encoder_layers: int = 1  # audio acoustic: encoder layers fused with softmax weights
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:
+            self.grid = (int(self.grid[0]), int(self.grid[1]))  # JSON gives a list
+        # each adapter class checks the fields it uses when it is built
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "adapter config") -> "AdapterConfig":
+        return config_from_dict(cls, data, source=source)
+
+
+def build_adapter(cfg: AdapterConfig) -> nn.Module:
+    """Build the adapter registered under ``cfg.kind``."""
+    return ADAPTERS.get(cfg.kind)(cfg)
+
+
+from . import audio, vision  # noqa: E402  (registers the entries; they import ADAPTERS from here)
+
+__all__ = ["ADAPTERS", "AdapterConfig", "build_adapter", "audio", "vision"]

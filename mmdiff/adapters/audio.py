@@ -1,0 +1,135 @@
+"""Audio adapters after DIFFA (Zhou et al. 2025, "DIFFA: Large Language Diffusion Models Can Listen").
+
+* ``audio_semantic``: the final Whisper states, subsampled in time by stride-2 convolutions
+  (``subsample`` = 4: two of them) with GELU, then an MLP to the decoder width. One token per
+  ``subsample`` encoder frames (80 ms at Whisper's 50 frames/s).
+* ``audio_acoustic``: a small Q-Former (BLIP-2, Li et al. 2023): ``num_queries`` learned queries
+  cross-attend to a softmax-weighted sum of ``n_encoder_layers`` encoder layers
+  (``AudioEncoderConfig.output_layers``), giving a fixed number of tokens per clip.
+* ``audio_dual``: both; per clip the valid semantic tokens come first, then the queries, then padding.
+
+Every adapter returns ``(tokens (B, N', out_dim), mask (B, N') bool)`` with tokens zero where the
+mask is False; padded frames never reach a real output, so a clip gives the same tokens alone or
+in a batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..encoders.audio import AudioFeatures
+from . import ADAPTERS, AdapterConfig
+
+
+@ADAPTERS.register("audio_semantic")
+class SemanticAdapter(nn.Module):
+    """Stride-2 Conv1d(k=3) x log2(subsample), each with GELU, then Linear -> GELU -> Linear."""
+
+    modality = "audio"
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        if cfg.subsample < 1 or cfg.subsample & (cfg.subsample - 1):
+            raise ValueError(f"{cfg.kind}: subsample must be a power of 2, got {cfg.subsample}")
+        self.cfg = cfg
+        dims = [cfg.in_dim] + [cfg.out_dim] * int(math.log2(cfg.subsample))
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, kernel_size=3, stride=2, padding=1)
+                                   for a, b in zip(dims[:-1], dims[1:]))
+        self.mlp = nn.Sequential(nn.Linear(dims[-1], cfg.out_dim), nn.GELU(), nn.Linear(cfg.out_dim, cfg.out_dim))
+
+    def num_tokens(self, n_frames: int) -> int:
+        """Tokens for a clip of ``n_frames`` encoder frames: ceil(n / 2) per conv."""
+        for _ in self.convs:
+            n_frames = (n_frames + 1) // 2
+        return n_frames
+
+    def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = feats.last.transpose(1, 2), feats.mask  # (B, D, T), (B, T)
+        for conv in self.convs:
+            mask = mask[:, ::2]  # output j is centred on input 2j: valid iff 2j < length
+            x = F.gelu(conv(x)) * mask[:, None]  # (B, out, ceil(T/2)); zero padding for the next conv
+        tokens = self.mlp(x.transpose(1, 2)) * mask[..., None]  # (B, N', out)
+        return tokens, mask
+
+
+class QFormerLayer(nn.Module):
+    """Pre-norm query block: self-attention over queries -> cross-attention to the audio -> MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm3 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """q (B, Q, D), memory (B, T, D), pad (B, T) True at padding -> (B, Q, D)."""
+        h = self.norm1(q)
+        q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        q = q + self.cross_attn(self.norm2(q), memory, memory, key_padding_mask=pad, need_weights=False)[0]
+        return q + self.mlp(self.norm3(q))
+
+
+@ADAPTERS.register("audio_acoustic")
+class AcousticAdapter(nn.Module):
+    """Q-Former over sum_i softmax(w)_i * layer_i of the selected encoder layers."""
+
+    modality = "audio"
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        if cfg.out_dim % cfg.qformer_heads:
+            raise ValueError(f"{cfg.kind}: out_dim {cfg.out_dim} is not divisible by qformer_heads {cfg.qformer_heads}")
+        if min(cfg.n_encoder_layers, cfg.num_queries, cfg.qformer_layers) < 1:
+            raise ValueError(f"{cfg.kind}: n_encoder_layers, num_queries and qformer_layers must be >= 1")
+        self.cfg = cfg
+        self.layer_logits = nn.Parameter(torch.zeros(cfg.n_encoder_layers))  # uniform fusion at init
+        self.in_proj = nn.Sequential(nn.LayerNorm(cfg.in_dim), nn.Linear(cfg.in_dim, cfg.out_dim))
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.out_dim) * 0.02)  # (Q, out)
+        self.layers = nn.ModuleList(QFormerLayer(cfg.out_dim, cfg.qformer_heads) for _ in range(cfg.qformer_layers))
+        self.norm = nn.LayerNorm(cfg.out_dim)
+
+    def num_tokens(self, n_frames: int) -> int:
+        return self.cfg.num_queries
+
+    def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(feats.layers) != self.cfg.n_encoder_layers:
+            raise ValueError(f"audio_acoustic fuses n_encoder_layers={self.cfg.n_encoder_layers} layers but the "
+                             f"encoder returned {len(feats.layers)} (AudioEncoderConfig.output_layers)")
+        w = self.layer_logits.softmax(0)  # (L,)
+        fused = sum(w[i] * h for i, h in enumerate(feats.layers))  # (B, T, in)
+        memory = self.in_proj(fused)  # (B, T, out)
+        q = self.queries.expand(memory.shape[0], -1, -1)  # (B, Q, out)
+        for layer in self.layers:
+            q = layer(q, memory, ~feats.mask)
+        tokens = self.norm(q)  # (B, Q, out)
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+@ADAPTERS.register("audio_dual")
+class DualAdapter(nn.Module):
+    """DIFFA's dual adapter: semantic tokens then acoustic queries, packed per clip."""
+
+    modality = "audio"
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.semantic = SemanticAdapter(cfg)
+        self.acoustic = AcousticAdapter(cfg)
+
+    def num_tokens(self, n_frames: int) -> int:
+        return self.semantic.num_tokens(n_frames) + self.acoustic.num_tokens(n_frames)
+
+    def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        s, s_mask = self.semantic(feats)  # (B, S, out), (B, S)
+        a, a_mask = self.acoustic(feats)  # (B, Q, out), (B, Q)
+        tokens, mask = torch.cat([s, a], 1), torch.cat([s_mask, a_mask], 1)  # (B, S+Q, ...)
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid first, order kept
+        tokens = tokens.gather(1, order[..., None].expand_as(tokens))
+        return tokens, mask.gather(1, order)

@@ -1,0 +1,217 @@
+"""Audio tower: waveform -> Whisper log-mel -> Whisper encoder states, at the clip's own length.
+
+Whisper (Radford et al. 2022) is trained on 30 s windows and ``WhisperEncoder.forward`` insists on
+3000 mel frames. Following DIFFA (Zhou et al. 2025) we pad a batch only to its longest clip and
+keep a mask: :meth:`AudioEncoder.forward` runs Whisper's stages itself (conv1 -> conv2 -> first T'
+positional embeddings -> layers with a key-padding mask -> layer norm), so a clip gives the same
+states alone or padded in a batch, and a 2 s clip costs 100 frames, not 1500.
+
+Log-mel follows Whisper exactly: 400-point Hann STFT, hop 160 at 16 kHz (100 frames/s, last frame
+dropped), Slaney mel filters up to 8 kHz, ``log10(max(mel, 1e-10))`` floored at ``max - 8`` and
+mapped by ``(x + 4) / 4``. The max is taken per clip (Whisper takes it over the padded 30 s window,
+which equals the clip's max for any clip that is not silent).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..io import WEIGHTS_NAME, config_from_dict, load_safetensors, load_state_checked, read_json
+from ..media import load_audio
+from ..registry import Registry
+
+logger = logging.getLogger("mmdiff")
+
+AUDIO_ENCODERS: Registry[type["AudioEncoder"]] = Registry("audio encoder")
+
+SAMPLE_RATE = 16000  # Whisper's input rate
+N_FFT = 400  # 25 ms window
+HOP = 160  # 10 ms hop: 100 mel frames per second; the encoder halves this to 50 states per second
+
+#: Fields that fix the encoder's shape; they must agree with a checkpoint's config.json.
+SHAPE_FIELDS: tuple[str, ...] = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                                 "num_mel_bins", "max_source_positions")
+
+
+@dataclass
+class AudioEncoderConfig:
+    """A Whisper encoder's shape (defaults: Whisper-tiny) and what it returns. Saved as JSON."""
+
+    kind: str = "whisper"  # registry name
+    d_model: int = 384  # state width
+    encoder_layers: int = 4  # transformer layers
+    encoder_attention_heads: int = 6  # attention heads
+    encoder_ffn_dim: int = 1536  # MLP hidden width
+    num_mel_bins: int = 80  # mel channels (128 for large-v3)
+    max_source_positions: int = 1500  # encoder positions: 30 s at 50 states per second
+    checkpoint: str | None = None  # local Whisper directory (config.json + model.safetensors); never downloaded
+    max_seconds: float = 30.0  # longer clips are rejected by preprocess
+    output_layers: tuple[int, ...] = (-1,)  # hidden states returned in AudioFeatures.layers (see AudioEncoder)
+
+    def __post_init__(self) -> None:
+        self.output_layers = tuple(self.output_layers)  # JSON gives a list
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by encoder_attention_heads "
+                             f"{self.encoder_attention_heads}")
+        limit = self.max_source_positions * 2 * HOP / SAMPLE_RATE
+        if self.max_seconds > limit:
+            raise ValueError(f"max_seconds {self.max_seconds} exceeds the {limit:g} s that "
+                             f"max_source_positions {self.max_source_positions} can hold")
+        n_states = self.encoder_layers + 1
+        bad = [i for i in self.output_layers if not -n_states <= i < n_states]
+        if bad or not self.output_layers:
+            raise ValueError(f"output_layers {self.output_layers} must be non-empty indices into the "
+                             f"{n_states} hidden states (embeddings + {self.encoder_layers} layers)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "audio encoder config") -> "AudioEncoderConfig":
+        return config_from_dict(cls, data, source=source)
+
+    @classmethod
+    def from_whisper_checkpoint(cls, directory: str | Path, **overrides) -> "AudioEncoderConfig":
+        """The shape of the Whisper checkpoint in ``directory`` (its config.json), loading from it."""
+        hf = read_json(Path(directory) / "config.json")
+        return cls(**{k: hf[k] for k in SHAPE_FIELDS if k in hf}, checkpoint=str(directory), **overrides)
+
+
+@dataclass
+class AudioFeatures:
+    """Encoder output for a batch; every tensor is zero at padded frames."""
+
+    last: torch.Tensor  # (B, T', D) final states (after the encoder's layer norm)
+    layers: list[torch.Tensor]  # output_layers' states, each (B, T', D)
+    mask: torch.Tensor  # (B, T') bool, True at real frames
+
+
+def build_audio_encoder(cfg: AudioEncoderConfig) -> "AudioEncoder":
+    """Build the encoder registered under ``cfg.kind``."""
+    return AUDIO_ENCODERS.get(cfg.kind)(cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filters(n_mels: int) -> torch.Tensor:
+    """Whisper's (librosa's) Slaney mel filter bank, (n_mels, N_FFT // 2 + 1)."""
+    import torchaudio.functional as AF
+
+    fb = AF.melscale_fbanks(n_freqs=N_FFT // 2 + 1, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=n_mels,
+                            sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # (F, n_mels)
+    return fb.T.contiguous()
+
+
+def log_mel(samples: np.ndarray, *, n_mels: int = 80) -> torch.Tensor:
+    """Whisper log-mel spectrogram of a 16 kHz clip -> (n_mels, n // HOP) float32.
+
+    Clips shorter than one window are zero-padded to N_FFT samples.
+    """
+    wav = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    if wav.shape[0] < N_FFT:
+        wav = F.pad(wav, (0, N_FFT - wav.shape[0]))
+    stft = torch.stft(wav, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)  # (F, n//HOP + 1)
+    power = stft[:, :-1].abs() ** 2  # (F, T): Whisper drops the last frame
+    log_spec = (mel_filters(n_mels) @ power).clamp(min=1e-10).log10()  # (n_mels, T)
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+@AUDIO_ENCODERS.register("whisper")
+class AudioEncoder(nn.Module):
+    """Whisper encoder over variable-length clips.
+
+    Hidden states are numbered like transformers' ``output_hidden_states``: 0 = embeddings,
+    i = after layer i, and the last (``encoder_layers``) is after the final layer norm; negative
+    indices count from the end. ``out_dim`` is ``d_model``.
+    """
+
+    def __init__(self, cfg: AudioEncoderConfig) -> None:
+        super().__init__()
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        self.cfg = cfg
+        self.out_dim = cfg.d_model
+        self.encoder = WhisperEncoder(WhisperConfig(**{k: getattr(cfg, k) for k in SHAPE_FIELDS}))
+        if cfg.checkpoint is not None:
+            load_whisper_encoder(self.encoder, cfg.checkpoint, cfg)
+        source = f"loaded weights from {cfg.checkpoint}" if cfg.checkpoint else "random init"
+        logger.info("audio encoder %s: %s", cfg.kind, source)
+
+    def preprocess(self, clips: Sequence[str | Path | tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load clips and compute log-mels, padded with zeros to the batch's longest clip.
+
+        Each clip's frame count is rounded up to even (the encoder's stride-2 conv then never reads
+        past it), so a clip gives identical features alone or in a batch.
+
+        Returns:
+            features (B, n_mels, T) float32 and frame_mask (B, T // 2) bool over encoder states.
+        """
+        if not clips:
+            raise ValueError("preprocess needs at least one clip")
+        mels = [log_mel(load_audio(c, target_sr=SAMPLE_RATE, max_seconds=self.cfg.max_seconds),
+                        n_mels=self.cfg.num_mel_bins) for c in clips]
+        lengths = [m.shape[1] + m.shape[1] % 2 for m in mels]  # even frame counts
+        T = max(lengths)
+        features = torch.stack([F.pad(m, (0, T - m.shape[1])) for m in mels])  # (B, n_mels, T)
+        frame_mask = torch.arange(T // 2)[None, :] < torch.tensor(lengths)[:, None] // 2  # (B, T//2)
+        return features, frame_mask
+
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor) -> AudioFeatures:
+        """Whisper's encoder stages at the batch's own length, with padded frames masked out.
+
+        Args:
+            features: (B, n_mels, T) log-mels, T even.
+            frame_mask: (B, T // 2) bool, True at real encoder frames.
+        """
+        enc = self.encoder
+        T2 = features.shape[-1] // 2
+        if features.shape[-1] % 2 or frame_mask.shape != (features.shape[0], T2):
+            raise ValueError(f"features {tuple(features.shape)} need an even frame count and a frame_mask of "
+                             f"shape {(features.shape[0], T2)}, got {tuple(frame_mask.shape)}")
+        if T2 > enc.config.max_source_positions:
+            raise ValueError(f"{T2} encoder frames exceed max_source_positions {enc.config.max_source_positions}")
+        x = F.gelu(enc.conv1(features))  # (B, D, T)
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T/2, D)
+        x = x + enc.embed_positions.weight[:T2]
+        keep = frame_mask[:, None, None, :]  # (B, 1, 1, T/2)
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        states = [x]
+        for layer in enc.layers:
+            x = layer(x, bias)
+            states.append(x)
+        states[-1] = enc.layer_norm(x)
+        zero_pad = frame_mask[..., None].to(x.dtype)  # (B, T/2, 1)
+        return AudioFeatures(last=states[-1] * zero_pad,
+                             layers=[states[i] * zero_pad for i in self.cfg.output_layers],
+                             mask=frame_mask)
+
+
+def load_whisper_encoder(encoder: nn.Module, directory: str | Path, cfg: AudioEncoderConfig) -> None:
+    """Load the encoder weights of the Whisper checkpoint in ``directory`` into ``encoder``, strictly.
+
+    Accepts ``WhisperForConditionalGeneration`` (``model.encoder.*``), ``WhisperModel`` (``encoder.*``)
+    and bare encoder state dicts; the checkpoint's config.json, when present, must match ``cfg``'s shape.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"Whisper checkpoint {directory}: not a directory (weights are never downloaded)")
+    if (directory / "config.json").is_file():
+        hf = read_json(directory / "config.json")
+        diff = [f"{k}: checkpoint {hf[k]} vs config {getattr(cfg, k)}"
+                for k in SHAPE_FIELDS if k in hf and hf[k] != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"Whisper checkpoint {directory}: shape differs from AudioEncoderConfig "
+                             f"({'; '.join(diff)}); use AudioEncoderConfig.from_whisper_checkpoint")
+    state = load_safetensors(directory / WEIGHTS_NAME)
+    prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in state)), "")
+    encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    load_state_checked(encoder, encoder_state, source=str(directory / WEIGHTS_NAME))

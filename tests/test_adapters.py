@@ -1,0 +1,194 @@
+"""Vision and audio adapters at tiny sizes: shapes, pooling, position embeddings, masks, batching."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm  # noqa: F401  (backbone imports are paid at collection, not inside a test)
+import torch
+import torch.nn.functional as F
+import transformers.models.whisper.modeling_whisper  # noqa: F401
+from PIL import Image
+
+from mmdiff.adapters import ADAPTERS, AdapterConfig, build_adapter
+from mmdiff.encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
+from mmdiff.encoders.vision import build_vision_encoder, preset
+
+IN, OUT = 12, 16
+
+
+def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
+    base = dict(kind=kind, in_dim=IN, out_dim=OUT, num_queries=3, qformer_layers=1, qformer_heads=2,
+                n_encoder_layers=2)
+    if ADAPTERS.get(kind).modality == "image":
+        base.update(pool=2, grid=(4, 4), pos_embed=True)
+    return AdapterConfig(**{**base, **kw})
+
+
+def audio_feats(lengths: list[int], *, n_layers: int = 2, seed: int = 0) -> AudioFeatures:
+    """Encoder-like features: zero beyond each clip's length, like AudioEncoder's output."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    layers = [torch.randn(len(lengths), T, IN, generator=g) * mask[..., None] for _ in range(n_layers)]
+    return AudioFeatures(last=layers[-1], layers=layers, mask=mask)
+
+
+def slice_feats(feats: AudioFeatures, i: int, n: int) -> AudioFeatures:
+    """Clip ``i`` of a batch, alone, cut to its ``n`` frames."""
+    return AudioFeatures(last=feats.last[i:i + 1, :n], layers=[h[i:i + 1, :n] for h in feats.layers],
+                         mask=feats.mask[i:i + 1, :n])
+
+
+@pytest.mark.parametrize("kind", ADAPTERS.names())
+def test_adapter_builds_and_runs(kind):
+    torch.manual_seed(0)
+    adapter = build_adapter(tiny_adapter_cfg(kind)).eval()
+    with torch.no_grad():
+        if adapter.modality == "image":
+            out = adapter(torch.randn(2, 16, IN))
+            assert adapter.num_tokens(16) == 4 and out.shape == (2, 4, OUT)
+        else:
+            assert adapter.modality == "audio"
+            tokens, mask = adapter(audio_feats([10, 7]))
+            n = [adapter.num_tokens(10), adapter.num_tokens(7)]
+            assert tokens.shape == (2, n[0], OUT) and mask.dtype == torch.bool
+            assert mask.sum(1).tolist() == n
+            assert mask.cumsum(1).max(1).values.tolist() == n and (mask[:, :1]).all()  # valid tokens first
+            assert (tokens[~mask] == 0).all()
+            out = tokens
+    assert torch.isfinite(out).all()
+
+
+def test_expected_token_counts():
+    assert build_adapter(tiny_adapter_cfg("audio_semantic")).num_tokens(125) == 32  # ceil(ceil(125/2)/2)
+    assert build_adapter(tiny_adapter_cfg("audio_semantic", subsample=1)).num_tokens(7) == 7
+    assert build_adapter(tiny_adapter_cfg("audio_acoustic")).num_tokens(125) == 3
+    assert build_adapter(tiny_adapter_cfg("audio_dual")).num_tokens(125) == 35
+    assert build_adapter(AdapterConfig(kind="linear", in_dim=IN, out_dim=OUT)).num_tokens(81) == 81
+    with pytest.raises(ValueError, match="15 tokens do not form the 4x4 grid"):
+        build_adapter(tiny_adapter_cfg("linear")).num_tokens(15)
+
+
+def test_pool_2x2_on_4x4_grid_matches_hand_computation():
+    adapter = build_adapter(AdapterConfig(kind="linear", in_dim=1, out_dim=1, pool=2, grid=(4, 4)))
+    tokens = torch.arange(16.0).reshape(1, 16, 1)  # row-major 4x4 grid: row r, column c -> 4r + c
+    pooled = adapter.pool_grid(tokens)
+    assert pooled.flatten().tolist() == [(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4,
+                                         (8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]
+    w, b = adapter.proj.weight, adapter.proj.bias
+    torch.testing.assert_close(adapter(tokens), pooled * w + b)
+
+
+def test_mlp2x_gelu_is_llava_projector():
+    adapter = build_adapter(AdapterConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT))
+    assert sorted(adapter.state_dict()) == ["proj.0.bias", "proj.0.weight", "proj.2.bias", "proj.2.weight"]
+    mm_projector = {"0.weight": torch.randn(OUT, IN), "0.bias": torch.randn(OUT),
+                    "2.weight": torch.randn(OUT, OUT), "2.bias": torch.randn(OUT)}  # LLaDA-V names
+    adapter.proj.load_state_dict(mm_projector)
+    x = torch.randn(2, 5, IN)
+    expected = F.gelu(x @ mm_projector["0.weight"].T + mm_projector["0.bias"]) @ mm_projector["2.weight"].T
+    torch.testing.assert_close(adapter(x), expected + mm_projector["2.bias"])
+
+
+def test_pos_embed_differs_per_position():
+    torch.manual_seed(0)
+    cfg = dict(kind="mlp2x_gelu", in_dim=IN, out_dim=64, pool=3, grid=(9, 9))
+    with_pe, without = build_adapter(AdapterConfig(**cfg, pos_embed=True)), build_adapter(AdapterConfig(**cfg))
+    without.proj.load_state_dict(with_pe.proj.state_dict())
+    same = torch.randn(1, 1, IN).expand(2, 81, IN)  # identical tokens at every position
+    plain, embedded = without(same), with_pe(same)
+    assert plain.shape == embedded.shape == (2, 9, 64)
+    assert torch.allclose(plain, plain[:, :1].expand_as(plain))  # without: one value for all positions
+    torch.testing.assert_close(embedded - plain, with_pe.pos_embed.expand_as(plain))
+    assert torch.cdist(embedded[0], embedded[0]).add(100 * torch.eye(9)).min() > 1.0  # every position distinct
+    assert 0.4 < with_pe.pos_embed.std().item() < 0.6  # N(0, 1) * 0.5
+
+
+@pytest.mark.parametrize("kind", [k for k in ADAPTERS.names() if ADAPTERS.get(k).modality == "audio"])
+def test_audio_adapter_batch_equals_single_clips(kind):
+    torch.manual_seed(0)
+    adapter = build_adapter(tiny_adapter_cfg(kind)).eval()
+    feats = audio_feats([12, 7])
+    with torch.no_grad():
+        batch, batch_mask = adapter(feats)
+        for i, n in enumerate([12, 7]):
+            alone, alone_mask = adapter(slice_feats(feats, i, n))
+            k = adapter.num_tokens(n)
+            assert alone.shape[1] == k and alone_mask.all() and batch_mask[i, :k].all() and not batch_mask[i, k:].any()
+            torch.testing.assert_close(batch[i, :k], alone[0], atol=1e-5, rtol=0)
+
+
+def test_dual_packs_semantic_then_acoustic_per_clip():
+    torch.manual_seed(0)
+    adapter = build_adapter(tiny_adapter_cfg("audio_dual")).eval()
+    feats = audio_feats([12, 7])
+    with torch.no_grad():
+        tokens, mask = adapter(feats)
+        s, s_mask = adapter.semantic(feats)
+        a, _ = adapter.acoustic(feats)
+    for i in range(2):
+        n = int(s_mask[i].sum())
+        torch.testing.assert_close(tokens[i, :n], s[i, :n])
+        torch.testing.assert_close(tokens[i, n:n + 3], a[i])
+        assert mask[i, :n + 3].all() and not mask[i, n + 3:].any()
+
+
+def test_acoustic_fuses_layers_with_softmax_weights():
+    torch.manual_seed(0)
+    adapter = build_adapter(tiny_adapter_cfg("audio_acoustic")).eval()
+    feats = audio_feats([9, 9])
+    other = AudioFeatures(last=feats.last, layers=[feats.layers[0], torch.randn_like(feats.layers[1])],
+                          mask=feats.mask)
+    with torch.no_grad():
+        adapter.layer_logits.copy_(torch.tensor([30.0, -30.0]))  # softmax ~ (1, 0): only layer 0 counts
+        torch.testing.assert_close(adapter(feats)[0], adapter(other)[0])
+        adapter.layer_logits.zero_()  # (1/2, 1/2): layer 1 matters
+        assert not torch.allclose(adapter(feats)[0], adapter(other)[0])
+    with pytest.raises(ValueError, match="n_encoder_layers=2 layers but the encoder returned 1"):
+        adapter(AudioFeatures(last=feats.last, layers=feats.layers[:1], mask=feats.mask))
+
+
+def test_adapter_config_validation_and_round_trip():
+    cfg = tiny_adapter_cfg("mlp2x_gelu")
+    assert AdapterConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # grid list -> tuple
+    errors = {
+        "linear: grid .* is required when pool > 1": dict(kind="linear", pool=2),
+        "linear: pool must be >= 1": dict(kind="linear", pool=0),
+        r"mlp2x_gelu: grid \(9, 9\) is not divisible by pool 2": dict(kind="mlp2x_gelu", pool=2, grid=[9, 9]),
+        "audio_semantic: subsample must be a power of 2": dict(kind="audio_semantic", subsample=3),
+        "audio_dual: out_dim 6 is not divisible by qformer_heads 4": dict(kind="audio_dual", out_dim=6),
+        "audio_acoustic: n_encoder_layers, num_queries": dict(kind="audio_acoustic", num_queries=0),
+    }
+    for message, fields in errors.items():
+        with pytest.raises(ValueError, match=message):
+            build_adapter(AdapterConfig(**{"in_dim": 4, "out_dim": 4, **fields}))
+    with pytest.raises(ValueError, match=r"unknown AdapterConfig keys \['proj'\]"):
+        AdapterConfig.from_dict({"kind": "linear", "in_dim": 1, "out_dim": 1, "proj": "x"})
+    with pytest.raises(ValueError, match="Unknown adapter 'mlp3x'; known: audio_acoustic, audio_dual"):
+        build_adapter(AdapterConfig(kind="mlp3x", in_dim=4, out_dim=4))
+
+
+def test_shipped_scene_pipeline_gives_one_token_per_cell():
+    """mmdiff-scenes: 64 px scene -> 9x9 patch grid -> 3x3 pooling -> 9 decoder tokens."""
+    enc = build_vision_encoder(preset("mmdiff-scenes")).eval()
+    adapter = build_adapter(AdapterConfig(kind="mlp2x_gelu", in_dim=enc.out_dim, out_dim=32, pool=3,
+                                          grid=enc.grid, pos_embed=True))
+    with torch.no_grad():
+        tokens = adapter(enc(enc.preprocess([Image.new("RGB", (64, 64), (10, 200, 30))] * 2)))
+    assert adapter.num_tokens(enc.num_tokens) == 9 and tokens.shape == (2, 9, 32)
+
+
+def test_audio_encoder_to_dual_adapter():
+    torch.manual_seed(0)
+    enc = build_audio_encoder(AudioEncoderConfig(d_model=IN, encoder_layers=2, encoder_attention_heads=2,
+                                                 encoder_ffn_dim=24, max_source_positions=100, max_seconds=2.0,
+                                                 output_layers=(1, -1))).eval()
+    adapter = build_adapter(tiny_adapter_cfg("audio_dual")).eval()
+    t = torch.arange(16000 * 3 // 2) / 16000
+    clips = [((0.3 * torch.sin(2 * math.pi * 330 * t[:n])).numpy(), 16000) for n in (16000, 24000)]
+    with torch.no_grad():
+        tokens, mask = adapter(enc(*enc.preprocess(clips)))
+    assert mask.sum(1).tolist() == [adapter.num_tokens(50), adapter.num_tokens(75)] == [13 + 3, 19 + 3]
+    assert tokens.shape == (2, 22, OUT)
