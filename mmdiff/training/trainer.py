@@ -91,8 +91,10 @@ class SceneBank:
         rng = random.Random(f"{split}-{seed}")
         scenes, pixels, labels = [], [], {"shape": [], "colour": [], "size": []}
         chunk = 256
-        for start in tqdm(range(0, n, chunk), desc=desc, unit="img", unit_scale=chunk, leave=False):
+        bar = tqdm(total=n, desc=desc, unit="img", leave=False)
+        for start in range(0, n, chunk):
             batch = [sample_scene(rng, split) for _ in range(min(chunk, n - start))]
+            bar.update(len(batch))
             images = [render(s, rng) for s in batch]
             pixels.append(model.vision.preprocess(images).half())
             for s in batch:
@@ -161,14 +163,19 @@ class Batcher:
                 out.append((i, qa))
         return out
 
-    def make(self, bank: SceneBank, items: list[tuple[int, object]], *, eos_fill: bool) -> dict:
+    def make(self, bank: SceneBank, items: list[tuple[int, object]], *, eos_fill: bool,
+             rng: random.Random | None = None) -> dict:
         """Tokenise; response = answer + EOS, EOS-filled to the canvas length (LLaDA SFT) or
-        followed by ignored PAD (AR)."""
+        followed by ignored PAD (AR). The canvas length varies (random with ``rng``) so the model
+        learns to end an answer with EOS whatever canvas it is given."""
         sp = self.model.special
         prompts = [self.prompt_ids(qa.question) for _, qa in items]
         answers = [self.answer_ids(qa.answers[0]) + (sp.eos,) for _, qa in items]
         longest = max(len(a) for a in answers)
-        L = self.cfg.short_length if longest <= self.cfg.short_length else min(self.cfg.long_length, longest + 4)
+        if longest <= self.cfg.short_length:
+            L = self.cfg.short_length if rng is None else rng.randint(longest, self.cfg.short_length)
+        else:
+            L = self.cfg.long_length if rng is None else rng.randint(min(longest, self.cfg.long_length), self.cfg.long_length)
         answers = [a[:L] for a in answers]
         fill = sp.eos if eos_fill else sp.pad
         response = torch.tensor([list(a) + [fill] * (L - len(a)) for a in answers])  # (B, L)
@@ -332,6 +339,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -426,7 +434,8 @@ class Trainer:
             return loss, stage.batch_size * model.vision.num_tokens
         long = rng.random() < stage.long_fraction and bool(self.batcher.long_types)
         n = stage.batch_size // 4 if long else stage.batch_size
-        batch = self.batcher.make(bank, self.batcher.sample_qas(bank, rng, n, long), eos_fill=stage.kind == "diffusion")
+        batch = self.batcher.make(bank, self.batcher.sample_qas(bank, rng, n, long), eos_fill=stage.kind == "diffusion",
+                                  rng=rng)
         embeds, valid = embed_batch(model, bank, batch)
         response = batch["response"].to(model.device)
         P = embeds.shape[1]
