@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mmdiff.data.cli", "generate a synthetic scene dataset (JSONL + images [+ speech])"),
     "train": ("mmdiff.training.cli", "train a model from a committed config file"),
     "convert": ("mmdiff.checkpoints", "convert a LLaDA / LLaDA-V / Dream checkpoint to mmdiff format"),
+    "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),
 }
 
 
