@@ -1,4 +1,5 @@
-"""Released diffusion LLMs (LLaDA, Dream) from local Hugging Face directories into :class:`Decoder`.
+"""Released diffusion LLMs from local Hugging Face directories: LLaDA and Dream into :class:`Decoder`,
+LLaDA-V into :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
 A checkpoint format is data: how its ``config.json`` maps to a :class:`DecoderConfig` and a table
 from its tensor names to ours. Loading is memory-frugal: the decoder is built on the meta device,
@@ -13,24 +14,39 @@ assigned, so an 8B model never exists as an fp32 copy (nor twice).
   time (``logit_shift``); the forward pass returns them raw.
 * **mmdiff-decoder**: our own :meth:`Decoder.save_pretrained` directories (what ``mmdiff convert``
   writes), names unchanged.
+* **LLaDA-V** (You et al. 2025, ``LlavaLLaDAModelLM``, LLaVA-OneVision layout): a LLaDA under Llama
+  names (``model.layers.*``, ``lm_head``), a SigLIP tower under ``model.vision_tower.vision_tower.
+  vision_model.*`` (last block removed, as LLaVA does) and an ``mlp2x_gelu`` projector
+  ``model.mm_projector.{0,2}``. :func:`load_multimodal` loads it into a
+  :class:`~mmdiff.model.MultimodalDiffusionLM` the same frugal way. Only the base-resolution view is
+  encoded (the whole image resized to the tower's input size): ``anyres`` tiling and the
+  ``image_newline`` separators it uses are not implemented.
 
-LLaDA-V (a LLaDA with a vision tower) is recognised and refused until the multimodal loader exists.
+Released tokenizers name their special tokens their own way and have no ``<image>`` placeholder;
+:class:`ReleasedTokenizer` presents them under mmdiff's names (:mod:`mmdiff.special_tokens`).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import special_tokens as st
 from .decoder import Decoder, DecoderConfig
 from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json, write_json
 from .registry import Registry
 from .special_tokens import SpecialIds
+
+if TYPE_CHECKING:
+    from .model import ModelConfig, MultimodalDiffusionLM
+
+log = logging.getLogger("mmdiff")
 
 INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -79,6 +95,7 @@ LLADA_WEIGHTS: dict[str, str] = {
     "model.transformer.ff_out.weight": "lm_head.weight",  # absent when weight_tying
 }
 
+#: Dream's names are Llama's (Qwen2 = Llama + q/k/v biases); LLaDA-V's LLM uses them too.
 DREAM_WEIGHTS: dict[str, str] = {
     "model.embed_tokens.weight": "embed_tokens.weight",
     "model.layers.{i}.input_layernorm.weight": "layers.{i}.attn_norm.weight",
@@ -198,15 +215,17 @@ def mmdiff_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAM
 # special-token ids
 # ------------------------------------------------------------------------------------------------
 def special_ids_from_configs(config: Mapping[str, Any], generation_config: Mapping[str, Any], *,
-                             source: str = CONFIG_NAME) -> SpecialIds:
-    """The ids a released checkpoint declares: each from ``config.json``, else ``generation_config.json``.
+                             source: str = CONFIG_NAME, fallback: Mapping[str, int | None] | None = None
+                             ) -> SpecialIds:
+    """The ids a released checkpoint declares: each from ``config.json``, else ``generation_config.json``,
+    else ``fallback`` (ids found in the tokenizer).
 
     The mask id is the model's own ``mask_token_id`` (LLaDA: 126336; never hard-coded here). PAD
     defaults to EOS; a list of EOS ids yields its first.
     """
 
     def declared(key: str) -> int | None:
-        for c in (config, generation_config):
+        for c in (config, generation_config, fallback or {}):
             value = c.get(key)
             if value is not None:
                 return int(value[0] if isinstance(value, list) else value)
@@ -220,10 +239,11 @@ def special_ids_from_configs(config: Mapping[str, Any], generation_config: Mappi
     return SpecialIds(mask=mask, pad=eos if pad is None else pad, eos=eos, bos=declared("bos_token_id"))
 
 
-def _hf_special_ids(directory: Path, config: Mapping[str, Any]) -> SpecialIds:
+def _hf_special_ids(directory: Path, config: Mapping[str, Any], *,
+                    fallback: Mapping[str, int | None] | None = None) -> SpecialIds:
     gen_path = directory / GENERATION_CONFIG_NAME
     generation_config = read_json(gen_path) if gen_path.is_file() else {}
-    return special_ids_from_configs(config, generation_config, source=str(directory))
+    return special_ids_from_configs(config, generation_config, source=str(directory), fallback=fallback)
 
 
 def _mmdiff_special_ids(directory: Path, config: Mapping[str, Any]) -> SpecialIds | None:
@@ -261,20 +281,26 @@ LLADA_V_MODEL_TYPES: tuple[str, ...] = ("llava_llada",)
 VISION_KEYS: tuple[str, ...] = ("mm_vision_tower", "vision_tower", "mm_projector_type", "vision_config")
 
 
+def is_llada_v(config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` is LLaDA-V's (model_type ``llava_llada``, or LLaDA with vision keys)."""
+    architectures = list(config.get("architectures") or [])
+    return config.get("model_type") in LLADA_V_MODEL_TYPES or (
+        any("LLaDA" in a for a in architectures) and any(k in config for k in VISION_KEYS))
+
+
 def detect_format(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> CheckpointFormat:
     """The format of a checkpoint, from its ``config.json`` (``model_type`` / ``architectures``).
 
     Raises:
-        ValueError: for LLaDA-V (needs the multimodal loader) and for any unsupported model, naming
-            its model_type and architectures and the supported ones.
+        ValueError: for LLaDA-V (multimodal: :func:`load_multimodal`) and for any unsupported model,
+            naming its model_type and architectures and the supported ones.
     """
     model_type = config.get("model_type")
     architectures = list(config.get("architectures") or [])
-    if model_type in LLADA_V_MODEL_TYPES or (any("LLaDA" in a for a in architectures)
-                                             and any(k in config for k in VISION_KEYS)):
+    if is_llada_v(config):
         raise ValueError(f"{source}: a LLaDA-V checkpoint (model_type {model_type!r}, architectures "
-                         f"{architectures}) needs the multimodal loader, which is not implemented yet; "
-                         "text-only LLaDA and Dream checkpoints load into a Decoder now")
+                         f"{architectures}) is multimodal: load it with mmdiff.checkpoints.load_multimodal(path); "
+                         "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
     formats = [FORMATS.get(name) for name in FORMATS.names()]
     for fmt in formats:
         if model_type in fmt.model_types or any(a in fmt.architectures for a in architectures):
@@ -451,12 +477,265 @@ def tokenizer_files(directory: str | Path) -> list[Path]:
 
 
 def load_tokenizer_if_present(path: str | Path):
-    """``AutoTokenizer.from_pretrained(path)`` when ``path`` has tokenizer files, else None."""
+    """The tokenizer of ``path`` when it has tokenizer files, else None. Never runs checkpoint code.
+
+    ``AutoTokenizer`` with ``trust_remote_code=False`` (otherwise a checkpoint with an ``auto_map``,
+    as LLaDA's, makes transformers ask on stdin whether to run its code); when the class exists only
+    in the checkpoint's own code (Dream's ``DreamTokenizer``), its ``tokenizer.json`` is loaded as a
+    ``PreTrainedTokenizerFast``.
+    """
     if not tokenizer_files(path):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except ValueError:
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# released tokenizers under mmdiff's special-token names
+# ------------------------------------------------------------------------------------------------
+#: LLaDA's mask token in its tokenizer; the mask id comes from it only when no config declares one.
+LLADA_MASK_TOKEN = "<|mdm_mask|>"
+
+
+class ReleasedTokenizer:
+    """A released checkpoint's tokenizer, presented under mmdiff's special-token names.
+
+    :class:`~mmdiff.model.MultimodalDiffusionLM` resolves its ids by name
+    (:meth:`SpecialIds.from_tokenizer`) and writes prompts with ``<image>`` / ``<audio>``
+    placeholders. This wrapper answers mmdiff's MASK / PAD / EOS / BOS names with the ids the
+    checkpoint declares, adds ``<image>`` and ``<audio>`` to the tokenizer as special tokens (their
+    embeddings are never read: :meth:`~mmdiff.model.MultimodalDiffusionLM.embed_prompt` replaces
+    them), and writes a placeholder as LLaVA does, on its own line before the text. Prompts use the
+    tokenizer's own chat template, after the model's system prompt when it has one; a tokenizer
+    without a template (a base model's) gets the bare text.
+
+    Args:
+        tokenizer: the checkpoint's transformers tokenizer (placeholders are added to it).
+        special: the ids the checkpoint declares.
+        vocab_size: rows of the model's embedding; the placeholder ids must fall below it.
+        system: system prompt put before the conversation when it has none (LLaDA-V's).
+    """
+
+    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None) -> None:
+        tokenizer.add_tokens([st.IMAGE, st.AUDIO], special_tokens=True)
+        image, audio = (int(tokenizer.convert_tokens_to_ids(t)) for t in (st.IMAGE, st.AUDIO))
+        taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
+        for name, i in ((st.IMAGE, image), (st.AUDIO, audio)):
+            if i >= vocab_size or i in taken:
+                raise ValueError(f"placeholder {name} got id {i}, which is outside the model's {vocab_size} "
+                                 f"embedding rows or is one of its special ids {taken}")
+        self.tokenizer, self.system = tokenizer, system
+        self.special = replace(special, image=image, audio=audio)
+        self._ids: dict[str, int | None] = {st.MASK: special.mask, st.PAD: special.pad, st.EOS: special.eos,
+                                            st.BOS: special.bos, st.IMAGE: image, st.AUDIO: audio}
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.tokenizer.unk_token
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.tokenizer.unk_token_id
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        return self.tokenizer.backend_tokenizer
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """mmdiff's special names map to the checkpoint's ids; other tokens are looked up as usual."""
+        return self._ids[token] if token in self._ids else self.tokenizer.convert_tokens_to_ids(token)
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> Any:
+        return self.tokenizer(text, **kwargs)
+
+    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(list(ids), **kwargs)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+        """The tokenizer's chat template, with each placeholder on its own line (``<image>\\nquestion``)."""
+        messages = [{**m, "content": m["content"].replace(st.IMAGE, st.IMAGE + "\n").replace(st.AUDIO, st.AUDIO + "\n")}
+                    for m in messages]
+        if self.system is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        if self.tokenizer.chat_template is None:  # base models: the text itself
+            text = "".join(m["content"] for m in messages)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaDA-V: LLaDA (Llama names) + SigLIP tower + mlp2x_gelu projector
+# ------------------------------------------------------------------------------------------------
+#: LlamaConfig defaults of the LLM keys and LLaVA's defaults of the multimodal keys read here.
+LLADA_V_DEFAULTS: dict[str, Any] = dict(
+    num_key_value_heads=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    max_position_embeddings=2048, hidden_act="silu", rope_scaling=None, attention_bias=False, mlp_bias=False,
+    mm_projector_type="linear", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+    mm_use_im_start_end=False, image_aspect_ratio="square", mm_patch_merge_type="flat",
+)
+LLADA_V_OPTIONS: dict[str, tuple] = dict(
+    hidden_act=("silu",), rope_scaling=(None,), attention_bias=(False,), mlp_bias=(False,),
+    mm_projector_type=("mlp2x_gelu",), mm_vision_select_layer=(-2,), mm_vision_select_feature=("patch",),
+    mm_use_im_start_end=(False,),
+)
+LLADA_V_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                     "vocab_size", "mm_vision_tower", "mm_hidden_size")
+
+#: the system prompt of LLaDA-V's ``llava_llada`` conversation template (LLaVA's, for LLaDA)
+LLADA_V_SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                         "content that the user provides, and assist the user with a variety of tasks using natural "
+                         "language.")
+LLADA_V_VISION = "model.vision_tower.vision_tower.vision_model."
+#: checkpoint prefix -> MultimodalDiffusionLM prefix, for the parts outside the LLM
+LLADA_V_PREFIXES: dict[str, str] = {LLADA_V_VISION: "vision.", "model.mm_projector.": "vision_adapter.proj."}
+#: stored tensors the base-resolution path does not use: the anyres row separator, and the tower's
+#: final norm and pooling head (LLaVA reads the features before them)
+LLADA_V_UNUSED: tuple[str, ...] = ("model.image_newline", LLADA_V_VISION + "post_layernorm.", LLADA_V_VISION + "head.")
+
+
+def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> "ModelConfig":
+    """A LLaDA-V ``config.json`` as a :class:`~mmdiff.model.ModelConfig`: decoder, SigLIP tower, projector.
+
+    The LLM is a bidirectional LLaDA with Llama keys (no logit shift). The tower is looked up by the
+    last path component of ``mm_vision_tower`` in :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` and
+    read at block -2 (LLaVA's ``SigLipVisionTower`` drops the last block and reads the new last one).
+    """
+    from .adapters import AdapterConfig
+    from .encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
+    from .model import ModelConfig
+
+    c = _read_config(config, defaults=LLADA_V_DEFAULTS, required=LLADA_V_REQUIRED, options=LLADA_V_OPTIONS,
+                     kind="LLaDA-V", source=source)
+    decoder = DecoderConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
+        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
+        qkv_bias=False, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=False,
+        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
+    )
+    tower = Path(str(c["mm_vision_tower"])).name
+    if tower not in SIGLIP_TOWERS:
+        raise ValueError(f"{source}: mm_vision_tower {c['mm_vision_tower']!r} is not a known SigLIP tower; "
+                         f"known: {sorted(SIGLIP_TOWERS)}")
+    width = SIGLIP_TOWERS[tower]["embed_dim"]
+    if c["mm_hidden_size"] != width:
+        raise ValueError(f"{source}: mm_hidden_size {c['mm_hidden_size']} differs from the {width}-wide {tower} tower")
+    if c["image_aspect_ratio"] != "square" or c["mm_patch_merge_type"] != "flat":
+        log.warning("%s: image_aspect_ratio %r / mm_patch_merge_type %r: mmdiff encodes only the base view "
+                    "(the whole image resized to the tower's input); anyres tiles and image_newline are not used",
+                    source, c["image_aspect_ratio"], c["mm_patch_merge_type"])
+    return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2),
+                       vision_adapter=AdapterConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
+
+
+def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
+    """LLaDA-V tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
+    expected = set(expected)
+    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
+              if f"decoder.{dst}" in expected}
+    for name in expected:
+        for src, dst in LLADA_V_PREFIXES.items():
+            if name.startswith(dst):
+                rename[src + name[len(dst):]] = name
+    return rename
+
+
+def _require_tokenizer(directory: Path) -> Any:
+    tokenizer = load_tokenizer_if_present(directory)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{directory} has no tokenizer files (any of {list(TOKENIZER_FILES)}); "
+                                "a multimodal model needs the checkpoint's tokenizer")
+    return tokenizer
+
+
+def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
+    """Load a LLaDA-V directory into a :class:`~mmdiff.model.MultimodalDiffusionLM`, memory-frugally.
+
+    The model is built on the meta device and every tensor is read, cast and assigned one at a
+    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged). The
+    mask id is the config's ``mask_token_id``, else the tokenizer's :data:`LLADA_MASK_TOKEN`; prompts
+    get LLaDA-V's system prompt (:data:`LLADA_V_SYSTEM_PROMPT`) and ``<image>\\n`` before the question.
+
+    Args:
+        path: the LLaDA-V directory (``config.json``, safetensors shards, tokenizer files).
+        dtype: parameter dtype; None keeps the checkpoint's own.
+        device: where the parameters live.
+    """
+    from .model import MultimodalDiffusionLM
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = read_json(directory / CONFIG_NAME)
+    cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))
+    hf_tokenizer = _require_tokenizer(directory)
+    mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
+    special = _hf_special_ids(directory, config, fallback={
+        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
+    tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
+                                  system=LLADA_V_SYSTEM_PROMPT)
+    with torch.device("meta"):
+        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = shard_index(directory)
+    unused = sorted(n for n in files if n.startswith(LLADA_V_UNUSED))
+    if unused:
+        log.info("%s: not used by the base-resolution path: %s", directory, unused)
+    files = {n: p for n, p in files.items() if n not in unused}
+    rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
+    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
+    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
+                       assign=True)
+    assert_materialised(model)
+    log.info("loaded LLaDA-V %s (vision tower %s, %s)", directory, cfg.vision.name, next(model.parameters()).dtype)
+    return model.eval()
+
+
+def load_multimodal(path: str | Path, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
+    """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
+
+    * LLaDA-V: decoder, SigLIP tower and projector (:func:`load_llada_v`);
+    * LLaDA / Dream / a converted decoder with ``special_tokens.json``: a text-only model (no
+      encoders yet; :mod:`mmdiff.training.adapters` attaches and trains them), with the directory's
+      tokenizer under mmdiff's names (:class:`ReleasedTokenizer`);
+    * mmdiff's own multimodal directories: :meth:`MultimodalDiffusionLM.from_pretrained`.
+
+    Args:
+        path: the directory.
+        dtype: parameter dtype; None keeps the checkpoint's own.
+        device: where the parameters live.
+    """
+    from .model import MODEL_TYPE, ModelConfig, MultimodalDiffusionLM
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = read_json(directory / CONFIG_NAME)
+    if config.get("model_type") == MODEL_TYPE:
+        return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
+    if is_llada_v(config):
+        return load_llada_v(directory, dtype=dtype, device=device)
+    loaded = load_pretrained(directory, dtype=dtype, device=device, tokenizer=False)
+    if loaded.special_ids is None:
+        raise ValueError(f"{directory}: no {SPECIAL_TOKENS_NAME}, so the special-token ids are unknown "
+                         "(write the directory with mmdiff convert)")
+    tokenizer = ReleasedTokenizer(_require_tokenizer(directory), loaded.special_ids,
+                                  vocab_size=loaded.decoder.cfg.vocab_size)
+    with torch.device("meta"):
+        model = MultimodalDiffusionLM(ModelConfig(decoder=loaded.decoder.cfg), tokenizer)
+    model.decoder = loaded.decoder  # the loaded weights replace the meta placeholder
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_detect_format():
     {"model_type": "llada", "architectures": ["LLaDAModelLM"], "mm_vision_tower": "siglip"},
 ])
 def test_llada_v_needs_the_multimodal_loader(config):
-    with pytest.raises(ValueError, match="LLaDA-V.*multimodal loader"):
+    with pytest.raises(ValueError, match="LLaDA-V.*load_multimodal"):
         detect_format(config)
 
 
@@ -325,3 +325,51 @@ def test_sampler_fills_every_mask(kind):
         out = sample(denoiser, batch_size=2, config=SamplerConfig(gen_length=8, steps=4), mask_id=mask)
     assert out.tokens.shape == (2, 8) and not (out.tokens == mask).any()
     assert out.nfe == 4
+
+
+def test_tokenizer_loading_never_runs_or_asks_about_checkpoint_code(tmp_path, tiny_tokenizer):
+    d = copy_fixture("llada-tiny", tmp_path)  # its config.json has an auto_map to modeling code
+    tiny_tokenizer.save_pretrained(d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="DreamTokenizer",
+                  auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    (d / "tokenizer_config.json").write_text(json.dumps(config))  # a class only the checkpoint's code defines
+    tok = load_tokenizer_if_present(d)
+    assert tok("tiny")["input_ids"] == tiny_tokenizer("tiny")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------
+# load_multimodal on text-only directories
+# ------------------------------------------------------------------------------------------------
+def test_load_multimodal_wraps_a_text_only_checkpoint(tmp_path, tiny_tokenizer):
+    from mmdiff.checkpoints import load_multimodal
+
+    d = copy_fixture("llada-tiny", tmp_path)
+    tiny_tokenizer.save_pretrained(d)
+    model = load_multimodal(d)
+    assert model.vision is None and model.audio is None
+    assert (model.special.mask, model.special.eos, model.special.bos) == (500, 449, 448)  # the checkpoint's ids
+    ids, ref = expected("llada-tiny")
+    assert rel_err(logits_of(model.decoder, ids), ref) < 1e-4
+    assert model.generate(["how many red circles are there?"])[0].tokens
+    dst = tmp_path / "converted"
+    assert cli_main(["convert", str(d), str(dst)]) == 0
+    back = load_multimodal(dst)  # special_tokens.json + the copied tokenizer
+    assert back.special == model.special and torch.equal(logits_of(back.decoder, ids), logits_of(model.decoder, ids))
+
+
+def test_load_multimodal_errors_and_mmdiff_directories(tmp_path, tiny_tokenizer):
+    from mmdiff.checkpoints import load_multimodal
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        load_multimodal(fixture("llada-tiny"))
+    plain = tmp_path / "plain"
+    Decoder(preset("tiny-test")).save_pretrained(plain)
+    with pytest.raises(ValueError, match="no special_tokens.json"):
+        load_multimodal(plain)
+    own = MultimodalDiffusionLM(ModelConfig(decoder=preset("tiny-test", vocab_size=len(tiny_tokenizer))),
+                                tiny_tokenizer)
+    own.save_pretrained(tmp_path / "own")
+    back = load_multimodal(tmp_path / "own")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in own.state_dict().items())

@@ -5,24 +5,29 @@ Following LLaVA (Liu et al. 2023), the tokens are the hidden states of one trans
 prefix tokens removed. Blocks after the chosen one are pruned at build time (they would never
 run and never receive a gradient).
 
-Two backends, one registry (:data:`VISION_ENCODERS`):
+Three backends, one registry (:data:`VISION_ENCODERS`):
 
 * ``timm``: any timm ViT (``patch_embed`` + ``forward_intermediates``); sizes can be overridden,
   e.g. the shipped scene encoder is ``vit_tiny_patch16_224`` at 72 px, patch 8, width 128.
 * ``open_clip``: the vision tower of an open_clip ``VisionTransformer`` config; tokens have the
   tower's *width* (not the CLIP embedding dim, which only exists after pooling and projection).
+* ``siglip``: a SigLIP tower (LLaDA-V's), written out in plain torch under transformers' names
+  (end of this file).
 
 Weights come from a local file only (``weights``); nothing is downloaded.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from ..io import config_from_dict
@@ -38,8 +43,8 @@ VISION_ENCODERS: Registry[type["VisionEncoder"]] = Registry("vision encoder")
 class VisionEncoderConfig:
     """Which backbone, at which size, read from which layer. Saved as JSON with the model."""
 
-    kind: str = "timm"  # backend: timm | open_clip
-    name: str = "vit_tiny_patch16_224"  # timm model name or open_clip model config name
+    kind: str = "timm"  # backend: timm | open_clip | siglip
+    name: str = "vit_tiny_patch16_224"  # timm model, open_clip config or SIGLIP_TOWERS name
     img_size: int | None = None  # input side in pixels (None = model default)
     patch_size: int | None = None  # patch side (None = model default)
     embed_dim: int | None = None  # token width (open_clip: vision ``width``)
@@ -245,3 +250,149 @@ def _open_clip_vision_cfg(base: dict, cfg: VisionEncoderConfig) -> dict:
             raise ValueError(f"open_clip width {out['width']} is not divisible by num_heads {cfg.num_heads}")
         out["head_width"] = out["width"] // cfg.num_heads
     return out
+
+
+# ================================================================================================
+# SigLIP (Zhai et al. 2023): the vision tower of LLaDA-V / LLaVA-OneVision, in plain torch
+# ================================================================================================
+#: Released SigLIP towers by Hugging Face repository name (without the owner). ``depth`` counts
+#: every block of the released tower; LLaVA drops the last one and reads the block before it
+#: (``layer = -2``), so a LLaVA checkpoint stores ``depth - 1`` blocks. ``mlp_dim`` is the MLP width.
+SIGLIP_TOWERS: dict[str, dict[str, int]] = {
+    "siglip-so400m-patch14-384": dict(img_size=384, patch_size=14, embed_dim=1152, depth=27, num_heads=16,
+                                      mlp_dim=4304),
+    "siglip2-so400m-patch14-384": dict(img_size=384, patch_size=14, embed_dim=1152, depth=27, num_heads=16,
+                                       mlp_dim=4304),
+    "siglip-base-patch16-224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                                    mlp_dim=3072),
+    "siglip-tiny-test": dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=64),
+}
+SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalises every channel to [-1, 1]
+SIGLIP_STD = (0.5, 0.5, 0.5)
+SIGLIP_EPS = 1e-6  # LayerNorm epsilon of every SigLIP tower
+
+
+class SiglipEmbeddings(nn.Module):
+    """Non-overlapping patches -> linear embedding + a learned position embedding; no CLS token."""
+
+    def __init__(self, dim: int, patch_size: int, n_patches: int) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.position_embedding = nn.Embedding(n_patches, dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # (B, h*w, D)
+
+
+class SiglipAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (all with bias)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"SigLIP width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, N, hs)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs), scale hs^-0.5
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class SiglipMLP(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipBlock(nn.Module):
+    """Pre-norm block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=SIGLIP_EPS)
+        self.self_attn = SiglipAttention(dim, heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=SIGLIP_EPS)
+        self.mlp = SiglipMLP(dim, mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+def siglip_transform(image: Image.Image, *, size: int) -> torch.Tensor:
+    """SigLIP's processor: bicubic resize of the whole image to ``size`` x ``size``, scale to [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0)
+    mean, std = torch.tensor(SIGLIP_MEAN), torch.tensor(SIGLIP_STD)
+    return ((x - mean) / std).permute(2, 0, 1)  # (3, size, size)
+
+
+@VISION_ENCODERS.register("siglip")
+class SiglipVisionEncoder(VisionEncoder):
+    """A SigLIP tower read at block ``cfg.layer``, with transformers' ``SiglipVisionModel`` names.
+
+    ``cfg.name`` picks a :data:`SIGLIP_TOWERS` entry; the size fields of ``cfg`` override it. Blocks
+    after the read one, the final LayerNorm and the pooling head are not built (LLaVA removes them
+    too). Parameter names are those of ``SiglipVisionModel.vision_model`` (``embeddings.*``,
+    ``encoder.layers.{i}.*``), so a checkpoint maps by prefix. ``preprocess`` resizes the whole image
+    without padding: the base view of LLaVA-NeXT's ``anyres`` and SigLIP's own processor.
+    ``weights``: a safetensors file of a ``SiglipVisionModel`` / ``SiglipModel`` (names with or
+    without the ``vision_model.`` prefix; text-tower tensors are ignored).
+    Plain torch only (no buffers), so it can be built on the meta device and loaded by assignment.
+    """
+
+    def __init__(self, cfg: VisionEncoderConfig) -> None:
+        super().__init__(cfg)
+        if cfg.name not in SIGLIP_TOWERS:
+            raise ValueError(f"unknown SigLIP tower {cfg.name!r}; known: {sorted(SIGLIP_TOWERS)}")
+        size = {**SIGLIP_TOWERS[cfg.name], **cfg.overrides()}
+        self.index = _resolve_layer(cfg.layer, size["depth"])
+        side = size["img_size"] // size["patch_size"]
+        self.grid = (side, side)
+        self.out_dim = size["embed_dim"]
+        self.mean = SIGLIP_MEAN
+        self.transform = functools.partial(siglip_transform, size=size["img_size"])
+        self.embeddings = SiglipEmbeddings(size["embed_dim"], size["patch_size"], side * side)
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(
+            SiglipBlock(size["embed_dim"], size["num_heads"], size["mlp_dim"]) for _ in range(self.index + 1))})
+        path = _check_weights(cfg.weights)
+        if path is not None:
+            self._load_file(path)
+        _log_init(cfg, path)
+
+    def _load_file(self, path: Path) -> None:
+        """Load the vision tensors of ``path``, minus those of the parts not built."""
+        from ..io import load_safetensors, load_state_checked
+
+        state = load_safetensors(path)
+        prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        load_state_checked(self, {k: v for k, v in state.items() if not self._unbuilt(k)}, source=str(path))
+
+    def _unbuilt(self, name: str) -> bool:
+        """Whether a tensor name (``vision_model.`` prefix removed) belongs to a part not built."""
+        if name.startswith(("post_layernorm.", "head.")):
+            return True
+        parts = name.split(".")
+        return parts[:2] == ["encoder", "layers"] and int(parts[2]) > self.index
+
+    def preprocess(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
+        """Load and resize each whole image (no padding), normalise -> (B, 3, H, W)."""
+        if not images:
+            raise ValueError("preprocess needs at least one image")
+        return torch.stack([self.transform(load_image(im)) for im in images])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixels)  # (B, N, D)
+        for block in self.encoder["layers"]:
+            x = block(x)
+        return x  # (B, N, D): output of block ``index``, before any final norm
