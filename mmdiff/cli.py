@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmdiff.training.cli", "train a model from a committed config file"),
     "convert": ("mmdiff.checkpoints", "convert a LLaDA / LLaDA-V / Dream checkpoint to mmdiff format"),
     "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),
+    "demo": ("mmdiff.commands.demo", "start the Gradio demo (image/audio Q&A with live denoising)"),
 }
 
 

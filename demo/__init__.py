@@ -1,0 +1,1 @@
+"""The mmdiff Gradio demo (``mmdiff demo``); see :mod:`demo.app`."""

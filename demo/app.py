@@ -1,0 +1,509 @@
+"""The mmdiff Gradio demo: ask about an image (typed or spoken question) and watch the answer denoise.
+
+Two tabs on one model:
+
+* **Ask**: image + question (+ spoken question, when the model has an audio encoder) -> the answer,
+  the response canvas animated step by step (masked positions ▢ filling in, each token coloured by
+  the step that fixed it), NFE and latency.
+* **Structured caption**: image -> "describe the image in json." -> the parsed JSON, or a readable
+  parse error. Structure priors plug in at :func:`run_caption`.
+
+Each tab has a settings accordion built from :data:`SETTINGS`: one control per sampler knob, read
+back into a :class:`~mmdiff.sampling.SamplerConfig`. A new sampler feature (token pruning, layer
+skipping, search) is one new entry there.
+
+The demo owns no sampling logic: :func:`stream_steps` runs ``model.generate(callback=...)`` in a
+worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s to the page as they happen.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import gradio as gr
+
+from mmdiff import DEFAULT_MODEL_DIR
+from mmdiff.commands.options import HELP
+from mmdiff.data.questions import CAPTION_JSON_QUESTION
+from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
+from mmdiff.model import GenerationResult, MultimodalDiffusionLM
+from mmdiff.sampling import REMASKING, TRANSFER, SamplerConfig, StepEvent
+
+log = logging.getLogger("mmdiff.demo")
+R = TypeVar("R")
+Callback = Callable[[StepEvent], None]
+
+EXAMPLES_FILE = Path("examples") / "examples.json"  # inside the model directory (scripts/make_examples.py)
+ASK_DEFAULTS = SamplerConfig(gen_length=8)  # short answers, the length mmdiff-tiny is trained on
+CAPTION_DEFAULTS = SamplerConfig(gen_length=64)  # a 6-object JSON caption is about 49 tokens
+MAX_GEN_LENGTH = 128  # slider limit for gen length, steps and block length
+MAX_QUESTION_CHARS = 400
+FRAME_DELAY_S = 0.05  # minimum time per animation frame, so fast steps stay visible (latency excludes it)
+MAX_FILE_SIZE = "5mb"
+QUEUE = dict(default_concurrency_limit=2, max_size=16)
+NO_QUESTION = "Type a question, or record or upload a spoken one."
+NO_IMAGE = "Upload an image (or click an example image) to caption."
+
+#: colour ramp for "fixed at step k" (viridis stops): early steps dark blue, late steps yellow
+RAMP: tuple[tuple[int, int, int], ...] = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+#: one style block per rendered canvas; spans then only carry their colour
+CANVAS_CSS = (".mm-canvas .mm-tok{display:inline-block;min-width:1.2em;margin:2px 1px;padding:3px 5px;"
+              "border-radius:5px;font-family:ui-monospace,monospace;font-size:15px;white-space:pre;text-align:center}"
+              ".mm-canvas .mm-note{color:#6b7280;font-size:13px}"
+              ".mm-canvas .mm-ramp{display:inline-block;width:120px;height:10px;vertical-align:middle}")
+MASKED_STYLE = "background:#e5e7eb;color:#9ca3af;"
+PRESET_STYLE = "background:#374151;color:#f9fafb;"
+
+
+# ------------------------------------------------------------------------------------------------
+# settings: one control per sampler knob
+# ------------------------------------------------------------------------------------------------
+def _length(name: str, label: str, value: int, minimum: int) -> gr.Slider:
+    return gr.Slider(minimum, MAX_GEN_LENGTH, value=value, step=1, label=label, info=HELP[name])
+
+
+#: control name -> widget factory (given the tab's defaults). A name is a SamplerConfig field or
+#: "cache". A new sampler feature (token pruning, layer skipping, search) adds its entry here.
+SETTINGS: dict[str, Callable[[SamplerConfig], gr.Component]] = {
+    "gen_length": lambda d: _length("gen_length", "gen length", d.gen_length, 1),
+    "steps": lambda d: _length("steps", "steps (0 = gen length)", d.steps or 0, 0),
+    "block_length": lambda d: _length("block_length", "block length (0 = one block)", d.block_length or 0, 0),
+    "transfer": lambda d: gr.Dropdown(TRANSFER.names(), value=d.transfer, label="transfer rule", info=HELP["transfer"]),
+    "threshold": lambda d: gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="confidence threshold",
+                                     info=HELP["threshold"]),
+    "factor": lambda d: gr.Slider(0.1, 4.0, value=d.factor, step=0.1, label="factor", info=HELP["factor"]),
+    "remasking": lambda d: gr.Dropdown(REMASKING.names(), value=d.remasking, label="remasking rule",
+                                       info=HELP["remasking"]),
+    "temperature": lambda d: gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="temperature",
+                                       info=HELP["temperature"]),
+    "cache": lambda d: gr.Radio(["none", "prefix"], value="none", label="cache",
+                                info="prompt KV cache: prefix = exact cache for prefix-LM models"),
+}
+#: SamplerConfig field type -> (conversion, 0 means None); the page sends numbers as floats or strings
+_NUMBERS: dict[str, tuple[type, bool]] = {"int": (int, False), "float": (float, False), "int | None": (int, True),
+                                          "float | None": (float, True)}
+
+
+def settings_panel(defaults: SamplerConfig) -> dict[str, gr.Component]:
+    """Build the settings accordion; returns control name -> component, in input order."""
+    with gr.Accordion("Settings", open=False):
+        return {name: make(defaults) for name, make in SETTINGS.items()}
+
+
+def sampler_from_settings(names: Sequence[str], values: Sequence[Any], *,
+                          base: SamplerConfig) -> tuple[SamplerConfig, str]:
+    """Read the panel back into ``(SamplerConfig, cache)``; fields without a control keep ``base``'s value.
+
+    Numbers are converted to their field's type; 0 in an optional field (steps, block length) means
+    None, the sampler's default.
+
+    Raises:
+        ValueError: a value the sampler rejects (the message names the setting).
+    """
+    chosen = dict(zip(names, values, strict=True))
+    cache = chosen.pop("cache")
+    types = {f.name: str(f.type) for f in fields(SamplerConfig)}
+    for name, value in chosen.items():
+        if types[name] not in _NUMBERS:
+            continue
+        kind, zero_is_none = _NUMBERS[types[name]]
+        try:
+            chosen[name] = None if zero_is_none and not value else kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {name} must be a number, got {value!r}") from None
+    return SamplerConfig(**{**base.to_dict(), **chosen}), cache
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming generation
+# ------------------------------------------------------------------------------------------------
+class _Stopped(Exception):
+    """Raised inside the sampler's callback when the page went away: ends the worker early."""
+
+
+def stream_steps(run: Callable[..., R]) -> Iterator[StepEvent | R]:
+    """Call ``run(callback=...)`` in a worker thread; yield each :class:`StepEvent` as it happens, then
+    ``run``'s result.
+
+    The events are sample 0's, copied to the CPU. Closing this generator (the page went away) stops
+    the worker at its next step. An exception in ``run`` is raised here.
+    """
+    items: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def callback(event: StepEvent) -> None:
+        if stop.is_set():
+            raise _Stopped
+        items.put(StepEvent(event.step, event.block, event.canvas[0].cpu().clone(), event.fixed[0].cpu().clone()))
+
+    def work() -> None:
+        try:
+            items.put(_Result(run(callback=callback)))
+        except _Stopped:
+            pass
+        except Exception as e:  # handed to the consumer, which raises it
+            items.put(e)
+        finally:
+            items.put(done)
+
+    threading.Thread(target=work, name="mmdiff-demo-generate", daemon=True).start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item.value if isinstance(item, _Result) else item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Result:
+    """Wraps the worker's result in the queue (it could itself be an exception instance)."""
+
+    value: Any
+
+
+def animate(model: MultimodalDiffusionLM, run: Callable[..., R], *, planned_steps: int,
+            frame_delay: float = FRAME_DELAY_S) -> Iterator[tuple[str, R | None]]:
+    """``(canvas HTML, None)`` after every step of ``run(callback=...)``, then ``(final HTML, result)``.
+
+    Args:
+        model: gives the tokenizer for rendering.
+        run: calls the library with ``callback=``, e.g. :func:`ask_model` or :func:`run_caption` with
+            the other arguments bound; its result needs an ``nfe``. Several sampler runs in a row (a
+            count question, then the caption) each restart the canvas at their step 1.
+        planned_steps: the step at the end of the colour ramp.
+        frame_delay: minimum seconds per frame.
+    """
+    tokens: list[int] = []
+    fixed_at: list[int] = []
+    for item in stream_steps(run):
+        if not isinstance(item, StepEvent):
+            yield render_canvas(model, tokens, fixed_at, planned_steps=planned_steps,
+                                header=f"done: {item.nfe} steps"), item
+            return
+        tokens = item.canvas.tolist()
+        if item.step == 1 or len(fixed_at) != len(tokens):
+            fixed_at = [0] * len(tokens)  # a new sampler run
+        for i in item.fixed.nonzero().flatten().tolist():
+            fixed_at[i] = item.step
+        yield render_canvas(model, tokens, fixed_at, planned_steps=planned_steps,
+                            header=f"step {item.step} · block {item.block + 1}"), None
+        time.sleep(frame_delay)
+
+
+# ------------------------------------------------------------------------------------------------
+# rendering
+# ------------------------------------------------------------------------------------------------
+def ramp_colour(frac: float) -> tuple[int, int, int]:
+    """The colour at ``frac`` in [0, 1] along :data:`RAMP` (piecewise-linear in RGB)."""
+    x = min(max(frac, 0.0), 1.0) * (len(RAMP) - 1)
+    i = min(int(x), len(RAMP) - 2)
+    t = x - i
+    r, g, b = (round(a + (c - a) * t) for a, c in zip(RAMP[i], RAMP[i + 1]))
+    return r, g, b
+
+
+def _step_style(step: int, last: int) -> str:
+    r, g, b = ramp_colour((step - 1) / max(last - 1, 1))
+    ink = "#111827" if 0.299 * r + 0.587 * g + 0.114 * b > 150 else "#ffffff"
+    return f"background:rgb({r},{g},{b});color:{ink};"
+
+
+def _visible(text: str) -> str:
+    """A token's text as shown: control characters escaped (``\\x0f``, ``\\n``), "·" for empty."""
+    return (text if text.isprintable() else text.encode("unicode_escape").decode("ascii")) or "·"
+
+
+def _span(text: str, style: str, title: str) -> str:
+    return f'<span class="mm-tok" style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>'
+
+
+def render_canvas(model: MultimodalDiffusionLM, tokens: Sequence[int], fixed_at: Sequence[int], *,
+                  planned_steps: int, header: str) -> str:
+    """HTML of the response canvas, one span per position, decoded token by token.
+
+    Masked positions are a grey ▢; a fixed token is coloured by the step that fixed it (:data:`RAMP`,
+    step 1 to ``planned_steps``); a token present before step 1 (a structure prior's) is dark grey.
+    EOS / PAD are shown by name, faded; control characters as escapes.
+
+    Args:
+        model: gives the tokenizer and the special token ids.
+        tokens: (L,) canvas token ids.
+        fixed_at: (L,) the step that fixed each position; 0 or -1 = not fixed by a step.
+        planned_steps: the step at the end of the colour ramp (later steps clamp to it).
+        header: the line above the canvas.
+    """
+    sp = model.special
+    last = max(planned_steps, *fixed_at, 1)
+    names = {sp.eos: "⟨eos⟩", sp.pad: "⟨pad⟩"}
+    spans = []
+    for tok, step in zip(tokens, fixed_at):
+        if tok == sp.mask:
+            spans.append(_span("▢", MASKED_STYLE, "masked"))
+            continue
+        style = PRESET_STYLE if step <= 0 else _step_style(step, last)
+        text = names.get(tok) or _visible(model.tokenizer.decode([tok]))
+        if tok in names:
+            style += "opacity:0.55;"
+        spans.append(_span(text, style, "preset (structure prior)" if step <= 0 else f"fixed at step {step}"))
+    masked = sum(t == sp.mask for t in tokens)
+    ramp = ",".join(f"rgb({r},{g},{b})" for r, g, b in RAMP)
+    return (f'<div class="mm-canvas"><style>{CANVAS_CSS}</style>'
+            f'<div class="mm-note">{html.escape(header)} · {masked} of {len(tokens)} masked</div>'
+            f'<div style="line-height:2.1;margin:4px 0">{"".join(spans)}</div>'
+            f'<div class="mm-note">{_span("▢", MASKED_STYLE, "masked")} masked &nbsp; fixed at step 1 '
+            f'<span class="mm-ramp" style="background:linear-gradient(to right,{ramp})"></span> '
+            f"step {last}</div></div>")
+
+
+def stats_line(result: GenerationResult) -> str:
+    """NFE and latency of a finished answer, as Markdown."""
+    return f"**NFE** {result.nfe} · **latency** {result.latency_s * 1000:.0f} ms"
+
+
+def parse_caption(text: str) -> tuple[Any, str]:
+    """``(parsed JSON or None, status line)`` for a JSON caption."""
+    try:
+        return json.loads(text), "✓ valid JSON"
+    except json.JSONDecodeError as e:
+        return None, f"✗ not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs: uploads, examples, the model directory
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Upload:
+    """A file from the page or the API: where gradio stored it, and the name the user gave it."""
+
+    path: str
+    name: str
+
+    @classmethod
+    def from_payload(cls, payload: dict | str | None) -> "Upload | None":
+        """From gradio's unprocessed ``FileData`` dict (or a plain path); None when nothing was given."""
+        if not payload:
+            return None
+        if isinstance(payload, str):
+            return cls(payload, Path(payload).name)
+        return cls(payload["path"], payload["orig_name"] or Path(payload["path"]).name)
+
+
+def user_error(e: ValueError, uploads: Sequence[Upload | None]) -> gr.Error:
+    """The page's error for ``e``, naming uploads by their own names instead of gradio's temp paths."""
+    message = str(e)
+    for up in uploads:
+        if up is not None:
+            message = message.replace(up.path, up.name)
+    return gr.Error(message, print_exception=False)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One entry of ``<model_dir>/examples/examples.json``, paths resolved."""
+
+    image: str
+    question: str  # the typed question (the transcript of ``audio`` on spoken examples)
+    audio: str | None  # spoken question (wav), or None
+    answer: str  # expected answer, from the data set
+
+
+def load_examples(model_dir: str | Path) -> list[Example]:
+    """The examples shipped beside a model; [] when it has none.
+
+    Raises:
+        ValueError: the file exists but is malformed or names missing media.
+    """
+    path = Path(model_dir) / EXAMPLES_FILE
+    if not path.is_file():
+        log.info("no %s: the demo shows no examples (write them with scripts/make_examples.py)", path)
+        return []
+    root = path.parent
+    try:
+        examples = [Example(str(root / e["image"]), e["question"], str(root / e["audio"]) if e["audio"] else None,
+                            e["answer"]) for e in json.loads(path.read_text())["examples"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid examples file ({type(e).__name__}: {e}); "
+                         "rewrite it with scripts/make_examples.py") from None
+    missing = [p for ex in examples for p in (ex.image, ex.audio) if p is not None and not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} example file(s) missing, e.g. {missing[0]}")
+    return examples
+
+
+def check_model_dir(model_dir: str | Path) -> None:
+    """Raise a FileNotFoundError saying what is missing and how to get it."""
+    d = Path(model_dir)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (d / name).is_file()]
+    if not missing:
+        return
+    what = f"no model directory {d}" if not d.is_dir() else f"model directory {d} has no {' or '.join(missing)}"
+    raise FileNotFoundError(f"{what}. Train the shipped model with `make train` (about 40 minutes on 2 CPU "
+                            f"cores; it writes {DEFAULT_MODEL_DIR}), or pass --model DIR.")
+
+
+def ask_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
+              config: SamplerConfig, cache: str, callback: Callback) -> GenerationResult:
+    """Answer one question about an optional image and an optional spoken question."""
+    return model.generate([question], images=[image], audios=[audio], config=config, cache=cache, callback=callback)[0]
+
+
+def run_caption(model: MultimodalDiffusionLM, image: str, *, config: SamplerConfig, cache: str,
+                callback: Callback) -> GenerationResult:
+    """Answer :data:`CAPTION_JSON_QUESTION` about ``image``, free-form.
+
+    The place for structure priors: ``mmdiff.sampling.structure.caption(model, image, format="json",
+    ...)`` decodes schema-valid JSON on a template (its preset tokens show as dark "preset" spans).
+    Once it takes ``callback=``, call it here (its result has ``text`` and ``nfe`` too) and add a
+    "structure prior" control to the caption tab.
+    """
+    return model.generate([CAPTION_JSON_QUESTION], images=[image], config=config, cache=cache, callback=callback)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# the page
+# ------------------------------------------------------------------------------------------------
+def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float) -> None:
+    hears = model.audio is not None
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260,
+                             elem_id="image")
+            question = gr.Textbox(label="Question", placeholder="how many red circles are there?",
+                                  max_length=MAX_QUESTION_CHARS, elem_id="question")
+            audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken question",
+                             visible=hears, elem_id="audio")
+            ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            settings = settings_panel(ASK_DEFAULTS)
+        with gr.Column():
+            canvas = gr.HTML(label="Denoising", elem_id="canvas")
+            answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+            stats = gr.Markdown(elem_id="stats")
+    examples = [ex for ex in examples if hears or ex.audio is None]  # spoken ones need an audio encoder
+    if examples:
+        rows = [[ex.image, "" if ex.audio else ex.question] + ([ex.audio] if hears else []) for ex in examples]
+        gr.Examples(rows, inputs=[image, question] + ([audio] if hears else []), label="Examples",
+                    elem_id="ask-examples")
+
+    def run(image_in: Any, question_in: str, audio_in: Any, *values: Any) -> Iterator[tuple[str, str, str]]:
+        img, clip = Upload.from_payload(image_in), Upload.from_payload(audio_in)
+        try:
+            if not question_in.strip() and clip is None:
+                raise ValueError(NO_QUESTION)
+            if len(question_in) > MAX_QUESTION_CHARS:
+                raise ValueError(f"The question is {len(question_in)} characters long; "
+                                 f"the limit is {MAX_QUESTION_CHARS}.")
+            config, cache = sampler_from_settings(list(settings), values, base=ASK_DEFAULTS)
+            call = partial(ask_model, model, question_in, image=img and img.path, audio=clip and clip.path,
+                           config=config, cache=cache)
+            for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
+                                         frame_delay=frame_delay):
+                yield html_, result.text if result else "", stats_line(result) if result else "denoising…"
+        except ValueError as e:
+            raise user_error(e, [img, clip]) from None
+
+    gr.on([ask.click, question.submit], run, inputs=[image, question, audio, *settings.values()],
+          outputs=[canvas, answer, stats], api_name="ask", preprocess=False)
+
+
+def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float) -> None:
+    gr.Markdown(f'Asks *"{CAPTION_JSON_QUESTION}"* and parses the answer as JSON.')
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260,
+                             elem_id="caption-image")
+            describe = gr.Button("Describe as JSON", variant="primary", elem_id="caption")
+            settings = settings_panel(CAPTION_DEFAULTS)
+        with gr.Column():
+            canvas = gr.HTML(label="Denoising", elem_id="caption-canvas")
+            status = gr.Markdown(elem_id="caption-status")
+            parsed = gr.JSON(label="Parsed caption", open=True, elem_id="caption-json")
+            raw = gr.Textbox(label="Raw answer", interactive=False, elem_id="caption-raw")
+    pictures = list(dict.fromkeys(ex.image for ex in examples))
+    if pictures:
+        gr.Examples([[p] for p in pictures], inputs=[image], label="Example images", elem_id="caption-examples")
+
+    def run(image_in: Any, *values: Any) -> Iterator[tuple[str, str, Any, str]]:
+        img = Upload.from_payload(image_in)
+        try:
+            if img is None:
+                raise ValueError(NO_IMAGE)
+            config, cache = sampler_from_settings(list(settings), values, base=CAPTION_DEFAULTS)
+            call = partial(run_caption, model, img.path, config=config, cache=cache)
+            for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
+                                         frame_delay=frame_delay):
+                if result is None:
+                    yield html_, "denoising…", None, ""
+                    continue
+                value, verdict = parse_caption(result.text)
+                yield html_, f"{verdict} · {stats_line(result)}", value, result.text
+        except ValueError as e:
+            raise user_error(e, [img]) from None
+
+    describe.click(run, inputs=[image, *settings.values()], outputs=[canvas, status, parsed, raw],
+                   api_name="caption", preprocess=False)
+
+
+def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S) -> gr.Blocks:
+    """The demo page for the model in ``model_dir``, queued (2 concurrent answers, 16 waiting).
+
+    Args:
+        model_dir: a directory written by ``MultimodalDiffusionLM.save_pretrained`` (with an optional
+            ``examples/examples.json``).
+        frame_delay: minimum seconds per animation frame (0 in tests).
+
+    Raises:
+        FileNotFoundError: the model directory or its weights are missing (the message says how to
+            get them).
+        ValueError: a malformed model or examples file.
+    """
+    check_model_dir(model_dir)
+    model = MultimodalDiffusionLM.from_pretrained(model_dir)
+    examples = load_examples(model_dir)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    hears = "a typed or spoken question" if model.audio is not None else "a typed question (no audio encoder)"
+    with gr.Blocks(title="mmdiff demo", analytics_enabled=False) as app:
+        gr.Markdown(f"## mmdiff: multimodal masked diffusion\nModel `{model_dir}` ({n_params:.1f} M parameters) "
+                    f"answers {hears} about an image. The answer starts fully masked and is filled in over "
+                    "the denoising steps; each token is coloured by the step that fixed it.")
+        with gr.Tab("Ask"):
+            _ask_tab(model, examples, frame_delay)
+        with gr.Tab("Structured caption"):
+            _caption_tab(model, examples, frame_delay)
+    return app.queue(**QUEUE)
+
+
+def serve(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
+    """Launch ``app`` with the demo's limits (5 MB uploads, errors shown in the page); returns its URL.
+
+    Args:
+        app: from :func:`build_app`.
+        host: interface to bind; the default serves this machine only.
+        port: TCP port.
+        block: keep serving until interrupted; False returns at once (tests).
+    """
+    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False,
+                           show_error=True, max_file_size=MAX_FILE_SIZE, ssr_mode=False, quiet=not block)
+    return url
+
+
+def main(model_dir: str = DEFAULT_MODEL_DIR, *, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Build the demo on ``model_dir`` and serve it until interrupted (``mmdiff demo``)."""
+    serve(build_app(model_dir), host=host, port=port)
+
+
+if __name__ == "__main__":
+    from mmdiff.cli import main as cli_main
+
+    raise SystemExit(cli_main(["demo", *sys.argv[1:]]))

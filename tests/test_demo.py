@@ -1,0 +1,227 @@
+"""The Gradio demo, served in-process and driven through ``gradio_client`` like a remote user.
+
+A tiny random model (vision + audio) checks the wiring end to end: the page's answer must equal
+``model.generate`` on the same input. The shipped model's test checks a real answer.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mmdiff.adapters import AdapterConfig
+from mmdiff.commands.demo import load_demo_app
+from mmdiff.data.dataset import iter_examples
+from mmdiff.decoder import preset as decoder_preset
+from mmdiff.encoders import AudioEncoderConfig
+from mmdiff.encoders.vision import preset as vision_preset
+from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+from mmdiff.sampling import SamplerConfig
+
+gradio_client = pytest.importorskip("gradio_client")
+app_module = load_demo_app()
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "mmdiff-tiny"
+QUESTION = "how many red circles are there?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tone(path: Path, *, amplitude: float = 0.3, seconds: float = 1.0) -> Path:
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(path, (amplitude * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
+    return path
+
+
+def make_tiny_model_dir(root: Path, tokenizer) -> Path:
+    """A random vision + audio model saved with one typed and one spoken example."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        decoder=decoder_preset("tiny-test", vocab_size=len(tokenizer)),
+        vision=vision_preset("tiny-test"),
+        vision_adapter=AdapterConfig(kind="linear", in_dim=32, out_dim=32),
+        audio=AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                 max_source_positions=150, max_seconds=3.0),
+        audio_adapter=AdapterConfig(kind="audio_semantic", in_dim=32, out_dim=32),
+    )
+    model_dir = root / "model"
+    MultimodalDiffusionLM(cfg, tokenizer).save_pretrained(model_dir)
+    ex = model_dir / "examples"
+    (ex / "images").mkdir(parents=True)
+    (ex / "audio").mkdir()
+    _, image, _ = next(iter_examples("test", 0))
+    image.save(ex / "images" / "scene.png")
+    tone(ex / "audio" / "question.wav")
+    examples = [{"image": "images/scene.png", "question": QUESTION, "audio": None, "answer": "1"},
+                {"image": "images/scene.png", "question": "where is the blue square?", "audio": "audio/question.wav",
+                 "answer": "top left"}]
+    (ex / "examples.json").write_text(json.dumps({"sampler": SamplerConfig(gen_length=8).to_dict(),
+                                                  "examples": examples}))
+    return model_dir
+
+
+def settings(config: SamplerConfig = app_module.ASK_DEFAULTS, cache: str = "none") -> list:
+    """The settings panel's values for ``config``, in the panel's order (0 = the sampler default)."""
+    return [cache if name == "cache" else getattr(config, name) or 0 for name in app_module.SETTINGS]
+
+
+class Served:
+    """A demo app launched on a free local port, with a client."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.app = app_module.build_app(str(model_dir), frame_delay=0.0)
+        self.url = app_module.serve(self.app, port=free_port(), block=False)
+        self.client = gradio_client.Client(self.url, verbose=False)
+
+    def ask(self, image: str | Path | None, question: str, audio: str | Path | None = None,
+            config: SamplerConfig = app_module.ASK_DEFAULTS) -> tuple[str, str, str]:
+        handle = gradio_client.handle_file
+        return self.client.predict(image and handle(str(image)), question, audio and handle(str(audio)),
+                                   *settings(config), api_name="/ask")
+
+    def close(self) -> None:
+        self.client.close()
+        self.app.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("demo"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    s = Served(model_dir)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def model(model_dir) -> MultimodalDiffusionLM:
+    return MultimodalDiffusionLM.from_pretrained(model_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end through the client
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [SamplerConfig(gen_length=8),
+                                    SamplerConfig(gen_length=12, steps=6, block_length=4, transfer="threshold",
+                                                  threshold=0.5)], ids=["defaults", "blocks-threshold"])
+def test_ask_equals_generate(served, model, model_dir, config):
+    image = model_dir / "examples" / "images" / "scene.png"
+    canvas, answer, stats = served.ask(image, QUESTION, config=config)
+    expected = model.generate([QUESTION], images=[image], config=config)[0]
+    assert answer == expected.text
+    assert f"**NFE** {expected.nfe}" in stats and "latency" in stats
+    assert canvas.count('title="masked"') == 1  # every position filled: only the legend's ▢ is left
+    assert canvas.count('title="fixed at step') == config.gen_length
+
+
+def test_spoken_question_equals_generate(served, model, model_dir):
+    image, clip = model_dir / "examples" / "images" / "scene.png", model_dir / "examples" / "audio" / "question.wav"
+    _, answer, _ = served.ask(image, "", clip)
+    assert answer == model.generate([""], images=[image], audios=[clip], config=app_module.ASK_DEFAULTS)[0].text
+
+
+def test_bad_inputs_get_messages_and_the_app_keeps_serving(served, model_dir, tmp_path):
+    fake_png = tmp_path / "notes.png"
+    fake_png.write_text("this is a text file, not a picture")
+    silent = tone(tmp_path / "silence.wav", amplitude=0.0)
+    image = model_dir / "examples" / "images" / "scene.png"
+    cases = [((fake_png, QUESTION, None), "cannot read image notes.png: not an image file"),
+             ((image, "", silent), "cannot read audio silence.wav: silent clip"),
+             ((image, "   ", None), app_module.NO_QUESTION),
+             ((None, "x" * 401, None), "the limit is 400")]
+    for args, message in cases:
+        with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
+            served.ask(*args)
+    zero_length = [0 if name == "gen_length" else v for name, v in zip(app_module.SETTINGS, settings())]
+    with pytest.raises(gradio_client.exceptions.AppError, match="gen_length must be >= 1"):
+        served.client.predict(None, QUESTION, None, *zero_length, api_name="/ask")
+    assert served.ask(image, QUESTION)[1] is not None  # still serving
+
+
+def test_caption_reports_parse_errors(served, model, model_dir):
+    image = model_dir / "examples" / "images" / "scene.png"
+    cfg = SamplerConfig(gen_length=16)
+    _, status, parsed, raw = served.client.predict(gradio_client.handle_file(str(image)), *settings(cfg),
+                                                   api_name="/caption")
+    assert raw == model.generate([app_module.CAPTION_JSON_QUESTION], images=[image], config=cfg)[0].text
+    assert status.startswith("✗ not valid JSON: ") and parsed is None  # a random model writes no JSON
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(app_module.NO_IMAGE)):
+        served.client.predict(None, *settings(cfg), api_name="/caption")
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
+                    reason="no shipped model at checkpoints/mmdiff-tiny (make train)")
+def test_shipped_model_answers_its_examples():
+    examples = [e for e in app_module.load_examples(SHIPPED) if e.audio is None]
+    assert examples, "checkpoints/mmdiff-tiny/examples/examples.json has no typed examples (scripts/make_examples.py)"
+    served = Served(SHIPPED)
+    try:
+        for ex in examples[:3]:
+            assert served.ask(ex.image, ex.question)[1] == ex.answer, ex
+    finally:
+        served.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces
+# ------------------------------------------------------------------------------------------------
+def test_settings_read_back_into_a_sampler_config():
+    names = list(app_module.SETTINGS)
+    values = settings(SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0), "prefix")
+    cfg, cache = app_module.sampler_from_settings(names, values, base=SamplerConfig(seed=7))
+    assert cfg == SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0, seed=7)
+    assert cache == "prefix"
+    cfg, _ = app_module.sampler_from_settings(names, settings(SamplerConfig(gen_length=5)), base=SamplerConfig())
+    assert cfg.steps is None and cfg.block_length is None  # 0 in the page = the sampler's default
+    with pytest.raises(ValueError, match="setting gen_length must be a number, got 'eight'"):
+        app_module.sampler_from_settings(names, ["eight", *settings()[1:]], base=SamplerConfig())
+
+
+def test_render_canvas_marks_masked_fixed_and_preset(model):
+    sp = model.special
+    tokens = [sp.mask, model.tokenizer.convert_tokens_to_ids("y"), sp.eos, model.tokenizer.convert_tokens_to_ids("n")]
+    out = app_module.render_canvas(model, tokens, [0, 1, 4, -1], planned_steps=4, header="step 4")
+    assert out.count('title="masked"') == 2  # the masked position and the legend
+    assert 'title="fixed at step 1">y<' in out and "⟨eos⟩" in out and 'title="preset (structure prior)">n<' in out
+    assert f"rgb{app_module.RAMP[0]}".replace(" ", "") in out.replace(" ", "")  # step 1 = start of the ramp
+    assert "1 of 4 masked" in out
+    control = model.tokenizer.convert_tokens_to_ids("ď")  # byte 0x0f: a control character
+    assert ">\\x0f<" in app_module.render_canvas(model, [control], [1], planned_steps=1, header="")
+
+
+def test_parse_caption():
+    assert app_module.parse_caption('{"objects": []}') == ({"objects": []}, "✓ valid JSON")
+    value, status = app_module.parse_caption('{"objects": [}')
+    assert value is None and status.startswith("✗ not valid JSON: ") and "column 14" in status
+
+
+def test_examples_absent_or_malformed(tmp_path, model_dir):
+    assert app_module.load_examples(tmp_path) == []
+    assert [e.answer for e in app_module.load_examples(model_dir)] == ["1", "top left"]
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "examples.json").write_text('{"examples": [{"image": "a.png"}]}')
+    with pytest.raises(ValueError, match="not a valid examples file"):
+        app_module.load_examples(tmp_path)
+
+
+def test_missing_model_dir_says_how_to_get_it(tmp_path, capsys):
+    from mmdiff.cli import main
+
+    assert main(["demo", "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no model directory" in err and "make train" in err
+    with pytest.raises(FileNotFoundError, match="has no .*model.safetensors"):
+        app_module.check_model_dir(tmp_path)  # a directory without weights
