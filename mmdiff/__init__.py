@@ -11,7 +11,9 @@ DEFAULT_MODEL_DIR = "checkpoints/mmdiff-tiny"
 
 
 def from_pretrained(path: str, **kwargs):
-    """Load a model directory: mmdiff's own multimodal model, or a LLaDA / Dream / LLaDA-V checkpoint."""
-    from .checkpoints import load_checkpoint
+    """Load any supported directory as a ``MultimodalDiffusionLM``: mmdiff's own models, LLaDA-V, and
+    LLaDA / Dream (text-only, with the directory's tokenizer). ``dtype=`` and ``device=`` pass through.
+    For the bare decoder of a LLaDA / Dream checkpoint use ``mmdiff.checkpoints.load_checkpoint``."""
+    from .checkpoints import load_multimodal
 
-    return load_checkpoint(path, **kwargs)
+    return load_multimodal(path, **kwargs)

@@ -14,9 +14,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("mmdiff.commands.ask", "answer a question about an image and/or a spoken question"),
     "data": ("mmdiff.data.cli", "generate a synthetic scene dataset (JSONL + images [+ speech])"),
     "train": ("mmdiff.training.cli", "train a model from a committed config file"),
-    "convert": ("mmdiff.checkpoints", "convert a LLaDA / LLaDA-V / Dream checkpoint to mmdiff format"),
+    "train-adapter": ("mmdiff.training.adapters", "train only an image or audio adapter against a frozen LLaDA / Dream / LLaDA-V (DIFFA recipe)"),
+    "convert": ("mmdiff.checkpoints", "convert a LLaDA / Dream checkpoint to mmdiff format"),
     "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),
     "demo": ("mmdiff.commands.demo", "start the Gradio demo (image/audio Q&A with live denoising)"),
+    "eval": ("mmdiff.evaluation.cli", "batch VQA evaluation with resumable predictions"),
 }
 
 

@@ -41,7 +41,8 @@ def tiny_clip_config(tmp_path_factory):
 
 
 def tiny_vision_cfg(kind: str, **kw) -> VisionEncoderConfig:
-    base = {"timm": preset("tiny-test"), "open_clip": VisionEncoderConfig(kind="open_clip", name=TINY_CLIP)}[kind]
+    base = {"timm": preset("tiny-test"), "open_clip": VisionEncoderConfig(kind="open_clip", name=TINY_CLIP),
+            "siglip": VisionEncoderConfig(kind="siglip", name="siglip-tiny-test")}[kind]
     return VisionEncoderConfig.from_dict({**base.to_dict(), **kw})
 
 
@@ -134,7 +135,7 @@ def test_load_audio_bad_clips_name_the_file_and_problem(tmp_path):
 # vision encoders
 # ------------------------------------------------------------------------------------------------
 def test_tiny_configs_cover_the_registry():
-    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip"}
+    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip", "siglip"}
     assert AUDIO_ENCODERS.names() == ["whisper"]
 
 
