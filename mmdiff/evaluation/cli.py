@@ -1,0 +1,94 @@
+"""``mmdiff eval``: batch VQA evaluation with resumable predictions, shards and merging.
+
+Single process::
+
+    mmdiff eval --data data/test/data.jsonl --out runs/test [--batch-size 16] [sampler flags]
+
+Rerunning the same command resumes. Scaled out by hand (any machines sharing the folder)::
+
+    mmdiff eval --data ... --out runs/test --shard 0/2      # and --shard 1/2 elsewhere
+    mmdiff eval --merge runs/test
+
+or with torchrun, which shards by rank and merges on rank 0 at the end (gloo barrier)::
+
+    torchrun --nproc_per_node 4 -m mmdiff eval --data ... --out runs/test
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from .. import DEFAULT_MODEL_DIR
+from ..commands.options import add_sampler_arguments, sampler_config_from_args
+
+#: how long torchrun ranks wait for the slowest shard before the merge
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``mmdiff eval`` options to ``p``."""
+    p.add_argument("--data", type=Path, help="JSONL file of VQA rows (media paths relative to it)")
+    p.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL_DIR),
+                   help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--out", type=Path, help="output folder; rerunning into it resumes")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default: 8)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N rows of the file")
+    p.add_argument("--shard", help="i/n: evaluate rows with index %% n == i into OUT/shard-i-of-n")
+    p.add_argument("--merge", type=Path, metavar="DIR", help="merge DIR/shard-*-of-n into DIR and exit")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ... (default: auto = the rank's GPU if any, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_sampler_arguments(p, gen_length=8)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def _report(metrics: dict, out: Path) -> None:
+    acc = "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
+    vqa = "n/a" if metrics["vqa_accuracy"] is None else f"{metrics['vqa_accuracy']:.4f}"
+    state = "" if metrics["complete"] else " (unfinished: rerun to resume)"
+    print(f"accuracy {acc}  vqa_accuracy {vqa}  rows {metrics['n']}  errors {metrics['errors']}{state} -> {out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate (one process, one shard, or a torchrun rank), or merge shards."""
+    from .runner import METRICS_FILE, Shard, evaluate, merge_shards
+
+    if args.merge is not None:
+        metrics = merge_shards(args.merge)
+        _report(metrics, args.merge / METRICS_FILE)
+        return 0
+    if args.data is None or args.out is None:
+        raise ValueError("--data and --out are required (or --merge DIR)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    shard = Shard.parse(args.shard) if args.shard else None
+    if world > 1 and shard is not None:
+        raise ValueError(f"--shard cannot be combined with torchrun (WORLD_SIZE={world} shards by rank)")
+    if world > 1:
+        shard = Shard(int(os.environ["RANK"]), world)
+    kwargs = dict(model_dir=args.model, config=sampler_config_from_args(args), cache=args.cache,
+                  batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
+    if world == 1:
+        metrics = evaluate(args.data, args.out, shard=shard, **kwargs)
+        _report(metrics, args.out / (shard.dirname if shard else "") / METRICS_FILE)
+        return 0
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        evaluate(args.data, args.out, shard=shard, **kwargs)
+        dist.barrier()
+        if shard.index == 0:
+            metrics = merge_shards(args.out)
+            _report(metrics, args.out / METRICS_FILE)
+    finally:
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,412 @@
+"""Batch VQA evaluation that loses nothing: resumable, shardable, mergeable.
+
+An output folder (one per run; one per shard under ``shard-i-of-n/``) holds::
+
+    run.json            what is evaluated: model, data and sampler (checked on every resume)
+    predictions.jsonl   one record per answered row, appended and fsync'd after each batch
+    errors.jsonl        one record per bad row: index, line, id, reason
+    metrics.json        :func:`~mmdiff.evaluation.metrics.summarize` + the run's settings (atomic)
+
+Rows are numbered by their position among the non-blank lines of the data file (``index``); shard
+i/n takes the rows with ``index % n == i``. A rerun into the same folder skips every row already
+in predictions.jsonl (by id) or errors.jsonl (by index), so an interrupted run finishes where it
+stopped. Sampling goes through :meth:`MultimodalDiffusionLM.generate`; nothing here samples.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ..data.dataset import Row, RowError, read_rows
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
+from ..sampling import SamplerConfig
+from .metrics import exact_match, summarize, vqa_accuracy
+
+log = logging.getLogger("mmdiff")
+
+RUN_FILE = "run.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+ERRORS_FILE = "errors.jsonl"
+METRICS_FILE = "metrics.json"
+#: metrics.json is rewritten after a batch when at least this many seconds passed since the last write
+METRICS_EVERY_S = 30.0
+SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the rows whose index modulo ``count`` is ``index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"invalid shard {self.index}/{self.count}: need 0 <= i < n")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"i/n"`` -> Shard(i, n)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if match is None:
+            raise ValueError(f"invalid shard {text!r}: expected i/n, e.g. 0/4")
+        return cls(int(match[1]), int(match[2]))
+
+    @property
+    def dirname(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass
+class Item:
+    """One non-blank line of the data file: a row to answer or a row that cannot be used."""
+
+    index: int  # position among the non-blank lines
+    entry: Row | RowError
+
+    def done(self, answered_ids: set[str], failed: set[int]) -> bool:
+        """Already in predictions.jsonl (by id) or errors.jsonl (by index)."""
+        return self.index in failed or (isinstance(self.entry, Row) and self.entry.id in answered_ids)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def load_items(path: str | Path, *, limit: int | None = None, shard: Shard | None = None) -> list[Item]:
+    """Read the data file and select the rows to evaluate.
+
+    A valid row whose id was already used by an earlier valid row becomes a :class:`RowError`
+    (ids identify finished rows on resume).
+
+    Args:
+        path: the JSONL file (see :mod:`mmdiff.data.dataset`).
+        limit: keep only the first ``limit`` rows of the file (before sharding).
+        shard: keep only this shard's rows.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    first_line: dict[str, int] = {}
+    items = []
+    for index, entry in enumerate(read_rows(path)):
+        if limit is not None and index >= limit:
+            break
+        if isinstance(entry, Row):
+            if entry.id in first_line:
+                entry = RowError(entry.line_no, entry.id, f"duplicate id (first used on line {first_line[entry.id]})")
+            else:
+                first_line[entry.id] = entry.line_no
+        if shard is None or index % shard.count == shard.index:
+            items.append(Item(index, entry))
+    return items
+
+
+# -- identity of a run ----------------------------------------------------------------------------
+def _sha256(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent}: missing {path.name}")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig, cache: str) -> dict[str, Any]:
+    """What makes two evaluations comparable: model and data (path and content) and sampler settings."""
+    model_dir, data = Path(model_dir), Path(data)
+    identity = {"model": str(model_dir.resolve()),
+                "model_sha256": _sha256([model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]),
+                "data": str(data.resolve()), "data_sha256": _sha256([data]), "sampler": config.to_dict(),
+                "cache": cache}
+    return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if key == "sampler" and isinstance(before, dict):
+            out += [f"{key} {k} {before.get(k)!r} -> {v!r}" for k, v in value.items() if before.get(k) != v]
+        elif key.endswith("_sha256"):
+            out.append(f"{key.removesuffix('_sha256')} content changed")
+        else:
+            out.append(f"{key} {before!r} -> {value!r}")
+    return out
+
+
+def check_identity(out: Path, identity: dict[str, Any]) -> None:
+    """Write ``run.json``, or check that the folder's earlier run evaluated the same thing.
+
+    Raises:
+        ValueError: the folder holds results of a different model, data file or sampler config.
+    """
+    path = out / RUN_FILE
+    if not path.exists():
+        if (out / PREDICTIONS_FILE).exists():
+            raise ValueError(f"{out} has {PREDICTIONS_FILE} but no {RUN_FILE}: cannot tell what it evaluated; "
+                             "use a new --out folder")
+        write_json(path, identity)
+        return
+    diff = _differences(read_json(path), identity)
+    if diff:
+        raise ValueError(f"{out} holds results of a different run ({'; '.join(diff)}); refusing to mix them: "
+                         f"use a new --out folder, or delete {out} to start over")
+
+
+# -- JSONL files ----------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file written by this module ([] when absent).
+
+    A last line without its newline is the trace of a run killed mid-write: it is cut off the file
+    (its rows are evaluated again). Any other unreadable line is an error.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a partially written last line (interrupted run)", path)
+        with path.open("r+b") as f:
+            f.truncate(end)
+    records = []
+    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid JSON ({e}); fix or delete the file") from None
+    return records
+
+
+def _append(f: IO[str], records: Sequence[dict[str, Any]]) -> None:
+    """Append records and force them to disk (a crash loses at most the batch being written)."""
+    if records:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonl_bytes(records: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
+
+
+# -- answering ------------------------------------------------------------------------------------
+def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: Sequence, config: SamplerConfig,
+                 cache: str = "none") -> list:
+    """Answer a batch in one ``model.generate`` call; if it raises ValueError (a corrupt image, an
+    unreadable clip) answer the samples one by one so that only the bad ones fail.
+
+    Args:
+        model: a :class:`~mmdiff.model.MultimodalDiffusionLM`.
+        questions: text per sample ("" for a spoken-only question).
+        images: per sample an image (path / PIL) or None.
+        audios: per sample a clip (path / (array, rate)) or None.
+        config: sampler settings.
+        cache: cache strategy (see ``model.generate``).
+
+    Returns:
+        Per sample a :class:`~mmdiff.model.GenerationResult`, or the ValueError it raised.
+    """
+    try:
+        return model.generate(questions, images=images, audios=audios, config=config, cache=cache)
+    except ValueError as e:
+        if len(questions) == 1:
+            return [e]
+    results: list = []
+    for q, im, au in zip(questions, images, audios):
+        try:
+            results += model.generate([q], images=[im], audios=[au], config=config, cache=cache)
+        except ValueError as e:
+            results.append(e)
+    return results
+
+
+def prediction_record(item: Item, result) -> dict[str, Any]:
+    """One line of predictions.jsonl. ``latency_s`` is the wall time of the generate call that
+    answered the row (shared by its batch)."""
+    row = item.entry
+    return {"index": item.index, "line": row.line_no, "id": row.id, "type": row.type, "question": row.question,
+            "answers": row.answers, "prediction": result.text, "exact_match": exact_match(result.text, row.answers),
+            "vqa_accuracy": vqa_accuracy(result.text, row.answers), "nfe": result.nfe,
+            "latency_s": round(result.latency_s, 6)}
+
+
+def error_record(item: Item, reason: str) -> dict[str, Any]:
+    """One line of errors.jsonl."""
+    return {"index": item.index, "line": item.entry.line_no, "id": item.entry.id, "reason": reason}
+
+
+def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: dict[str, Any], rows: int,
+             limit: int | None, shard: Shard | None) -> dict[str, Any]:
+    return {**summarize(predictions, errors=len(errors)), "rows": rows,
+            "complete": len(predictions) + len(errors) == rows, "limit": limit,
+            "shard": None if shard is None else str(shard), "model": identity["model"], "data": identity["data"],
+            "sampler": identity["sampler"], "cache": identity["cache"]}
+
+
+def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config: SamplerConfig,
+             cache: str = "none", batch_size: int = 8, limit: int | None = None,
+             shard: Shard | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
+
+    Args:
+        data: the JSONL file (media paths relative to it).
+        out: output folder; a shard writes into ``out/shard-i-of-n``.
+        model_dir: an mmdiff model directory (``save_pretrained``).
+        config: sampler settings.
+        cache: cache strategy of ``model.generate`` (``none``, ``prefix``, ...).
+        batch_size: rows per ``generate`` call.
+        limit: evaluate only the first ``limit`` rows of the file (before sharding).
+        shard: evaluate only this shard.
+        device: where the model runs.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        FileNotFoundError: the data file or model directory does not exist.
+        ValueError: ``out`` holds a different run (model, data or sampler config).
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    items = load_items(data, limit=limit, shard=shard)
+    identity = run_identity(model_dir, data, config, cache)
+    out = Path(out) / shard.dirname if shard is not None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_identity(out, identity)
+    predictions, errors = read_jsonl(out / PREDICTIONS_FILE), read_jsonl(out / ERRORS_FILE)
+    answered, failed = {p["id"] for p in predictions}, {e["index"] for e in errors}
+    todo = [it for it in items if not it.done(answered, failed)]
+    selected = {it.index for it in items}
+
+    def write_metrics() -> dict[str, Any]:
+        metrics = _metrics([p for p in predictions if p["index"] in selected],
+                           [e for e in errors if e["index"] in selected],
+                           identity=identity, rows=len(items), limit=limit, shard=shard)
+        write_json(out / METRICS_FILE, metrics)
+        return metrics
+
+    bad = [it for it in todo if isinstance(it.entry, RowError)]  # reported in data order, among the batches
+
+    def unusable_up_to(index: float) -> list[dict[str, Any]]:
+        done = [it for it in bad if it.index <= index]
+        del bad[:len(done)]
+        return [error_record(it, it.entry.reason) for it in done]
+
+    desc = "mmdiff eval" + ("" if shard is None else f" shard {shard}")
+    with (out / PREDICTIONS_FILE).open("a", encoding="utf-8") as pf, \
+            (out / ERRORS_FILE).open("a", encoding="utf-8") as ef, \
+            tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="row", disable=not progress) as bar:
+        pending = [it for it in todo if isinstance(it.entry, Row)]
+        if pending:
+            from ..model import MultimodalDiffusionLM
+
+            model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
+            last_write = time.monotonic()
+            for batch in _batches(pending, batch_size):
+                rows = [it.entry for it in batch]
+                results = answer_batch(model, [r.question or "" for r in rows], images=[r.image for r in rows],
+                                       audios=[r.audio for r in rows], config=config, cache=cache)
+                new_p = [prediction_record(it, r) for it, r in zip(batch, results) if not isinstance(r, Exception)]
+                new_e = [error_record(it, str(r)) for it, r in zip(batch, results) if isinstance(r, Exception)]
+                new_e = sorted(new_e + unusable_up_to(batch[-1].index), key=lambda e: e["index"])
+                _append(pf, new_p)
+                _append(ef, new_e)
+                predictions += new_p
+                errors += new_e
+                bar.update(len(new_p) + len(new_e))
+                if time.monotonic() - last_write >= METRICS_EVERY_S:
+                    write_metrics()
+                    last_write = time.monotonic()
+        rest = unusable_up_to(float("inf"))
+        _append(ef, rest)
+        errors += rest
+        bar.update(len(rest))
+    return write_metrics()
+
+
+def merge_shards(out: str | Path) -> dict[str, Any]:
+    """Combine ``out/shard-i-of-n/`` folders into ``out/predictions.jsonl`` (data order),
+    ``out/errors.jsonl`` and ``out/metrics.json``, as a single-process run would have written them
+    (up to timing).
+
+    Raises:
+        FileNotFoundError: no shard folders in ``out``.
+        ValueError: shards missing, incomplete, of different runs, or ``out`` holds a
+            single-process run.
+    """
+    out = Path(out)
+    found = {}
+    for d in sorted(out.glob("shard-*-of-*")):
+        match = SHARD_DIR.fullmatch(d.name)
+        if match and d.is_dir():
+            found[Shard(int(match[1]), int(match[2]))] = d
+    if not found:
+        raise FileNotFoundError(f"no shard-i-of-n folders in {out}")
+    counts = sorted({s.count for s in found})
+    if len(counts) > 1:
+        raise ValueError(f"{out} mixes shards of different counts {counts}; keep the folders of one run")
+    n = counts[0]
+    missing = [str(Shard(i, n)) for i in range(n) if Shard(i, n) not in found]
+    if missing:
+        raise ValueError(f"{out}: shard(s) {', '.join(missing)} missing; run `mmdiff eval --shard i/{n}` for each")
+    dirs = [found[Shard(i, n)] for i in range(n)]
+    identities = [read_json(d / RUN_FILE) for d in dirs]
+    for d, identity in zip(dirs[1:], identities[1:]):
+        diff = _differences(identities[0], identity)
+        if diff:
+            raise ValueError(f"{out}: {d.name} evaluated a different run than {dirs[0].name} ({'; '.join(diff)})")
+    shard_metrics = [read_json(d / METRICS_FILE) if (d / METRICS_FILE).exists() else None for d in dirs]
+    unfinished = [str(Shard(i, n)) for i, m in enumerate(shard_metrics) if m is None or not m["complete"]]
+    if unfinished:
+        raise ValueError(f"{out}: shard(s) {', '.join(unfinished)} unfinished; rerun `mmdiff eval --shard i/{n}` "
+                         "with the same --out to finish them")
+    limits = {m["limit"] for m in shard_metrics}
+    if len(limits) > 1:
+        raise ValueError(f"{out}: the shards were run with different --limit values {sorted(limits, key=str)}")
+    limit = limits.pop()
+    merged_before = (out / METRICS_FILE).exists() and "merged_shards" in read_json(out / METRICS_FILE)
+    if (out / PREDICTIONS_FILE).exists() and not merged_before:
+        raise ValueError(f"{out} already holds the predictions of a single-process run; refusing to overwrite them")
+
+    def keep(r: dict) -> bool:
+        return limit is None or r["index"] < limit
+
+    def gather(name: str) -> list[dict[str, Any]]:
+        return sorted((r for d in dirs for r in read_jsonl(d / name) if keep(r)), key=lambda r: r["index"])
+
+    predictions, errors = gather(PREDICTIONS_FILE), gather(ERRORS_FILE)
+    atomic_write_bytes(out / PREDICTIONS_FILE, _jsonl_bytes(predictions))
+    atomic_write_bytes(out / ERRORS_FILE, _jsonl_bytes(errors))
+    write_json(out / RUN_FILE, identities[0])
+    metrics = {**_metrics(predictions, errors, identity=identities[0], rows=sum(m["rows"] for m in shard_metrics),
+                          limit=limit, shard=None), "merged_shards": n}
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+

@@ -1,0 +1,318 @@
+"""Tests of ``mmdiff eval``: the VQA normaliser and metrics on hand-written predictions, and the
+runner end to end on a tiny random model (real ``generate``): known answers, resume after an
+interruption, shards + merge (also under torchrun) equal to one process, bad rows, clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdiff import cli
+from mmdiff.data import write_split
+from mmdiff.evaluation import Shard, exact_match, merge_shards, normalize_answer, stats, summarize, vqa_accuracy
+from mmdiff.sampling import SamplerConfig
+
+GEN = ["--gen-length", "4"]  # every run in this file; short canvases keep the tiny model fast
+TIMING = {"latency_s", "merged_shards"}
+
+
+# --- normaliser and metrics on hand-written predictions -------------------------------------------
+
+@pytest.mark.parametrize("raw, normalised", [
+    ("Two", "2"), ("the dog.", "dog"), ("isnt", "isn't"), ("isn't", "isn't"), ("Yes!", "yes"), ("3.5", "3.5"),
+    ("1,000", "1000"), ("ten dollars", "10 dollars"), ("A man's hat", "man 's hat"), ("hello-world", "hello world"),
+    ("x - y", "x y"), ("dont know", "don't know"), ("Mr. Smith", "mr smith"), ("10 a.m.", "10 am"),
+    ("  The Cat; sat\n", "cat sat"), ("(none)", "0"), ("an apple", "apple"), ("whats up", "what's up"),
+])
+def test_normalize_answer_matches_the_vqa_eval_script(raw: str, normalised: str) -> None:
+    assert normalize_answer(raw) == normalised
+
+
+def test_exact_match_normalises_both_sides() -> None:
+    assert exact_match("Two", ["2"]) == 1.0
+    assert exact_match("the dog.", ["cat", "Dog"]) == 1.0
+    assert exact_match("dogs", ["dog"]) == 0.0
+
+
+def test_vqa_accuracy_is_the_vqav2_soft_score() -> None:
+    # 10 answers: mean over the 10 leave-one-out subsets of min(matches / 3, 1)
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10)
+    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert vqa_accuracy("4", ["2"] * 10) == 0.0
+    # fewer answers: min(matches / 3, 1) over all of them
+    assert vqa_accuracy("dog", ["dog", "the dog", "cat"]) == pytest.approx(2 / 3)
+    assert vqa_accuracy("Yes", ["yes"]) == pytest.approx(1 / 3)
+    assert vqa_accuracy("no", ["yes"]) == 0.0
+
+
+def test_stats_mean_median_p90() -> None:
+    assert stats(range(1, 11)) == {"mean": 5.5, "median": 5.5, "p90": 9}
+    assert stats([3.0]) == {"mean": 3.0, "median": 3.0, "p90": 3.0}
+    assert stats([]) == {"mean": None, "median": None, "p90": None}
+
+
+def test_summarize_hand_written_predictions() -> None:
+    def pred(t: str, em: float, vqa: float, nfe: int, lat: float) -> dict:
+        return {"type": t, "exact_match": em, "vqa_accuracy": vqa, "nfe": nfe, "latency_s": lat}
+
+    preds = [pred("count", 1.0, 1.0, 4, 0.1), pred("count", 0.0, 0.0, 4, 0.3), pred("color", 1.0, 1 / 3, 2, 0.2)]
+    m = summarize(preds, errors=2)
+    assert m["n"] == 3 and m["errors"] == 2
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["vqa_accuracy"] == pytest.approx((1 + 0 + 1 / 3) / 3)
+    assert m["by_type"] == {"color": {"n": 1, "accuracy": 1.0, "vqa_accuracy": pytest.approx(1 / 3)},
+                            "count": {"n": 2, "accuracy": 0.5, "vqa_accuracy": 0.5}}
+    assert m["nfe"] == {"mean": pytest.approx(10 / 3), "median": 4, "p90": 4}
+    assert m["latency_s"]["median"] == 0.2
+    assert summarize([], errors=1)["accuracy"] is None
+
+
+def test_shard_parse() -> None:
+    assert Shard.parse("1/4") == Shard(1, 4) and str(Shard(1, 4)) == "1/4"
+    for bad in ("2/2", "a/b", "1", "-1/2", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            Shard.parse(bad)
+
+
+# --- the runner on a tiny random model ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny random image-question model saved like a real one."""
+    from mmdiff import decoder
+    from mmdiff.adapters import AdapterConfig
+    from mmdiff.encoders import vision
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
+    vis = vision.preset("tiny-test")
+    cfg = ModelConfig(decoder=dec, vision=vis,
+                      vision_adapter=AdapterConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> Path:
+    """10 real rows (``write_split``) with 6 bad lines between them."""
+    root = tmp_path_factory.mktemp("mixed")
+    good = jsonl(write_split(root, split="test", n=10, seed=0, progress=False))
+    (root / "images" / "corrupt.png").write_bytes(b"this is not a png")
+    image = good[0]["image"]
+    bad = {
+        2: {"id": "corrupt", "image": "images/corrupt.png", "question": "how many?", "answers": ["1"],
+            "type": "count"},
+        4: {"id": "no-image", "image": "images/missing.png", "question": "how many?", "answers": ["1"],
+            "type": "count"},
+        6: '{"id": "broken", "image": ',
+        9: {"id": "no-question", "image": image, "answers": ["1"], "type": "count"},
+        11: {"id": "no-answers", "image": image, "question": "how many?", "answers": [], "type": "count"},
+        13: {**good[1], "question": "a second row with the id of line 2"},
+    }
+    lines, rows = [], iter(good)
+    for i in range(16):
+        entry = bad.get(i) or next(rows)
+        lines.append(entry if isinstance(entry, str) else json.dumps(entry))
+    path = root / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+EXPECTED_ERRORS = [(3, "corrupt", "cannot read image"), (5, "no-image", "image file not found"),
+                   (7, None, "invalid JSON"), (10, "no-question", "neither 'question' nor 'audio'"),
+                   (12, "no-answers", "'answers' must be a non-empty list"), (14, None, "duplicate id")]
+
+
+def mmdiff_eval(*args, model: Path) -> int:
+    return cli.main(["eval", "--model", str(model), "--quiet", *GEN, *map(str, args)])
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def untimed(records: list[dict] | dict) -> list[dict] | dict:
+    if isinstance(records, dict):
+        return {k: v for k, v in records.items() if k not in TIMING}
+    return [untimed(r) for r in records]
+
+
+@pytest.fixture(scope="module")
+def single_run(mixed_data: Path, model_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--batch-size", 3, model=model_dir) == 0
+    return out
+
+
+def test_metrics_on_known_answers(tmp_path: Path, mixed_data: Path, model_dir: Path) -> None:
+    """Answers written from the model's own (real) outputs: which rows are right is known."""
+    from mmdiff.model import MultimodalDiffusionLM
+
+    shutil.copytree(mixed_data.parent / "images", tmp_path / "images")
+    rows = jsonl(mixed_data.parent / "data.jsonl")[:4]
+    model = MultimodalDiffusionLM.from_pretrained(model_dir)
+    said = [r.text for r in model.generate([r["question"] for r in rows],
+                                           images=[mixed_data.parent / r["image"] for r in rows],
+                                           config=SamplerConfig(gen_length=4))]
+    answers = [[said[0].upper() + "."],  # right after normalisation, 1 annotator -> vqa 1/3
+               [said[1]] * 2 + ["zzz"] * 8,  # 2 of 10 annotators -> vqa 0.6
+               ["zzz"],  # wrong
+               [said[3]] * 3]  # 3 annotators -> vqa 1
+    types = ["count", "count", "color", "color"]
+    data = tmp_path / "known.jsonl"
+    data.write_text("".join(json.dumps({**r, "answers": a, "type": t}) + "\n" for r, a, t in zip(rows, answers, types)))
+
+    assert mmdiff_eval("--data", data, "--out", tmp_path / "out", "--batch-size", 4, model=model_dir) == 0
+    m = metrics_of(tmp_path / "out")
+    assert [p["prediction"] for p in jsonl(tmp_path / "out" / "predictions.jsonl")] == said
+    assert m["n"] == 4 and m["errors"] == 0 and m["complete"] and m["rows"] == 4
+    assert m["accuracy"] == 0.75
+    assert m["vqa_accuracy"] == pytest.approx((1 / 3 + 0.6 + 0 + 1) / 4)
+    assert m["by_type"] == {"color": {"n": 2, "accuracy": 0.5, "vqa_accuracy": 0.5},
+                            "count": {"n": 2, "accuracy": 1.0, "vqa_accuracy": pytest.approx((1 / 3 + 0.6) / 2)}}
+    assert m["nfe"] == {"mean": 4, "median": 4, "p90": 4}
+    assert set(m["latency_s"]) == {"mean", "median", "p90"} and m["latency_s"]["mean"] > 0
+    assert m["sampler"] == SamplerConfig(gen_length=4).to_dict() and m["cache"] == "none"
+    assert m["model"] == str(model_dir.resolve()) and m["data"] == str(data.resolve())
+
+
+def test_bad_rows_are_reported_and_the_run_goes_on(single_run: Path) -> None:
+    errors = jsonl(single_run / "errors.jsonl")
+    first_id = jsonl(single_run / "predictions.jsonl")[1]["id"]  # line 2's id, reused on line 14
+    expected = [(line, first_id if reason == "duplicate id" else row_id, reason)
+                for line, row_id, reason in EXPECTED_ERRORS]
+    assert [(e["line"], e["id"]) for e in errors] == [(line, row_id) for line, row_id, _ in expected]
+    for e, (_, _, reason) in zip(errors, expected):
+        assert reason in e["reason"]
+    preds = jsonl(single_run / "predictions.jsonl")
+    assert len(preds) == 10 and len({p["id"] for p in preds}) == 10
+    # the corrupt image shared a batch (lines 1-3) with good rows: they were still answered
+    assert {p["line"] for p in preds} >= {1, 2}
+    m = metrics_of(single_run)
+    assert m["n"] == 10 and m["errors"] == 6 and m["rows"] == 16 and m["complete"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                                    model_dir: Path) -> None:
+    out = tmp_path / "out"
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--batch-size", 2, "--limit", 5, model=model_dir) == 0
+    first = (out / "predictions.jsonl").read_text()
+    m = metrics_of(out)
+    assert m["rows"] == 5 and m["n"] + m["errors"] == 5 and m["complete"] and m["limit"] == 5
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--batch-size", 2, model=model_dir) == 0
+    assert (out / "predictions.jsonl").read_text().startswith(first)  # finished rows were not redone
+    assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
+    assert jsonl(out / "errors.jsonl") == jsonl(single_run / "errors.jsonl")
+    assert untimed(metrics_of(out)) == untimed(metrics_of(single_run))
+
+
+def test_a_line_torn_by_a_crash_is_redone(tmp_path: Path, single_run: Path, mixed_data: Path, model_dir: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(single_run, out)
+    text = (out / "predictions.jsonl").read_text()
+    (out / "predictions.jsonl").write_text(text[: text.rindex("\n", 0, -1) + 20])  # kill in the last write
+    assert mmdiff_eval("--data", mixed_data, "--out", out, model=model_dir) == 0
+    assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
+
+
+def test_resume_with_another_config_model_or_data_is_refused(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                                             model_dir: Path, capsys) -> None:
+    before = (single_run / "predictions.jsonl").read_text()
+    assert mmdiff_eval("--data", mixed_data, "--out", single_run, "--steps", 2, model=model_dir) == 2
+    assert "different run" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(model_dir), "--quiet", "--gen-length", "5", "--data", str(mixed_data),
+                     "--out", str(single_run)]) == 2
+    assert "sampler gen_length 4 -> 5" in capsys.readouterr().err
+    other_model = tmp_path / "model"
+    shutil.copytree(model_dir, other_model)
+    assert mmdiff_eval("--data", mixed_data, "--out", single_run, model=other_model) == 2
+    assert "model" in capsys.readouterr().err
+    other_data = tmp_path / "mixed.jsonl"
+    shutil.copytree(mixed_data.parent / "images", tmp_path / "images")
+    other_data.write_text(mixed_data.read_text().replace("how many?", "how many??"))
+    assert mmdiff_eval("--data", other_data, "--out", single_run, model=model_dir) == 2
+    assert "data" in capsys.readouterr().err
+    assert (single_run / "predictions.jsonl").read_text() == before
+
+
+def test_two_shards_merged_equal_one_process(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                             model_dir: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="no shard"):
+        merge_shards(out)
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--shard", "1/2", "--batch-size", 3, model=model_dir) == 0
+    with pytest.raises(ValueError, match="shard.s. 0/2 missing"):
+        merge_shards(out)
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--shard", "0/2", "--batch-size", 3, model=model_dir) == 0
+    shard0 = jsonl(out / "shard-0-of-2" / "predictions.jsonl") + jsonl(out / "shard-0-of-2" / "errors.jsonl")
+    assert shard0 and all(r["index"] % 2 == 0 for r in shard0)
+    assert cli.main(["eval", "--merge", str(out)]) == 0
+    assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
+    assert jsonl(out / "errors.jsonl") == jsonl(single_run / "errors.jsonl")
+    merged, single = metrics_of(out), metrics_of(single_run)
+    assert merged["merged_shards"] == 2
+    assert untimed(merged) == untimed(single)
+
+
+def test_merge_refuses_unfinished_or_mismatched_shards(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                                       model_dir: Path) -> None:
+    out = tmp_path / "out"
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--shard", "0/2", model=model_dir) == 0
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--shard", "1/2", "--limit", 3, model=model_dir) == 0
+    with pytest.raises(ValueError, match="different --limit"):
+        merge_shards(out)
+    (out / "shard-1-of-2" / "metrics.json").unlink()  # as if killed before its first metrics write
+    with pytest.raises(ValueError, match="shard.s. 1/2 unfinished"):
+        merge_shards(out)
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--shard", "1/2", model=model_dir) == 0
+    assert merge_shards(out)["n"] == 10
+    busy = tmp_path / "busy"
+    shutil.copytree(single_run, busy)
+    for d in out.glob("shard-*"):
+        shutil.copytree(d, busy / d.name)
+    with pytest.raises(ValueError, match="single-process run"):
+        merge_shards(busy)
+
+
+def test_missing_data_or_model_stops_with_a_clear_error(tmp_path: Path, mixed_data: Path, model_dir: Path,
+                                                        capsys) -> None:
+    out = tmp_path / "out"
+    assert mmdiff_eval("--data", tmp_path / "nope.jsonl", "--out", out, model=model_dir) == 2
+    assert f"dataset file not found: {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
+    assert mmdiff_eval("--data", mixed_data, "--out", out, model=tmp_path / "no-model") == 2
+    assert f"model directory {tmp_path / 'no-model'} does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", "--quiet", "--out", str(out)]) == 2
+    assert "--data and --out are required" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_shards_by_rank_and_merges(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                            model_dir: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "mmdiff", "eval", "--model", str(model_dir), "--data", str(mixed_data), "--out", str(out),
+           "--batch-size", "3", "--quiet", *GEN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "shard-0-of-2").is_dir() and (out / "shard-1-of-2").is_dir()
+    assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
+    assert untimed(metrics_of(out)) == untimed(metrics_of(single_run))
