@@ -10,13 +10,18 @@ The attention mask is switchable per call (:func:`attention_mask`):
 * ``causal``: token i sees tokens <= i (the autoregressive phase of Dimple's recipe, AR baseline),
 * ``prefix``: prompt/media tokens see only the prompt; response tokens see everything (LaViDa's
   prefix-DLM), so the prompt's keys/values never depend on the response and can be cached exactly.
+
+Fast inference goes through one optional argument of :meth:`Decoder.forward`: a :class:`LayerPlan`,
+consulted at each layer boundary, may drop tokens from that layer on (visual-token pruning: FastV,
+DivPrune, VTW) or skip the layer. The decoder reports the shapes it actually ran
+(:class:`LayerShape`) so FLOPs can be counted from them (``mmdiff.flops``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -164,25 +169,98 @@ class KVCache:
     """Keys/values of already-processed positions, one entry per layer: the explicit cache object.
 
     ``keys[i]`` is (B, H_kv, T_cached, d). The sampler owns it; the decoder reads it and, when asked
-    to ``store``, appends the keys/values of the positions it has just processed.
+    to ``store``, appends the keys/values of the positions it has just processed. A token that a
+    :class:`LayerPlan` dropped before layer i has no keys there: its slot holds zeros and
+    ``alive[i]`` (B, T_cached) is False at it (``alive[i]`` None = every slot holds keys).
     """
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    alive: list[torch.Tensor | None] = field(default_factory=list)
 
     @classmethod
     def empty(cls, n_layers: int) -> "KVCache":
-        return cls([None] * n_layers, [None] * n_layers)
+        return cls([None] * n_layers, [None] * n_layers, [None] * n_layers)
 
     @property
     def length(self) -> int:
         k = next((k for k in self.keys if k is not None), None)
         return 0 if k is None else k.shape[2]
 
+    def alive_at(self, layer: int) -> torch.Tensor | None:
+        """(B, T_cached) bool of the slots holding keys at ``layer``, or None when all do."""
+        return self.alive[layer] if layer < len(self.alive) else None
+
     def crop(self, length: int) -> None:
         """Keep the first ``length`` cached positions."""
         self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
         self.values = [None if v is None else v[:, :, :length] for v in self.values]
+        self.alive = [None if a is None else a[:, :length] for a in self.alive]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, rows: torch.Tensor | None = None,
+               n_new: int | None = None) -> None:
+        """Append the keys/values (B, H_kv, T', d) of new positions at ``layer``.
+
+        Args:
+            rows: (B, T') which of the ``n_new`` new positions ``k``/``v`` belong to (the others were
+                dropped before this layer and get empty, dead slots); None = all of them, in order.
+            n_new: number of new positions (with ``rows``).
+        """
+        B, Hkv, _, d = k.shape
+        alive_new = None
+        if rows is not None:
+            idx = rows[:, None, :, None].expand(B, Hkv, rows.shape[1], d)
+            k = k.new_zeros(B, Hkv, n_new, d).scatter(2, idx, k)  # (B, Hkv, n_new, d)
+            v = v.new_zeros(B, Hkv, n_new, d).scatter(2, idx, v)
+            alive_new = torch.zeros(B, n_new, dtype=torch.bool, device=k.device).scatter(1, rows, True)
+        while len(self.alive) < len(self.keys):
+            self.alive.append(None)
+        old_k, old_a = self.keys[layer], self.alive[layer]
+        if alive_new is not None or old_a is not None:
+            Tc = 0 if old_k is None else old_k.shape[2]
+            old_a = torch.ones(B, Tc, dtype=torch.bool, device=k.device) if old_a is None else old_a
+            alive_new = torch.ones(B, k.shape[2], dtype=torch.bool, device=k.device) if alive_new is None else alive_new
+            self.alive[layer] = torch.cat([old_a, alive_new], dim=1)  # (B, Tc+T)
+        self.keys[layer] = k if old_k is None else torch.cat([old_k, k], dim=2)
+        self.values[layer] = v if old_k is None else torch.cat([self.values[layer], v], dim=2)
+
+
+class LayerPlan:
+    """What one decoder call leaves out: consulted by :meth:`Decoder.forward` at layer boundaries.
+
+    Positions are absolute over the call's keys: ``0 .. Tc-1`` are the cached positions and
+    ``Tc .. Tc+T-1`` the call's new tokens. The defaults change nothing; subclasses implement token
+    pruning (FastV, DivPrune, VTW) and layer skipping (``mmdiff.sampling.pruning``).
+    """
+
+    def keep(self, layer: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        """Before ``layer`` runs: (B, Tc+T) bool, False at positions to drop from here on, or None.
+
+        A dropped new token stops running (its row leaves the batch, saving its projections and
+        MLP); a dropped cached position is masked out of attention. Every row must drop the same
+        number of new tokens.
+
+        Args:
+            received: (B, Tc+T) attention paid to each position by the :meth:`probe` queries at
+                the latest probed layer (zero at dropped positions), or None before any probe.
+        """
+        return None
+
+    def skip(self, layer: int) -> bool:
+        """True to skip ``layer`` (its residual update is left out)."""
+        return False
+
+    def probe(self, layer: int) -> torch.Tensor | None:
+        """(B, T) weights over the call's new tokens whose attention at ``layer`` to score, or None."""
+        return None
+
+
+class LayerShape(NamedTuple):
+    """The work one layer did for one sequence of a call (for FLOP counting)."""
+
+    rows: int  # tokens that ran through the layer (queries, projections, MLP)
+    keys: int  # keys each query attended over (cached + new, masked ones included)
+    probe_rows: int = 0  # queries whose attention scores were also computed explicitly (probe)
 
 
 class Attention(nn.Module):
@@ -199,12 +277,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
                 cache: KVCache | None = None, layer: int = 0, store: bool = False,
-                probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                probe: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                n_new: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend; returns (output (B, T, D), attention received per key (B, Tk) or None).
 
         Args:
             probe: (B, T) float weights over query positions; when given, also return the
                 head-averaged attention those queries pay to every key (FastV-style scores).
+            rows, n_new: the call's tokens were pruned: ``x`` holds rows ``rows`` (B, T) of
+                ``n_new`` new tokens (for storing keys at the right cache slots).
         """
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
@@ -212,23 +293,25 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_new, v_new = k, v
         if cache is not None and cache.keys[layer] is not None:
             k = torch.cat([cache.keys[layer], k], dim=2)  # (B, Hkv, Tc+T, hd)
             v = torch.cat([cache.values[layer], v], dim=2)
         if store and cache is not None:
-            cache.keys[layer], cache.values[layer] = k, v
+            cache.append(layer, k_new, v_new, rows=rows, n_new=n_new)
         if Hkv != H:  # GQA: each kv head serves H/Hkv consecutive query heads
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
         received = None
         if probe is not None:
-            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, H, T, Tk)
+            qi = probe.ne(0).any(0).nonzero().squeeze(-1)  # (n,) only queries some row weighs
+            scores = (q[:, :, qi].float() @ k.float().transpose(-1, -2)) / math.sqrt(hd)  # (B, H, n, Tk)
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            attn = scores.softmax(-1).mean(1)  # (B, T, Tk)
+                scores = scores.masked_fill(~mask[:, :, qi], float("-inf"))
+            attn = scores.softmax(-1).mean(1)  # (B, n, Tk)
             w = probe.float() / probe.float().sum(-1, keepdim=True).clamp(min=1e-9)  # (B, T)
-            received = (w[:, :, None] * attn).sum(1)  # (B, Tk)
+            received = (w[:, qi, None] * attn).sum(1)  # (B, Tk)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd)), received
 
 
@@ -261,14 +344,100 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), received
 
 
+class _Pruned:
+    """Book-keeping of one forward call under a :class:`LayerPlan`: which new tokens still run
+    (``rows``), which positions were dropped (``dead``), and the last state of dropped rows."""
+
+    def __init__(self, B: int, T: int, Tc: int, device: torch.device) -> None:
+        self.B, self.T, self.Tc, self.device = B, T, Tc, device
+        self.rows: torch.Tensor | None = None  # (B, T') indices of the new tokens still running; None = all
+        self.dead: torch.Tensor | None = None  # (B, Tc+T) bool, positions dropped in this call
+        self._full: torch.Tensor | None = None  # (B, T, D) latest state of every new token
+
+    def _cur(self) -> torch.Tensor:
+        return torch.arange(self.T, device=self.device).expand(self.B, -1) if self.rows is None else self.rows
+
+    def drop(self, keep: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply a plan's ``keep`` (B, Tc+T): mark positions dead, remove dead rows from x / RoPE."""
+        if keep.shape != (self.B, self.Tc + self.T):
+            raise ValueError(f"LayerPlan.keep returned shape {tuple(keep.shape)}, expected "
+                             f"{(self.B, self.Tc + self.T)} (cached + new positions)")
+        if bool(keep.all()):
+            return x, cos, sin
+        self.dead = ~keep if self.dead is None else self.dead | ~keep
+        cur = self._cur()  # (B, T')
+        alive = ~self.dead.gather(1, self.Tc + cur)  # (B, T')
+        if bool(alive.all()):
+            return x, cos, sin
+        counts = alive.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(f"LayerPlan.keep must drop the same number of new tokens in every row, got "
+                             f"{counts.tolist()} kept")
+        D = x.shape[-1]
+        self._full = self.full(x)
+        sel = alive.nonzero()[:, 1].view(self.B, -1)  # (B, T'') ascending
+        self.rows = cur.gather(1, sel)
+        x = x.gather(1, sel[..., None].expand(-1, -1, D))  # (B, T'', D)
+        idx = sel[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+        return x, cos.gather(2, idx), sin.gather(2, idx)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): ``x`` at the running rows, the last state elsewhere."""
+        if self.rows is None:
+            return x
+        base = self._full if self._full is not None else x.new_zeros(self.B, self.T, x.shape[-1])
+        return base.scatter(1, self.rows[..., None].expand(-1, -1, x.shape[-1]), x)
+
+    def rows_of(self, weights: torch.Tensor) -> torch.Tensor:
+        """Per-new-token weights (B, T) restricted to the running rows (B, T')."""
+        return weights if self.rows is None else weights.gather(1, self.rows)
+
+    def key_positions(self, has_cached: bool) -> torch.Tensor:
+        """(B, Tk) absolute position of each key slot of a layer: cached ones, then running rows."""
+        cols = self.Tc + self._cur()
+        if has_cached:
+            cols = torch.cat([torch.arange(self.Tc, device=self.device).expand(self.B, -1), cols], dim=1)
+        return cols
+
+    def to_positions(self, r: torch.Tensor, *, has_cached: bool) -> torch.Tensor:
+        """Per-key-slot values (B, Tk) -> per-position (B, Tc+T), zero at positions not attended."""
+        cols = self.key_positions(has_cached)
+        if cols.shape[1] == self.Tc + self.T and self.rows is None:
+            return r
+        return r.new_zeros(self.B, self.Tc + self.T).scatter(1, cols, r)
+
+    def mask(self, base: torch.Tensor | None, *, has_cached: bool, alive: torch.Tensor | None) -> torch.Tensor | None:
+        """A layer's attention mask (B, 1, T', Tk) from the call's ``base`` (B, 1, T, Tc+T) or None."""
+        if self.rows is None and self.dead is None and alive is None and (has_cached or self.Tc == 0):
+            return base
+        cur, cols = self._cur(), self.key_positions(has_cached)  # (B, T'), (B, Tk)
+        Tq, Tk = cur.shape[1], cols.shape[1]
+        ok = torch.ones(self.B, Tk, dtype=torch.bool, device=self.device)  # running rows are never dead
+        if has_cached and self.dead is not None:
+            ok[:, :self.Tc] &= ~self.dead[:, :self.Tc]
+        if alive is not None:  # slots the cache holds keys for
+            ok[:, :self.Tc] &= alive
+        if base is None and bool(ok.all()):
+            return None  # bidirectional, nothing masked: keep the unmasked attention kernel
+        m = base if base is not None else torch.ones(self.B, 1, self.T, self.Tc + self.T, dtype=torch.bool,
+                                                      device=self.device)
+        m = m.gather(2, cur[:, None, :, None].expand(-1, 1, -1, m.shape[-1]))  # (B, 1, T', Tc+T)
+        m = m.gather(3, cols[:, None, None, :].expand(-1, 1, Tq, -1))  # (B, 1, T', Tk)
+        m = m & ok[:, None, None, :]
+        eye = torch.eye(Tq, dtype=torch.bool, device=self.device)
+        return m | F.pad(eye, (Tk - Tq, 0))  # a query still sees itself: no empty softmax row
+
+
 @dataclass
 class DecoderOutput:
     """What a forward pass returns: logits plus the optional extras that were asked for."""
 
     logits: torch.Tensor  # (B, T, V), raw: position i's own output (see Decoder.aligned_logits)
     hidden_states: list[torch.Tensor] | None = None  # n_layers + 1 tensors (B, T, D) when requested
-    attn_received: dict[int, torch.Tensor] | None = None  # layer -> (B, Tk) attention received
+    attn_received: dict[int, torch.Tensor] | None = None  # layer -> (B, Tc+T) attention received
     cache: KVCache | None = None
+    layers_run: list[LayerShape | None] | None = None  # per layer, per sequence; None = skipped
 
 
 class Decoder(nn.Module):
@@ -312,7 +481,8 @@ class Decoder(nn.Module):
                 prefix_len: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, store_cache: bool = False,
                 output_hidden_states: bool = False, probe: torch.Tensor | None = None,
-                probe_layers: tuple[int, ...] = (), skip_layers: frozenset[int] = frozenset()) -> DecoderOutput:
+                probe_layers: tuple[int, ...] = (), skip_layers: frozenset[int] = frozenset(),
+                plan: LayerPlan | None = None) -> DecoderOutput:
         """Run the decoder.
 
         Args:
@@ -327,6 +497,9 @@ class Decoder(nn.Module):
             output_hidden_states: also return the residual stream after embedding and every layer.
             probe: (B, T) query weights; with ``probe_layers`` records attention received per key.
             skip_layers: indices of blocks to skip (layer skipping).
+            plan: per-layer decisions (token dropping, layer skipping, probing); see :class:`LayerPlan`.
+                Logits and hidden states keep all T rows: a dropped token's row holds its state at
+                the layer it was dropped.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
@@ -340,25 +513,42 @@ class Decoder(nn.Module):
         mode = attn_mode or self.cfg.attn_mode
         mask = None
         if mode != "bidirectional" or not bool(valid.all()):
-            mask = attention_mask(mode, valid, q_len=T, prefix_len=prefix_len)
+            mask = attention_mask(mode, valid, q_len=T, prefix_len=prefix_len)  # (B, 1, T, Tc+T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         hidden = [x] if output_hidden_states else None
         received: dict[int, torch.Tensor] | None = {} if probe_layers else None
         if cache is None and store_cache:
             cache = KVCache.empty(self.cfg.n_layers)
+        pruned = _Pruned(B, T, Tc, x.device)  # which of this call's tokens still run
+        scores = None  # (B, Tc+T) attention recorded for the plan
+        shapes: list[LayerShape | None] = []
         for i, block in enumerate(self.layers):
-            if i in skip_layers:
+            keep = None if plan is None else plan.keep(i, scores)
+            if keep is not None:
+                x, cos, sin = pruned.drop(keep, x, cos, sin)
+            if i in skip_layers or (plan is not None and plan.skip(i)):
+                shapes.append(None)
                 if hidden is not None:
-                    hidden.append(x)
+                    hidden.append(pruned.full(x))
                 continue
-            want = probe is not None and i in probe_layers
-            x, r = block(x, cos, sin, mask, cache=cache, layer=i, store=store_cache,
-                         probe=probe if want else None)
-            if want:
-                received[i] = r
+            has_cached = cache is not None and cache.keys[i] is not None
+            layer_mask = pruned.mask(mask, has_cached=has_cached, alive=cache.alive_at(i) if has_cached else None)
+            plan_weights = None if plan is None else plan.probe(i)  # the plan's probe wins a shared layer
+            weights = probe if plan_weights is None and probe is not None and i in probe_layers else plan_weights
+            q_weights = None if weights is None else pruned.rows_of(weights)
+            x, r = block(x, cos, sin, layer_mask, cache=cache, layer=i, store=store_cache, probe=q_weights,
+                         rows=pruned.rows, n_new=T)
+            n_probe = 0 if q_weights is None else int(q_weights.ne(0).any(0).sum())
+            shapes.append(LayerShape(x.shape[1], x.shape[1] + (Tc if has_cached else 0), n_probe))
+            if r is not None:
+                r = pruned.to_positions(r, has_cached=has_cached)  # (B, Tc+T)
+                if plan_weights is not None:
+                    scores = r
+                if received is not None and i in probe_layers:
+                    received[i] = r
             if hidden is not None:
-                hidden.append(x)
-        return DecoderOutput(self.forward_head(x), hidden, received, cache)
+                hidden.append(pruned.full(x))
+        return DecoderOutput(self.forward_head(pruned.full(x)), hidden, received, cache, shapes)
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

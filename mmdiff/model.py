@@ -22,8 +22,11 @@ import torch.nn as nn
 
 from . import special_tokens as st
 from .decoder import Decoder, DecoderConfig
+from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
-from .sampling import FullRecompute, PrefixCache, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
+from .sampling import SampleOutput, SamplerConfig, StepEvent, Strategy, sample
+from .sampling.denoisers import build_denoiser
+from .sampling.pruning import LayerPlanner, PruningConfig, placeholder_mask
 from .special_tokens import SpecialIds
 
 log = logging.getLogger("mmdiff")
@@ -205,7 +208,8 @@ class MultimodalDiffusionLM(nn.Module):
     @torch.no_grad()
     def generate(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
                  audios: Sequence | None = None, config: SamplerConfig | None = None, cache: str = "none",
-                 strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None
+                 strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None,
+                 pruning: PruningConfig | None = None, counter: FlopCounter | None = None
                  ) -> list[GenerationResult]:
         """Answer a batch: one question (may be "") with optional one image and/or one clip per sample.
 
@@ -214,10 +218,13 @@ class MultimodalDiffusionLM(nn.Module):
             images: per sample an image (path / PIL) or None.
             audios: per sample a clip (path / (array, rate)) or None.
             config: sampler settings.
-            cache: ``none`` (recompute the prompt every step) or ``prefix`` (exact prompt KV cache;
-                needs a model run with the ``prefix`` mask).
+            cache: cache strategy (``mmdiff.sampling.denoisers.CACHES``): ``none`` (recompute the prompt every
+                step), ``prefix`` (exact prompt KV cache for models run with the ``prefix`` mask),
+                ``block`` / ``dual`` (Fast-dLLM's approximate block-wise caches).
             strategies: sampler strategy hooks (structure priors, ...).
             callback: sees every denoising step.
+            pruning: visual-token pruning / layer skipping (None = off).
+            counter: accumulates the decoder FLOPs per answer.
         """
         if isinstance(questions, str):
             questions = [questions]
@@ -240,20 +247,41 @@ class MultimodalDiffusionLM(nn.Module):
         prompts = [self.format_prompt(q, n_images=len(per_img[b]), n_audio=len(per_aud[b]))
                    for b, q in enumerate(questions)]
         embeds, valid = self.embed_prompt(prompts, images=per_img, audios=per_aud)
-        out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback)
+        media_mask = None
+        if pruning is not None and pruning.active:
+            lengths = [{self.special.image: [t.shape[0] for t in per_img[b]],
+                        self.special.audio: [t.shape[0] for t in per_aud[b]]} for b in range(B)]
+            media_mask = placeholder_mask(prompts, lengths, select=self.special.image, length=embeds.shape[1],
+                                          device=embeds.device)
+        out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback,
+                          pruning=pruning, media_mask=media_mask, counter=counter)
         latency = time.perf_counter() - t0
         return [GenerationResult(self.decode(out.tokens[b].tolist()), out.tokens[b].tolist(), out.nfe, latency,
                                  out.fixed_at[b].tolist()) for b in range(B)]
 
     def sample(self, embeds: torch.Tensor, valid: torch.Tensor, *, config: SamplerConfig, cache: str = "none",
-               strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None) -> SampleOutput:
-        """Run the one sampler on prepared prompt embeddings."""
-        if cache == "prefix":
-            denoiser = PrefixCache(self.decoder, embeds, valid)
-        elif cache == "none":
-            denoiser = FullRecompute(self.decoder, embeds, valid, attn_mode=self.cfg.decoder.attn_mode)
-        else:
-            raise ValueError(f"unknown cache {cache!r}; known: none, prefix")
+               strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None,
+               pruning: PruningConfig | None = None, media_mask: torch.Tensor | None = None,
+               counter: FlopCounter | None = None) -> SampleOutput:
+        """Run the one sampler on prepared prompt embeddings.
+
+        Args:
+            embeds: (B, P, D) prompt embeddings; valid: (B, P) bool.
+            config: sampler settings.
+            cache: cache strategy (see :meth:`generate`).
+            pruning: visual-token pruning / layer skipping (None = off).
+            media_mask: (B, P) bool image token positions; needed by token pruning.
+            counter: accumulates the decoder FLOPs per answer.
+        """
+        planner = None
+        if pruning is not None and pruning.active:
+            if media_mask is None and pruning.prune != "none":
+                raise ValueError(f"token pruning ({pruning.prune}) needs media_mask, the image token positions")
+            media = media_mask if media_mask is not None else torch.zeros_like(valid)
+            planner = LayerPlanner(pruning, prompt_embeds=embeds, media=media, n_layers=self.cfg.decoder.n_layers,
+                                   total_steps=config.steps or config.gen_length)
+        denoiser = build_denoiser(cache, self.decoder, embeds, valid, attn_mode=self.cfg.decoder.attn_mode,
+                                  planner=planner, counter=counter)
         return sample(denoiser, batch_size=embeds.shape[0], config=config, mask_id=self.special.mask,
                       suppress_ids=(self.special.eos, self.special.pad), strategies=strategies,
                       callback=callback, device=embeds.device)

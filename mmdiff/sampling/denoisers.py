@@ -1,19 +1,53 @@
 """Denoisers: how the sampler gets logits for the canvas, given a fixed prompt.
 
-``FullRecompute`` runs prompt + canvas through the decoder at every step (the vanilla sampler).
-``PrefixCache`` computes the prompt's keys/values once and reuses them at every step; with the
-``prefix`` attention mask (the prompt never attends to the response) this is exact (LaViDa's
-prefix-DLM cache; Dimple's prefilling).
+Cache strategies (``CACHES``, the ``cache=`` of ``model.sample`` / ``--cache``):
+
+* ``none`` (:class:`FullRecompute`): prompt + canvas through the decoder at every step,
+* ``prefix`` (:class:`PrefixCache`): the prompt's keys/values once, reused at every step; with the
+  ``prefix`` attention mask (the prompt never attends to the response) this is exact (LaViDa's
+  prefix-DLM cache; Dimple's prefilling),
+* ``block`` / ``dual`` (:class:`BlockCache`): Fast-dLLM's approximate block-wise caches (Wu et al.
+  2025, §3.2) for models trained with the full bidirectional mask: at each block start one full
+  forward refreshes the keys/values; within the block only part of the canvas runs.
+
+Every denoiser owns its cache object, takes an optional :class:`~mmdiff.sampling.pruning.LayerPlanner`
+(token pruning, layer skipping: a :class:`~mmdiff.decoder.LayerPlan` per decoder call) and an
+optional :class:`~mmdiff.flops.FlopCounter` it updates after every decoder forward.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 
-from ..decoder import Decoder, KVCache
-from .sampler import StepState
+from ..decoder import Decoder, DecoderOutput, KVCache
+from ..registry import Registry
+from .sampler import Denoiser, StepState
+
+if TYPE_CHECKING:
+    from ..flops import FlopCounter
+    from .pruning import LayerPlanner
+
+CACHES: Registry = Registry("cache")
 
 
-class FullRecompute:
+class _Denoiser:
+    """Shared plumbing: one decoder call with the step's plan, counted."""
+
+    decoder: Decoder
+    planner: LayerPlanner | None
+    counter: FlopCounter | None
+
+    def _forward(self, step: int, queries: torch.Tensor, *, n_cached: int, **kwargs) -> DecoderOutput:
+        """Run the decoder with the plan of ``step``; ``queries`` (B, T) marks the response tokens."""
+        plan = None if self.planner is None else self.planner.plan(step, n_cached=n_cached, queries=queries)
+        out = self.decoder(plan=plan, **kwargs)
+        if self.counter is not None:
+            self.counter.add(out)
+        return out
+
+
+class FullRecompute(_Denoiser):
     """Recompute the whole sequence each step.
 
     Args:
@@ -21,47 +55,178 @@ class FullRecompute:
         prompt_embeds: (B, P, D) prompt embeddings (media tokens merged in), left padded.
         prompt_valid: (B, P) bool, False at padding.
         attn_mode: attention mask kind for the whole sequence.
+        planner: per-step token pruning / layer skipping.
+        counter: FLOP counter to update.
         forward_kwargs: extra decoder arguments (layer skipping, ...).
     """
 
     def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
-                 attn_mode: str = "bidirectional", **forward_kwargs) -> None:
+                 attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
+                 counter: FlopCounter | None = None, **forward_kwargs) -> None:
         self.decoder, self.prompt_embeds, self.prompt_valid = decoder, prompt_embeds, prompt_valid
         self.attn_mode, self.forward_kwargs = attn_mode, forward_kwargs
+        self.planner, self.counter = planner, counter
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
         P = self.prompt_embeds.shape[1]
         x = torch.cat([self.prompt_embeds, self.decoder.embed(state.canvas)], dim=1)  # (B, P+L, D)
         valid = torch.cat([self.prompt_valid, torch.ones_like(state.canvas, dtype=torch.bool)], dim=1)
-        out = self.decoder(inputs_embeds=x, valid=valid, attn_mode=self.attn_mode, prefix_len=P,
-                           **self.forward_kwargs)
+        queries = valid.float()
+        queries[:, :P] = 0  # the response rows
+        out = self._forward(state.step, queries, n_cached=0, inputs_embeds=x, valid=valid, attn_mode=self.attn_mode,
+                            prefix_len=P, **self.forward_kwargs)
         return self.decoder.aligned_logits(out.logits)[:, P:]  # (B, L, V)
 
 
-class PrefixCache:
+class PrefixCache(_Denoiser):
     """Exact prompt KV cache for models run with the ``prefix`` mask.
 
     The prompt is encoded once (its keys/values and its last position's logits are kept); each
-    step then runs only the L canvas tokens against the cached keys.
+    step then runs only the L canvas tokens against the cached keys. Token pruning here only masks
+    cached image keys: the image tokens never run again after the prompt pass.
     """
 
-    def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor,
-                 **forward_kwargs) -> None:
+    def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
+                 planner: LayerPlanner | None = None, counter: FlopCounter | None = None, **forward_kwargs) -> None:
         self.decoder, self.prompt_valid, self.forward_kwargs = decoder, prompt_valid, forward_kwargs
+        self.planner, self.counter = planner, counter
         self.P = prompt_embeds.shape[1]
         with torch.no_grad():
             out = decoder(inputs_embeds=prompt_embeds, valid=prompt_valid, attn_mode="prefix",
                           prefix_len=self.P, store_cache=True, **forward_kwargs)
+        if counter is not None:
+            counter.add(out)
         self.cache: KVCache = out.cache
         self.last_prompt_logits = out.logits[:, -1:]  # (B, 1, V): Dream-style shift reads it
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
         valid = torch.cat([self.prompt_valid, torch.ones_like(state.canvas, dtype=torch.bool)], dim=1)
-        out = self.decoder(state.canvas, valid=valid, attn_mode="prefix", prefix_len=self.P,
-                           cache=self.cache, **self.forward_kwargs)
+        out = self._forward(state.step, torch.ones_like(state.canvas, dtype=torch.float), n_cached=self.P,
+                            input_ids=state.canvas, valid=valid, attn_mode="prefix", prefix_len=self.P,
+                            cache=self.cache, **self.forward_kwargs)
         logits = out.logits  # (B, L, V)
         if self.decoder.cfg.logit_shift:
             logits = torch.cat([self.last_prompt_logits, logits[:, :-1]], dim=1)
         return logits
+
+
+class BlockCache(_Denoiser):
+    """Fast-dLLM's approximate block-wise KV cache (Wu et al. 2025, §3.2, Fig. 3).
+
+    At the first step of each block, one forward over prompt + canvas gives that step's logits and
+    refreshes the cache. Later steps of the block reuse it:
+
+    * ``dual=False`` (prefix cache): the keys/values of the prompt and the earlier blocks are
+      cached; the current block and every position after it run,
+    * ``dual=True`` (dual cache): the positions after the block are cached too; only the current
+      block's tokens run (its stale cached slots are masked out).
+
+    Cached keys go stale as the block is decoded, so this is approximate for bidirectional models;
+    it is exact when nothing cached can depend on the running tokens (a causal model with
+    ``dual=False``; one block covering the canvas under the ``prefix`` mask).
+
+    Args:
+        decoder: the decoder.
+        prompt_embeds: (B, P, D) prompt embeddings, left padded.
+        prompt_valid: (B, P) bool.
+        dual: also cache the positions after the block.
+        attn_mode: attention mask kind (``dual`` needs ``bidirectional`` or ``prefix``).
+        planner: per-step token pruning / layer skipping (a refresh pass that prunes stores the
+            cache without the dropped tokens' keys in the later layers).
+        counter: FLOP counter to update.
+    """
+
+    def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
+                 dual: bool = False, attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
+                 counter: FlopCounter | None = None) -> None:
+        if dual and attn_mode == "causal":
+            raise ValueError("the dual cache runs the block after the cached suffix: it needs a bidirectional "
+                             "or prefix mask, not causal")
+        self.decoder, self.prompt_embeds, self.prompt_valid = decoder, prompt_embeds, prompt_valid
+        self.dual, self.attn_mode, self.planner, self.counter = dual, attn_mode, planner, counter
+        self.P = prompt_embeds.shape[1]
+        self.first_position = prompt_valid.sum(-1, keepdim=True)  # (B, 1): RoPE position of canvas token 0
+        self.cache: KVCache | None = None
+        self.block: int | None = None
+        self.raw: torch.Tensor | None = None  # (B, 1+L, V) raw logits of the last prompt row and the canvas
+
+    def _aligned(self) -> torch.Tensor:
+        return self.raw[:, :-1] if self.decoder.cfg.logit_shift else self.raw[:, 1:]  # (B, L, V)
+
+    @torch.no_grad()
+    def logits(self, state: StepState) -> torch.Tensor:
+        canvas, blk, P = state.canvas, state.block_slice, self.P
+        B, L = canvas.shape
+        ones = torch.ones(B, L, dtype=torch.bool, device=canvas.device)
+        if state.block != self.block:  # block start: full forward, refresh the cache
+            x = torch.cat([self.prompt_embeds, self.decoder.embed(canvas)], dim=1)  # (B, P+L, D)
+            queries = torch.cat([torch.zeros_like(self.prompt_valid), ones], dim=1).float()
+            out = self._forward(state.step, queries, n_cached=0, inputs_embeds=x,
+                                valid=torch.cat([self.prompt_valid, ones], dim=1), attn_mode=self.attn_mode,
+                                prefix_len=P, store_cache=True)
+            self.cache, self.block, self.raw = out.cache, state.block, out.logits[:, P - 1:].clone()
+            if not self.dual:
+                self.cache.crop(P + blk.start)
+            return self._aligned()
+        if self.dual:  # the block against prompt + canvas slots, the block's own (stale) slots masked
+            run = slice(blk.start, blk.stop)
+            stale = ones.clone()
+            stale[:, run] = False
+            valid = torch.cat([self.prompt_valid, stale, ones[:, run]], dim=1)  # (B, P+L+|blk|)
+        else:  # block + suffix against prompt + earlier blocks
+            run = slice(blk.start, L)
+            valid = torch.cat([self.prompt_valid, ones], dim=1)  # (B, P+L)
+        positions = self.first_position + torch.arange(run.start, run.stop, device=canvas.device)  # (B, T)
+        out = self._forward(state.step, ones[:, run].float(), n_cached=self.cache.length, input_ids=canvas[:, run],
+                            valid=valid, attn_mode=self.attn_mode, prefix_len=P, position_ids=positions,
+                            cache=self.cache)
+        self.raw[:, 1 + run.start:1 + run.stop] = out.logits
+        return self._aligned()
+
+
+# ------------------------------------------------------------------------------------------------
+# registry: cache name -> denoiser
+# ------------------------------------------------------------------------------------------------
+DenoiserFactory = Callable[..., Denoiser]
+
+
+@CACHES.register("none")
+def _no_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
+              planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
+    return FullRecompute(decoder, embeds, valid, attn_mode=attn_mode, planner=planner, counter=counter)
+
+
+@CACHES.register("prefix")
+def _prefix_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
+                  planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
+    return PrefixCache(decoder, embeds, valid, planner=planner, counter=counter)
+
+
+@CACHES.register("block")
+def _block_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
+                 planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
+    return BlockCache(decoder, embeds, valid, dual=False, attn_mode=attn_mode, planner=planner, counter=counter)
+
+
+@CACHES.register("dual")
+def _dual_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
+                planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
+    return BlockCache(decoder, embeds, valid, dual=True, attn_mode=attn_mode, planner=planner, counter=counter)
+
+
+def build_denoiser(cache: str, decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *,
+                   attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
+                   counter: FlopCounter | None = None) -> Denoiser:
+    """The denoiser of cache strategy ``cache`` (``CACHES``: none, prefix, block, dual).
+
+    Args:
+        cache: cache strategy name.
+        decoder: the decoder.
+        embeds: (B, P, D) prompt embeddings; valid: (B, P) bool.
+        attn_mode: the model's attention mask (``prefix`` always runs the prefix mask).
+        planner: token pruning / layer skipping, or None.
+        counter: FLOP counter, or None.
+    """
+    return CACHES.get(cache)(decoder, embeds, valid, attn_mode=attn_mode, planner=planner, counter=counter)

@@ -1,0 +1,297 @@
+"""Visual-token pruning and layer skipping: what the decoder may leave out at a denoising step.
+
+A :class:`PruningConfig` (plain values, one CLI flag per field) becomes a :class:`LayerPlanner`
+bound to one prompt batch; for every decoder call a denoiser asks it for a
+:class:`~mmdiff.decoder.LayerPlan`, which the decoder consults at layer boundaries. Methods
+(``PRUNERS``) rank the image tokens; the planner keeps the best ``keep_ratio`` of them from layer
+``prune_layer`` on:
+
+* ``fastv``: attention the response tokens pay to each image token at layer K-1 (FastV, Chen et
+  al. 2024, "An Image is Worth 1/2 Tokens After Layer 2"),
+* ``divprune``: a maximally diverse subset, greedy max-min cosine distance between the image
+  token embeddings (DivPrune, Alvar et al. 2025),
+* ``vtw``: every image token leaves after layer K (visual tokens withdrawal, Lin et al. 2024).
+
+When: from step ``prune_from_step`` on, at a ``constant`` kept ratio or a ``progressive`` one that
+decays linearly from 1 to ``keep_ratio`` over the remaining steps. Layer skipping leaves
+``skip_layers`` out from step ``skip_from_step`` on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..decoder import LayerPlan
+from ..io import config_from_dict
+from ..registry import Registry
+
+PRUNERS: Registry = Registry("token pruning method")
+PRUNE_SCHEDULES: tuple[str, ...] = ("constant", "progressive")
+
+
+@dataclass
+class PruningConfig:
+    """Token pruning and layer skipping settings. Saved with evaluation results."""
+
+    prune: str = "none"  # none | fastv | divprune | vtw
+    keep_ratio: float = 1.0  # fraction of image tokens kept (1 = no pruning; vtw keeps none)
+    prune_layer: int = 2  # K: tokens are dropped before layer K (0-based; fastv needs K >= 1)
+    prune_from_step: int = 0  # first denoising step that prunes (late-step pruning: S > 0)
+    prune_schedule: str = "constant"  # constant | progressive (kept ratio decays to keep_ratio)
+    skip_layers: tuple[int, ...] = ()  # decoder layers skipped ...
+    skip_from_step: int = 0  # ... from this denoising step on
+
+    def __post_init__(self) -> None:
+        if self.prune != "none":
+            PRUNERS.get(self.prune)
+        if not 0.0 <= self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
+        if self.prune_schedule not in PRUNE_SCHEDULES:
+            raise ValueError(f"Unknown prune schedule {self.prune_schedule!r}; known: {', '.join(PRUNE_SCHEDULES)}")
+        self.skip_layers = tuple(sorted(set(int(i) for i in self.skip_layers)))
+        for name in ("prune_layer", "prune_from_step", "skip_from_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(i < 0 for i in self.skip_layers):
+            raise ValueError(f"skip_layers must be >= 0, got {list(self.skip_layers)}")
+        if self.prune == "fastv" and self.prune_layer < 1:
+            raise ValueError("fastv scores tokens by the attention at layer prune_layer - 1: prune_layer must be >= 1")
+        if self.prune == "fastv" and self.prune_layer - 1 in self.skip_layers:
+            raise ValueError(f"fastv scores tokens at layer {self.prune_layer - 1}, which skip_layers skips")
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is pruned or skipped at some step."""
+        prunes = self.prune == "vtw" or (self.prune != "none" and self.keep_ratio < 1.0)
+        return prunes or bool(self.skip_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruningConfig":
+        return config_from_dict(cls, data, source="pruning config")
+
+
+# ------------------------------------------------------------------------------------------------
+# ranking the image tokens
+# ------------------------------------------------------------------------------------------------
+class Pruner:
+    """Ranks a prompt batch's image tokens; higher priority = kept longer.
+
+    Args:
+        prompt_embeds: (B, P, D) prompt embeddings (image tokens merged in).
+        media: (B, P) bool, True at image token positions.
+    """
+
+    uses_attention = False  # needs the attention received at layer K-1 (the plan probes it)
+    keeps_none = False  # drops every image token whatever the ratio
+
+    def __init__(self, prompt_embeds: torch.Tensor, media: torch.Tensor) -> None:
+        self.media = media
+
+    def priority(self, received: torch.Tensor | None) -> torch.Tensor:
+        """(B, P) scores over prompt positions (only image positions are read).
+
+        Args:
+            received: (B, >= P) attention received per position at layer K-1, or None.
+        """
+        raise NotImplementedError
+
+
+@PRUNERS.register("fastv")
+class FastV(Pruner):
+    """Keep the image tokens that receive the most attention from the response tokens at layer
+    K-1 (FastV, Chen et al. 2024: prune after layer K by the layer-K attention map)."""
+
+    uses_attention = True
+
+    def priority(self, received: torch.Tensor | None) -> torch.Tensor:
+        if received is None:
+            raise ValueError("fastv needs the attention at layer prune_layer - 1, but none was recorded")
+        return received[:, :self.media.shape[1]]
+
+
+def divprune_order(features: torch.Tensor) -> torch.Tensor:
+    """Greedy max-min diversity order of N token features (DivPrune, Alvar et al. 2025, Alg. 1).
+
+    With d(i, j) = 1 - cos(f_i, f_j): the first token is the one farthest from its nearest
+    neighbour; each next one maximises its distance to the nearest already-selected token. The
+    first k of the order are DivPrune's selection for any budget k.
+
+    Args:
+        features: (N, D).
+
+    Returns:
+        (N,) long, token indices in selection order.
+    """
+    f = F.normalize(features.float(), dim=-1)
+    dist = 1.0 - f @ f.T  # (N, N)
+    N = dist.shape[0]
+    if N <= 1:
+        return torch.arange(N, device=features.device)
+    first = dist.topk(2, dim=0, largest=False).values[1].argmax()  # farthest from its nearest neighbour
+    order, nearest = [int(first)], dist[first].clone()  # (N,) distance to the selected set
+    for _ in range(N - 1):
+        nearest[order[-1]] = -1.0  # never pick a selected token again
+        nxt = int(nearest.argmax())
+        order.append(nxt)
+        nearest = torch.minimum(nearest, dist[nxt])
+    return torch.tensor(order, device=features.device)
+
+
+@PRUNERS.register("divprune")
+class DivPrune(Pruner):
+    """Keep a maximally diverse subset of the image token embeddings (query-independent, so the
+    ranking is computed once per prompt)."""
+
+    def __init__(self, prompt_embeds: torch.Tensor, media: torch.Tensor) -> None:
+        super().__init__(prompt_embeds, media)
+        B, P = media.shape
+        self._priority = torch.zeros(B, P, device=media.device)
+        for b in range(B):
+            pos = media[b].nonzero().squeeze(-1)  # (N,)
+            order = divprune_order(prompt_embeds[b, pos])
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order), device=order.device)
+            self._priority[b, pos] = (len(order) - rank).float()  # first selected = highest
+
+    def priority(self, received: torch.Tensor | None) -> torch.Tensor:
+        return self._priority
+
+
+@PRUNERS.register("vtw")
+class VisualTokenWithdrawal(Pruner):
+    """Withdraw every image token from layer K on (VTW, Lin et al. 2024)."""
+
+    keeps_none = True
+
+    def priority(self, received: torch.Tensor | None) -> torch.Tensor:
+        return torch.zeros(self.media.shape, device=self.media.device)
+
+
+def keep_mask(priority: torch.Tensor, media: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(B, P) bool: every non-image position, and each row's best ``ratio`` of image positions.
+
+    Rows drop the same number of tokens (the decoder runs a rectangular batch): the smallest
+    number any row would drop at ``round(ratio * n_images)`` kept.
+    """
+    n_media = media.sum(-1)  # (B,)
+    n_drop = int((n_media - torch.round(ratio * n_media.double()).long()).min())
+    score = torch.where(media, priority.float(), torch.full_like(priority, float("-inf"), dtype=torch.float))
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(media.shape[1], device=media.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank of each position by score
+    return ~media | (rank < (n_media - n_drop)[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# plans
+# ------------------------------------------------------------------------------------------------
+class StepPlan(LayerPlan):
+    """One decoder call's plan: skip ``skip`` layers; before layer ``prune_layer`` keep the image
+    tokens :func:`keep_mask` selects at ``ratio``.
+
+    Args:
+        pruner: ranks image tokens (None = no pruning).
+        media: (B, P) image positions; prompt positions are the first P of every call.
+        n_positions: Tc + T of the call.
+        queries: (B, T) weights of the response tokens whose attention FastV reads.
+    """
+
+    def __init__(self, *, pruner: Pruner | None, ratio: float, prune_layer: int, skip: frozenset[int],
+                 media: torch.Tensor, n_positions: int, queries: torch.Tensor) -> None:
+        self.pruner, self.ratio, self.prune_layer, self.skip_set = pruner, ratio, prune_layer, skip
+        self.media, self.n_positions, self.queries = media, n_positions, queries
+
+    def skip(self, layer: int) -> bool:
+        return layer in self.skip_set
+
+    def probe(self, layer: int) -> torch.Tensor | None:
+        wants = self.pruner is not None and self.pruner.uses_attention and layer == self.prune_layer - 1
+        return self.queries if wants else None
+
+    def keep(self, layer: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        if self.pruner is None or layer != self.prune_layer:
+            return None
+        keep = keep_mask(self.pruner.priority(received), self.media, self.ratio)  # (B, P)
+        return F.pad(keep, (0, self.n_positions - keep.shape[1]), value=True)  # (B, Tc+T)
+
+
+class LayerPlanner:
+    """Turns a :class:`PruningConfig` into per-call :class:`StepPlan` objects for one prompt batch.
+
+    Args:
+        config: the settings.
+        prompt_embeds: (B, P, D) prompt embeddings (DivPrune reads the image token embeddings).
+        media: (B, P) bool image token positions (see :func:`placeholder_mask`).
+        n_layers: decoder depth (to check layer indices).
+        total_steps: planned denoising steps (the progressive schedule reaches ``keep_ratio`` at
+            the last one).
+    """
+
+    def __init__(self, config: PruningConfig, *, prompt_embeds: torch.Tensor, media: torch.Tensor, n_layers: int,
+                 total_steps: int) -> None:
+        layers = (*config.skip_layers, *((config.prune_layer,) if config.prune != "none" else ()))
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise ValueError(f"layer index {bad[0]} out of range for a decoder of {n_layers} layers")
+        if media.shape != prompt_embeds.shape[:2]:
+            raise ValueError(f"media mask shape {tuple(media.shape)} does not match the prompt "
+                             f"{tuple(prompt_embeds.shape[:2])}")
+        self.config, self.media, self.total_steps = config, media.bool(), total_steps
+        self.pruner = PRUNERS.get(config.prune)(prompt_embeds, self.media) if config.prune != "none" else None
+
+    def keep_ratio(self, step: int) -> float:
+        """Kept fraction of image tokens at ``step`` (1.0 = no pruning)."""
+        c = self.config
+        if self.pruner is None or step < c.prune_from_step:
+            return 1.0
+        target = 0.0 if self.pruner.keeps_none else c.keep_ratio
+        if c.prune_schedule == "constant":
+            return target
+        span = max(1, self.total_steps - c.prune_from_step)
+        return 1.0 - (1.0 - target) * min(1.0, (step - c.prune_from_step + 1) / span)
+
+    def plan(self, step: int, *, n_cached: int, queries: torch.Tensor) -> StepPlan | None:
+        """The plan of one decoder call at denoising ``step``, or None when it changes nothing.
+
+        Args:
+            n_cached: Tc, cached positions (the prompt's come first).
+            queries: (B, T) weights over the call's new tokens: the response tokens.
+        """
+        ratio = self.keep_ratio(step)
+        skip = frozenset(self.config.skip_layers) if step >= self.config.skip_from_step else frozenset()
+        prune = ratio < 1.0 and bool(self.media.any())
+        if not prune and not skip:
+            return None
+        return StepPlan(pruner=self.pruner if prune else None, ratio=ratio, prune_layer=self.config.prune_layer,
+                        skip=skip, media=self.media, n_positions=n_cached + queries.shape[1], queries=queries)
+
+
+def placeholder_mask(prompts: Sequence[Sequence[int]], lengths: Sequence[dict[int, Sequence[int]]], *,
+                     select: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, length) bool: the positions ``embed_prompt`` fills with the tokens of placeholder ``select``.
+
+    Mirrors :meth:`MultimodalDiffusionLM.embed_prompt`: each placeholder becomes its media's tokens,
+    in order, and rows are left padded to ``length``.
+
+    Args:
+        prompts: token ids per sample, with placeholders.
+        lengths: per sample, placeholder id -> token counts of its media, in placeholder order.
+        select: the placeholder whose positions to mark (the image placeholder for pruning).
+    """
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for b, ids in enumerate(prompts):
+        queue = {t: list(n) for t, n in lengths[b].items()}
+        flags: list[bool] = []
+        for t in ids:
+            n = queue[t].pop(0) if t in queue and queue[t] else None
+            flags += [t == select] * n if n is not None else [False]
+        if len(flags) > length:
+            raise ValueError(f"prompt {b} expands to {len(flags)} positions, more than {length}")
+        mask[b, length - len(flags):] = torch.tensor(flags, dtype=torch.bool)
+    return mask.to(device)
