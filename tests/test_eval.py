@@ -189,6 +189,25 @@ def test_metrics_on_known_answers(tmp_path: Path, mixed_data: Path, model_dir: P
     assert m["model"] == str(model_dir.resolve()) and m["data"] == str(data.resolve())
 
 
+def test_pruning_flags_reach_generate_and_the_run_identity(tmp_path: Path, mixed_data: Path, model_dir: Path,
+                                                           capsys) -> None:
+    from mmdiff.model import MultimodalDiffusionLM
+    from mmdiff.sampling.pruning import PruningConfig
+
+    data, out = mixed_data.parent / "data.jsonl", tmp_path / "out"
+    pruning = PruningConfig(skip_layers=(1,), prune_layer=1)
+    rows = jsonl(data)[:4]
+    said = [r.text for r in MultimodalDiffusionLM.from_pretrained(model_dir).generate(
+        [r["question"] for r in rows], images=[data.parent / r["image"] for r in rows],
+        config=SamplerConfig(gen_length=4), pruning=pruning)]
+    flags = ["--data", data, "--out", out, "--limit", 4, "--batch-size", 4]
+    assert mmdiff_eval(*flags, "--skip-layers", "1", "--prune-layer", 1, model=model_dir) == 0
+    assert [p["prediction"] for p in jsonl(out / "predictions.jsonl")] == said
+    assert metrics_of(out)["pruning"] == json.loads(json.dumps(pruning.to_dict()))
+    assert mmdiff_eval(*flags, "--prune-layer", 1, model=model_dir) == 2
+    assert "pruning skip_layers [1] -> []" in capsys.readouterr().err
+
+
 def test_bad_rows_are_reported_and_the_run_goes_on(single_run: Path) -> None:
     errors = jsonl(single_run / "errors.jsonl")
     first_id = jsonl(single_run / "predictions.jsonl")[1]["id"]  # line 2's id, reused on line 14

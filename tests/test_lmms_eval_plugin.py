@@ -75,13 +75,13 @@ def lmm(model_dir: Path, docs: list[dict]) -> plugin.MMDiffLMMS:
     return m
 
 
-def direct(lmm: plugin.MMDiffLMMS, docs: list[dict], batch_size: int = 2) -> list[str]:
+def direct(lmm: plugin.MMDiffLMMS, docs: list[dict], batch_size: int = 2, pruning=None) -> list[str]:
     """The same answers straight from model.generate, batched the same way."""
     out = []
     for s in range(0, len(docs), batch_size):
         chunk = docs[s:s + batch_size]
         out += [r.text for r in lmm.model.generate([d["question"] for d in chunk], images=[d["image"] for d in chunk],
-                                                    config=SamplerConfig(gen_length=4))]
+                                                    config=SamplerConfig(gen_length=4), pruning=pruning)]
     return out
 
 
@@ -89,6 +89,16 @@ def test_generate_until_answers_with_the_mmdiff_sampler(lmm, docs) -> None:
     assert lmm.config == SamplerConfig(gen_length=4)
     answers = lmm.generate_until(requests_for(docs))
     assert answers == direct(lmm, docs) and len(answers) == len(docs)
+
+
+def test_pruning_options_from_model_args(model_dir, docs) -> None:
+    from mmdiff.sampling.pruning import PruningConfig
+
+    lmm = plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", batch_size=2, gen_length=4, skip_layers="1",
+                            prune_layer=1)
+    lmm.task_dict = {TASK: {SPLIT: dict(enumerate(docs))}}
+    assert lmm.pruning == PruningConfig(skip_layers=(1,), prune_layer=1)
+    assert lmm.generate_until(requests_for(docs)) == direct(lmm, docs, pruning=lmm.pruning)
 
 
 def test_stop_strings_cut_the_answer(lmm, docs) -> None:
@@ -117,7 +127,7 @@ def test_unsupported_calls_and_bad_arguments_fail_clearly(lmm, model_dir) -> Non
         lmm.loglikelihood([])
     with pytest.raises(NotImplementedError, match="single-round"):
         lmm.generate_until_multi_round([])
-    with pytest.raises(ValueError, match="unknown mmdiff model_args \\['gen_len'\\]; known: .*gen_length"):
+    with pytest.raises(ValueError, match="unknown mmdiff model_args \\['gen_len'\\]; known: .*gen_length.*keep_ratio"):
         plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", gen_len=4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plugin.MMDiffLMMS(pretrained=str(model_dir / "nope"), device="cpu")

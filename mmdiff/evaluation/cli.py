@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR
-from ..commands.options import add_sampler_arguments, sampler_config_from_args
+from ..commands.options import add_sampler_arguments, pruning_config_from_args, sampler_config_from_args
 
 #: how long torchrun ranks wait for the slowest shard before the merge
 BARRIER_TIMEOUT = timedelta(hours=24)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         shard = Shard(int(os.environ["RANK"]), world)
     kwargs = dict(model_dir=args.model, config=sampler_config_from_args(args), cache=args.cache,
-                  batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
+                  pruning=pruning_config_from_args(args), batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
     if world == 1:
         metrics = evaluate(args.data, args.out, shard=shard, **kwargs)
         _report(metrics, args.out / (shard.dirname if shard else "") / METRICS_FILE)

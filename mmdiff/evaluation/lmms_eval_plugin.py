@@ -22,8 +22,10 @@ group. Three ways to use it:
   ``[project.entry-points."lmms_eval.models"] mmdiff = "mmdiff.evaluation.lmms_eval_plugin:manifest"``.
 
 ``model_args``: ``pretrained`` (model directory), ``device``, ``batch_size``, ``cache`` (``none``,
-``prefix``, ...) and any :class:`~mmdiff.sampling.SamplerConfig` field (``gen_length=8``,
-``steps=4``, ``transfer=threshold``, ...). The sampler settings come from ``model_args`` only, so a
+``prefix``, ...), any :class:`~mmdiff.sampling.SamplerConfig` field (``gen_length=8``, ``steps=4``,
+``transfer=threshold``, ...) and any :class:`~mmdiff.sampling.pruning.PruningConfig` field
+(``prune=fastv``, ``keep_ratio=0.5``; ``skip_layers=3;4``, as lmms-eval splits ``model_args`` at
+commas). The sampler settings come from ``model_args`` only, so a
 run is reproducible from them: of the task's ``gen_kwargs`` only ``until`` (stop strings, cut
 from the answer) is used; ``max_new_tokens`` etc. are ignored (logged once).
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -39,6 +42,7 @@ from typing import Any
 
 from .. import DEFAULT_MODEL_DIR
 from ..sampling import SamplerConfig
+from ..sampling.pruning import PruningConfig
 from .runner import answer_batch
 
 log = logging.getLogger("mmdiff")
@@ -86,7 +90,8 @@ class MMDiffLMMS(_LMMSBase):
         batch_size: requests per ``generate`` call.
         max_batch_size: passed by lmms-eval's evaluator; unused.
         cache: cache strategy of ``model.generate`` (``none``, ``prefix``, ...).
-        **options: :class:`~mmdiff.sampling.SamplerConfig` fields; unknown names are an error.
+        **options: :class:`~mmdiff.sampling.SamplerConfig` and
+            :class:`~mmdiff.sampling.pruning.PruningConfig` fields; unknown names are an error.
     """
 
     is_simple = True
@@ -102,12 +107,15 @@ class MMDiffLMMS(_LMMSBase):
             raise ValueError("the mmdiff lmms-eval plugin runs in one process; "
                              "for multi-GPU evaluation use `torchrun -m mmdiff eval`")
         options = {k: None if v == "None" else v for k, v in options.items()}  # lmms-eval passes "None"
-        sampler_keys = {f.name for f in fields(SamplerConfig)}
-        unknown = sorted(set(options) - sampler_keys)
+        sampler_keys, pruning_keys = ({f.name for f in fields(c)} for c in (SamplerConfig, PruningConfig))
+        unknown = sorted(set(options) - sampler_keys - pruning_keys)
         if unknown:
             raise ValueError(f"unknown mmdiff model_args {unknown}; known: pretrained, device, batch_size, cache, "
-                             f"{', '.join(sorted(sampler_keys))}")
-        self.config = SamplerConfig.from_dict(options)
+                             f"{', '.join(sorted(sampler_keys | pruning_keys))}")
+        if "skip_layers" in options:
+            options["skip_layers"] = tuple(int(t) for t in re.split(r"[;\s]+", str(options["skip_layers"])) if t)
+        self.config = SamplerConfig.from_dict({k: v for k, v in options.items() if k in sampler_keys})
+        self.pruning = PruningConfig.from_dict({k: v for k, v in options.items() if k in pruning_keys})
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = MultimodalDiffusionLM.from_pretrained(Path(pretrained), device=device)
         self.cache = cache
@@ -150,7 +158,8 @@ class MMDiffLMMS(_LMMSBase):
                 batch = [r.args for r in requests[start:start + self.batch_size]]
                 media = [self._media(visual, doc_id, task, split) for _, _, visual, doc_id, task, split in batch]
                 results = answer_batch(self.model, [context for context, *_ in batch], images=[m[0] for m in media],
-                                       audios=[m[1] for m in media], config=self.config, cache=self.cache)
+                                       audios=[m[1] for m in media], config=self.config, cache=self.cache,
+                                       pruning=self.pruning)
                 for (_, gen_kwargs, _, doc_id, task, _), res in zip(batch, results):
                     if isinstance(res, Exception):
                         log.warning("mmdiff lmms-eval plugin: %s doc %s: %s", task, doc_id, res)

@@ -28,6 +28,7 @@ from typing import IO, Any
 from ..data.dataset import Row, RowError, read_rows
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
 from ..sampling import SamplerConfig
+from ..sampling.pruning import PruningConfig
 from .metrics import exact_match, summarize, vqa_accuracy
 
 log = logging.getLogger("mmdiff")
@@ -124,13 +125,14 @@ def _sha256(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig, cache: str) -> dict[str, Any]:
+def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig, cache: str,
+                 pruning: PruningConfig) -> dict[str, Any]:
     """What makes two evaluations comparable: model and data (path and content) and sampler settings."""
     model_dir, data = Path(model_dir), Path(data)
     identity = {"model": str(model_dir.resolve()),
                 "model_sha256": _sha256([model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]),
                 "data": str(data.resolve()), "data_sha256": _sha256([data]), "sampler": config.to_dict(),
-                "cache": cache}
+                "cache": cache, "pruning": pruning.to_dict()}
     return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)
 
 
@@ -140,7 +142,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         before = old.get(key)
         if before == value:
             continue
-        if key == "sampler" and isinstance(before, dict):
+        if key in ("sampler", "pruning") and isinstance(before, dict):
             out += [f"{key} {k} {before.get(k)!r} -> {v!r}" for k, v in value.items() if before.get(k) != v]
         elif key.endswith("_sha256"):
             out.append(f"{key.removesuffix('_sha256')} content changed")
@@ -207,7 +209,7 @@ def _jsonl_bytes(records: Iterable[dict[str, Any]]) -> bytes:
 
 # -- answering ------------------------------------------------------------------------------------
 def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: Sequence, config: SamplerConfig,
-                 cache: str = "none") -> list:
+                 cache: str = "none", pruning: PruningConfig | None = None) -> list:
     """Answer a batch in one ``model.generate`` call; if it raises ValueError (a corrupt image, an
     unreadable clip) answer the samples one by one so that only the bad ones fail.
 
@@ -218,19 +220,20 @@ def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: S
         audios: per sample a clip (path / (array, rate)) or None.
         config: sampler settings.
         cache: cache strategy (see ``model.generate``).
+        pruning: visual-token pruning / layer skipping (None = off).
 
     Returns:
         Per sample a :class:`~mmdiff.model.GenerationResult`, or the ValueError it raised.
     """
     try:
-        return model.generate(questions, images=images, audios=audios, config=config, cache=cache)
+        return model.generate(questions, images=images, audios=audios, config=config, cache=cache, pruning=pruning)
     except ValueError as e:
         if len(questions) == 1:
             return [e]
     results: list = []
     for q, im, au in zip(questions, images, audios):
         try:
-            results += model.generate([q], images=[im], audios=[au], config=config, cache=cache)
+            results += model.generate([q], images=[im], audios=[au], config=config, cache=cache, pruning=pruning)
         except ValueError as e:
             results.append(e)
     return results
@@ -261,12 +264,13 @@ def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: d
     return {**summarize(predictions, errors=len(errors)), "rows": rows,
             "complete": len(predictions) + len(errors) == rows, "limit": limit,
             "shard": None if shard is None else str(shard), "model": identity["model"], "data": identity["data"],
-            "sampler": identity["sampler"], "cache": identity["cache"]}
+            "sampler": identity["sampler"], "cache": identity["cache"], "pruning": identity["pruning"]}
 
 
 def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config: SamplerConfig,
-             cache: str = "none", batch_size: int = 8, limit: int | None = None,
-             shard: Shard | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+             cache: str = "none", pruning: PruningConfig | None = None, batch_size: int = 8,
+             limit: int | None = None, shard: Shard | None = None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
     """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
 
     Args:
@@ -275,6 +279,7 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
         model_dir: an mmdiff model directory (``save_pretrained``).
         config: sampler settings.
         cache: cache strategy of ``model.generate`` (``none``, ``prefix``, ...).
+        pruning: visual-token pruning / layer skipping (None = off).
         batch_size: rows per ``generate`` call.
         limit: evaluate only the first ``limit`` rows of the file (before sharding).
         shard: evaluate only this shard.
@@ -290,13 +295,14 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
     """
     from tqdm import tqdm
 
+    pruning = pruning or PruningConfig()
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     items = load_items(data, limit=limit, shard=shard)
-    identity = run_identity(model_dir, data, config, cache)
+    identity = run_identity(model_dir, data, config, cache, pruning)
     out = Path(out) / shard.dirname if shard is not None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_identity(out, identity)
@@ -332,7 +338,7 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
             for batch in _batches(pending, batch_size):
                 rows = [it.entry for it in batch]
                 results = answer_batch(model, [r.question or "" for r in rows], images=[r.image for r in rows],
-                                       audios=[r.audio for r in rows], config=config, cache=cache)
+                                       audios=[r.audio for r in rows], config=config, cache=cache, pruning=pruning)
                 new_p = [prediction_record(it, r) for it, r in zip(batch, results) if not isinstance(r, Exception)]
                 new_e = [error_record(it, str(r)) for it, r in zip(batch, results) if isinstance(r, Exception)]
                 new_e = sorted(new_e + unusable_up_to(batch[-1].index), key=lambda e: e["index"])
