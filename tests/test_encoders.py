@@ -218,7 +218,7 @@ def test_pad_to_square_centres_on_fill():
 
 
 def test_vision_encoder_errors(tmp_path):
-    with pytest.raises(ValueError, match="Unknown vision encoder 'clip'; known: open_clip, timm"):
+    with pytest.raises(ValueError, match="Unknown vision encoder 'clip'; known: open_clip, siglip, timm"):
         build_vision_encoder(VisionEncoderConfig(kind="clip"))
     with pytest.raises(ValueError, match="layer 2 is out of range for a 2-block"):
         build_vision_encoder(tiny_vision_cfg("timm", layer=2))

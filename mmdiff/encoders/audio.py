@@ -159,9 +159,14 @@ class AudioEncoder(nn.Module):
             raise ValueError("preprocess needs at least one clip")
         mels = [log_mel(load_audio(c, target_sr=SAMPLE_RATE, max_seconds=self.cfg.max_seconds),
                         n_mels=self.cfg.num_mel_bins) for c in clips]
+        return self.batch_mels(mels)
+
+    @staticmethod
+    def batch_mels(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad per-clip log-mels (n_mels, T_i) into a batch: (B, n_mels, T) and frame_mask (B, T // 2)."""
         lengths = [m.shape[1] + m.shape[1] % 2 for m in mels]  # even frame counts
         T = max(lengths)
-        features = torch.stack([F.pad(m, (0, T - m.shape[1])) for m in mels])  # (B, n_mels, T)
+        features = torch.stack([F.pad(m.float(), (0, T - m.shape[1])) for m in mels])  # (B, n_mels, T)
         frame_mask = torch.arange(T // 2)[None, :] < torch.tensor(lengths)[:, None] // 2  # (B, T//2)
         return features, frame_mask
 
