@@ -26,12 +26,13 @@ from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
 from .sampling import SampleOutput, SamplerConfig, StepEvent, Strategy, sample
 from .sampling.denoisers import build_denoiser
-from .sampling.pruning import LayerPlanner, PruningConfig, placeholder_mask
+from .sampling.pruning import LayerPlanner, PruningConfig
 from .special_tokens import SpecialIds
 
 log = logging.getLogger("mmdiff")
 
 PARTS = ("vision", "vision_adapter", "audio", "audio_adapter", "decoder")
+TEXT, IMAGE, AUDIO = 0, 1, 2  # what fills a prompt position (embed_prompt's ``kinds``)
 MODEL_TYPE = "mmdiff"
 
 
@@ -135,21 +136,23 @@ class MultimodalDiffusionLM(nn.Module):
         return [t[m] for t, m in zip(tokens, tmask)]
 
     def embed_prompt(self, prompts: Sequence[Sequence[int]], *, images: Sequence[Sequence[torch.Tensor]] | None = None,
-                     audios: Sequence[Sequence[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     audios: Sequence[Sequence[torch.Tensor]] | None = None, return_kinds: bool = False):
         """Replace each placeholder by its media tokens; left-pad the batch.
 
         Args:
             prompts: token ids per sample, with ``<image>`` / ``<audio>`` placeholder tokens.
             images: per sample, the (N, D) token tensors of its images, in placeholder order.
             audios: per sample, the (N, D) token tensors of its clips, in placeholder order.
+            return_kinds: also return what fills each position (:data:`TEXT`, :data:`IMAGE`,
+                :data:`AUDIO`; padding is TEXT), e.g. the image positions that token pruning needs.
 
         Returns:
-            embeds (B, T, D) and valid (B, T) bool (False at left padding).
+            embeds (B, T, D) and valid (B, T) bool (False at left padding) [, kinds (B, T) long].
         """
         B = len(prompts)
         images = images or [[] for _ in range(B)]
         audios = audios or [[] for _ in range(B)]
-        rows = []
+        rows, kinds_rows = [], []
         for b, ids in enumerate(prompts):
             media = {self.special.image: list(images[b]), self.special.audio: list(audios[b])}
             for token, name in ((self.special.image, "image"), (self.special.audio, "audio")):
@@ -157,21 +160,27 @@ class MultimodalDiffusionLM(nn.Module):
                 if n_ph != len(media[token]):
                     raise ValueError(f"prompt {b} has {n_ph} <{name}> placeholder(s) but {len(media[token])} {name}(s) were given")
             text = self.decoder.embed(torch.as_tensor(list(ids), dtype=torch.long, device=self.device))  # (T, D)
-            parts, start = [], 0
+            parts, row_kinds, start = [], [], 0
             for i, t in enumerate(ids):
                 if t in media and t is not None:
-                    parts += [text[start:i], media[t].pop(0).to(text.dtype)]
+                    tokens = media[t].pop(0).to(text.dtype)
+                    parts += [text[start:i], tokens]
+                    row_kinds += [TEXT] * (i - start) + [IMAGE if t == self.special.image else AUDIO] * tokens.shape[0]
                     start = i + 1
             parts.append(text[start:])
+            row_kinds += [TEXT] * (len(ids) - start)
             rows.append(torch.cat(parts, dim=0))
+            kinds_rows.append(row_kinds)
         T = max(r.shape[0] for r in rows)
         D = rows[0].shape[1]
         embeds = rows[0].new_zeros(B, T, D)
         valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        kinds = torch.full((B, T), TEXT, dtype=torch.long, device=self.device)
         for b, r in enumerate(rows):
             embeds[b, T - r.shape[0]:] = r
             valid[b, T - r.shape[0]:] = True
-        return embeds, valid
+            kinds[b, T - r.shape[0]:] = torch.tensor(kinds_rows[b], dtype=torch.long)
+        return (embeds, valid, kinds) if return_kinds else (embeds, valid)
 
     def forward(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor, *,
                 attn_mode: str | None = None) -> torch.Tensor:
@@ -188,8 +197,13 @@ class MultimodalDiffusionLM(nn.Module):
 
     # -- prompts ----------------------------------------------------------------------------------
     def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0) -> list[int]:
-        """Chat-formatted prompt ids: media placeholders first, then the question."""
-        content = st.IMAGE * n_images + st.AUDIO * n_audio + question
+        """Chat-formatted prompt ids: the question, then the audio, then the image placeholders.
+
+        Media come after the question so that, even under the causal mask of the AR phase, image
+        tokens can attend to the (typed or spoken) question: the decoder then computes question-
+        conditioned cell features, the grounding the training recipe supervises.
+        """
+        content = question + st.AUDIO * n_audio + st.IMAGE * n_images
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -246,13 +260,8 @@ class MultimodalDiffusionLM(nn.Module):
                 raise ValueError(f"sample {b}: empty question and no audio")
         prompts = [self.format_prompt(q, n_images=len(per_img[b]), n_audio=len(per_aud[b]))
                    for b, q in enumerate(questions)]
-        embeds, valid = self.embed_prompt(prompts, images=per_img, audios=per_aud)
-        media_mask = None
-        if pruning is not None and pruning.active:
-            lengths = [{self.special.image: [t.shape[0] for t in per_img[b]],
-                        self.special.audio: [t.shape[0] for t in per_aud[b]]} for b in range(B)]
-            media_mask = placeholder_mask(prompts, lengths, select=self.special.image, length=embeds.shape[1],
-                                          device=embeds.device)
+        embeds, valid, kinds = self.embed_prompt(prompts, images=per_img, audios=per_aud, return_kinds=True)
+        media_mask = kinds == IMAGE if pruning is not None and pruning.active else None
         out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback,
                           pruning=pruning, media_mask=media_mask, counter=counter)
         latency = time.perf_counter() - t0

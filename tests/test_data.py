@@ -407,3 +407,26 @@ def test_mmdiff_data_with_audio(tmp_path: Path) -> None:
     for r in rows:
         if r.type == "asr":
             assert r.question == dataset.ASR_QUESTION and r.audio is not None and r.answers[0].endswith("?")
+
+
+def test_focus_cells_agree_with_answers():
+    """The grounding targets name the cells the answer is computed from."""
+    import random as _random
+
+    from mmdiff.data.questions import ask
+    from mmdiff.data.scenes import sample_scene
+
+    rng = _random.Random(5)
+    for _ in range(200):
+        scene = sample_scene(rng, "train")
+        occupied = {o.cell for o in scene.objects}
+        qa = ask(scene, rng, "count")
+        assert len(qa.focus[0]) == int(qa.answers[0]) and set(qa.focus[0]) <= occupied
+        qa = ask(scene, rng, "existence")
+        assert (len(qa.focus[0]) > 0) == (qa.answers[0] == "yes")
+        qa = ask(scene, rng, "position")
+        if qa is not None:
+            (cell,), = qa.focus
+            assert scene.objects[[o.cell for o in scene.objects].index(cell)].position == qa.answers[0]
+        qa = ask(scene, rng, "caption_json")
+        assert set(qa.focus[0]) == occupied

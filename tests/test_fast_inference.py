@@ -18,8 +18,7 @@ from mmdiff.flops import FlopCounter, forward_flops
 from mmdiff.sampling import FullRecompute, PrefixCache, SamplerConfig, StepState, sample
 from mmdiff.sampling.autoregressive import ar_generate
 from mmdiff.sampling.denoisers import CACHES, BlockCache, build_denoiser
-from mmdiff.sampling.pruning import (LayerPlanner, PruningConfig, StepPlan, divprune_order, keep_mask,
-                                     placeholder_mask)
+from mmdiff.sampling.pruning import (LayerPlanner, PruningConfig, StepPlan, divprune_order, keep_mask)
 
 MASK = 0
 P, L = 12, 8  # prompt and canvas lengths of the decoder-level tests
@@ -390,13 +389,14 @@ def image(colour=(200, 30, 30)):
     return Image.new("RGB", (32, 32), colour)
 
 
-def test_placeholder_mask_marks_the_image_tokens(mm_model):
+def test_embed_prompt_kinds_mark_the_image_tokens(mm_model):
+    from mmdiff.model import IMAGE
+
     m = mm_model
     img = m.encode_image([image()])[0]  # (N, D)
     prompts = [m.format_prompt("how many?", n_images=1), m.format_prompt("where is the blue square?")]
-    embeds, valid = m.embed_prompt(prompts, images=[[img], []])
-    mask = placeholder_mask(prompts, [{m.special.image: [img.shape[0]]}, {}], select=m.special.image,
-                            length=embeds.shape[1])
+    embeds, valid, kinds = m.embed_prompt(prompts, images=[[img], []], return_kinds=True)
+    mask = kinds == IMAGE
     assert mask[0].sum() == img.shape[0] and not mask[1].any()
     torch.testing.assert_close(embeds[0][mask[0]], img)
 

@@ -56,11 +56,15 @@ class QA:
         question: the question text, lower case.
         answers: accepted answers; the first is canonical.
         type: the question family, one of :data:`QUESTION_TYPES` (or "asr" in datasets).
+        focus: the cells (reading-order indices) the question is about, in up to two groups: the
+            object(s) it names first, then the second object or group (relation, comparison).
+            Training uses them as grounding targets; they are never shown to the model.
     """
 
     question: str
     answers: list[str]
     type: str
+    focus: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class Filter:
     def count(self, scene: Scene) -> int:
         """Number of objects of ``scene`` selected by the filter."""
         return sum(self.matches(o) for o in scene.objects)
+
+    def cells(self, scene: Scene) -> tuple[int, ...]:
+        """Cells of the objects of ``scene`` selected by the filter."""
+        return tuple(o.cell for o in scene.objects if self.matches(o))
 
     def noun(self, plural: bool = False) -> str:
         """Noun phrase without article: "small red circle", "blue object", "crosses".
@@ -212,7 +220,7 @@ def attribute_question(scene: Scene, rng: random.Random) -> QA | None:
             if refs:
                 word = "color" if attr == "colour" else attr
                 ref = rng.choice(refs)
-                return QA(f"what {word} is the {ref.noun()}?", [getattr(obj, attr)], "attribute")
+                return QA(f"what {word} is the {ref.noun()}?", [getattr(obj, attr)], "attribute", ((obj.cell,),))
     return None
 
 
@@ -222,7 +230,7 @@ def existence_question(scene: Scene, rng: random.Random) -> QA:
     kinds = (("colour", "shape"), ("shape",), ("colour",), ("size", "colour", "shape"))
     candidates = [(YES if f.count(scene) else NO, kind, f) for kind in kinds for f in _filters_of_kind(kind)]
     answer, f = _pick_balanced(rng, candidates)  # type: ignore[misc]
-    return QA(f"is there {article(f.noun())}?", [answer], "existence")
+    return QA(f"is there {article(f.noun())}?", [answer], "existence", (f.cells(scene),))
 
 
 @FAMILIES.register("count")
@@ -232,7 +240,7 @@ def count_question(scene: Scene, rng: random.Random) -> QA:
     achievable = sorted({c[0] for c in candidates}, key=int)
     weights = [ZERO_COUNT_WEIGHT if a == "0" else 1.0 for a in achievable]
     answer, f = _pick_balanced(rng, candidates, targets=achievable, weights=weights)  # type: ignore[misc]
-    return QA(f"how many {f.noun(plural=True)} are there?", [answer], "count")
+    return QA(f"how many {f.noun(plural=True)} are there?", [answer], "count", (f.cells(scene),))
 
 
 @FAMILIES.register("position")
@@ -242,7 +250,7 @@ def position_question(scene: Scene, rng: random.Random) -> QA | None:
     if not described:
         return None
     obj, refs = rng.choice(described)
-    return QA(f"where is the {rng.choice(refs).noun()}?", [obj.position], "position")
+    return QA(f"where is the {rng.choice(refs).noun()}?", [obj.position], "position", ((obj.cell,),))
 
 
 def _neighbour_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -263,19 +271,23 @@ def _neighbour_question(scene: Scene, rng: random.Random) -> QA | None:
     if picked is None:
         return None
     obj, refs, relation, name = picked[1]
-    return QA(f"what is directly {relation} the {rng.choice(refs).noun()}?", [name], "relation")
+    dr, dc = DIRECTIONS[relation]
+    neighbour = (obj.row + dr) * GRID + obj.col + dc
+    return QA(f"what is directly {relation} the {rng.choice(refs).noun()}?", [name], "relation",
+              ((obj.cell,), (neighbour,)))
 
 
 def _pair_question(scene: Scene, rng: random.Random) -> QA | None:
     """"is the X <relation> the Y?" -> yes/no, balanced."""
     described = _described_objects(scene)
-    candidates = [(YES if holds(a, rel, b) else NO, rel, (ra, rel, rb))
+    candidates = [(YES if holds(a, rel, b) else NO, rel, (a, ra, rel, b, rb))
                   for a, ra in described for b, rb in described if a is not b for rel in DIRECTIONS]
     picked = _pick_balanced(rng, candidates)
     if picked is None:
         return None
-    answer, (ra, rel, rb) = picked
-    return QA(f"is the {rng.choice(ra).noun()} {rel} the {rng.choice(rb).noun()}?", [answer], "relation")
+    answer, (a, ra, rel, b, rb) = picked
+    return QA(f"is the {rng.choice(ra).noun()} {rel} the {rng.choice(rb).noun()}?", [answer], "relation",
+              ((a.cell,), (b.cell,)))
 
 
 @FAMILIES.register("relation")
@@ -310,7 +322,8 @@ def comparison_question(scene: Scene, rng: random.Random) -> QA:
                 if fa != fb and max(ca, cb) > 0:
                     candidates.append((YES if predicate(ca, cb) else NO, kind[0], (fa, fb)))
     answer, (fa, fb) = _pick_balanced(rng, candidates)  # type: ignore[misc]
-    return QA(template.format(a=fa.noun(plural=True), b=fb.noun(plural=True)), [answer], "comparison")
+    return QA(template.format(a=fa.noun(plural=True), b=fb.noun(plural=True)), [answer], "comparison",
+              (fa.cells(scene), fb.cells(scene)))
 
 
 def _answer_domain(scene: Scene, answer: str) -> list[str]:
@@ -344,7 +357,7 @@ def verify_question(scene: Scene, rng: random.Random) -> QA | None:
         proposal, answer = rng.choice(wrong), NO
     else:
         proposal, answer = truth, YES
-    return QA(f"{base.question} answer: {proposal}. is that right?", [answer], "verify")
+    return QA(f"{base.question} answer: {proposal}. is that right?", [answer], "verify", base.focus)
 
 
 def _position_phrase(position: str) -> str:
@@ -376,13 +389,13 @@ def caption_json(scene: Scene) -> str:
 @FAMILIES.register("caption")
 def caption_question(scene: Scene, rng: random.Random) -> QA:
     """"describe the image." -> :func:`caption_text`."""
-    return QA(CAPTION_QUESTION, [caption_text(scene)], "caption")
+    return QA(CAPTION_QUESTION, [caption_text(scene)], "caption", (tuple(o.cell for o in scene.objects),))
 
 
 @FAMILIES.register("caption_json")
 def caption_json_question(scene: Scene, rng: random.Random) -> QA:
     """"describe the image in json." -> :func:`caption_json`."""
-    return QA(CAPTION_JSON_QUESTION, [caption_json(scene)], "caption_json")
+    return QA(CAPTION_JSON_QUESTION, [caption_json(scene)], "caption_json", (tuple(o.cell for o in scene.objects),))
 
 
 QUESTION_TYPES: tuple[str, ...] = (

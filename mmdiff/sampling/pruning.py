@@ -227,7 +227,7 @@ class LayerPlanner:
     Args:
         config: the settings.
         prompt_embeds: (B, P, D) prompt embeddings (DivPrune reads the image token embeddings).
-        media: (B, P) bool image token positions (see :func:`placeholder_mask`).
+        media: (B, P) bool image token positions (``embed_prompt(..., return_kinds=True)``).
         n_layers: decoder depth (to check layer indices).
         total_steps: planned denoising steps (the progressive schedule reaches ``keep_ratio`` at
             the last one).
@@ -270,28 +270,3 @@ class LayerPlanner:
             return None
         return StepPlan(pruner=self.pruner if prune else None, ratio=ratio, prune_layer=self.config.prune_layer,
                         skip=skip, media=self.media, n_positions=n_cached + queries.shape[1], queries=queries)
-
-
-def placeholder_mask(prompts: Sequence[Sequence[int]], lengths: Sequence[dict[int, Sequence[int]]], *,
-                     select: int, length: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """(B, length) bool: the positions ``embed_prompt`` fills with the tokens of placeholder ``select``.
-
-    Mirrors :meth:`MultimodalDiffusionLM.embed_prompt`: each placeholder becomes its media's tokens,
-    in order, and rows are left padded to ``length``.
-
-    Args:
-        prompts: token ids per sample, with placeholders.
-        lengths: per sample, placeholder id -> token counts of its media, in placeholder order.
-        select: the placeholder whose positions to mark (the image placeholder for pruning).
-    """
-    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-    for b, ids in enumerate(prompts):
-        queue = {t: list(n) for t, n in lengths[b].items()}
-        flags: list[bool] = []
-        for t in ids:
-            n = queue[t].pop(0) if t in queue and queue[t] else None
-            flags += [t == select] * n if n is not None else [False]
-        if len(flags) > length:
-            raise ValueError(f"prompt {b} expands to {len(flags)} positions, more than {length}")
-        mask[b, length - len(flags):] = torch.tensor(flags, dtype=torch.bool)
-    return mask.to(device)

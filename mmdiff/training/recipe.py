@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..io import config_from_dict, read_json
 
-STAGE_KINDS = ("cells", "ar", "diffusion")
+STAGE_KINDS = ("cells", "asr", "ar", "diffusion")
 
 
 @dataclass
@@ -14,8 +14,10 @@ class StageConfig:
     """One training stage.
 
     ``cells`` pretrains the vision encoder on the scene generator's per-cell labels (the grounding
-    our tiny model cannot inherit from CLIP); ``ar`` is phase 1 of Dimple's recipe (causal mask,
-    next-token loss); ``diffusion`` is phase 2 (masked-diffusion ELBO under ``attn_mode``).
+    our tiny model cannot inherit from CLIP); ``asr`` pretrains the speech encoder with CTC on the
+    transcripts of the spoken questions (the alignment a pretrained Whisper would bring); ``ar`` is
+    phase 1 of Dimple's recipe (causal mask, next-token loss); ``diffusion`` is phase 2
+    (masked-diffusion ELBO under ``attn_mode``).
     """
 
     name: str
@@ -29,6 +31,7 @@ class StageConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     long_fraction: float = 0.15  # fraction of batches holding long answers (captions)
+    audio_fraction: float = 0.0  # fraction of batches with spoken questions (spoken VQA and ASR)
     save_as: str | None = None  # also export the model at the end of this stage to this directory
 
     def __post_init__(self) -> None:
@@ -51,6 +54,11 @@ class TrainConfig:
     short_length: int = 8  # response canvas for short answers
     long_length: int = 96  # longest response canvas (captions)
     type_weights: dict[str, float] = field(default_factory=dict)  # question type -> sampling weight
+    speech_clips: int = 0  # spoken questions synthesised for training (0 = no audio path)
+    speech_val_clips: int = 100  # spoken questions for validation
+    asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
+    ground_weight: float = 1.0  # weight of the grounding loss on image-token states (0 = off)
+    ground_layer: int = -1  # residual-stream index it reads (-1: the middle of the decoder)
     eval_every: int = 500
     save_every: int = 250
     threads: int = 0  # torch threads (0 = torch default)

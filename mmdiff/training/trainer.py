@@ -128,8 +128,123 @@ class CellHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# spoken questions: synthesised once (espeak-ng), log-mels kept, encoder states cached after ASR
+# ------------------------------------------------------------------------------------------------
+SPOKEN_TYPES = ("attribute", "existence", "count", "position", "relation", "comparison")
+ASR_PROMPT = "transcribe the audio."
+
+
+@dataclass
+class SpeechBank:
+    """Spoken questions about bank scenes (the question text is the transcript)."""
+
+    scene: list[int]  # bank scene each question is about
+    qas: list  # QA whose question was spoken
+    mels: list[torch.Tensor]  # (n_mels, T_i) float16 log-mels
+    features: list[torch.Tensor] | None = None  # (T'_i, D) float16 frozen encoder states
+
+    def __len__(self) -> int:
+        return len(self.qas)
+
+    @classmethod
+    def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
+              workers: int = 2) -> "SpeechBank":
+        """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
+        thread pool: the work is in the subprocess) and compute log-mels."""
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        from ..data.questions import ask
+        from ..data.speech import speak
+        from ..encoders.audio import log_mel
+        from ..media import load_audio
+
+        rng = random.Random(f"speech-{split}-{seed}")
+        items = []
+        while len(items) < n:
+            i = rng.randrange(len(bank.scenes))
+            qa = ask(bank.scenes[i], rng, rng.choice(SPOKEN_TYPES))
+            if qa is not None:
+                items.append((i, qa, rng.getrandbits(32)))
+        n_mels = model.cfg.audio.num_mel_bins
+        with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp:
+            def one(k: int) -> torch.Tensor:
+                _, qa, s = items[k]
+                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s))
+                mel = log_mel(load_audio(path), n_mels=n_mels).half()
+                path.unlink()
+                return mel
+
+            with ThreadPoolExecutor(workers) as ex:
+                mels = list(tqdm(ex.map(one, range(n)), total=n, desc=desc, unit="clip", leave=False))
+        return cls([i for i, _, _ in items], [qa for _, qa, _ in items], mels)
+
+    @torch.no_grad()
+    def encode(self, model: MultimodalDiffusionLM, batch_size: int = 64) -> None:
+        """Run the (frozen) speech encoder once over every clip."""
+        model.audio.eval()
+        self.features = []
+        for i in range(0, len(self), batch_size):
+            feats, mask = model.audio.batch_mels(self.mels[i:i + batch_size])
+            out = model.audio(feats, mask)
+            self.features += [h[m].half() for h, m in zip(out.last, out.mask)]
+
+
+def audio_batch(features: list[torch.Tensor]):
+    """Pad cached encoder states into an :class:`AudioFeatures` batch for the adapter."""
+    from ..encoders.audio import AudioFeatures
+
+    T = max(f.shape[0] for f in features)
+    last = torch.stack([F.pad(f.float(), (0, 0, 0, T - f.shape[0])) for f in features])  # (B, T, D)
+    mask = torch.arange(T)[None, :] < torch.tensor([f.shape[0] for f in features])[:, None]  # (B, T)
+    return AudioFeatures(last=last, layers=[last], mask=mask)
+
+
+def ctc_greedy(logp: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    """Best-path CTC decoding: argmax per frame, merge repeats, drop blanks."""
+    out = []
+    for row, n in zip(logp.argmax(-1), lengths):
+        ids, prev = [], None
+        for t in row[:n].tolist():
+            if t != prev and t != blank:
+                ids.append(t)
+            prev = t
+        out.append(ids)
+    return out
+
+
+def word_error_rate(refs: list[str], hyps: list[str]) -> float:
+    """Total word-level edit distance / total reference words."""
+    errors = words = 0
+    for ref, hyp in zip(refs, hyps):
+        r, h = ref.split(), hyp.split()
+        d = list(range(len(h) + 1))
+        for i in range(1, len(r) + 1):
+            prev, d[0] = d[0], i
+            for j in range(1, len(h) + 1):
+                prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+        errors += d[len(h)]
+        words += len(r)
+    return errors / max(1, words)
+
+
+# ------------------------------------------------------------------------------------------------
 # batches of questions
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One training item: a (typed or spoken) question about a scene, or an ASR item."""
+
+    question: str  # typed text ("" when spoken)
+    answer: str
+    type: str
+    scene: int = -1  # bank scene index (-1: no image)
+    clip: int = -1  # speech bank clip index (-1: no audio)
+    focus: tuple[tuple[int, ...], ...] = ()  # cells the question is about (grounding targets)
+
+
 class Batcher:
     """Turns bank scenes into tokenised (prompt, response) batches, questions drawn per type weight."""
 
@@ -145,13 +260,14 @@ class Batcher:
         self.prompt_ids = lru_cache(maxsize=200_000)(self._prompt_ids)
         self.answer_ids = lru_cache(maxsize=200_000)(self._answer_ids)
 
-    def _prompt_ids(self, question: str) -> tuple[int, ...]:
-        return tuple(self.model.format_prompt(question, n_images=1))
+    def _prompt_ids(self, question: str, n_images: int, n_audio: int) -> tuple[int, ...]:
+        return tuple(self.model.format_prompt(question, n_images=n_images, n_audio=n_audio))
 
     def _answer_ids(self, answer: str) -> tuple[int, ...]:
         return tuple(self.model.tokenizer(answer, add_special_tokens=False)["input_ids"])
 
-    def sample_qas(self, bank: SceneBank, rng: random.Random, n: int, long: bool) -> list[tuple[int, object]]:
+    def typed(self, bank: SceneBank, rng: random.Random, n: int, long: bool) -> list[Example]:
+        """``n`` typed questions about random bank scenes (long = captions)."""
         from ..data.questions import ask
 
         types, w = (self.long_types, self.long_w) if long else (self.short_types, self.short_w)
@@ -160,17 +276,28 @@ class Batcher:
             i = rng.randrange(len(bank.scenes))
             qa = ask(bank.scenes[i], rng, rng.choices(types, w)[0])
             if qa is not None:
-                out.append((i, qa))
+                out.append(Example(qa.question, qa.answers[0], qa.type, scene=i, focus=qa.focus))
         return out
 
-    def make(self, bank: SceneBank, items: list[tuple[int, object]], *, eos_fill: bool,
-             rng: random.Random | None = None) -> dict:
+    def spoken(self, speech: SpeechBank, rng: random.Random, n: int) -> list[Example]:
+        """``n`` spoken items: spoken VQA (image + clip) or ASR (clip + instruction)."""
+        out = []
+        for _ in range(n):
+            k = rng.randrange(len(speech))
+            qa = speech.qas[k]
+            if rng.random() < self.cfg.asr_fraction:
+                out.append(Example(ASR_PROMPT, qa.question, "asr", clip=k))
+            else:
+                out.append(Example("", qa.answers[0], qa.type, scene=speech.scene[k], clip=k, focus=qa.focus))
+        return out
+
+    def make(self, items: list[Example], *, eos_fill: bool, rng: random.Random | None = None) -> dict:
         """Tokenise; response = answer + EOS, EOS-filled to the canvas length (LLaDA SFT) or
         followed by ignored PAD (AR). The canvas length varies (random with ``rng``) so the model
         learns to end an answer with EOS whatever canvas it is given."""
         sp = self.model.special
-        prompts = [self.prompt_ids(qa.question) for _, qa in items]
-        answers = [self.answer_ids(qa.answers[0]) + (sp.eos,) for _, qa in items]
+        prompts = [self.prompt_ids(e.question, int(e.scene >= 0), int(e.clip >= 0)) for e in items]
+        answers = [self.answer_ids(e.answer) + (sp.eos,) for e in items]
         longest = max(len(a) for a in answers)
         if longest <= self.cfg.short_length:
             L = self.cfg.short_length if rng is None else rng.randint(longest, self.cfg.short_length)
@@ -180,15 +307,27 @@ class Batcher:
         fill = sp.eos if eos_fill else sp.pad
         response = torch.tensor([list(a) + [fill] * (L - len(a)) for a in answers])  # (B, L)
         loss_mask = torch.tensor([[1] * len(a) + [int(eos_fill)] * (L - len(a)) for a in answers], dtype=torch.bool)
-        return {"prompts": prompts, "index": torch.tensor([i for i, _ in items]), "response": response,
-                "loss_mask": loss_mask, "types": [qa.type for _, qa in items]}
+        return {"prompts": prompts, "items": items, "response": response, "loss_mask": loss_mask}
 
 
-def embed_batch(model: MultimodalDiffusionLM, bank: SceneBank, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings from cached encoder features (the adapter runs with gradients)."""
-    feats = bank.features[batch["index"]].float().to(model.device)  # (B, N, C)
-    img_tokens = model.vision_adapter(feats)  # (B, n, D)
-    return model.embed_prompt(batch["prompts"], images=[[t] for t in img_tokens])
+def embed_batch(model: MultimodalDiffusionLM, bank: SceneBank, batch: dict,
+                speech: SpeechBank | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt embeddings, valid mask and position kinds from cached encoder states (the adapters
+    run with gradients)."""
+    items: list[Example] = batch["items"]
+    images: list[list[torch.Tensor]] = [[] for _ in items]
+    audios: list[list[torch.Tensor]] = [[] for _ in items]
+    with_img = [b for b, e in enumerate(items) if e.scene >= 0]
+    if with_img:
+        feats = bank.features[torch.tensor([items[b].scene for b in with_img])].float().to(model.device)  # (B', N, C)
+        for b, t in zip(with_img, model.vision_adapter(feats)):  # (n, D) each
+            images[b] = [t]
+    with_aud = [b for b, e in enumerate(items) if e.clip >= 0]
+    if with_aud:
+        tokens, mask = model.audio_adapter(audio_batch([speech.features[items[b].clip] for b in with_aud]))
+        for b, t, m in zip(with_aud, tokens, mask):
+            audios[b] = [t[m]]
+    return model.embed_prompt(batch["prompts"], images=images, audios=audios, return_kinds=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,16 +339,16 @@ def normalize(ans: str) -> str:
 
 @torch.no_grad()
 def quick_eval(model: MultimodalDiffusionLM, bank: SceneBank, batcher: Batcher, *, mode: str, seed: int,
-               per_type: int = 40) -> dict[str, float]:
-    """Exact-match accuracy per question type on validation scenes (greedy decoding)."""
+               per_type: int = 40, speech: SpeechBank | None = None) -> dict[str, float]:
+    """Exact-match accuracy per question type on validation scenes (greedy decoding); with a
+    speech bank also spoken-question accuracy (``spoken``) and ASR exact match (``asr``)."""
     from ..data.questions import QUESTION_TYPES, ask
 
     model.eval()
     rng = random.Random(seed)
-    acc: dict[str, float] = {}
+    groups: dict[str, list[Example]] = {}
     for qtype in QUESTION_TYPES:
-        long = qtype in LONG_TYPES
-        n = per_type // 4 if long else per_type
+        n = per_type // 4 if qtype in LONG_TYPES else per_type
         items = []
         for _ in range(n * 20):
             if len(items) == n:
@@ -217,19 +356,25 @@ def quick_eval(model: MultimodalDiffusionLM, bank: SceneBank, batcher: Batcher, 
             i = rng.randrange(len(bank.scenes))
             qa = ask(bank.scenes[i], rng, qtype)
             if qa is not None:
-                items.append((i, qa))
-        if not items:
-            continue
-        b = batcher.make(bank, items, eos_fill=True)
-        embeds, valid = embed_batch(model, bank, b)
-        L = batcher.cfg.long_length if long else batcher.cfg.short_length
+                items.append(Example(qa.question, qa.answers[0], qtype, scene=i))
+        if items:
+            groups[qtype] = items
+    if speech is not None and speech.features is not None:
+        ks = list(range(min(per_type, len(speech))))
+        groups["spoken"] = [Example("", speech.qas[k].answers[0], "spoken", scene=speech.scene[k], clip=k) for k in ks]
+        groups["asr"] = [Example(ASR_PROMPT, speech.qas[k].question, "asr", clip=k) for k in ks]
+    acc: dict[str, float] = {}
+    for name, items in groups.items():
+        b = batcher.make(items, eos_fill=True)
+        embeds, valid, _ = embed_batch(model, bank, b, speech)
+        L = b["response"].shape[1]
         if mode == "ar":
             out = ar_generate(model.decoder, embeds, valid, max_new_tokens=L, eos_id=model.special.eos,
                               pad_id=model.special.pad)
         else:
             out = model.sample(embeds, valid, config=SamplerConfig(gen_length=L, steps=L, block_length=L))
         preds = [model.decode(t.tolist()) for t in out.tokens]
-        acc[qtype] = sum(normalize(p) in {normalize(a) for a in qa.answers} for p, (_, qa) in zip(preds, items)) / len(items)
+        acc[name] = sum(normalize(p) == normalize(e.answer) for p, e in zip(preds, items)) / len(items)
     model.train()
     return acc
 
@@ -249,7 +394,7 @@ def save_state(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimi
         for group in opt.param_groups:
             for p in group["params"]:
                 s = opt.state.get(p)
-                if s:
+                if s and id(p) in names:  # training-only heads are not checkpointed
                     n = names[id(p)]
                     tensors[f"{n}::exp_avg"] = s["exp_avg"].contiguous()
                     tensors[f"{n}::exp_avg_sq"] = s["exp_avg_sq"].contiguous()
@@ -310,6 +455,8 @@ class Trainer:
         self.model.train()
         self.bank: SceneBank | None = None
         self.val: SceneBank | None = None
+        self.speech: SpeechBank | None = None
+        self.val_speech: SpeechBank | None = None
         self.batcher = Batcher(self.model, cfg)
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -328,14 +475,28 @@ class Trainer:
                     texts += [qa.question, qa.answers[0]]
         return train_tokenizer(texts, vocab_size=self.cfg.vocab_size)
 
-    def _banks(self, need_features: bool) -> None:
+    def _banks(self, stage: StageConfig) -> None:
+        """Render (and, once the encoders are trained, encode) the scene and speech banks."""
+        cfg = self.cfg
         if self.bank is None:
-            self.bank = SceneBank.build(self.model, split="train", n=self.cfg.bank_images, seed=self.cfg.seed + 1000 * self.rank,
+            self.bank = SceneBank.build(self.model, split="train", n=cfg.bank_images, seed=cfg.seed + 1000 * self.rank,
                                         desc="rendering train scenes")
-            self.val = SceneBank.build(self.model, split="val", n=self.cfg.val_images, seed=self.cfg.seed, desc="rendering val scenes")
-        if need_features and self.bank.features is None:
-            self.bank.encode(self.model)
-            self.val.encode(self.model)
+            self.val = SceneBank.build(self.model, split="val", n=cfg.val_images, seed=cfg.seed, desc="rendering val scenes")
+        uses_speech = cfg.speech_clips > 0 and stage.kind in ("asr", "ar", "diffusion")
+        if uses_speech and self.speech is None:
+            if self.model.audio is None:
+                raise ValueError("speech_clips > 0 but the model config has no audio encoder")
+            self.speech = SpeechBank.build(self.model, self.bank, n=cfg.speech_clips, split="train",
+                                           seed=cfg.seed + 1000 * self.rank, desc="speaking train questions")
+            self.val_speech = SpeechBank.build(self.model, self.val, n=cfg.speech_val_clips, split="val",
+                                               seed=cfg.seed, desc="speaking val questions")
+        if stage.kind in ("ar", "diffusion"):
+            if self.bank.features is None:
+                self.bank.encode(self.model)
+                self.val.encode(self.model)
+            if self.speech is not None and self.speech.features is None:
+                self.speech.encode(self.model)
+                self.val_speech.encode(self.model)
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
@@ -371,7 +532,7 @@ class Trainer:
         from tqdm import tqdm
 
         model, cfg = self.model, self.cfg
-        self._banks(need_features=stage.kind != "cells")
+        self._banks(stage)
         head = None
         model.freeze(["vision", "vision_adapter", "audio", "audio_adapter", "decoder"])
         model.freeze(stage.train, frozen=False)
@@ -380,11 +541,15 @@ class Trainer:
 
             head = CellHead(model.vision.out_dim, model.vision.grid,
                             n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
+        elif stage.kind == "asr":  # CTC head over the tokenizer's vocabulary plus a blank
+            head = nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1)
+        elif self.cfg.ground_weight > 0:  # grounding head on the decoder's image-token states
+            head = nn.Linear(model.cfg.decoder.d_model, 2)
         params = [p for p in model.parameters() if p.requires_grad] + ([] if head is None else list(head.parameters()))
         sync_params(params, self.world)
         opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
         start = self.state["step"] if self.state["stage"] == si else 0
-        if start and head is None:
+        if start and stage.kind in ("ar", "diffusion"):
             load_optimizer(self.state_dir, model, opt, self.state.get("adam_steps", {}))
         bar = tqdm(range(start, stage.steps), desc=f"[{stage.name}]", disable=not self.progress or self.rank > 0,
                    initial=start, total=stage.steps, dynamic_ncols=True)
@@ -411,19 +576,27 @@ class Trainer:
                            "tok_s": tokens_since / (now - t_last), "time": time.time()})
                 t_last, tokens_since = now, 0
             last = step == stage.steps - 1
-            if stage.kind != "cells" and self.rank == 0 and (step + 1) % cfg.eval_every == 0 or (last and stage.kind != "cells" and self.rank == 0):
-                acc = quick_eval(model, self.val, self.batcher, mode="ar" if stage.kind == "ar" else "diffusion",
-                                 seed=step)
-                tqdm.write(f"[{stage.name}] step {step + 1} val acc " + " ".join(f"{k}={v:.2f}" for k, v in acc.items()))
-                self._log({"stage": stage.name, "step": step + 1, "val_acc": acc})
-            if stage.kind == "cells" and self.rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
-                acc = self._cell_accuracy(head)
-                tqdm.write(f"[{stage.name}] step {step + 1} val cell acc " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
-                self._log({"stage": stage.name, "step": step + 1, "val_cell_acc": acc})
-            if head is None and self.rank == 0 and (step + 1) % cfg.save_every == 0 and not last:
+            if self.rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
+                self._validate(stage, head, step + 1)
+            if stage.kind in ("ar", "diffusion") and self.rank == 0 and (step + 1) % cfg.save_every == 0 and not last:
                 save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1})
         if stage.kind == "cells":
             self.bank.features = None  # encoder changed: features are recomputed when needed
+        if stage.kind == "asr":
+            self.speech.features = None
+
+    def _validate(self, stage: StageConfig, head: nn.Module | None, step: int) -> None:
+        from tqdm import tqdm
+
+        if stage.kind == "cells":
+            acc, key = self._cell_accuracy(head), "val_cell_acc"
+        elif stage.kind == "asr":
+            acc, key = self._asr_eval(head), "val_asr"
+        else:
+            acc, key = quick_eval(self.model, self.val, self.batcher, mode=stage.kind, seed=step,
+                                  speech=self.val_speech), "val_acc"
+        tqdm.write(f"[{stage.name}] step {step} {key} " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
+        self._log({"stage": stage.name, "step": step, key: acc})
 
     def _loss(self, stage: StageConfig, head: CellHead | None, rng: random.Random) -> tuple[torch.Tensor, int]:
         model, bank = self.model, self.bank
@@ -432,26 +605,91 @@ class Trainer:
             logits = head(model.vision(bank.pixels[idx].float()))
             loss = sum(F.cross_entropy(v.reshape(-1, v.shape[-1]), bank.labels[k][idx].reshape(-1)) for k, v in logits.items())
             return loss, stage.batch_size * model.vision.num_tokens
-        long = rng.random() < stage.long_fraction and bool(self.batcher.long_types)
-        n = stage.batch_size // 4 if long else stage.batch_size
-        batch = self.batcher.make(bank, self.batcher.sample_qas(bank, rng, n, long), eos_fill=stage.kind == "diffusion",
-                                  rng=rng)
-        embeds, valid = embed_batch(model, bank, batch)
+        if stage.kind == "asr":
+            return self._ctc_loss(head, [rng.randrange(len(self.speech)) for _ in range(stage.batch_size)])
+        if self.speech is not None and rng.random() < stage.audio_fraction:
+            items = self.batcher.spoken(self.speech, rng, stage.batch_size // 2)
+        else:
+            long = rng.random() < stage.long_fraction and bool(self.batcher.long_types)
+            items = self.batcher.typed(bank, rng, stage.batch_size // 4 if long else stage.batch_size, long)
+        batch = self.batcher.make(items, eos_fill=stage.kind == "diffusion", rng=rng)
+        embeds, valid, kinds = embed_batch(model, bank, batch, self.speech)
         response = batch["response"].to(model.device)
         P = embeds.shape[1]
         if stage.kind == "ar":
-            logits = model.decoder(inputs_embeds=torch.cat([embeds, model.decoder.embed(response)], 1),
-                                   valid=torch.cat([valid, torch.ones_like(response, dtype=torch.bool)], 1),
-                                   attn_mode="causal").logits
-            targets = response.masked_fill(~batch["loss_mask"].to(response.device), -100)
-            return ar_loss(logits, targets, P), int(valid.sum()) + response.numel()
-        g = torch.Generator().manual_seed(rng.randrange(2**31))
-        targets, masked, t = forward_mask(response, generator=g, complementary=stage.complementary)
-        if stage.complementary:
-            embeds, valid = torch.cat([embeds, embeds]), torch.cat([valid, valid])
-        noisy = targets.masked_fill(masked, model.special.mask)
-        logits = model(embeds, valid, noisy, attn_mode=stage.attn_mode)  # (B, L, V)
-        return diffusion_loss(logits, targets, masked, t), int(valid.sum()) + targets.numel()
+            targets, noisy = response, response  # teacher forcing under the causal mask
+            mode = "causal"
+        else:
+            g = torch.Generator().manual_seed(rng.randrange(2**31))
+            targets, masked, t = forward_mask(response, generator=g, complementary=stage.complementary)
+            if stage.complementary:
+                embeds, valid, kinds = torch.cat([embeds, embeds]), torch.cat([valid, valid]), torch.cat([kinds, kinds])
+                items = items + items
+            noisy = targets.masked_fill(masked, model.special.mask)
+            mode = stage.attn_mode
+        out = model.decoder(inputs_embeds=torch.cat([embeds, model.decoder.embed(noisy)], 1),
+                            valid=torch.cat([valid, torch.ones_like(noisy, dtype=torch.bool)], 1),
+                            attn_mode=mode, prefix_len=P, output_hidden_states=head is not None)
+        n_tokens = int(valid.sum()) + noisy.numel()
+        if stage.kind == "ar":
+            loss = ar_loss(out.logits, targets.masked_fill(~batch["loss_mask"].to(targets.device), -100), P)
+        else:
+            logits = model.decoder.aligned_logits(out.logits)[:, P:]  # (B, L, V)
+            loss = diffusion_loss(logits, targets, masked, t)
+        if head is not None:
+            loss = loss + self.cfg.ground_weight * self._ground_loss(head, out.hidden_states, kinds, items)
+        return loss, n_tokens
+
+    def _ground_loss(self, head: nn.Module, hidden: list[torch.Tensor], kinds: torch.Tensor,
+                     items: list[Example]) -> torch.Tensor:
+        """Grounding: the decoder's state at each image token (one per cell) predicts whether the
+        question names that cell (focus group 1) or its second object/group (focus group 2).
+
+        Image tokens follow the question in the prompt, so they can attend to it under every mask.
+        """
+        from ..model import IMAGE
+
+        rows = [b for b, e in enumerate(items) if e.scene >= 0 and e.focus]
+        if not rows:
+            return hidden[0].new_zeros(())
+        layer = self.cfg.ground_layer if self.cfg.ground_layer >= 0 else len(hidden) // 2
+        img = kinds[rows] == IMAGE  # (B', P)
+        h = hidden[layer][rows, : img.shape[1]]  # (B', P, D): prompt positions
+        n_cells = int(img[0].sum())
+        states = h[img].view(len(rows), n_cells, -1)  # (B', cells, D) in reading order
+        target = torch.zeros(len(rows), n_cells, 2)
+        for r, b in enumerate(rows):
+            for g, cells in enumerate(items[b].focus[:2]):
+                target[r, list(cells), g] = 1.0
+        return F.binary_cross_entropy_with_logits(head(states).float(), target.to(states.device))
+
+    def _ctc_loss(self, head: nn.Module, idx: list[int], speech: SpeechBank | None = None):
+        """CTC loss of the speech encoder + head on the transcripts of clips ``idx``."""
+        speech = speech or self.speech
+        feats, mask = self.model.audio.batch_mels([speech.mels[i] for i in idx])
+        out = self.model.audio(feats, mask)
+        logp = head(out.last).float().log_softmax(-1)  # (B, T', V+1)
+        targets = [torch.tensor(self.batcher.answer_ids(speech.qas[i].question)) for i in idx]
+        loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(targets), mask.sum(-1), torch.tensor([len(t) for t in targets]),
+                          blank=logp.shape[-1] - 1, zero_infinity=True)
+        return loss, int(mask.sum())
+
+    @torch.no_grad()
+    def _asr_eval(self, head: nn.Module) -> dict[str, float]:
+        """Greedy CTC transcripts of the validation clips: word error rate and exact match."""
+        self.model.audio.eval()
+        speech = self.val_speech
+        refs, hyps = [], []
+        for i in range(0, len(speech), 64):
+            idx = list(range(i, min(i + 64, len(speech))))
+            feats, mask = self.model.audio.batch_mels([speech.mels[k] for k in idx])
+            out = self.model.audio(feats, mask)
+            logp = head(out.last).log_softmax(-1)
+            for k, ids in zip(idx, ctc_greedy(logp, mask.sum(-1), logp.shape[-1] - 1)):
+                refs.append(normalize(speech.qas[k].question))
+                hyps.append(normalize(self.model.tokenizer.decode(ids)))
+        self.model.audio.train()
+        return {"wer": word_error_rate(refs, hyps), "exact": sum(r == h for r, h in zip(refs, hyps)) / len(refs)}
 
     @torch.no_grad()
     def _cell_accuracy(self, head: CellHead) -> dict[str, float]:

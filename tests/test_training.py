@@ -1,0 +1,150 @@
+"""Training on tiny configs for a few steps: every stage kind runs, checkpoints resume, replicas agree."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdiff.data.speech import espeak_available
+from mmdiff.model import MultimodalDiffusionLM
+from mmdiff.training.losses import diffusion_loss, forward_mask
+from mmdiff.training.recipe import TrainConfig
+from mmdiff.training.trainer import Trainer, ctc_greedy, word_error_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3) -> dict:
+    model = {
+        "decoder": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_hidden": 64,
+                    "attn_mode": "prefix", "max_seq_len": 256},
+        "vision": {"kind": "timm", "name": "vit_tiny_patch16_224", "img_size": 36, "patch_size": 12,
+                   "embed_dim": 32, "depth": 1, "num_heads": 2, "layer": -1},
+        "vision_adapter": {"kind": "mlp2x_gelu", "in_dim": 32, "out_dim": 32, "pool": 1, "grid": [3, 3],
+                           "pos_embed": True},
+    }
+    stages = [{"name": "grounding", "kind": "cells", "steps": steps, "batch_size": 8, "train": ["vision"], "warmup": 1}]
+    if audio:
+        model["audio"] = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                          "num_mel_bins": 80, "max_source_positions": 400, "max_seconds": 8.0}
+        model["audio_adapter"] = {"kind": "audio_semantic", "in_dim": 32, "out_dim": 32, "subsample": 4}
+        stages.append({"name": "asr", "kind": "asr", "steps": steps, "batch_size": 4, "train": ["audio"], "warmup": 1})
+    stages += [
+        {"name": "ar", "kind": "ar", "steps": steps, "batch_size": 8, "warmup": 1, "audio_fraction": 0.5,
+         "save_as": str(tmp_path / "ar")},
+        {"name": "diffusion", "kind": "diffusion", "steps": steps, "batch_size": 8, "warmup": 1,
+         "complementary": True, "audio_fraction": 0.5, "long_fraction": 0.3},
+    ]
+    return {"out": str(tmp_path / "model"), "model": model, "stages": stages, "vocab_size": 300,
+            "tokenizer_texts": 400, "bank_images": 40, "val_images": 8, "short_length": 8, "long_length": 64,
+            "eval_every": 1000, "save_every": 2, "threads": 1, "speech_clips": 6 if audio else 0,
+            "speech_val_clips": 3}
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_committed_recipe_parses():
+    cfg = TrainConfig.from_file(ROOT / "configs" / "mmdiff-tiny.json")
+    assert [s.kind for s in cfg.stages][-1] == "diffusion"
+
+
+def test_every_stage_runs_and_model_answers(tmp_path):
+    cfg = TrainConfig.from_file(write(tmp_path, tiny_config(tmp_path)))
+    Trainer(cfg, progress=False).run()
+    model = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
+    ar = MultimodalDiffusionLM.from_pretrained(tmp_path / "ar")  # the phase-1 checkpoint is kept
+    assert not torch.equal(ar.decoder.lm_head.weight, model.decoder.lm_head.weight)
+    from mmdiff.data.scenes import render, sample_scene
+    import random
+
+    img = render(sample_scene(random.Random(0), "test"))
+    res = model.generate(["how many circles are there?"], images=[img])[0]
+    assert res.nfe >= 1 and isinstance(res.text, str)
+    log = [json.loads(l) for l in (tmp_path / "model.train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"grounding", "ar", "diffusion"}
+    assert any("val_acc" in r for r in log) and any("val_cell_acc" in r for r in log)
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
+def test_speech_stages_run(tmp_path):
+    cfg = TrainConfig.from_file(write(tmp_path, tiny_config(tmp_path, audio=True, steps=2)))
+    Trainer(cfg, progress=False).run()
+    log = [json.loads(l) for l in (tmp_path / "model.train_log.jsonl").read_text().splitlines()]
+    assert any("val_asr" in r for r in log)
+    assert any("spoken" in r.get("val_acc", {}) for r in log)
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    cfg_dict = tiny_config(tmp_path, steps=4)
+    cfg_dict["stages"] = cfg_dict["stages"][:2]  # grounding + ar
+    cfg = TrainConfig.from_file(write(tmp_path, cfg_dict))
+    t = Trainer(cfg, progress=False)
+    t.run()
+    state = json.loads((tmp_path / "model.train_state" / "train_state.json").read_text())
+    assert state == {"stage": 2, "step": 0}
+    again = Trainer(cfg, progress=False)  # resumes: nothing left to do, weights identical
+    assert again.state["stage"] == 2
+    torch.testing.assert_close(again.model.decoder.lm_head.weight, t.model.decoder.lm_head.weight)
+
+
+def test_nan_guard_stops_with_message(tmp_path):
+    cfg_dict = tiny_config(tmp_path)
+    cfg_dict["stages"] = [dict(cfg_dict["stages"][1], steps=3)]
+    cfg = TrainConfig.from_file(write(tmp_path, cfg_dict))
+    trainer = Trainer(cfg, progress=False)
+    with torch.no_grad():
+        trainer.model.decoder.norm.weight[0] = float("inf")  # a diverged weight
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        trainer.run()
+
+
+def test_diffusion_loss_weighting():
+    """Masked-diffusion ELBO: CE on masked tokens only, weighted by 1/t, averaged over all tokens."""
+    logits = torch.zeros(1, 4, 5)
+    targets = torch.tensor([[1, 2, 3, 4]])
+    masked = torch.tensor([[True, False, True, False]])
+    t = torch.tensor([0.5])
+    ce = torch.log(torch.tensor(5.0))
+    torch.testing.assert_close(diffusion_loss(logits, targets, masked, t), 2 * ce / 0.5 / 4)
+    tg, m, tt = forward_mask(torch.ones(3, 10, dtype=torch.long), generator=torch.Generator().manual_seed(0),
+                             complementary=True)
+    assert tg.shape == (6, 10) and torch.equal(m[:3], ~m[3:]) and torch.allclose(tt[:3] + tt[3:], torch.ones(3))
+
+
+def test_ctc_decode_and_wer():
+    logp = torch.log(torch.tensor([[[0.1, 0.9, 0.0], [0.1, 0.9, 0.0], [0.0, 0.1, 0.9], [0.9, 0.1, 0.0]]]))
+    assert ctc_greedy(logp, torch.tensor([4]), blank=2) == [[1, 0]]
+    assert word_error_rate(["a b c"], ["a x c"]) == pytest.approx(1 / 3)
+
+
+def test_data_parallel_replicas_identical(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): both replicas hold identical weights after training."""
+    cfg_dict = tiny_config(tmp_path)
+    cfg_dict["stages"] = [dict(cfg_dict["stages"][1], steps=3, save_as=None)]
+    path = write(tmp_path, cfg_dict)
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from mmdiff.training.recipe import TrainConfig\n"
+        "from mmdiff.training.trainer import Trainer\n"
+        f"cfg = TrainConfig.from_file({str(path)!r})\n"
+        "t = Trainer(cfg, resume=False, progress=False)\n"
+        "t.run()\n"
+        "r = os.environ['RANK']\n"
+        f"save_file({{k: v.contiguous() for k, v in t.model.decoder.state_dict().items()}}, {str(tmp_path)!r} + f'/rank{{r}}.safetensors')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                    str(script)], check=True, env=env, cwd=tmp_path, timeout=240, capture_output=True)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
