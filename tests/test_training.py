@@ -140,9 +140,16 @@ def test_data_parallel_replicas_identical(tmp_path):
         "t.run()\n"
         "r = os.environ['RANK']\n"
         f"save_file({{k: v.contiguous() for k, v in t.model.decoder.state_dict().items()}}, {str(tmp_path)!r} + f'/rank{{r}}.safetensors')\n")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-                    str(script)], check=True, env=env, cwd=tmp_path, timeout=240, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+                          env=env, cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
