@@ -402,11 +402,16 @@ def test_mmdiff_data_with_audio(tmp_path: Path) -> None:
     rows = list(read_rows(tmp_path / "data.jsonl"))
     assert all(isinstance(r, Row) for r in rows) and len(rows) == 16
     spoken = [r for r in rows if r.audio is not None]
-    assert spoken and all(r.question for r in spoken)
-    assert all(sf.info(r.audio).samplerate == 16000 for r in spoken)
-    for r in rows:
-        if r.type == "asr":
-            assert r.question == dataset.ASR_QUESTION and r.audio is not None and r.answers[0].endswith("?")
+    assert spoken and all(sf.info(r.audio).samplerate == 16000 for r in spoken)
+    raw = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    for r, d in zip(rows, raw):
+        if r.type == "asr":  # transcription: instruction + clip, no image
+            assert r.question == dataset.ASR_QUESTION and r.audio is not None and r.image is None
+            assert r.answers[0].endswith("?")
+        elif r.audio is not None:  # a spoken question: no typed text, transcript kept
+            assert r.question is None and d["transcript"].endswith("?") and r.image is not None
+            assert r.type.startswith(dataset.SPOKEN_PREFIX)
+            assert r.type[len(dataset.SPOKEN_PREFIX):] in dataset.SPOKEN_TYPES
 
 
 def test_focus_cells_agree_with_answers():

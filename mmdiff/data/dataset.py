@@ -8,8 +8,10 @@ On-disk layout written by :func:`write_split` (media paths are relative to ``dat
     out_dir/images/<scene id>.png
     out_dir/audio/<row id>.wav                             # only with audio=True
 
-Spoken rows keep the question text too (it is the transcript). With audio, some rows are ASR
-rows: type "asr", question :data:`ASR_QUESTION`, answers [transcript of the spoken question].
+A row needs an image, audio or both, and a question, audio or both. Spoken-question rows have no
+"question" (the model hears it), keep its text as "transcript", and their type is prefixed with
+:data:`SPOKEN_PREFIX` ("spoken_count"). ASR rows have no image: type "asr", question
+:data:`ASR_QUESTION`, answers [transcript of the spoken question].
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from .scenes import Scene, check_split, render, sample_scene
 
 DATA_FILE = "data.jsonl"
 ASR_QUESTION = "transcribe the audio."
+SPOKEN_PREFIX = "spoken_"  # type of a row whose question is only spoken: "spoken_count", ...
+#: the short families asked by voice (the shipped model is trained to hear these)
+SPOKEN_TYPES = ("attribute", "existence", "count", "position", "relation", "comparison")
 ROWS_PER_SCENE = 4  # question rows written per image (different families)
 SPOKEN_RATE = 0.5  # with audio: share of question rows whose question is also spoken
 ASR_RATE = 0.25  # with audio: share of scenes whose last row is an ASR row
@@ -107,12 +112,16 @@ def write_split(out_dir: str | Path, *, split: str, n: int, seed: int, audio: bo
                 row: dict[str, Any] = {"id": f"{scene_id}-{k}", "image": image_path, "question": qa.question,
                                        "answers": qa.answers, "type": qa.type}
                 if audio:
-                    asr = k == len(chosen) - 1 and k > 0 and pick.random() < ASR_RATE
-                    if asr or pick.random() < SPOKEN_RATE:
+                    asr = k == len(chosen) - 1 and k > 0 and qa.type in SPOKEN_TYPES and pick.random() < ASR_RATE
+                    if asr or (qa.type in SPOKEN_TYPES and pick.random() < SPOKEN_RATE):
                         row["audio"] = f"audio/{row['id']}.wav"
                         speak(qa.question, out / row["audio"], split=split, rng=pick)
-                    if asr:
-                        row.update(question=ASR_QUESTION, answers=[qa.question], type="asr")
+                        if asr:  # transcription needs no image
+                            del row["image"]
+                            row.update(question=ASR_QUESTION, answers=[qa.question], type="asr")
+                        else:  # the question is only spoken; its text is kept as the transcript
+                            del row["question"]
+                            row.update(transcript=qa.question, type=f"{SPOKEN_PREFIX}{qa.type}")
                 rows.append(row)
             bar.update(len(chosen))
     path = out / DATA_FILE
@@ -135,7 +144,7 @@ class Row:
     """
 
     id: str
-    image: Path
+    image: Path | None
     question: str | None
     answers: list[str]
     type: str
@@ -175,9 +184,11 @@ def _parse_row(line: str, line_no: int, root: Path) -> Row | RowError:
 
     image, question, audio = data.get("image"), data.get("question"), data.get("audio")
     answers, qtype = data.get("answers"), data.get("type")
-    if not isinstance(image, str) or not image:
-        return error("missing 'image'")
-    if not (root / image).is_file():
+    if image is None and audio is None:
+        return error("missing 'image' (a row needs an image, audio or both)")
+    if image is not None and (not isinstance(image, str) or not image):
+        return error("'image' must be a non-empty string")
+    if image is not None and not (root / image).is_file():
         return error(f"image file not found: {root / image}")
     if question is None and audio is None:
         return error("neither 'question' nor 'audio'")
@@ -189,7 +200,8 @@ def _parse_row(line: str, line_no: int, root: Path) -> Row | RowError:
         return error("'answers' must be a non-empty list of non-empty strings")
     if not isinstance(qtype, str) or not qtype:
         return error("missing 'type'")
-    return Row(row_id, root / image, question, answers, qtype, root / audio if audio else None, line_no)
+    return Row(row_id, root / image if image else None, question, answers, qtype, root / audio if audio else None,
+               line_no)
 
 
 def read_rows(path: str | Path) -> Iterator[Row | RowError]:

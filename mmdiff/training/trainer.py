@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import special_tokens as st
+from ..data.dataset import ASR_QUESTION as ASR_PROMPT, SPOKEN_TYPES
 from ..io import load_safetensors, read_json, write_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from ..sampling import SamplerConfig
@@ -130,8 +130,6 @@ class CellHead(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # spoken questions: synthesised once (espeak-ng), log-mels kept, encoder states cached after ASR
 # ------------------------------------------------------------------------------------------------
-SPOKEN_TYPES = ("attribute", "existence", "count", "position", "relation", "comparison")
-ASR_PROMPT = "transcribe the audio."
 
 
 @dataclass
@@ -458,6 +456,7 @@ class Trainer:
         self.speech: SpeechBank | None = None
         self.val_speech: SpeechBank | None = None
         self.batcher = Batcher(self.model, cfg)
+        self.parts: dict[str, float] = {}  # loss components of the last step, for the log
 
     # -- pieces -----------------------------------------------------------------------------------
     def _tokenizer(self):
@@ -572,8 +571,8 @@ class Trainer:
             if step % 10 == 0:
                 now = time.perf_counter()
                 bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
-                self._log({"stage": stage.name, "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                           "tok_s": tokens_since / (now - t_last), "time": time.time()})
+                self._log({"stage": stage.name, "step": step, "loss": loss.item(), **self.parts,
+                           "lr": opt.param_groups[0]["lr"], "tok_s": tokens_since / (now - t_last), "time": time.time()})
                 t_last, tokens_since = now, 0
             last = step == stage.steps - 1
             if self.rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
@@ -636,8 +635,11 @@ class Trainer:
         else:
             logits = model.decoder.aligned_logits(out.logits)[:, P:]  # (B, L, V)
             loss = diffusion_loss(logits, targets, masked, t)
+        self.parts = {"answer": loss.item()}
         if head is not None:
-            loss = loss + self.cfg.ground_weight * self._ground_loss(head, out.hidden_states, kinds, items)
+            ground = self._ground_loss(head, out.hidden_states, kinds, items)
+            self.parts["ground"] = ground.item()
+            loss = loss + self.cfg.ground_weight * ground
         return loss, n_tokens
 
     def _ground_loss(self, head: nn.Module, hidden: list[torch.Tensor], kinds: torch.Tensor,
