@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdiff.data.questions import NO, QUESTION_TYPES, YES, ask
+from mmdiff.data.questions import NO, YES, ask
 from mmdiff.data.scenes import render, sample_scene
 from mmdiff.sampling import SamplerConfig, iter_sample
 from mmdiff.sampling.denoisers import build_denoiser
@@ -28,18 +28,9 @@ TOY_CANVAS = 4
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """A tokenizer trained on the world's questions and answers ("yes" / "no" are single tokens)."""
-    from mmdiff.tokenizer import train_tokenizer
-
-    rng, texts = random.Random("search-tokenizer"), []
-    while len(texts) < 600:
-        scene = sample_scene(rng, "train")
-        for t in QUESTION_TYPES:
-            qa = ask(scene, rng, t)
-            if qa is not None:
-                texts += [qa.question, qa.answers[0]]
-    return train_tokenizer(texts, vocab_size=400)
+def tok(world_tokenizer):
+    """The real tokenizer recipe (as the trainer builds it): questions and answers of the world."""
+    return world_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdiff.data.questions import QUESTION_TYPES, Filter, ask, caption_json
+from mmdiff.data.questions import Filter, ask, caption_json
 from mmdiff.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, render, sample_scene
 from mmdiff.sampling import SamplerConfig
 from mmdiff.sampling.structure import (COUNT_QUESTION, Slot, StructurePrior, Template, caption,
@@ -28,18 +28,9 @@ MIXED_SCHEMA = {"type": "object", "properties": {
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(world_tokenizer):
     """The real tokenizer recipe (as the trainer builds it): questions and answers of the world."""
-    from mmdiff.tokenizer import train_tokenizer
-
-    rng, texts = random.Random("structure-tokenizer"), []
-    while len(texts) < 3000:
-        scene = sample_scene(rng, "train")
-        for t in QUESTION_TYPES:
-            qa = ask(scene, rng, t)
-            if qa is not None:
-                texts += [qa.question, qa.answers[0]]
-    return train_tokenizer(texts, vocab_size=768)
+    return world_tokenizer
 
 
 def tiny_model(tok, **decoder):

@@ -434,3 +434,24 @@ def questions_for(scene: Scene, rng: random.Random, types: Sequence[str] = QUEST
                 seen.add(qa.question)
                 out.append(qa)
     return out
+
+
+def world_texts(n: int, *, seed: int | str = 0, split: str = "train") -> list[str]:
+    """At least ``n`` questions and answers of every family about random scenes (tokenizer training).
+
+    Args:
+        n: minimum number of texts.
+        seed: seeds the scene and question stream.
+        split: scenes come from this split.
+    """
+    from .scenes import sample_scene
+
+    rng = random.Random(f"world-texts-{seed}")
+    texts: list[str] = []
+    while len(texts) < n:
+        scene = sample_scene(rng, split)
+        for qtype in QUESTION_TYPES:
+            qa = ask(scene, rng, qtype)
+            if qa is not None:
+                texts += [qa.question, qa.answers[0]]
+    return texts

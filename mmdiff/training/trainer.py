@@ -460,19 +460,10 @@ class Trainer:
 
     # -- pieces -----------------------------------------------------------------------------------
     def _tokenizer(self):
-        from ..data.questions import QUESTION_TYPES, ask
-        from ..data.scenes import sample_scene
+        from ..data.questions import world_texts
         from ..tokenizer import train_tokenizer
 
-        rng = random.Random(f"tokenizer-{self.cfg.seed}")
-        texts = []
-        while len(texts) < self.cfg.tokenizer_texts:
-            scene = sample_scene(rng, "train")
-            for t in QUESTION_TYPES:
-                qa = ask(scene, rng, t)
-                if qa is not None:
-                    texts += [qa.question, qa.answers[0]]
-        return train_tokenizer(texts, vocab_size=self.cfg.vocab_size)
+        return train_tokenizer(world_texts(self.cfg.tokenizer_texts, seed=self.cfg.seed), vocab_size=self.cfg.vocab_size)
 
     def _banks(self, stage: StageConfig) -> None:
         """Render (and, once the encoders are trained, encode) the scene and speech banks."""
