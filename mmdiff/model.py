@@ -240,6 +240,34 @@ class MultimodalDiffusionLM(nn.Module):
             pruning: visual-token pruning / layer skipping (None = off).
             counter: accumulates the decoder FLOPs per answer.
         """
+        config = config or SamplerConfig()
+        t0 = time.perf_counter()
+        embeds, valid, kinds = self.prepare(questions, images=images, audios=audios)
+        media_mask = kinds == IMAGE if pruning is not None and pruning.active else None
+        out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback,
+                          pruning=pruning, media_mask=media_mask, counter=counter)
+        return self._results(out, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def generate_ar(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
+                    audios: Sequence | None = None, max_new_tokens: int = 8) -> list[GenerationResult]:
+        """Answer left to right with KV-cached greedy AR decoding (for a causal, phase-1 checkpoint:
+        the same-size autoregressive baseline). Arguments as in :meth:`generate`."""
+        from .sampling.autoregressive import ar_generate
+
+        t0 = time.perf_counter()
+        embeds, valid, _ = self.prepare(questions, images=images, audios=audios)
+        out = ar_generate(self.decoder, embeds, valid, max_new_tokens=max_new_tokens, eos_id=self.special.eos,
+                          pad_id=self.special.pad)
+        return self._results(out, time.perf_counter() - t0)
+
+    def prepare(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
+                audios: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the media and embed the chat prompts of a batch (see :meth:`generate`).
+
+        Returns:
+            embeds (B, P, D), valid (B, P) and position kinds (B, P) (:data:`TEXT` / :data:`IMAGE` / :data:`AUDIO`).
+        """
         if isinstance(questions, str):
             questions = [questions]
         B = len(questions)
@@ -247,8 +275,6 @@ class MultimodalDiffusionLM(nn.Module):
         audios = list(audios) if audios is not None else [None] * B
         if len(images) != B or len(audios) != B:
             raise ValueError(f"{B} questions but {len(images)} images and {len(audios)} audio entries")
-        config = config or SamplerConfig()
-        t0 = time.perf_counter()
         img_idx = [i for i, im in enumerate(images) if im is not None]
         aud_idx = [i for i, a in enumerate(audios) if a is not None]
         img_tok = list(self.encode_image([images[i] for i in img_idx])) if img_idx else []
@@ -260,13 +286,11 @@ class MultimodalDiffusionLM(nn.Module):
                 raise ValueError(f"sample {b}: empty question and no audio")
         prompts = [self.format_prompt(q, n_images=len(per_img[b]), n_audio=len(per_aud[b]))
                    for b, q in enumerate(questions)]
-        embeds, valid, kinds = self.embed_prompt(prompts, images=per_img, audios=per_aud, return_kinds=True)
-        media_mask = kinds == IMAGE if pruning is not None and pruning.active else None
-        out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback,
-                          pruning=pruning, media_mask=media_mask, counter=counter)
-        latency = time.perf_counter() - t0
-        return [GenerationResult(self.decode(out.tokens[b].tolist()), out.tokens[b].tolist(), out.nfe, latency,
-                                 out.fixed_at[b].tolist()) for b in range(B)]
+        return self.embed_prompt(prompts, images=per_img, audios=per_aud, return_kinds=True)
+
+    def _results(self, out: SampleOutput, latency: float) -> list[GenerationResult]:
+        return [GenerationResult(self.decode(t.tolist()), t.tolist(), out.nfe, latency, f.tolist())
+                for t, f in zip(out.tokens, out.fixed_at)]
 
     def sample(self, embeds: torch.Tensor, valid: torch.Tensor, *, config: SamplerConfig, cache: str = "none",
                strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None,
@@ -284,7 +308,7 @@ class MultimodalDiffusionLM(nn.Module):
         """
         planner = None
         if pruning is not None and pruning.active:
-            if media_mask is None and pruning.prune != "none":
+            if media_mask is None and pruning.prunes:
                 raise ValueError(f"token pruning ({pruning.prune}) needs media_mask, the image token positions")
             media = media_mask if media_mask is not None else torch.zeros_like(valid)
             planner = LayerPlanner(pruning, prompt_embeds=embeds, media=media, n_layers=self.cfg.decoder.n_layers,
