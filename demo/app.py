@@ -4,19 +4,26 @@ Two tabs on one model:
 
 * **Ask**: image + question (+ spoken question, when the model has an audio encoder) -> the answer,
   the response canvas animated step by step (masked positions ▢ filling in, each token coloured by
-  the step that fixed it), NFE and latency.
-* **Structured caption**: image -> "describe the image in json." -> the parsed JSON, or a readable
-  parse error. Structure priors plug in at :func:`run_caption`.
+  the step that fixed it), NFE and latency. With a test-time search (:mod:`mmdiff.search`) on, only
+  the chosen answer is shown, with its NFE and the scored candidates.
+* **Structured caption**: image -> schema-valid JSON from a structure prior
+  (:func:`mmdiff.sampling.structure.caption`: the count question first, then the scene template),
+  streamed step by step; or, without a prior, "describe the image in json." answered free-form and
+  parsed (or a readable parse error).
 
-Each tab has a settings accordion built from :data:`SETTINGS`: one control per sampler knob, read
-back into a :class:`~mmdiff.sampling.SamplerConfig`. A new sampler feature (token pruning, layer
-skipping, search) is one new entry there.
+Each tab has a settings accordion built from :data:`SETTINGS`: one control per knob of the sampler
+(:class:`~mmdiff.sampling.SamplerConfig`), the cache, token pruning / layer skipping
+(:class:`~mmdiff.sampling.pruning.PruningConfig`) and, on the Ask tab, the test-time search
+(:class:`~mmdiff.search.SearchConfig`), read back by :func:`read_settings`. A new sampler feature is
+one new entry there.
 
-The demo owns no sampling logic: :func:`stream_steps` runs ``model.generate(callback=...)`` in a
-worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s to the page as they happen.
+The demo owns no sampling logic: :func:`stream_steps` runs ``model.generate(callback=...)`` (or
+``caption(callback=...)``) in a worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s
+to the page as they happen.
 """
 from __future__ import annotations
 
+import argparse
 import html
 import json
 import logging
@@ -32,11 +39,15 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import gradio as gr
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.commands.options import HELP
+from mmdiff.commands.options import CACHE_HELP, HELP, PRUNING_HELP, layer_list
 from mmdiff.data.questions import CAPTION_JSON_QUESTION
 from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.sampling import REMASKING, TRANSFER, SamplerConfig, StepEvent
+from mmdiff.sampling.denoisers import CACHES
+from mmdiff.sampling.pruning import PRUNE_SCHEDULES, PRUNERS, PruningConfig
+from mmdiff.sampling.structure import COUNT_QUESTION, CaptionResult, caption
+from mmdiff.search import SEARCHES, VERIFIERS, SearchConfig, SearchResult, search
 
 log = logging.getLogger("mmdiff.demo")
 R = TypeVar("R")
@@ -52,6 +63,10 @@ MAX_FILE_SIZE = "5mb"
 QUEUE = dict(default_concurrency_limit=2, max_size=16)
 NO_QUESTION = "Type a question, or record or upload a spoken one."
 NO_IMAGE = "Upload an image (or click an example image) to caption."
+MAX_CANDIDATES = 16  # slider limit of the search's N
+MAX_REFINE = 8  # slider limit of the search's T
+#: caption tab: the structure prior (the scene schema through ``caption``), or none (free-form answer)
+STRUCTURES = ("scene schema", "none")
 
 #: colour ramp for "fixed at step k" (viridis stops): early steps dark blue, late steps yellow
 RAMP: tuple[tuple[int, int, int], ...] = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
@@ -62,17 +77,30 @@ CANVAS_CSS = (".mm-canvas .mm-tok{display:inline-block;min-width:1.2em;margin:2p
               ".mm-canvas .mm-ramp{display:inline-block;width:120px;height:10px;vertical-align:middle}")
 MASKED_STYLE = "background:#e5e7eb;color:#9ca3af;"
 PRESET_STYLE = "background:#374151;color:#f9fafb;"
+FINAL_STYLE = "background:#dbeafe;color:#1e3a8a;"  # a searched answer: the step order is not shown
 
 
 # ------------------------------------------------------------------------------------------------
-# settings: one control per sampler knob
+# settings: one control per sampler, pruning and search knob
 # ------------------------------------------------------------------------------------------------
 def _length(name: str, label: str, value: int, minimum: int) -> gr.Slider:
     return gr.Slider(minimum, MAX_GEN_LENGTH, value=value, step=1, label=label, info=HELP[name])
 
 
-#: control name -> widget factory (given the tab's defaults). A name is a SamplerConfig field or
-#: "cache". A new sampler feature (token pruning, layer skipping, search) adds its entry here.
+def _step_number(name: str, label: str, value: int) -> gr.Number:
+    return gr.Number(value=value, precision=0, minimum=0, label=label, info=PRUNING_HELP[name])
+
+
+_PRUNING, _SEARCH = PruningConfig(), SearchConfig()
+#: search control -> SearchConfig field (the names of the ``mmdiff ask`` flags)
+SEARCH_CONTROLS: dict[str, str] = {"search": "strategy", "candidates": "candidates", "refine": "refine",
+                                   "verifier": "verifier"}
+#: pruning controls: the PruningConfig fields
+PRUNING_CONTROLS: tuple[str, ...] = tuple(f.name for f in fields(PruningConfig))
+
+#: control name -> widget factory (given the tab's sampler defaults). A name is a SamplerConfig
+#: field, "cache", a PruningConfig field (:data:`PRUNING_CONTROLS`) or a search control
+#: (:data:`SEARCH_CONTROLS`). A new sampler feature adds its entries here.
 SETTINGS: dict[str, Callable[[SamplerConfig], gr.Component]] = {
     "gen_length": lambda d: _length("gen_length", "gen length", d.gen_length, 1),
     "steps": lambda d: _length("steps", "steps (0 = gen length)", d.steps or 0, 0),
@@ -85,42 +113,111 @@ SETTINGS: dict[str, Callable[[SamplerConfig], gr.Component]] = {
                                        info=HELP["remasking"]),
     "temperature": lambda d: gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="temperature",
                                        info=HELP["temperature"]),
-    "cache": lambda d: gr.Radio(["none", "prefix"], value="none", label="cache",
-                                info="prompt KV cache: prefix = exact cache for prefix-LM models"),
+    "cache": lambda d: gr.Radio(CACHES.names(), value="none", label="cache", info=CACHE_HELP),
+    # token pruning and layer skipping
+    "prune": lambda d: gr.Dropdown(["none", *PRUNERS.names()], value=_PRUNING.prune, label="visual-token pruning",
+                                   info=PRUNING_HELP["prune"]),
+    "keep_ratio": lambda d: gr.Slider(0.0, 1.0, value=_PRUNING.keep_ratio, step=0.05, label="keep ratio",
+                                      info=PRUNING_HELP["keep_ratio"]),
+    "prune_layer": lambda d: _step_number("prune_layer", "prune layer K", _PRUNING.prune_layer),
+    "prune_from_step": lambda d: _step_number("prune_from_step", "prune from step", _PRUNING.prune_from_step),
+    "prune_schedule": lambda d: gr.Radio(list(PRUNE_SCHEDULES), value=_PRUNING.prune_schedule,
+                                         label="prune schedule", info=PRUNING_HELP["prune_schedule"]),
+    "skip_layers": lambda d: gr.Textbox(",".join(map(str, _PRUNING.skip_layers)), label="skip layers",
+                                        placeholder="e.g. 3,4", info=PRUNING_HELP["skip_layers"]),
+    "skip_from_step": lambda d: _step_number("skip_from_step", "skip from step", _PRUNING.skip_from_step),
+    # test-time search (Ask tab only)
+    "search": lambda d: gr.Radio(SEARCHES.names(), value=_SEARCH.strategy, label="test-time search",
+                                 info="none = plain decoding; best_of_n / hierarchical (dMLLM-TTS) score candidates "
+                                      "with the model itself: only the final answer is shown"),
+    "candidates": lambda d: gr.Slider(1, MAX_CANDIDATES, value=_SEARCH.candidates, step=1, label="candidates N",
+                                      info="trajectories explored (candidate 0 is the plain decode)"),
+    "refine": lambda d: gr.Slider(0, MAX_REFINE, value=_SEARCH.refine, step=1, label="refine rounds T",
+                                  info="refinements of the best survivor (hierarchical only)"),
+    "verifier": lambda d: gr.Radio(VERIFIERS.names(), value=_SEARCH.verifier, label="verifier",
+                                   info="elbo = the model's ELBO of the candidate; yesno = its P(yes) to "
+                                        "'... is that right?'"),
 }
 #: SamplerConfig field type -> (conversion, 0 means None); the page sends numbers as floats or strings
 _NUMBERS: dict[str, tuple[type, bool]] = {"int": (int, False), "float": (float, False), "int | None": (int, True),
                                           "float | None": (float, True)}
 
 
-def settings_panel(defaults: SamplerConfig) -> dict[str, gr.Component]:
-    """Build the settings accordion; returns control name -> component, in input order."""
+def settings_panel(defaults: SamplerConfig, *, search: bool = True) -> dict[str, gr.Component]:
+    """Build the settings accordion (pruning and search in their own sub-accordions); returns
+    control name -> component, in input order (:data:`SETTINGS`' order).
+
+    Args:
+        defaults: the tab's sampler defaults.
+        search: include the test-time search controls.
+    """
+    def group(name: str) -> str:
+        return "search" if name in SEARCH_CONTROLS else "pruning" if name in PRUNING_CONTROLS else "sampler"
+
+    titles = {"pruning": "Token pruning and layer skipping", "search": "Test-time search"}
+    out: dict[str, gr.Component] = {}
     with gr.Accordion("Settings", open=False):
-        return {name: make(defaults) for name, make in SETTINGS.items()}
+        out.update({n: make(defaults) for n, make in SETTINGS.items() if group(n) == "sampler"})
+        for g in ("pruning", "search") if search else ("pruning",):
+            with gr.Accordion(titles[g], open=False):
+                out.update({n: make(defaults) for n, make in SETTINGS.items() if group(n) == g})
+    return {n: out[n] for n in SETTINGS if n in out}
 
 
-def sampler_from_settings(names: Sequence[str], values: Sequence[Any], *,
-                          base: SamplerConfig) -> tuple[SamplerConfig, str]:
-    """Read the panel back into ``(SamplerConfig, cache)``; fields without a control keep ``base``'s value.
+@dataclass(frozen=True)
+class Settings:
+    """A settings panel read back: what the library calls take."""
+
+    sampler: SamplerConfig
+    cache: str
+    pruning: PruningConfig
+    search: SearchConfig
+
+    @property
+    def searching(self) -> bool:
+        return self.search.strategy != "none"
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """A page value as its config field's type: numbers converted (0 = None in optional fields),
+    skip layers parsed from "3,4"."""
+    if kind == "tuple[int, ...]":
+        try:
+            return layer_list(str(value or ""))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"setting {name}: {e}") from None
+    if kind not in _NUMBERS:
+        return value
+    conv, zero_is_none = _NUMBERS[kind]
+    try:
+        return None if zero_is_none and not value else conv(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {name} must be a number, got {value!r}") from None
+
+
+def read_settings(names: Sequence[str], values: Sequence[Any], *, base: SamplerConfig) -> Settings:
+    """Read a panel back; sampler fields without a control keep ``base``'s value, pruning and search
+    fields without one their defaults.
 
     Numbers are converted to their field's type; 0 in an optional field (steps, block length) means
     None, the sampler's default.
 
     Raises:
-        ValueError: a value the sampler rejects (the message names the setting).
+        ValueError: a value the sampler, pruning or search settings reject (the message names it).
     """
     chosen = dict(zip(names, values, strict=True))
     cache = chosen.pop("cache")
-    types = {f.name: str(f.type) for f in fields(SamplerConfig)}
-    for name, value in chosen.items():
-        if types[name] not in _NUMBERS:
-            continue
-        kind, zero_is_none = _NUMBERS[types[name]]
-        try:
-            chosen[name] = None if zero_is_none and not value else kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"setting {name} must be a number, got {value!r}") from None
-    return SamplerConfig(**{**base.to_dict(), **chosen}), cache
+    sampler_t, pruning_t, search_t = ({f.name: str(f.type) for f in fields(c)}
+                                      for c in (SamplerConfig, PruningConfig, SearchConfig))
+    sampler = {n: _typed(n, v, sampler_t[n]) for n, v in chosen.items() if n in sampler_t}
+    pruning = {n: _typed(n, v, pruning_t[n]) for n, v in chosen.items() if n in pruning_t}
+    search_ = {SEARCH_CONTROLS[n]: _typed(n, v, search_t[SEARCH_CONTROLS[n]]) for n, v in chosen.items()
+               if n in SEARCH_CONTROLS}
+    unknown = set(chosen) - set(sampler) - set(pruning) - set(SEARCH_CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}")
+    return Settings(SamplerConfig(**{**base.to_dict(), **sampler}), cache, PruningConfig(**pruning),
+                    SearchConfig(**search_))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +326,7 @@ def _span(text: str, style: str, title: str) -> str:
     return f'<span class="mm-tok" style="{style}" title="{html.escape(title)}">{html.escape(text)}</span>'
 
 
-def render_canvas(model: MultimodalDiffusionLM, tokens: Sequence[int], fixed_at: Sequence[int], *,
+def render_canvas(model: MultimodalDiffusionLM, tokens: Sequence[int], fixed_at: Sequence[int] | None, *,
                   planned_steps: int, header: str) -> str:
     """HTML of the response canvas, one span per position, decoded token by token.
 
@@ -240,23 +337,30 @@ def render_canvas(model: MultimodalDiffusionLM, tokens: Sequence[int], fixed_at:
     Args:
         model: gives the tokenizer and the special token ids.
         tokens: (L,) canvas token ids.
-        fixed_at: (L,) the step that fixed each position; 0 or -1 = not fixed by a step.
+        fixed_at: (L,) the step that fixed each position; 0 or -1 = not fixed by a step. None: the
+            order is unknown (a searched answer): every token in one light blue.
         planned_steps: the step at the end of the colour ramp (later steps clamp to it).
         header: the line above the canvas.
     """
     sp = model.special
-    last = max(planned_steps, *fixed_at, 1)
+    last = max(planned_steps, *(fixed_at or ()), 1)
     names = {sp.eos: "⟨eos⟩", sp.pad: "⟨pad⟩"}
     spans = []
-    for tok, step in zip(tokens, fixed_at):
+    for i, tok in enumerate(tokens):
         if tok == sp.mask:
             spans.append(_span("▢", MASKED_STYLE, "masked"))
             continue
-        style = PRESET_STYLE if step <= 0 else _step_style(step, last)
+        step = None if fixed_at is None else fixed_at[i]
+        if step is None:
+            style, title = FINAL_STYLE, "chosen by the search (steps not shown)"
+        elif step <= 0:
+            style, title = PRESET_STYLE, "preset (structure prior)"
+        else:
+            style, title = _step_style(step, last), f"fixed at step {step}"
         text = names.get(tok) or _visible(model.tokenizer.decode([tok]))
         if tok in names:
             style += "opacity:0.55;"
-        spans.append(_span(text, style, "preset (structure prior)" if step <= 0 else f"fixed at step {step}"))
+        spans.append(_span(text, style, title))
     masked = sum(t == sp.mask for t in tokens)
     ramp = ",".join(f"rgb({r},{g},{b})" for r, g, b in RAMP)
     return (f'<div class="mm-canvas"><style>{CANVAS_CSS}</style>'
@@ -267,9 +371,19 @@ def render_canvas(model: MultimodalDiffusionLM, tokens: Sequence[int], fixed_at:
             f"step {last}</div></div>")
 
 
-def stats_line(result: GenerationResult) -> str:
+def stats_line(result: GenerationResult | SearchResult | CaptionResult) -> str:
     """NFE and latency of a finished answer, as Markdown."""
     return f"**NFE** {result.nfe} · **latency** {result.latency_s * 1000:.0f} ms"
+
+
+def search_line(result: SearchResult, config: SearchConfig) -> str:
+    """A searched answer's cost and its scored candidates (best first), as Markdown."""
+    def shown(text: str) -> str:
+        return html.escape(text.replace("`", "'")) or "∅"
+
+    scored = ", ".join(f"`{shown(t)}` ({'—' if v is None else f'{v:.3f}'})" for t, v in result.candidates)
+    return (f"{stats_line(result)} · **{config.strategy}** search, {config.verifier} verifier: final answer only "
+            f"(the steps of a search are not animated) · candidates: {scored}")
 
 
 def parse_caption(text: str) -> tuple[Any, str]:
@@ -354,21 +468,38 @@ def check_model_dir(model_dir: str | Path) -> None:
 
 
 def ask_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
-              config: SamplerConfig, cache: str, callback: Callback) -> GenerationResult:
+              config: SamplerConfig, cache: str, pruning: PruningConfig, callback: Callback) -> GenerationResult:
     """Answer one question about an optional image and an optional spoken question."""
-    return model.generate([question], images=[image], audios=[audio], config=config, cache=cache, callback=callback)[0]
+    return model.generate([question], images=[image], audios=[audio], config=config, cache=cache, pruning=pruning,
+                          callback=callback)[0]
 
 
-def run_caption(model: MultimodalDiffusionLM, image: str, *, config: SamplerConfig, cache: str,
-                callback: Callback) -> GenerationResult:
-    """Answer :data:`CAPTION_JSON_QUESTION` about ``image``, free-form.
+def search_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
+                 settings: Settings) -> SearchResult:
+    """Answer one question through the test-time search (no step callback: the search runs many
+    sampler batches and verifier passes; the page shows its final answer)."""
+    if settings.pruning.active:
+        raise ValueError("the test-time search decodes without token pruning or layer skipping: set pruning to "
+                         "none and clear skip layers, or set the search to none")
+    return search(model, question, image=image, audio=audio, config=settings.sampler, search=settings.search,
+                  cache=settings.cache)
 
-    The place for structure priors: ``mmdiff.sampling.structure.caption(model, image, format="json",
-    ...)`` decodes schema-valid JSON on a template (its preset tokens show as dark "preset" spans).
-    Once it takes ``callback=``, call it here (its result has ``text`` and ``nfe`` too) and add a
-    "structure prior" control to the caption tab.
+
+def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, config: SamplerConfig, cache: str,
+                pruning: PruningConfig, callback: Callback) -> CaptionResult | GenerationResult:
+    """Caption ``image`` as JSON.
+
+    ``structure`` "scene schema": :func:`mmdiff.sampling.structure.caption` decodes schema-valid JSON
+    on the scene template, the count question first (its preset tokens show as dark "preset" spans;
+    canvas length and steps come from the template). "none": :data:`CAPTION_JSON_QUESTION` answered
+    free-form on ``config``'s canvas.
     """
-    return model.generate([CAPTION_JSON_QUESTION], images=[image], config=config, cache=cache, callback=callback)[0]
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure prior {structure!r}; known: {', '.join(STRUCTURES)}")
+    if structure == "none":
+        return model.generate([CAPTION_JSON_QUESTION], images=[image], config=config, cache=cache, pruning=pruning,
+                              callback=callback)[0]
+    return caption(model, image, format="json", config=config, cache=cache, pruning=pruning, callback=callback)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,9 +535,18 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
             if len(question_in) > MAX_QUESTION_CHARS:
                 raise ValueError(f"The question is {len(question_in)} characters long; "
                                  f"the limit is {MAX_QUESTION_CHARS}.")
-            config, cache = sampler_from_settings(list(settings), values, base=ASK_DEFAULTS)
-            call = partial(ask_model, model, question_in, image=img and img.path, audio=clip and clip.path,
-                           config=config, cache=cache)
+            chosen = read_settings(list(settings), values, base=ASK_DEFAULTS)
+            config, image_path, audio_path = chosen.sampler, img and img.path, clip and clip.path
+            if chosen.searching:
+                n = chosen.search.candidates
+                yield "", "", f"searching ({chosen.search.strategy}, {n} candidates): only the final answer is shown…"
+                result = search_model(model, question_in, image=image_path, audio=audio_path, settings=chosen)
+                canvas_html = render_canvas(model, result.tokens, None, planned_steps=1,
+                                            header=f"{chosen.search.strategy} search: final answer")
+                yield canvas_html, result.text, search_line(result, chosen.search)
+                return
+            call = partial(ask_model, model, question_in, image=image_path, audio=audio_path, config=config,
+                           cache=chosen.cache, pruning=chosen.pruning)
             for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
                                          frame_delay=frame_delay):
                 yield html_, result.text if result else "", stats_line(result) if result else "denoising…"
@@ -418,13 +558,18 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
 
 
 def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float) -> None:
-    gr.Markdown(f'Asks *"{CAPTION_JSON_QUESTION}"* and parses the answer as JSON.')
+    gr.Markdown(f"With the scene-schema structure prior the model first answers *{COUNT_QUESTION}*, "
+                "then fills the slots of a JSON template sized by that count: the caption always validates. "
+                f'Without a prior it answers *"{CAPTION_JSON_QUESTION}"* freely and the answer is parsed.')
     with gr.Row():
         with gr.Column():
             image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260,
                              elem_id="caption-image")
+            structure = gr.Radio(list(STRUCTURES), value=STRUCTURES[0], label="structure prior",
+                                 info="scene schema: schema-valid JSON (count question first, canvas and steps "
+                                      "from the template); none: free-form answer", elem_id="caption-structure")
             describe = gr.Button("Describe as JSON", variant="primary", elem_id="caption")
-            settings = settings_panel(CAPTION_DEFAULTS)
+            settings = settings_panel(CAPTION_DEFAULTS, search=False)
         with gr.Column():
             canvas = gr.HTML(label="Denoising", elem_id="caption-canvas")
             status = gr.Markdown(elem_id="caption-status")
@@ -434,24 +579,30 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
     if pictures:
         gr.Examples([[p] for p in pictures], inputs=[image], label="Example images", elem_id="caption-examples")
 
-    def run(image_in: Any, *values: Any) -> Iterator[tuple[str, str, Any, str]]:
+    def run(image_in: Any, structure_in: str, *values: Any) -> Iterator[tuple[str, str, Any, str]]:
         img = Upload.from_payload(image_in)
         try:
             if img is None:
                 raise ValueError(NO_IMAGE)
-            config, cache = sampler_from_settings(list(settings), values, base=CAPTION_DEFAULTS)
-            call = partial(run_caption, model, img.path, config=config, cache=cache)
-            for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
-                                         frame_delay=frame_delay):
+            chosen = read_settings(list(settings), values, base=CAPTION_DEFAULTS)
+            config, prior = chosen.sampler, structure_in != "none"
+            call = partial(run_caption, model, img.path, structure=structure_in, config=config, cache=chosen.cache,
+                           pruning=chosen.pruning)
+            planned = (config.steps or 1) if prior else (config.steps or config.gen_length)  # prior: the template's
+            for html_, result in animate(model, call, planned_steps=planned, frame_delay=frame_delay):
                 if result is None:
                     yield html_, "denoising…", None, ""
                     continue
-                value, verdict = parse_caption(result.text)
+                if isinstance(result, CaptionResult):
+                    count = "" if result.count is None else f" · count question: {result.count}"
+                    verdict, value = f"✓ valid JSON, matches the {structure_in}{count}", result.data
+                else:
+                    value, verdict = parse_caption(result.text)
                 yield html_, f"{verdict} · {stats_line(result)}", value, result.text
         except ValueError as e:
             raise user_error(e, [img]) from None
 
-    describe.click(run, inputs=[image, *settings.values()], outputs=[canvas, status, parsed, raw],
+    describe.click(run, inputs=[image, structure, *settings.values()], outputs=[canvas, status, parsed, raw],
                    api_name="caption", preprocess=False)
 
 

@@ -1,7 +1,8 @@
 """The Gradio demo, served in-process and driven through ``gradio_client`` like a remote user.
 
 A tiny random model (vision + audio) checks the wiring end to end: the page's answer must equal
-``model.generate`` on the same input. The shipped model's test checks a real answer.
+the library's on the same input (``model.generate``, with pruning settings too; ``search`` with a
+search setting; ``caption`` with the structure prior). The shipped model's test checks a real answer.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from mmdiff.encoders import AudioEncoderConfig
 from mmdiff.encoders.vision import preset as vision_preset
 from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling.pruning import PruningConfig
+from mmdiff.sampling.structure import SCENE_SCHEMA, caption, validate
+from mmdiff.search import SearchConfig, search
 
 gradio_client = pytest.importorskip("gradio_client")
 app_module = load_demo_app()
@@ -70,9 +74,21 @@ def make_tiny_model_dir(root: Path, tokenizer) -> Path:
     return model_dir
 
 
-def settings(config: SamplerConfig = app_module.ASK_DEFAULTS, cache: str = "none") -> list:
-    """The settings panel's values for ``config``, in the panel's order (0 = the sampler default)."""
-    return [cache if name == "cache" else getattr(config, name) or 0 for name in app_module.SETTINGS]
+def settings(config: SamplerConfig = app_module.ASK_DEFAULTS, cache: str = "none", *,
+             pruning: PruningConfig = PruningConfig(), search: SearchConfig | None = SearchConfig()) -> list:
+    """The settings panel's values, in the panel's order (0 = the sampler default); ``search=None``:
+    the caption tab's panel, which has no search controls."""
+    def value(name: str):
+        if name == "cache":
+            return cache
+        if name in app_module.SEARCH_CONTROLS:
+            return getattr(search, app_module.SEARCH_CONTROLS[name])
+        if name in app_module.PRUNING_CONTROLS:
+            v = getattr(pruning, name)
+            return ",".join(map(str, v)) if isinstance(v, tuple) else v
+        return getattr(config, name) or 0
+
+    return [value(n) for n in app_module.SETTINGS if search is not None or n not in app_module.SEARCH_CONTROLS]
 
 
 class Served:
@@ -84,10 +100,17 @@ class Served:
         self.client = gradio_client.Client(self.url, verbose=False)
 
     def ask(self, image: str | Path | None, question: str, audio: str | Path | None = None,
-            config: SamplerConfig = app_module.ASK_DEFAULTS) -> tuple[str, str, str]:
+            config: SamplerConfig = app_module.ASK_DEFAULTS, **panel) -> tuple[str, str, str]:
         handle = gradio_client.handle_file
         return self.client.predict(image and handle(str(image)), question, audio and handle(str(audio)),
-                                   *settings(config), api_name="/ask")
+                                   *settings(config, **panel), api_name="/ask")
+
+    def caption(self, image: str | Path | None, structure: str, config: SamplerConfig, **panel) -> list[tuple]:
+        """Every output the caption tab streamed, the final one last."""
+        job = self.client.submit(image and gradio_client.handle_file(str(image)), structure,
+                                 *settings(config, search=None, **panel), api_name="/caption")
+        job.result()
+        return job.outputs()
 
     def close(self) -> None:
         self.client.close()
@@ -151,15 +174,57 @@ def test_bad_inputs_get_messages_and_the_app_keeps_serving(served, model_dir, tm
     assert served.ask(image, QUESTION)[1] is not None  # still serving
 
 
+def test_pruning_setting_equals_generate(served, model, model_dir):
+    image = model_dir / "examples" / "images" / "scene.png"
+    pruning = PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1, skip_layers=(1,), skip_from_step=4)
+    canvas, answer, stats = served.ask(image, QUESTION, pruning=pruning)
+    expected = model.generate([QUESTION], images=[image], config=app_module.ASK_DEFAULTS, pruning=pruning)[0]
+    assert answer == expected.text and f"**NFE** {expected.nfe}" in stats
+    assert canvas.count('title="fixed at step') == app_module.ASK_DEFAULTS.gen_length
+    _, skipped, _ = served.ask(image, QUESTION, pruning=PruningConfig(skip_layers=(1,)))  # 2 layers: K=2 unused
+    assert skipped == model.generate([QUESTION], images=[image], config=app_module.ASK_DEFAULTS,
+                                     pruning=PruningConfig(skip_layers=(1,)))[0].text
+
+
+@pytest.mark.parametrize("config", [SearchConfig(strategy="best_of_n", candidates=2),
+                                    SearchConfig(strategy="hierarchical", candidates=2, refine=1)],
+                         ids=["best_of_n", "hierarchical"])
+def test_search_setting_equals_search(served, model, model_dir, config):
+    image = model_dir / "examples" / "images" / "scene.png"
+    canvas, answer, stats = served.ask(image, QUESTION, search=config)
+    expected = search(model, QUESTION, image=image, config=app_module.ASK_DEFAULTS, search=config)
+    assert answer == expected.text
+    assert f"**NFE** {expected.nfe}" in stats and "final answer only" in stats and config.strategy in stats
+    plain = model.generate([QUESTION], images=[image], config=app_module.ASK_DEFAULTS)[0]
+    assert expected.nfe > plain.nfe
+    assert canvas.count('title="chosen by the search') == len(expected.tokens)
+    with pytest.raises(gradio_client.exceptions.AppError, match="without token pruning or layer skipping"):
+        served.ask(image, QUESTION, search=config, pruning=PruningConfig(skip_layers=(1,)))
+
+
+def test_caption_with_structure_prior_streams_schema_valid_json(served, model, model_dir):
+    image = model_dir / "examples" / "images" / "scene.png"
+    cfg = app_module.CAPTION_DEFAULTS
+    outputs = served.caption(image, "scene schema", cfg)
+    canvas, status, parsed, raw = outputs[-1]
+    validate(parsed, SCENE_SCHEMA)
+    expected = caption(model, image, format="json", config=cfg)
+    assert parsed == expected.data and raw == expected.text
+    assert status.startswith("✓ valid JSON") and f"**NFE** {expected.nfe}" in status
+    assert f"count question: {expected.count}" in status
+    frames = [o for o in outputs if o[1] == "denoising…"]
+    assert len(frames) >= expected.nfe  # one frame per step of the count question and of the caption
+    assert 'title="preset (structure prior)"' in canvas  # the template's fixed tokens
+
+
 def test_caption_reports_parse_errors(served, model, model_dir):
     image = model_dir / "examples" / "images" / "scene.png"
     cfg = SamplerConfig(gen_length=16)
-    _, status, parsed, raw = served.client.predict(gradio_client.handle_file(str(image)), *settings(cfg),
-                                                   api_name="/caption")
+    _, status, parsed, raw = served.caption(image, "none", cfg)[-1]
     assert raw == model.generate([app_module.CAPTION_JSON_QUESTION], images=[image], config=cfg)[0].text
     assert status.startswith("✗ not valid JSON: ") and parsed is None  # a random model writes no JSON
     with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(app_module.NO_IMAGE)):
-        served.client.predict(None, *settings(cfg), api_name="/caption")
+        served.client.predict(None, "scene schema", *settings(cfg, search=None), api_name="/caption")
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
@@ -178,16 +243,28 @@ def test_shipped_model_answers_its_examples():
 # ------------------------------------------------------------------------------------------------
 # pieces
 # ------------------------------------------------------------------------------------------------
-def test_settings_read_back_into_a_sampler_config():
+def test_settings_read_back_into_the_configs():
+    from mmdiff.sampling.denoisers import CACHES
+
     names = list(app_module.SETTINGS)
-    values = settings(SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0), "prefix")
-    cfg, cache = app_module.sampler_from_settings(names, values, base=SamplerConfig(seed=7))
-    assert cfg == SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0, seed=7)
-    assert cache == "prefix"
-    cfg, _ = app_module.sampler_from_settings(names, settings(SamplerConfig(gen_length=5)), base=SamplerConfig())
-    assert cfg.steps is None and cfg.block_length is None  # 0 in the page = the sampler's default
+    pruning = PruningConfig(prune="divprune", keep_ratio=0.25, prune_layer=1, prune_from_step=2,
+                            prune_schedule="progressive", skip_layers=(0, 3), skip_from_step=5)
+    searched = SearchConfig(strategy="hierarchical", candidates=4, refine=2, verifier="yesno")
+    values = settings(SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0), "dual",
+                      pruning=pruning, search=searched)
+    chosen = app_module.read_settings(names, values, base=SamplerConfig(seed=7))
+    assert chosen.sampler == SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0,
+                                           seed=7)
+    assert (chosen.cache, chosen.pruning, chosen.search, chosen.searching) == ("dual", pruning, searched, True)
+    chosen = app_module.read_settings(names, settings(SamplerConfig(gen_length=5)), base=SamplerConfig())
+    assert chosen.sampler.steps is None and chosen.sampler.block_length is None  # 0 in the page = the default
+    assert chosen.pruning == PruningConfig() and chosen.search == SearchConfig() and not chosen.searching
     with pytest.raises(ValueError, match="setting gen_length must be a number, got 'eight'"):
-        app_module.sampler_from_settings(names, ["eight", *settings()[1:]], base=SamplerConfig())
+        app_module.read_settings(names, ["eight", *settings()[1:]], base=SamplerConfig())
+    bad_layers = ["3;4" if n == "skip_layers" else v for n, v in zip(names, settings())]
+    with pytest.raises(ValueError, match="setting skip_layers: expected comma-separated layer indices"):
+        app_module.read_settings(names, bad_layers, base=SamplerConfig())
+    assert app_module.SETTINGS["cache"](SamplerConfig()).choices == [(c, c) for c in CACHES.names()]
 
 
 def test_render_canvas_marks_masked_fixed_and_preset(model):

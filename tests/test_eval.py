@@ -186,6 +186,7 @@ def test_metrics_on_known_answers(tmp_path: Path, mixed_data: Path, model_dir: P
     assert m["nfe"] == {"mean": 4, "median": 4, "p90": 4}
     assert set(m["latency_s"]) == {"mean", "median", "p90"} and m["latency_s"]["mean"] > 0
     assert m["sampler"] == SamplerConfig(gen_length=4).to_dict() and m["cache"] == "none"
+    assert m["search"]["strategy"] == "none" and "candidates" not in jsonl(tmp_path / "out" / "predictions.jsonl")[0]
     assert m["model"] == str(model_dir.resolve()) and m["data"] == str(data.resolve())
 
 
@@ -206,6 +207,31 @@ def test_pruning_flags_reach_generate_and_the_run_identity(tmp_path: Path, mixed
     assert metrics_of(out)["pruning"] == json.loads(json.dumps(pruning.to_dict()))
     assert mmdiff_eval(*flags, "--prune-layer", 1, model=model_dir) == 2
     assert "pruning skip_layers [1] -> []" in capsys.readouterr().err
+
+
+def test_search_flags_answer_row_by_row_and_enter_the_run_identity(tmp_path: Path, mixed_data: Path,
+                                                                   model_dir: Path, capsys) -> None:
+    from mmdiff.model import MultimodalDiffusionLM
+    from mmdiff.search import SearchConfig, search
+
+    data, out = mixed_data.parent / "data.jsonl", tmp_path / "out"
+    flags = ["--data", data, "--out", out, "--limit", 3, "--search", "hierarchical", "--candidates", 2]
+    assert mmdiff_eval(*flags, model=model_dir) == 0
+    config = SearchConfig(strategy="hierarchical", candidates=2)
+    model = MultimodalDiffusionLM.from_pretrained(model_dir)
+    expected = [search(model, r["question"], image=data.parent / r["image"], config=SamplerConfig(gen_length=4),
+                       search=config) for r in jsonl(data)[:3]]
+    preds = jsonl(out / "predictions.jsonl")
+    assert [p["prediction"] for p in preds] == [e.text for e in expected]
+    assert [p["nfe"] for p in preds] == [e.nfe for e in expected] and all(e.nfe > 4 for e in expected)
+    assert [[c["text"] for c in p["candidates"]] for p in preds] == [[t for t, _ in e.candidates] for e in expected]
+    search_dict = json.loads(json.dumps(config.to_dict()))
+    assert metrics_of(out)["search"] == search_dict and metrics_of(out)["n"] == 3
+    assert json.loads((out / "run.json").read_text())["search"] == search_dict
+    assert mmdiff_eval(*flags[:-1], 3, model=model_dir) == 2  # another N: not the same run
+    assert "search candidates 2 -> 3" in capsys.readouterr().err
+    assert mmdiff_eval(*flags, "--skip-layers", 1, model=model_dir) == 2
+    assert "--search decodes without token pruning or layer skipping" in capsys.readouterr().err
 
 
 def test_bad_rows_are_reported_and_the_run_goes_on(single_run: Path) -> None:

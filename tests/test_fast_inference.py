@@ -311,6 +311,23 @@ def test_bad_pruning_configs_have_clear_messages():
     E, _, media = prompt(d)
     with pytest.raises(ValueError, match="layer index 5 out of range for a decoder of 2 layers"):
         LayerPlanner(PruningConfig(skip_layers=(5,)), prompt_embeds=E, media=media, n_layers=2, total_steps=4)
+    with pytest.raises(ValueError, match="layer index 2 out of range for a decoder of 2 layers"):
+        LayerPlanner(PruningConfig(prune="divprune", keep_ratio=0.5, skip_layers=(1,)), prompt_embeds=E, media=media,
+                     n_layers=2, total_steps=4)
+
+
+@pytest.mark.parametrize("config", [PruningConfig(skip_layers=(1,)),
+                                    PruningConfig(prune="divprune", keep_ratio=1.0, skip_layers=(1,))],
+                         ids=["prune-none", "keep-ratio-1"])
+def test_unused_prune_layer_is_not_range_checked(config):
+    """The default prune_layer 2 is out of range for a 2-layer decoder; it only matters when tokens
+    are pruned (reported: --skip-layers 1 alone failed with "layer index 2 out of range")."""
+    d = lively()
+    E, _, media = prompt(d)
+    assert config.active and not config.prunes and config.prune_layer == 2
+    planner = LayerPlanner(config, prompt_embeds=E, media=media, n_layers=2, total_steps=4)
+    plan = planner.plan(0, n_cached=0, queries=torch.ones(2, L))
+    assert planner.pruner is None and plan.skip(1) and plan.keep(2, None) is None
 
 
 def test_flags_build_the_pruning_config():

@@ -420,3 +420,21 @@ def test_sampler_config_sets_canvas_and_keeps_eos_suppression_only_for_exact_slo
     assert not ranged.sampler_config(SamplerConfig(suppress_eos=True)).suppress_eos
     res = caption(model, image, schema=MIXED_SCHEMA, config=hot(suppress_eos=True), array_length="max")
     validate(res.data, MIXED_SCHEMA)
+
+
+def test_caption_threads_pruning_and_callback_to_every_sampler_run(model, image, monkeypatch):
+    from mmdiff.sampling.pruning import PruningConfig
+
+    pruning, calls, events = PruningConfig(prune="vtw", prune_layer=1, skip_layers=(0,)), [], []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["pruning"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    res = caption(model, image, config=hot(), pruning=pruning, callback=events.append)
+    validate(res.data, scene_schema())
+    assert calls == [pruning, pruning] and len(events) == res.nfe  # count question, then the caption
+    res = caption(model, image, format="text", length=3, config=hot(), pruning=pruning, callback=events.append)
+    assert calls[-1] == pruning and len(calls) == 3

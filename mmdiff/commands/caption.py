@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .. import DEFAULT_MODEL_DIR
-from .options import add_sampler_arguments, sampler_config_from_args
+from .options import add_sampler_arguments, pruning_config_from_args, sampler_config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
     if schema is not None:
         check_schema(schema)  # before loading the model
     array_length = int(args.array_length) if args.array_length.isdigit() else args.array_length
+    config, pruning = sampler_config_from_args(args), pruning_config_from_args(args)  # checked before loading
     model = MultimodalDiffusionLM.from_pretrained(args.model)
-    res = caption(model, args.image, format=args.format, schema=schema, length=args.length,
-                  config=sampler_config_from_args(args), array_length=array_length,
-                  string_tokens=args.string_tokens, cache=args.cache)
+    res = caption(model, args.image, format=args.format, schema=schema, length=args.length, config=config,
+                  array_length=array_length, string_tokens=args.string_tokens, cache=args.cache, pruning=pruning)
     print(res.text)
     count = "" if res.count is None else f", count {res.count}"
     print(f"(nfe {res.nfe}{count}, {res.latency_s * 1000:.0f} ms)", file=sys.stderr)

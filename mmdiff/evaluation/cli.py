@@ -4,7 +4,9 @@ Single process::
 
     mmdiff eval --data data/test/data.jsonl --out runs/test [--batch-size 16] [sampler flags]
 
-Rerunning the same command resumes. Scaled out by hand (any machines sharing the folder)::
+Rerunning the same command resumes. ``--search best_of_n|hierarchical`` answers each row through
+the test-time search (row by row; the search settings are part of the run's identity).
+Scaled out by hand (any machines sharing the folder)::
 
     mmdiff eval --data ... --out runs/test --shard 0/2      # and --shard 1/2 elsewhere
     mmdiff eval --merge runs/test
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR
 from ..commands.options import add_sampler_arguments, pruning_config_from_args, sampler_config_from_args
+from ..search import add_search_arguments, search_config_from_args
 
 #: how long torchrun ranks wait for the slowest shard before the merge
 BARRIER_TIMEOUT = timedelta(hours=24)
@@ -33,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL_DIR),
                    help=f"model directory (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--out", type=Path, help="output folder; rerunning into it resumes")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per generate call (default: 8; a --search answers row by row)")
     p.add_argument("--limit", type=int, help="evaluate only the first N rows of the file")
     p.add_argument("--shard", help="i/n: evaluate rows with index %% n == i into OUT/shard-i-of-n")
     p.add_argument("--merge", type=Path, metavar="DIR", help="merge DIR/shard-*-of-n into DIR and exit")
@@ -41,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:1, ... (default: auto = the rank's GPU if any, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sampler_arguments(p, gen_length=8)
+    add_search_arguments(p)
 
 
 def _device(name: str) -> str:
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         shard = Shard(int(os.environ["RANK"]), world)
     kwargs = dict(model_dir=args.model, config=sampler_config_from_args(args), cache=args.cache,
-                  pruning=pruning_config_from_args(args), batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
+                  pruning=pruning_config_from_args(args), search=search_config_from_args(args),
+                  batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
     if world == 1:
         metrics = evaluate(args.data, args.out, shard=shard, **kwargs)
         _report(metrics, args.out / (shard.dirname if shard else "") / METRICS_FILE)

@@ -2,7 +2,7 @@
 
 An output folder (one per run; one per shard under ``shard-i-of-n/``) holds::
 
-    run.json            what is evaluated: model, data and sampler (checked on every resume)
+    run.json            what is evaluated: model, data, sampler, cache, pruning and search (checked on every resume)
     predictions.jsonl   one record per answered row, appended and fsync'd after each batch
     errors.jsonl        one record per bad row: index, line, id, reason
     metrics.json        :func:`~mmdiff.evaluation.metrics.summarize` + the run's settings (atomic)
@@ -10,7 +10,8 @@ An output folder (one per run; one per shard under ``shard-i-of-n/``) holds::
 Rows are numbered by their position among the non-blank lines of the data file (``index``); shard
 i/n takes the rows with ``index % n == i``. A rerun into the same folder skips every row already
 in predictions.jsonl (by id) or errors.jsonl (by index), so an interrupted run finishes where it
-stopped. Sampling goes through :meth:`MultimodalDiffusionLM.generate`; nothing here samples.
+stopped. Sampling goes through :meth:`MultimodalDiffusionLM.generate` (batched), or row by row through
+:func:`mmdiff.search.search` when a test-time search is set; nothing here samples.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from ..data.dataset import Row, RowError, read_rows
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
 from ..sampling import SamplerConfig
 from ..sampling.pruning import PruningConfig
+from ..search import SearchConfig, SearchResult
+from ..search import search as run_search
 from .metrics import exact_match, summarize, vqa_accuracy
 
 log = logging.getLogger("mmdiff")
@@ -126,13 +129,14 @@ def _sha256(paths: Iterable[Path]) -> str:
 
 
 def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig, cache: str,
-                 pruning: PruningConfig) -> dict[str, Any]:
-    """What makes two evaluations comparable: model and data (path and content) and sampler settings."""
+                 pruning: PruningConfig, search: SearchConfig) -> dict[str, Any]:
+    """What makes two evaluations comparable: model and data (path and content), sampler, cache,
+    pruning and test-time search settings."""
     model_dir, data = Path(model_dir), Path(data)
     identity = {"model": str(model_dir.resolve()),
                 "model_sha256": _sha256([model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]),
                 "data": str(data.resolve()), "data_sha256": _sha256([data]), "sampler": config.to_dict(),
-                "cache": cache, "pruning": pruning.to_dict()}
+                "cache": cache, "pruning": pruning.to_dict(), "search": search.to_dict()}
     return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)
 
 
@@ -142,7 +146,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         before = old.get(key)
         if before == value:
             continue
-        if key in ("sampler", "pruning") and isinstance(before, dict):
+        if key in ("sampler", "pruning", "search") and isinstance(before, dict):
             out += [f"{key} {k} {before.get(k)!r} -> {v!r}" for k, v in value.items() if before.get(k) != v]
         elif key.endswith("_sha256"):
             out.append(f"{key.removesuffix('_sha256')} content changed")
@@ -155,7 +159,8 @@ def check_identity(out: Path, identity: dict[str, Any]) -> None:
     """Write ``run.json``, or check that the folder's earlier run evaluated the same thing.
 
     Raises:
-        ValueError: the folder holds results of a different model, data file or sampler config.
+        ValueError: the folder holds results of a different model, data file or sampler, pruning or
+            search settings.
     """
     path = out / RUN_FILE
     if not path.exists():
@@ -239,14 +244,45 @@ def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: S
     return results
 
 
+def answer_searched(model, questions: Sequence[str], *, images: Sequence, audios: Sequence, config: SamplerConfig,
+                    search: SearchConfig, cache: str = "none") -> list:
+    """Answer each sample through :func:`mmdiff.search.search` (one question per search: batching
+    does not apply); a sample whose media cannot be read fails alone.
+
+    Args:
+        model: a :class:`~mmdiff.model.MultimodalDiffusionLM`.
+        questions: text per sample ("" for a spoken-only question).
+        images: per sample an image (path / PIL) or None.
+        audios: per sample a clip (path / (array, rate)) or None.
+        config: sampler settings of the plain decode (the base of every trajectory).
+        search: the search settings.
+        cache: cache strategy (see ``model.generate``).
+
+    Returns:
+        Per sample a :class:`~mmdiff.search.SearchResult`, or the ValueError it raised.
+    """
+    results: list = []
+    for q, im, au in zip(questions, images, audios):
+        try:
+            results.append(run_search(model, q, image=im, audio=au, config=config, search=search, cache=cache))
+        except ValueError as e:
+            results.append(e)
+    return results
+
+
 def prediction_record(item: Item, result) -> dict[str, Any]:
     """One line of predictions.jsonl. ``latency_s`` is the wall time of the generate call that
-    answered the row (shared by its batch)."""
+    answered the row (shared by its batch), or of the row's search; a searched row also lists its
+    scored candidates, best first."""
     row = item.entry
-    return {"index": item.index, "line": row.line_no, "id": row.id, "type": row.type, "question": row.question,
-            "answers": row.answers, "prediction": result.text, "exact_match": exact_match(result.text, row.answers),
-            "vqa_accuracy": vqa_accuracy(result.text, row.answers), "nfe": result.nfe,
-            "latency_s": round(result.latency_s, 6)}
+    record = {"index": item.index, "line": row.line_no, "id": row.id, "type": row.type, "question": row.question,
+              "answers": row.answers, "prediction": result.text,
+              "exact_match": exact_match(result.text, row.answers),
+              "vqa_accuracy": vqa_accuracy(result.text, row.answers), "nfe": result.nfe,
+              "latency_s": round(result.latency_s, 6)}
+    if isinstance(result, SearchResult):
+        record["candidates"] = [{"text": text, "score": score} for text, score in result.candidates]
+    return record
 
 
 def error_record(item: Item, reason: str) -> dict[str, Any]:
@@ -264,12 +300,13 @@ def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: d
     return {**summarize(predictions, errors=len(errors)), "rows": rows,
             "complete": len(predictions) + len(errors) == rows, "limit": limit,
             "shard": None if shard is None else str(shard), "model": identity["model"], "data": identity["data"],
-            "sampler": identity["sampler"], "cache": identity["cache"], "pruning": identity["pruning"]}
+            "sampler": identity["sampler"], "cache": identity["cache"], "pruning": identity["pruning"],
+            "search": identity["search"]}
 
 
 def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config: SamplerConfig,
-             cache: str = "none", pruning: PruningConfig | None = None, batch_size: int = 8,
-             limit: int | None = None, shard: Shard | None = None, device: str = "cpu",
+             cache: str = "none", pruning: PruningConfig | None = None, search: SearchConfig | None = None,
+             batch_size: int = 8, limit: int | None = None, shard: Shard | None = None, device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
 
@@ -280,6 +317,8 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
         config: sampler settings.
         cache: cache strategy of ``model.generate`` (``none``, ``prefix``, ...).
         pruning: visual-token pruning / layer skipping (None = off).
+        search: test-time search (None or strategy ``none`` = plain batched decoding); a search
+            answers row by row (``batch_size`` does not apply) and does not combine with pruning.
         batch_size: rows per ``generate`` call.
         limit: evaluate only the first ``limit`` rows of the file (before sharding).
         shard: evaluate only this shard.
@@ -291,18 +330,22 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
 
     Raises:
         FileNotFoundError: the data file or model directory does not exist.
-        ValueError: ``out`` holds a different run (model, data or sampler config).
+        ValueError: ``out`` holds a different run (model, data, sampler, pruning or search settings).
     """
     from tqdm import tqdm
 
-    pruning = pruning or PruningConfig()
+    pruning, search = pruning or PruningConfig(), search or SearchConfig()
+    searching = search.strategy != "none"
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if searching and pruning.active:
+        raise ValueError("--search decodes without token pruning or layer skipping: drop --prune / --skip-layers, "
+                         "or use --search none")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     items = load_items(data, limit=limit, shard=shard)
-    identity = run_identity(model_dir, data, config, cache, pruning)
+    identity = run_identity(model_dir, data, config, cache, pruning, search)
     out = Path(out) / shard.dirname if shard is not None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_identity(out, identity)
@@ -335,10 +378,15 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
 
             model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
             last_write = time.monotonic()
-            for batch in _batches(pending, batch_size):
+            for batch in _batches(pending, 1 if searching else batch_size):  # a searched row is saved at once
                 rows = [it.entry for it in batch]
-                results = answer_batch(model, [r.question or "" for r in rows], images=[r.image for r in rows],
-                                       audios=[r.audio for r in rows], config=config, cache=cache, pruning=pruning)
+                media = dict(images=[r.image for r in rows], audios=[r.audio for r in rows])
+                if searching:
+                    results = answer_searched(model, [r.question or "" for r in rows], **media, config=config,
+                                              search=search, cache=cache)
+                else:
+                    results = answer_batch(model, [r.question or "" for r in rows], **media, config=config,
+                                           cache=cache, pruning=pruning)
                 new_p = [prediction_record(it, r) for it, r in zip(batch, results) if not isinstance(r, Exception)]
                 new_e = [error_record(it, str(r)) for it, r in zip(batch, results) if isinstance(r, Exception)]
                 new_e = sorted(new_e + unusable_up_to(batch[-1].index), key=lambda e: e["index"])

@@ -63,10 +63,14 @@ class PruningConfig:
             raise ValueError(f"fastv scores tokens at layer {self.prune_layer - 1}, which skip_layers skips")
 
     @property
+    def prunes(self) -> bool:
+        """Whether image tokens are dropped at some step (``prune_layer`` matters only then)."""
+        return self.prune == "vtw" or (self.prune != "none" and self.keep_ratio < 1.0)
+
+    @property
     def active(self) -> bool:
         """Whether anything is pruned or skipped at some step."""
-        prunes = self.prune == "vtw" or (self.prune != "none" and self.keep_ratio < 1.0)
-        return prunes or bool(self.skip_layers)
+        return self.prunes or bool(self.skip_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,7 +239,7 @@ class LayerPlanner:
 
     def __init__(self, config: PruningConfig, *, prompt_embeds: torch.Tensor, media: torch.Tensor, n_layers: int,
                  total_steps: int) -> None:
-        layers = (*config.skip_layers, *((config.prune_layer,) if config.prune != "none" else ()))
+        layers = (*config.skip_layers, *((config.prune_layer,) if config.prunes else ()))  # K unused otherwise
         bad = [i for i in layers if i >= n_layers]
         if bad:
             raise ValueError(f"layer index {bad[0]} out of range for a decoder of {n_layers} layers")
@@ -243,7 +247,7 @@ class LayerPlanner:
             raise ValueError(f"media mask shape {tuple(media.shape)} does not match the prompt "
                              f"{tuple(prompt_embeds.shape[:2])}")
         self.config, self.media, self.total_steps = config, media.bool(), total_steps
-        self.pruner = PRUNERS.get(config.prune)(prompt_embeds, self.media) if config.prune != "none" else None
+        self.pruner = PRUNERS.get(config.prune)(prompt_embeds, self.media) if config.prunes else None
 
     def keep_ratio(self, step: int) -> float:
         """Kept fraction of image tokens at ``step`` (1.0 = no pruning)."""

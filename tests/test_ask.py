@@ -1,0 +1,91 @@
+"""``mmdiff ask`` end to end on a tiny saved model (2 decoder layers): pruning flags reach
+``generate`` and the ``--json`` report, ``--search`` answers through the test-time search and
+reports its NFE and scored candidates, and bad combinations stop with clear messages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmdiff import cli
+from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling.pruning import PruningConfig
+from mmdiff.search import SearchConfig, search
+
+QUESTION = "how many red circles are there?"
+ASK = SamplerConfig(gen_length=8)  # ask's default canvas
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    from mmdiff import decoder
+    from mmdiff.adapters import AdapterConfig
+    from mmdiff.encoders import vision
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))  # 2 layers
+    vis = vision.preset("tiny-test")
+    torch.manual_seed(0)
+    return MultimodalDiffusionLM(ModelConfig(decoder=dec, vision=vis, vision_adapter=AdapterConfig(
+        kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model)), tiny_tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ask-model")
+    model.save_pretrained(path)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(path / "scene.png")
+    return path
+
+
+def ask_json(model_dir: Path, *flags, capsys) -> dict:
+    assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir), "--json",
+                     *map(str, flags)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_reports_the_pruning_config_it_answered_with(model, model_dir, capsys):
+    out = ask_json(model_dir, "--prune", "fastv", "--keep-ratio", 0.5, "--prune-layer", 1, capsys=capsys)
+    pruning = PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1)
+    assert out["pruning"] == json.loads(json.dumps(pruning.to_dict()))
+    expected = model.generate([QUESTION], images=[model_dir / "scene.png"], config=ASK, pruning=pruning)[0]
+    assert out["answer"] == expected.text and out["nfe"] == expected.nfe
+    assert out["search"]["strategy"] == "none" and "candidates" not in out
+
+
+def test_skip_layers_alone_ignores_the_unused_prune_layer(model, model_dir, capsys):
+    """Reported bug: --skip-layers 1 on a 2-layer decoder failed with "layer index 2 out of range",
+    the default --prune-layer 2 being checked although nothing is pruned."""
+    for flags in (["--skip-layers", 1], ["--prune", "divprune", "--skip-layers", 1]):  # keep ratio 1: no pruning
+        out = ask_json(model_dir, *flags, capsys=capsys)
+        assert out["pruning"]["skip_layers"] == [1] and out["pruning"]["prune_layer"] == 2
+        skipped = model.generate([QUESTION], images=[model_dir / "scene.png"], config=ASK,
+                                 pruning=PruningConfig(skip_layers=(1,)))[0]
+        assert out["answer"] == skipped.text
+    assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
+                     "--prune", "vtw", "--skip-layers", "1"]) == 2  # pruning at K=2: checked
+    assert "layer index 2 out of range for a decoder of 2 layers" in capsys.readouterr().err
+
+
+def test_search_reports_its_nfe_and_scored_candidates(model, model_dir, capsys):
+    plain = ask_json(model_dir, capsys=capsys)
+    out = ask_json(model_dir, "--search", "best_of_n", "--candidates", 2, capsys=capsys)
+    config = SearchConfig(strategy="best_of_n", candidates=2)
+    expected = search(model, QUESTION, image=model_dir / "scene.png", config=ASK, search=config)
+    assert out["answer"] == expected.text and out["nfe"] == expected.nfe > plain["nfe"]
+    assert out["search"] == json.loads(json.dumps(config.to_dict()))
+    assert [c["text"] for c in out["candidates"]] == [t for t, _ in expected.candidates]
+    assert [c["score"] for c in out["candidates"]] == pytest.approx([v for _, v in expected.candidates])
+    assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
+                     "--search", "hierarchical", "--candidates", "2"]) == 0
+    err = capsys.readouterr().err  # the answer on stdout, the cost on stderr
+    assert "hierarchical over" in err and "nfe" in err
+
+
+def test_search_with_pruning_is_refused(model_dir, capsys):
+    assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
+                     "--search", "best_of_n", "--skip-layers", "1"]) == 2
+    assert "--search decodes without token pruning or layer skipping" in capsys.readouterr().err
