@@ -20,7 +20,7 @@ JSON_VALUE = r'(?<=: ")[a-z0-9]+(?: [a-z0-9]+)*(?=")'
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, min_frequency: int = 2,
-                    max_token_length: int = 24):
+                    max_token_length: int = 24, split_words: bool = False):
     """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     Args:
@@ -28,6 +28,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, min_frequenc
         vocab_size: total vocabulary size, special tokens and the 256 byte symbols included.
         min_frequency: minimum count for a merge.
         max_token_length: longest token, in characters.
+        split_words: split at spaces and punctuation first (GPT-2 style): merges stay inside words,
+            so a word is the same token in a question and in an answer, at the cost of longer sequences.
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` with mmdiff's special tokens and chat template.
@@ -37,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, min_frequenc
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(JSON_VALUE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -29,3 +29,21 @@ def world_tokenizer():
     from mmdiff.tokenizer import train_tokenizer
 
     return train_tokenizer(world_texts(3000, seed="tests"), vocab_size=768)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random image-question model saved like a real one (tiny timm ViT, linear adapter)."""
+    from mmdiff import decoder
+    from mmdiff.adapters import AdapterConfig
+    from mmdiff.encoders import vision
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
+    vis = vision.preset("tiny-test")
+    cfg = ModelConfig(decoder=dec, vision=vis,
+                      vision_adapter=AdapterConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-model")
+    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)
+    return path

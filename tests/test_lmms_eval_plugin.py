@@ -22,21 +22,8 @@ TASK, SPLIT = "tiny_vqa", "test"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny random image-question model saved like a real one."""
-    from mmdiff import decoder
-    from mmdiff.adapters import AdapterConfig
-    from mmdiff.encoders import vision
-    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
-
-    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
-    vis = vision.preset("tiny-test")
-    cfg = ModelConfig(decoder=dec, vision=vis,
-                      vision_adapter=AdapterConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)
-    return path
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     vocab_size: int = 768  # tokenizer size
     tokenizer_texts: int = 20000  # generated texts used to train the tokenizer
+    split_words: bool = False  # tokenizer merges stay inside words (see mmdiff.tokenizer.train_tokenizer)
     bank_images: int = 20000  # training scenes rendered and encoded once
     val_images: int = 300  # validation scenes
     short_length: int = 8  # response canvas for short answers

@@ -463,7 +463,8 @@ class Trainer:
         from ..data.questions import world_texts
         from ..tokenizer import train_tokenizer
 
-        return train_tokenizer(world_texts(self.cfg.tokenizer_texts, seed=self.cfg.seed), vocab_size=self.cfg.vocab_size)
+        return train_tokenizer(world_texts(self.cfg.tokenizer_texts, seed=self.cfg.seed), vocab_size=self.cfg.vocab_size,
+                               split_words=self.cfg.split_words)
 
     def _banks(self, stage: StageConfig) -> None:
         """Render (and, once the encoders are trained, encode) the scene and speech banks."""
