@@ -17,6 +17,8 @@ from . import special_tokens as st
 
 #: a JSON string value following ``": "`` (lower-case words), isolated as its own pre-token
 JSON_VALUE = r'(?<=: ")[a-z0-9]+(?: [a-z0-9]+)*(?=")'
+#: GPT-2's word pattern: a word with its leading space, a number, a punctuation run, spaces
+WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, min_frequency: int = 2,
@@ -37,9 +39,10 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, min_frequenc
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
+    pattern = JSON_VALUE + "|" + WORDS if split_words else JSON_VALUE
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(JSON_VALUE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

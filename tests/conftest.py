@@ -28,7 +28,7 @@ def world_tokenizer():
     from mmdiff.data.questions import world_texts
     from mmdiff.tokenizer import train_tokenizer
 
-    return train_tokenizer(world_texts(3000, seed="tests"), vocab_size=768)
+    return train_tokenizer(world_texts(3000, seed="tests"), vocab_size=768, split_words=True)
 
 
 @pytest.fixture(scope="session")

@@ -121,8 +121,8 @@ def test_fixed_pieces_plus_values_tokenise_like_whole_caption_json(tok):
     values tokenised on their own, must equal the whole caption_json tokenised in one go."""
     sp = SpecialIds.from_tokenizer(tok)
     schema = scene_schema()
-    for name, values in SCENE_FIELDS.items():  # every enum value is one token: exact enum slots
-        assert all(len(tok(v, add_special_tokens=False)["input_ids"]) == 1 for v in values), name
+    for name, values in SCENE_FIELDS.items():  # every JSON value is one token in context: exact enum slots
+        assert all(len(tok(f'{{"{name}": "{v}"}}', add_special_tokens=False)["input_ids"]) == 6 for v in values), name
     rng = random.Random(7)
     for _ in range(60):
         scene = sample_scene(rng, "test")

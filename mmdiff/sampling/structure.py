@@ -250,6 +250,15 @@ class Template:
                 memo[text] = tuple(_encode(tokenizer, text))
             return memo[text]
 
+        def encode_value(text: str) -> tuple[int, ...]:
+            """A JSON string value as the tokenizer splits it inside ``": "..."`` (its own pre-token,
+            ``tokenizer.JSON_VALUE``), which may differ from the text tokenised alone."""
+            head, tail = encode('": "'), encode('"')
+            full = encode(f'": "{text}"')
+            if full[:len(head)] == head and full[len(full) - len(tail):] == tail:
+                return full[len(head):len(full) - len(tail)]
+            return encode(text)
+
         ids: list[int] = []
         spans: list[SlotSpan] = []
         starts: list[int] = []
@@ -266,7 +275,7 @@ class Template:
                 options: tuple[tuple[int, ...], ...] = ()
                 lo, hi = part.min_len, part.max_len
                 if part.kind == "enum":
-                    options = tuple(encode(v) for v in part.values)
+                    options = tuple((encode_value if part.in_string else encode)(v) for v in part.values)
                     if any(special & set(o) for o in options):
                         raise ValueError(f"template: enum slot at position {offset} has a value that encodes to a "
                                          "special token")
