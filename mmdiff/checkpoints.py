@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -561,15 +562,22 @@ class ReleasedTokenizer:
         return self.tokenizer.decode(list(ids), **kwargs)
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
-        """The tokenizer's chat template, with each placeholder on its own line (``<image>\\nquestion``)."""
-        messages = [{**m, "content": m["content"].replace(st.IMAGE, st.IMAGE + "\n").replace(st.AUDIO, st.AUDIO + "\n")}
-                    for m in messages]
+        """The tokenizer's chat template in LLaVA's layout: media placeholders first, each on its own
+        line, then the text (``<image>\\nquestion``), wherever mmdiff's prompt placed them."""
+        messages = [{**m, "content": _llava_layout(m["content"])} for m in messages]
         if self.system is not None and messages and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
         if self.tokenizer.chat_template is None:  # base models: the text itself
             text = "".join(m["content"] for m in messages)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
         return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+
+def _llava_layout(content: str) -> str:
+    """Move ``<image>`` / ``<audio>`` placeholders to the front, one per line, keeping their order."""
+    placeholders = re.findall(f"{re.escape(st.IMAGE)}|{re.escape(st.AUDIO)}", content)
+    text = content.replace(st.IMAGE, "").replace(st.AUDIO, "")
+    return "".join(p + "\n" for p in placeholders) + text
 
 
 # ------------------------------------------------------------------------------------------------
