@@ -1,0 +1,174 @@
+"""Measured quality of the shipped model on the held-out test split, per question type. Prints one table.
+
+Systems, side by side on the same questions:
+
+* ``diffusion``: the shipped model (``--model``), the one sampler, one token per step, prefix cache;
+* ``AR baseline``: the phase-1 checkpoint (``--ar-model``), KV-cached greedy left-to-right decoding;
+* ``diffusion only``: optionally a model trained without phase 1 on the same compute (``--diffusion-only``).
+
+Workloads (test split, generated in memory from ``--seed``; test scenes never appear in training):
+typed questions of every short family (``--per-type`` each), spoken questions in the held-out voices
+(``--spoken``, synthesised with espeak-ng when installed) and their ASR word error rate, and
+captions (``--captions`` each of "describe the image." and "describe the image in json."): JSON
+parse rate and the share of captions with every object right.
+
+    python bench/quality.py [--model checkpoints/mmdiff-tiny] [--ar-model checkpoints/mmdiff-tiny-ar]
+        [--diffusion-only DIR] [--per-type 100] [--spoken 100] [--captions 50] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from mmdiff import DEFAULT_MODEL_DIR
+
+SHORT_TYPES = ("attribute", "existence", "count", "position", "relation", "comparison", "verify")
+ASR_QUESTION = "transcribe the audio."
+
+
+def build_examples(args) -> dict[str, list[dict]]:
+    """Test-split workloads: {name: [{question, answer, image, audio?, transcript?}]}."""
+    from mmdiff.data.dataset import SPOKEN_TYPES
+    from mmdiff.data.questions import ask
+    from mmdiff.data.scenes import render, sample_scene
+    from mmdiff.data.speech import espeak_available, speak
+
+    rng = random.Random(f"quality-{args.seed}")
+    work: dict[str, list[dict]] = defaultdict(list)
+    wanted = {**{t: args.per_type for t in SHORT_TYPES}, "caption": args.captions, "caption_json": args.captions}
+    while any(len(work[t]) < n for t, n in wanted.items()):
+        scene = sample_scene(rng, "test")
+        image = render(scene, rng)
+        for qtype, n in wanted.items():
+            if len(work[qtype]) < n:
+                qa = ask(scene, rng, qtype)
+                if qa is not None:
+                    work[qtype].append({"question": qa.question, "answer": qa.answers[0], "image": image, "scene": scene})
+    if args.spoken and espeak_available():
+        tmp = Path(tempfile.mkdtemp(prefix="mmdiff-quality-"))
+        while len(work["spoken"]) < args.spoken:
+            scene = sample_scene(rng, "test")
+            qa = ask(scene, rng, rng.choice(SPOKEN_TYPES))
+            if qa is None:
+                continue
+            path, _ = speak(qa.question, tmp / f"{len(work['spoken'])}.wav", split="test", rng=rng)
+            work["spoken"].append({"question": "", "answer": qa.answers[0], "image": render(scene, rng),
+                                   "audio": str(path), "transcript": qa.question})
+        work["asr"] = [{"question": ASR_QUESTION, "answer": e["transcript"], "image": None, "audio": e["audio"]}
+                       for e in work["spoken"]]
+    elif args.spoken:
+        print("espeak-ng not installed: spoken questions skipped", file=sys.stderr)
+    return dict(work)
+
+
+def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int) -> tuple[list[str], float]:
+    """Predictions and seconds per example."""
+    from mmdiff.sampling import SamplerConfig
+
+    preds, t0 = [], time.perf_counter()
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        kw = dict(images=[e["image"] for e in chunk], audios=[e.get("audio") for e in chunk])
+        qs = [e["question"] for e in chunk]
+        if ar:
+            res = model.generate_ar(qs, max_new_tokens=gen_length, **kw)
+        else:
+            res = model.generate(qs, config=SamplerConfig(gen_length=gen_length), cache="prefix", **kw)
+        preds += [r.text for r in res]
+    return preds, (time.perf_counter() - t0) / max(1, len(examples))
+
+
+def score(name: str, examples: list[dict], preds: list[str]) -> dict[str, float]:
+    from mmdiff.evaluation.metrics import exact_match
+    from mmdiff.training.trainer import word_error_rate
+
+    if name == "asr":
+        return {"wer": word_error_rate([e["answer"] for e in examples], [p.lower().strip() for p in preds])}
+    if name == "caption_json":
+        parsed = []
+        for p in preds:
+            try:
+                parsed.append(json.loads(p))
+            except json.JSONDecodeError:
+                parsed.append(None)
+        right = [p == json.loads(e["answer"]) for p, e in zip(parsed, examples)]
+        return {"parse": sum(p is not None for p in parsed) / len(preds), "all_right": sum(right) / len(preds)}
+    return {"accuracy": sum(exact_match(p, [e["answer"]]) for p, e in zip(preds, examples)) / len(preds)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--ar-model", default="checkpoints/mmdiff-tiny-ar", help="phase-1 AR checkpoint ('none' to skip)")
+    p.add_argument("--diffusion-only", help="a model trained without phase 1 on the same compute")
+    p.add_argument("--per-type", type=int, default=100, help="typed questions per family")
+    p.add_argument("--spoken", type=int, default=100, help="spoken questions (held-out voices)")
+    p.add_argument("--captions", type=int, default=50, help="captions of each kind")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mmdiff.model import MultimodalDiffusionLM
+
+    work = build_examples(args)
+    systems = [("diffusion", args.model, False)]
+    if args.ar_model and args.ar_model != "none":
+        systems.append(("AR baseline", args.ar_model, True))
+    if args.diffusion_only:
+        systems.append(("diffusion only", args.diffusion_only, False))
+    results: dict[str, dict[str, dict]] = {}
+    for label, path, ar in systems:
+        model = MultimodalDiffusionLM.from_pretrained(path)
+        results[label] = {}
+        for name, examples in work.items():
+            long = name in ("caption", "caption_json")
+            if model.audio is None and any(e.get("audio") for e in examples):
+                continue
+            preds, sec = answer(model, examples, ar=ar, gen_length=152 if long else 8, batch=args.batch_size)
+            results[label][name] = {"n": len(examples), **score(name, examples, preds), "s_per_answer": sec,
+                                    "samples": [{"q": e["question"] or e.get("transcript"), "pred": p_, "answer": e["answer"]}
+                                                for e, p_ in list(zip(examples, preds))[:3]]}
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def format_table(results: dict[str, dict[str, dict]]) -> str:
+    labels = list(results)
+    names = list(dict.fromkeys(n for r in results.values() for n in r))
+    lines = ["| workload | n | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    typed = {lab: [results[lab][t]["accuracy"] for t in SHORT_TYPES if t in results[lab]] for lab in labels}
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "—"
+        if "wer" in r:
+            return f"WER {r['wer']:.3f}"
+        if "parse" in r:
+            return f"parse {r['parse']:.0%}, all objects right {r['all_right']:.0%}"
+        return f"{r['accuracy']:.1%}"
+
+    for name in names:
+        n = next(results[lab][name]["n"] for lab in labels if name in results[lab])
+        lines.append(f"| {name} | {n} | " + " | ".join(cell(results[lab].get(name)) for lab in labels) + " |")
+    lines.append("| **typed, all short types** | | " + " | ".join(
+        f"**{sum(v) / len(v):.1%}**" if v else "—" for v in typed.values()) + " |")
+    lines.append("| seconds per answer (short) | | " + " | ".join(
+        f"{results[lab]['count']['s_per_answer']:.3f}" if "count" in results[lab] else "—" for lab in labels) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
