@@ -83,7 +83,8 @@ class SceneBank:
     features: torch.Tensor | None = None  # (N, n_patches, C) float16
 
     @classmethod
-    def build(cls, model: MultimodalDiffusionLM, *, split: str, n: int, seed: int, desc: str) -> "SceneBank":
+    def build(cls, model: MultimodalDiffusionLM, *, split: str, n: int, seed: int, desc: str,
+              progress: bool = True) -> "SceneBank":
         from tqdm import tqdm
 
         from ..data.scenes import cell_labels, render, sample_scene
@@ -91,7 +92,7 @@ class SceneBank:
         rng = random.Random(f"{split}-{seed}")
         scenes, pixels, labels = [], [], {"shape": [], "colour": [], "size": []}
         chunk = 256
-        bar = tqdm(total=n, desc=desc, unit="img", leave=False)
+        bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress)
         for start in range(0, n, chunk):
             batch = [sample_scene(rng, split) for _ in range(min(chunk, n - start))]
             bar.update(len(batch))
@@ -146,7 +147,7 @@ class SpeechBank:
 
     @classmethod
     def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
-              workers: int = 2) -> "SpeechBank":
+              workers: int = 2, progress: bool = True) -> "SpeechBank":
         """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
         thread pool: the work is in the subprocess) and compute log-mels."""
         import tempfile
@@ -176,7 +177,8 @@ class SpeechBank:
                 return mel
 
             with ThreadPoolExecutor(workers) as ex:
-                mels = list(tqdm(ex.map(one, range(n)), total=n, desc=desc, unit="clip", leave=False))
+                mels = list(tqdm(ex.map(one, range(n)), total=n, desc=desc, unit="clip", leave=False,
+                                 disable=not progress))
         return cls([i for i, _, _ in items], [qa for _, qa, _ in items], mels)
 
     @torch.no_grad()
@@ -471,16 +473,18 @@ class Trainer:
         cfg = self.cfg
         if self.bank is None:
             self.bank = SceneBank.build(self.model, split="train", n=cfg.bank_images, seed=cfg.seed + 1000 * self.rank,
-                                        desc="rendering train scenes")
-            self.val = SceneBank.build(self.model, split="val", n=cfg.val_images, seed=cfg.seed, desc="rendering val scenes")
+                                        desc="rendering train scenes", progress=self.progress)
+            self.val = SceneBank.build(self.model, split="val", n=cfg.val_images, seed=cfg.seed, desc="rendering val scenes",
+                                       progress=self.progress)
         uses_speech = cfg.speech_clips > 0 and stage.kind in ("asr", "ar", "diffusion")
         if uses_speech and self.speech is None:
             if self.model.audio is None:
                 raise ValueError("speech_clips > 0 but the model config has no audio encoder")
             self.speech = SpeechBank.build(self.model, self.bank, n=cfg.speech_clips, split="train",
-                                           seed=cfg.seed + 1000 * self.rank, desc="speaking train questions")
+                                           seed=cfg.seed + 1000 * self.rank, desc="speaking train questions",
+                                           progress=self.progress)
             self.val_speech = SpeechBank.build(self.model, self.val, n=cfg.speech_val_clips, split="val",
-                                               seed=cfg.seed, desc="speaking val questions")
+                                               seed=cfg.seed, desc="speaking val questions", progress=self.progress)
         if stage.kind in ("ar", "diffusion"):
             if self.bank.features is None:
                 self.bank.encode(self.model)
