@@ -60,7 +60,7 @@ class TrainConfig:
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ground_weight: float = 1.0  # weight of the grounding loss on image-token states (0 = off)
     ground_layer: int = -1  # residual-stream index it reads (-1: the middle of the decoder)
-    eval_every: int = 500
+    eval_every: int = 500  # validation interval in steps (0: never)
     save_every: int = 250
     threads: int = 0  # torch threads (0 = torch default)
 

@@ -571,7 +571,7 @@ class Trainer:
                            "lr": opt.param_groups[0]["lr"], "tok_s": tokens_since / (now - t_last), "time": time.time()})
                 t_last, tokens_since = now, 0
             last = step == stage.steps - 1
-            if self.rank == 0 and ((step + 1) % cfg.eval_every == 0 or last):
+            if self.rank == 0 and cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
                 self._validate(stage, head, step + 1)
             if stage.kind in ("ar", "diffusion") and self.rank == 0 and (step + 1) % cfg.save_every == 0 and not last:
                 save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1})
