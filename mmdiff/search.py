@@ -12,9 +12,10 @@ batches of the one sampler loop; partial canvases are continued and refined thro
   ``SearchConfig.remasking`` in turn, one batched sampler call per order (each row of a batch draws
   its own Gumbel noise);
 * **verifiers** (:data:`VERIFIERS`, no external model): ``elbo``, the per-token masked-diffusion
-  ELBO of the candidate (:func:`elbo_score`), and ``yesno``, the model's P("yes") to
+  ELBO of the candidate (:func:`elbo_score`), ``yesno``, the model's P("yes") to
   "<question> answer: <candidate>. is that right?" (:func:`yes_probability`, the ``verify``
-  question family the model is trained on);
+  question family the model is trained on), and ``elbo_yesno``, the sum of the answer's
+  log-likelihood bound and log P(yes) (:func:`elbo_yes_score`);
 * **search strategies** (:data:`SEARCHES`): ``none`` (plain decoding), ``best_of_n`` (N full
   samples, each scored: the linear baseline) and ``hierarchical``: the N trajectories run to each
   checkpoint of ``SearchConfig.checkpoints`` and the best ``keep`` fraction goes on (successive
@@ -28,7 +29,8 @@ one decoder forward pass over one sequence (prompt + canvas). A forward over a b
 sequences counts B. Counted exactly: every sampler step (B per step of a B-row batch), the prompt
 pass of the prefix cache (B per sampler call, ``cache="prefix"`` only; the denoiser's decoder calls
 are counted by its :class:`~mmdiff.flops.FlopCounter`), the ELBO passes
-(``elbo_samples`` per scored candidate) and the yes/no passes (1 per scored candidate). The vision
+(``elbo_samples`` per scored canvas) and the yes/no passes (1 per scored canvas; both for
+``elbo_yesno``); identical canvases (frequent for short answers) are scored once. The vision
 and audio encoders run once per question and are not counted. Plain decoding thus costs
 ``steps`` NFE; best-of-N about N * (steps + V), V the verifier's passes per candidate; the
 hierarchical search about N * (s1 + V) + M * (steps - s1 + V) + T * (r * steps + V) with one
@@ -69,7 +71,7 @@ class SearchConfig:
     strategy: str = "none"  # none | best_of_n | hierarchical
     candidates: int = 8  # N: trajectories explored (candidate 0 is the plain decode)
     refine: int = 1  # T: refinement rounds of the best survivor (hierarchical only)
-    verifier: str = "elbo"  # elbo (masked-diffusion ELBO) | yesno (P(yes) to "... is that right?")
+    verifier: str = "elbo"  # elbo (masked-diffusion ELBO) | yesno (P(yes) to "... is that right?") | elbo_yesno (both)
     keep: float = 0.5  # fraction of the candidates kept at each checkpoint (successive halving)
     checkpoints: tuple[float, ...] = (0.5,)  # fractions of the denoising steps where partial canvases are scored
     lookahead: bool = True  # score a partial canvas with its masks filled by the model's current prediction
@@ -343,10 +345,13 @@ class SearchRun:
         return out
 
     def score(self, cands: list[Candidate]) -> list[Candidate]:
-        """Score every candidate in one verifier batch: its look-ahead canvas with
-        ``search.lookahead`` (the same as its tokens once finished), else its decided tokens."""
-        scores = self.verify(torch.stack([c.lookahead if self.search.lookahead else c.tokens for c in cands]))
-        return [replace(c, score=s) for c, s in zip(cands, scores)]
+        """Score the candidates in one verifier batch: each one's look-ahead canvas with
+        ``search.lookahead`` (the same as its tokens once finished), else its decided tokens.
+        Identical canvases are scored once (the verifiers are deterministic)."""
+        canvas = torch.stack([c.lookahead if self.search.lookahead else c.tokens for c in cands])  # (B, L)
+        distinct, index = canvas.unique(dim=0, return_inverse=True)  # (U, L), (B,)
+        scores = self.verify(distinct)
+        return [replace(c, score=scores[i]) for c, i in zip(cands, index.tolist())]
 
     def refine(self, cands: list[Candidate], round_: int) -> list[Candidate]:
         """One refinement round: remask each candidate's least confident tokens, denoise them again
@@ -448,6 +453,15 @@ def yes_probability(run: SearchRun, canvas: torch.Tensor) -> torch.Tensor:
     run.nfe += B
     logits = model(embeds, valid, response)[:, 0]  # (B, V)
     return logits[:, [yes, no]].float().softmax(-1)[:, 0]
+
+
+@VERIFIERS.register("elbo_yesno")
+def elbo_yes_score(run: SearchRun, canvas: torch.Tensor) -> torch.Tensor:
+    """Both signals as one posterior-style score, log p(answer | prompt) + log P(yes | prompt, answer):
+    the ELBO summed over the decided tokens (the answer's likelihood, a prior) plus the log of the
+    yes/no verifier's P(yes) (the model's judgement of the answer). K + 1 NFE per canvas."""
+    decided = (canvas != run.mask_id).sum(-1).clamp(min=1)  # (B,)
+    return elbo_score(run, canvas) * decided + yes_probability(run, canvas).clamp(min=1e-12).log()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -558,8 +572,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refine", type=int, default=d.refine,
                    help=f"T refinement rounds of the best survivor, hierarchical only (default: {d.refine})")
     g.add_argument("--verifier", default=d.verifier, choices=VERIFIERS.names(),
-                   help=f"candidate score: elbo = the model's ELBO, yesno = its P(yes) to 'is that right?' "
-                        f"(default: {d.verifier})")
+                   help=f"candidate score: elbo = the model's ELBO, yesno = its P(yes) to 'is that right?', "
+                        f"elbo_yesno = both (default: {d.verifier})")
     g.add_argument("--keep", type=float, default=d.keep, help=f"fraction kept at each checkpoint (default: {d.keep})")
     g.add_argument("--checkpoints", type=float, nargs="+", default=list(d.checkpoints),
                    help=f"fractions of the steps where partial canvases are scored (default: {list(d.checkpoints)})")
@@ -587,6 +601,6 @@ def search_config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 __all__ = ["ConfidenceTrace", "PresetCanvas", "SEARCHES", "SearchConfig", "SearchResult", "VERIFIERS",
-           "add_search_arguments", "checkpoint_step", "elbo_masks", "elbo_score", "exploration_configs",
-           "remask_least_confident", "resume_config", "search", "search_config_from_args", "verification_question",
-           "yes_no_ids", "yes_probability"]
+           "add_search_arguments", "checkpoint_step", "elbo_masks", "elbo_score", "elbo_yes_score",
+           "exploration_configs", "remask_least_confident", "resume_config", "search", "search_config_from_args",
+           "verification_question", "yes_no_ids", "yes_probability"]

@@ -19,8 +19,9 @@ from mmdiff.data.scenes import render, sample_scene
 from mmdiff.sampling import SamplerConfig, iter_sample
 from mmdiff.sampling.denoisers import build_denoiser
 from mmdiff.search import (ConfidenceTrace, SearchConfig, SearchRun, add_search_arguments, checkpoint_step,
-                           elbo_masks, elbo_score, exploration_configs, remask_least_confident, resume_config, search,
-                           search_config_from_args, verification_question, yes_no_ids, yes_probability)
+                           elbo_masks, elbo_score, elbo_yes_score, exploration_configs, remask_least_confident,
+                           resume_config, search, search_config_from_args, verification_question, yes_no_ids,
+                           yes_probability)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "how many circles are there?"
@@ -87,7 +88,7 @@ SAMPLERS = {
 
 
 @pytest.mark.parametrize("strategy", ["none", "best_of_n", "hierarchical"])
-@pytest.mark.parametrize("verifier", ["elbo", "yesno"])
+@pytest.mark.parametrize("verifier", ["elbo", "yesno", "elbo_yesno"])
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_nfe_counts_every_decoder_forward(model, image, strategy, verifier, sampler, cache):
@@ -97,11 +98,19 @@ def test_nfe_counts_every_decoder_forward(model, image, strategy, verifier, samp
     assert res.nfe == forwards > 0
 
 
+def test_identical_candidates_are_scored_once(model, image):
+    greedy = SearchConfig(strategy="best_of_n", candidates=6, temperature=0.0, remasking=("low_confidence",),
+                          elbo_samples=3)
+    res, forwards = run_counted(model, image, SamplerConfig(gen_length=8), greedy)
+    assert res.nfe == forwards == 6 * 8 + 1 * 3 and len(res.candidates) == 1
+
+
 def test_nfe_formulas_are_linear(model, image):
     """Greedy costs steps; best-of-N N * (steps + K); hierarchical N * (s1 + K) + M * (steps - s1 + K)
     + T * (r * steps + K), which grows linearly in N + T."""
-    cfg, K = SamplerConfig(gen_length=8), 2
-    base = SearchConfig(candidates=8, refine=3, keep=0.5, checkpoints=(0.5,), elbo_samples=K, refine_ratio=0.25)
+    cfg, K = SamplerConfig(gen_length=8), 2  # at temperature 5 no two canvases of the random model coincide
+    base = SearchConfig(candidates=8, refine=3, keep=0.5, checkpoints=(0.5,), elbo_samples=K, refine_ratio=0.25,
+                        temperature=5.0)
     assert search(model, QUESTION, image=image, config=cfg, search=base).nfe == 8
     best_of_8 = replace(base, strategy="best_of_n")
     assert search(model, QUESTION, image=image, config=cfg, search=best_of_8).nfe == 8 * (8 + K)
@@ -316,13 +325,15 @@ def test_yes_no_verifier_ranks_the_true_answer_above_a_wrong_one(toy):
     model, _ = toy
     scores, nfe = verifier_scores(model, NAME_EVEN, EVEN + ODD, yes_probability)
     assert min(scores[:5]) > 0.5 > max(scores[5:]) and nfe == 10
+    scores, nfe = verifier_scores(model, NAME_EVEN, EVEN + ODD, elbo_yes_score)
+    assert min(scores[:5]) > max(scores[5:]) and nfe == 10 * (2 + 1)
 
 
-@pytest.mark.parametrize("verifier", ["elbo", "yesno"])
+@pytest.mark.parametrize("verifier", ["elbo", "yesno", "elbo_yesno"])
 def test_search_returns_the_verified_answer(toy, verifier):
     """At temperature 3 most trajectories are wrong; the verifier picks a right one."""
     model, parity = toy
-    cases = [(NAME_EVEN, EVEN)] + ([(q, [a]) for q, a in parity[:4]] if verifier == "elbo" else [])
+    cases = [(NAME_EVEN, EVEN)] + ([(q, [a]) for q, a in parity[:4]] if verifier != "yesno" else [])
     for question, right in cases:
         res = search(model, question, config=SamplerConfig(gen_length=TOY_CANVAS),
                      search=SearchConfig(strategy="best_of_n", candidates=8, temperature=3.0, verifier=verifier))
@@ -345,7 +356,7 @@ def test_results_are_reproducible_from_the_seed(model, image, strategy):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(strategy="beam"), "Unknown search strategy 'beam'; known: best_of_n, hierarchical, none"),
-    (dict(verifier="judge"), "Unknown verifier 'judge'; known: elbo, yesno"),
+    (dict(verifier="judge"), "Unknown verifier 'judge'; known: elbo, elbo_yesno, yesno"),
     (dict(remasking=("low_confidence", "nope")), "Unknown remasking rule 'nope'"),
     (dict(candidates=0), "candidates must be >= 1"),
     (dict(refine=-1), "refine must be >= 0"),
@@ -404,9 +415,12 @@ def test_benchmark_script_runs_on_a_tiny_model(model, tmp_path, capsys, monkeypa
     assert bench.main(["--model", str(tmp_path / "m"), "--n", "1", "--budgets", "2", "3", "--caption-length", "12",
                        "--types", "count", "caption", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "| method | N | T | NFE | count | caption | mean acc | latency ms |" in out
+    assert "| method | N | T | NFE | count | caption | mean acc | oracle acc | latency ms |" in out
     assert sum(line.startswith("| hierarchical |") for line in out.splitlines()) == 2
     assert "target 1:" in out and "target 2: hardest type" in out
-    truth = "a red circle at the top left, a blue square in the center and a red cross at the top"
-    assert bench.caption_f1("a red circle at the top left and a blue square in the center", truth) == 0.8
+    truth = "a small red circle at the top left, a large blue square in the center and a small red cross at the top"
+    assert bench.caption_accuracy(truth, truth) == 1.0
+    two = "a small red circle at the top left and a small blue square in the center"
+    assert bench.caption_accuracy(two, truth) == 7 / 12
+    assert bench.caption_accuracy("a small red circle at the top left, nonsense", truth) == 4 / 16
     assert bench.score_answer("Three", ["3"], "count") == 1.0
