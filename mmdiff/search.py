@@ -384,27 +384,33 @@ def elbo_masks(canvas: torch.Tensor, mask_id: int, *, samples: int, seed: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed, seeded masks of the ELBO estimate.
 
-    Sample k masks m_k = max(1, round((k + 1/2) / K * n)) of the n decided positions of a canvas
-    (LLaDA, Nie et al. 2025, Eq. 6: a fixed number of masks l weighted by n / l, here with l
-    stratified over K samples). The random order of positions comes from ``seed`` and is shared by
-    all canvases (common random numbers: candidates are compared on the same masks).
+    A fixed number of masks per sample, weighted by n / m (LLaDA, Nie et al. 2025, Eq. 6), with the
+    ratios stratified over the K samples and paired as complements (LaViDa's complementary masking):
+    sample k < K/2 masks m_k = max(1, round((k + 1/2) / K * n)) of the n decided positions of a
+    canvas, and sample K - 1 - k masks exactly the others, so each pair scores every decided token
+    once (short answers have one content token among EOS fill: an unpaired estimate often never
+    masks it). With K odd the middle sample masks half. The random order of positions comes from
+    ``seed`` and is shared by all canvases (common random numbers: candidates are compared on the
+    same masks).
 
     Args:
         canvas: (B, L) canvases; positions holding ``mask_id`` are undecided and never scored.
 
     Returns:
-        masked (B, K, L) bool, t (B, K) mask ratios m_k / n, n (B,) decided positions.
+        masked (B, K, L) bool, t (B, K) mask ratios (masks / n, at least 1 / n), n (B,) decided positions.
     """
     B, L = canvas.shape
+    K, half = samples, samples // 2
     decided = canvas != mask_id  # (B, L)
     n = decided.sum(-1).clamp(min=1)  # (B,)
-    u = torch.rand(samples, L, generator=torch.Generator().manual_seed(seed)).to(canvas.device)  # (K, L)
-    ratio = (torch.arange(samples, device=canvas.device) + 0.5) / samples  # (K,)
+    u = torch.rand(K, L, generator=torch.Generator().manual_seed(seed)).to(canvas.device)  # (K, L)
+    ratio = (torch.arange(K, device=canvas.device) + 0.5) / K  # (K,)
     m = (ratio[None] * n[:, None]).round().clamp(min=1)  # (B, K)
     priority = torch.where(decided[:, None], u[None], torch.inf)  # (B, K, L)
     rank = priority.argsort(dim=-1, stable=True).argsort(dim=-1)  # (B, K, L)
     masked = (rank < m[..., None]) & decided[:, None]  # (B, K, L)
-    return masked, m / n[:, None], n
+    masked[:, K - half:] = decided[:, None] & ~masked[:, :half].flip(1)  # sample K-1-k: complement of k
+    return masked, masked.sum(-1).clamp(min=1) / n[:, None], n
 
 
 @VERIFIERS.register("elbo")

@@ -226,14 +226,19 @@ def test_refinement_keeps_the_better_version(model, image):
 # ------------------------------------------------------------------------------------------------
 # verifiers
 # ------------------------------------------------------------------------------------------------
-def test_elbo_masks_are_fixed_counts_of_decided_positions():
+def test_elbo_masks_are_fixed_counts_of_decided_positions_in_complementary_pairs():
     M = 0
     canvas = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [5, M, 7, M, 9, M, M, M]])
     masked, t, n = elbo_masks(canvas, M, samples=4, seed=0)
     assert masked.shape == (2, 4, 8) and n.tolist() == [8, 3]
-    assert masked.sum(-1).tolist() == [[1, 3, 5, 7], [1, 1, 2, 3]]  # max(1, round((k + 1/2) / K * n))
-    assert not masked[1][:, canvas[1] == M].any()
+    # samples 0, 1 mask max(1, round((k + 1/2) / K * n)); samples 3, 2 mask their complements
+    assert masked.sum(-1).tolist() == [[1, 3, 5, 7], [1, 1, 2, 2]]
+    decided = canvas != M
+    for a, b in ((0, 3), (1, 2)):  # every decided token is masked exactly once per pair
+        assert torch.equal(masked[:, a] ^ masked[:, b], decided) and not (masked[:, a] & masked[:, b]).any()
     torch.testing.assert_close(t, masked.sum(-1) / n[:, None].float())
+    odd, _, _ = elbo_masks(canvas, M, samples=3, seed=0)
+    assert odd.sum(-1).tolist() == [[1, 4, 7], [1, 2, 2]] and torch.equal(odd[:, 0] ^ odd[:, 2], decided)
     again, _, _ = elbo_masks(canvas, M, samples=4, seed=0)
     assert torch.equal(masked, again) and not torch.equal(masked, elbo_masks(canvas, M, samples=4, seed=1)[0])
 
