@@ -16,9 +16,7 @@ A row needs an image, audio or both, and a question, audio or both. Spoken-quest
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from ..io import atomic_write_bytes
 from .questions import QA, QUESTION_TYPES, questions_for
 from .scenes import Scene, check_split, render, sample_scene
 
@@ -58,19 +57,6 @@ def iter_examples(split: str, seed: int, *, types: Sequence[str] = QUESTION_TYPE
         scene = sample_scene(rng, split)
         image = render(scene, rng)
         yield scene, image, questions_for(scene, rng, types, per_type)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_split(out_dir: str | Path, *, split: str, n: int, seed: int, audio: bool = False,
@@ -125,7 +111,7 @@ def write_split(out_dir: str | Path, *, split: str, n: int, seed: int, audio: bo
                 rows.append(row)
             bar.update(len(chosen))
     path = out / DATA_FILE
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return path
 
 
