@@ -431,6 +431,14 @@ class LoadedCheckpoint:
     format: str  # name of the CheckpointFormat
 
 
+def _open_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """The checkpoint directory and its parsed ``config.json`` (clear errors when either is missing)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    return directory, read_json(directory / CONFIG_NAME)
+
+
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     tokenizer: bool = True) -> LoadedCheckpoint:
     """Load a LLaDA / Dream / mmdiff-decoder directory with its special-token ids (and tokenizer).
@@ -441,11 +449,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
         device: where the parameters live.
         tokenizer: also load the tokenizer when the directory has tokenizer files.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    directory, config = _open_checkpoint(path)
     config_path = directory / CONFIG_NAME
-    config = read_json(config_path)
     fmt = detect_format(config, source=str(config_path))
     cfg = fmt.decoder_config(config, source=str(config_path))
     with torch.device("meta"):
@@ -681,10 +686,7 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     """
     from .model import MultimodalDiffusionLM
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    config = read_json(directory / CONFIG_NAME)
+    directory, config = _open_checkpoint(path)
     cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))
     hf_tokenizer = _require_tokenizer(directory)
     mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
@@ -726,10 +728,7 @@ def load_multimodal(path: str | Path, *, dtype: torch.dtype | None = None,
     """
     from .model import MODEL_TYPE, ModelConfig, MultimodalDiffusionLM
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    config = read_json(directory / CONFIG_NAME)
+    directory, config = _open_checkpoint(path)
     if config.get("model_type") == MODEL_TYPE:
         return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
     if is_llada_v(config):
