@@ -521,6 +521,9 @@ class Trainer:
             self.model.eval()
             self.model.save_pretrained(self.out)
             log.info("wrote %s", self.out)
+        if self.world > 1:  # every replica leaves together: no rank exits while gloo still talks to it
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return self.model
 
     def _run_stage(self, si: int, stage: StageConfig) -> None:
