@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Reproduce the shipped model (about 40 minutes on 2 CPU cores); the log lands beside it.
+# Reproduce the shipped model (under 60 minutes on 2 CPU cores); the log lands beside it.
 train: $(STAMP)
 	$(VENV)/bin/mmdiff train --config configs/mmdiff-tiny.json --fresh 2>&1 | tee $(MODEL).train.log
 

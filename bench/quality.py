@@ -30,6 +30,8 @@ import torch
 
 from mmdiff import DEFAULT_MODEL_DIR
 
+ASR_LENGTH = 24  # canvas for "transcribe the audio." answers (the longest question is under 20 tokens)
+
 SHORT_TYPES = ("attribute", "existence", "count", "position", "relation", "comparison", "verify")
 ASR_QUESTION = "transcribe the audio."
 
@@ -86,6 +88,20 @@ def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int
     return preds, (time.perf_counter() - t0) / max(1, len(examples))
 
 
+@torch.no_grad()
+def ctc_transcripts(model, examples: list[dict], batch: int = 32) -> list[str]:
+    """Greedy CTC transcripts of the clips from the ``audio_ctc`` adapter's head (no decoder)."""
+    from mmdiff.training.trainer import ctc_greedy
+
+    out = []
+    for i in range(0, len(examples), batch):
+        feats, mask = model.audio.preprocess([e["audio"] for e in examples[i:i + batch]])
+        enc = model.audio(feats, mask)
+        logp = model.audio_adapter.logits(enc).log_softmax(-1)
+        out += [model.tokenizer.decode(ids) for ids in ctc_greedy(logp, enc.mask.sum(-1), logp.shape[-1] - 1)]
+    return out
+
+
 def score(name: str, examples: list[dict], preds: list[str]) -> dict[str, float]:
     from mmdiff.evaluation.metrics import exact_match
     from mmdiff.training.trainer import word_error_rate
@@ -135,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             long = name in ("caption", "caption_json")
             if model.audio is None and any(e.get("audio") for e in examples):
                 continue
-            preds, sec = answer(model, examples, ar=ar, gen_length=152 if long else 8, batch=args.batch_size)
+            gen_length = 152 if long else ASR_LENGTH if name == "asr" else 8
+            preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size)
             results[label][name] = {"n": len(examples), **score(name, examples, preds), "s_per_answer": sec,
                                     "samples": [{"q": e["question"] or e.get("transcript"), "pred": p_, "answer": e["answer"]}
                                                 for e, p_ in list(zip(examples, preds))[:3]]}
+            if name == "asr" and hasattr(model.audio_adapter, "logits"):  # the adapter's own CTC transcript
+                preds = ctc_transcripts(model, examples)
+                results[label]["asr_ctc"] = {"n": len(examples), **score("asr", examples, preds),
+                                             "samples": [{"pred": p_, "answer": e["answer"]}
+                                                         for e, p_ in list(zip(examples, preds))[:3]]}
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

@@ -103,6 +103,8 @@ class MultimodalDiffusionLM(nn.Module):
             from .encoders import build_audio_encoder
 
             self.audio = build_audio_encoder(cfg.audio)
+            if cfg.audio_adapter.kind == "audio_ctc" and not cfg.audio_adapter.vocab_size:
+                cfg.audio_adapter.vocab_size = cfg.decoder.vocab_size  # CTC over the decoder's vocabulary
             self.audio_adapter = build_adapter(cfg.audio_adapter)
 
     @property
@@ -132,8 +134,20 @@ class MultimodalDiffusionLM(nn.Module):
         if self.audio is None:
             raise ValueError("this model has no audio encoder, but audio was given")
         feats, mask = self.audio.preprocess(clips)
-        tokens, tmask = self.audio_adapter(self.audio(feats.to(self.device), mask.to(self.device)))
+        tokens, tmask = self.adapt_audio(self.audio(feats.to(self.device), mask.to(self.device)))
         return [t[m] for t, m in zip(tokens, tmask)]
+
+    def adapt_audio(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio encoder output -> (tokens (B, N, D), mask (B, N)) in decoder space.
+
+        Adapters that emit distributions over the vocabulary (``emits = "vocab"``, e.g. ``audio_ctc``)
+        are embedded with the decoder's own token table: sum_v p(v) * E[v].
+        """
+        tokens, mask = self.audio_adapter(features)
+        if getattr(self.audio_adapter, "emits", "embeddings") == "vocab":
+            table = self.decoder.embed_tokens.weight  # (V, D)
+            tokens = tokens.to(table.dtype) @ table[: tokens.shape[-1]]  # (B, N, D)
+        return tokens, mask
 
     def embed_prompt(self, prompts: Sequence[Sequence[int]], *, images: Sequence[Sequence[torch.Tensor]] | None = None,
                      audios: Sequence[Sequence[torch.Tensor]] | None = None, return_kinds: bool = False):

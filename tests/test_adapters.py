@@ -16,11 +16,17 @@ from mmdiff.encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio
 from mmdiff.encoders.vision import build_vision_encoder, preset
 
 IN, OUT = 12, 16
+VOCAB = 20  # audio_ctc: distributions over this many tokens
+
+
+def width(adapter) -> int:
+    """Output width: decoder width, or the vocabulary for adapters that emit token distributions."""
+    return VOCAB if getattr(adapter, "emits", "embeddings") == "vocab" else OUT
 
 
 def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
     base = dict(kind=kind, in_dim=IN, out_dim=OUT, num_queries=3, qformer_layers=1, qformer_heads=2,
-                n_encoder_layers=2)
+                n_encoder_layers=2, vocab_size=VOCAB)
     if ADAPTERS.get(kind).modality == "image":
         base.update(pool=2, grid=(4, 4), pos_embed=True)
     return AdapterConfig(**{**base, **kw})
@@ -53,7 +59,10 @@ def test_adapter_builds_and_runs(kind):
             assert adapter.modality == "audio"
             tokens, mask = adapter(audio_feats([10, 7]))
             n = [adapter.num_tokens(10), adapter.num_tokens(7)]
-            assert tokens.shape == (2, n[0], OUT) and mask.dtype == torch.bool
+            if width(adapter) == VOCAB:  # CTC compression: content-dependent length, at most one per frame
+                assert all(0 < k <= m for k, m in zip(mask.sum(1).tolist(), n))
+                n = mask.sum(1).tolist()
+            assert tokens.shape == (2, max(n), width(adapter)) and mask.dtype == torch.bool
             assert mask.sum(1).tolist() == n
             assert mask.cumsum(1).max(1).values.tolist() == n and (mask[:, :1]).all()  # valid tokens first
             assert (tokens[~mask] == 0).all()
@@ -115,7 +124,7 @@ def test_audio_adapter_batch_equals_single_clips(kind):
         batch, batch_mask = adapter(feats)
         for i, n in enumerate([12, 7]):
             alone, alone_mask = adapter(slice_feats(feats, i, n))
-            k = adapter.num_tokens(n)
+            k = adapter.num_tokens(n) if width(adapter) == OUT else alone.shape[1]
             assert alone.shape[1] == k and alone_mask.all() and batch_mask[i, :k].all() and not batch_mask[i, k:].any()
             torch.testing.assert_close(batch[i, :k], alone[0], atol=1e-5, rtol=0)
 
@@ -160,13 +169,14 @@ def test_adapter_config_validation_and_round_trip():
         "audio_semantic: subsample must be a power of 2": dict(kind="audio_semantic", subsample=3),
         "audio_dual: out_dim 6 is not divisible by qformer_heads 4": dict(kind="audio_dual", out_dim=6),
         "audio_acoustic: n_encoder_layers, num_queries": dict(kind="audio_acoustic", num_queries=0),
+        "audio_ctc: vocab_size .* must be set": dict(kind="audio_ctc"),
     }
     for message, fields in errors.items():
         with pytest.raises(ValueError, match=message):
             build_adapter(AdapterConfig(**{"in_dim": 4, "out_dim": 4, **fields}))
     with pytest.raises(ValueError, match=r"unknown AdapterConfig keys \['proj'\]"):
         AdapterConfig.from_dict({"kind": "linear", "in_dim": 1, "out_dim": 1, "proj": "x"})
-    with pytest.raises(ValueError, match="Unknown adapter 'mlp3x'; known: audio_acoustic, audio_dual"):
+    with pytest.raises(ValueError, match="Unknown adapter 'mlp3x'; known: audio_acoustic, audio_ctc, audio_dual"):
         build_adapter(AdapterConfig(kind="mlp3x", in_dim=4, out_dim=4))
 
 
@@ -192,3 +202,31 @@ def test_audio_encoder_to_dual_adapter():
         tokens, mask = adapter(enc(*enc.preprocess(clips)))
     assert mask.sum(1).tolist() == [adapter.num_tokens(50), adapter.num_tokens(75)] == [13 + 3, 19 + 3]
     assert tokens.shape == (2, 22, OUT)
+
+
+def test_ctc_adapter_drops_blanks_and_merges_repeats():
+    """Frames labelled [blank, 5, 5, blank, 5, 7, 7, blank] compress to the tokens 5, 5, 7; padding frames
+    never count; an all-blank clip keeps its least-blank frame."""
+    V = 9
+    adapter = build_adapter(AdapterConfig(kind="audio_ctc", in_dim=V + 1, out_dim=OUT, vocab_size=V)).eval()
+    with torch.no_grad():
+        adapter.ctc.weight.copy_(torch.eye(V + 1) * 20)
+        adapter.ctc.bias.zero_()
+    blank = V
+    labels = [blank, 5, 5, blank, 5, 7, 7, blank]
+    one_hot = torch.nn.functional.one_hot(torch.tensor(labels), V + 1).float()  # (8, V+1)
+    quiet = torch.zeros(8, V + 1)
+    quiet[:, blank] = 1.0
+    quiet[3, blank], quiet[3, 2] = 0.6, 0.4  # frame 3 is the least blank
+    last = torch.stack([one_hot, quiet])  # (2, 8, V+1)
+    mask = torch.tensor([[True] * 8, [True] * 8])
+    with torch.no_grad():
+        tokens, tmask = adapter(AudioFeatures(last=last, layers=[last], mask=mask))
+    assert tmask.sum(1).tolist() == [3, 1]
+    assert tokens[0, :3].argmax(-1).tolist() == [5, 5, 7] and tokens.shape[-1] == V
+    torch.testing.assert_close(tokens[tmask].sum(-1), torch.ones(4))  # distributions without the blank
+    assert tokens[1, 0].argmax().item() == 2
+    with torch.no_grad():  # a padded copy of clip 0 gives the same positions
+        padded = torch.cat([one_hot, one_hot[:3]])[None]
+        p_tok, p_mask = adapter(AudioFeatures(last=padded, layers=[padded], mask=torch.arange(11)[None] < 8))
+    torch.testing.assert_close(p_tok[p_mask], tokens[0, :3])

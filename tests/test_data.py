@@ -347,9 +347,11 @@ needs_espeak = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-
 def test_voice_pools_are_disjoint_and_test_uses_heldout_voices() -> None:
     assert len(speech.TRAIN_VOICES) >= 5 and len(speech.HELDOUT_VOICES) >= 2
     assert not set(speech.TRAIN_VOICES) & set(speech.HELDOUT_VOICES)
+    heard = {part for v in speech.TRAIN_VOICES for part in v.split("+")}
+    assert not heard & {part for v in speech.HELDOUT_VOICES for part in v.split("+")}  # no accent or variant shared
     rng = random.Random(0)
     test_voices = {speech.sample_voice(rng, "test").voice for _ in range(50)}
-    train_voices = {speech.sample_voice(rng, "train").voice for _ in range(200)}
+    train_voices = {speech.sample_voice(rng, "train").voice for _ in range(2000)}
     assert test_voices == set(speech.HELDOUT_VOICES) and train_voices == set(speech.TRAIN_VOICES)
     p = speech.sample_voice(rng, "val")
     assert 130 <= p.speed <= 190 and 30 <= p.pitch <= 70 and 15 <= p.snr_db <= 35
@@ -435,3 +437,13 @@ def test_focus_cells_agree_with_answers():
             assert scene.objects[[o.cell for o in scene.objects].index(cell)].position == qa.answers[0]
         qa = ask(scene, rng, "caption_json")
         assert set(qa.focus[0]) == occupied
+        qa = ask(scene, rng, "relation")
+        if qa is not None:  # group 3: the cells the relation selects
+            region = set(qa.focus[2])
+            if qa.answers[0] in ("yes", "no"):  # "is A rel B?": yes iff A's cell is in B's region
+                assert (qa.focus[0][0] in region) == (qa.answers[0] == "yes")
+                (b,), = [qa.focus[1]]
+                assert b not in region
+            else:  # "what is directly rel X?": the one neighbouring cell, empty iff the answer is nothing
+                (cell,) = region
+                assert (cell in occupied) == (qa.answers[0] != "nothing")

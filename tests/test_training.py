@@ -17,7 +17,7 @@ from mmdiff.training.trainer import Trainer, ctc_greedy, word_error_rate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3) -> dict:
+def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3, audio_adapter: str = "audio_semantic") -> dict:
     model = {
         "decoder": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "mlp_hidden": 64,
                     "attn_mode": "prefix", "max_seq_len": 256},
@@ -30,7 +30,7 @@ def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3) -> dict:
     if audio:
         model["audio"] = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                           "num_mel_bins": 80, "max_source_positions": 400, "max_seconds": 8.0}
-        model["audio_adapter"] = {"kind": "audio_semantic", "in_dim": 32, "out_dim": 32, "subsample": 4}
+        model["audio_adapter"] = {"kind": audio_adapter, "in_dim": 32, "out_dim": 32, "subsample": 4}
         stages.append({"name": "asr", "kind": "asr", "steps": steps, "batch_size": 4, "train": ["audio"], "warmup": 1})
     stages += [
         {"name": "ar", "kind": "ar", "steps": steps, "batch_size": 8, "warmup": 1, "audio_fraction": 0.5,
@@ -41,7 +41,7 @@ def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3) -> dict:
     return {"out": str(tmp_path / "model"), "model": model, "stages": stages, "vocab_size": 300,
             "tokenizer_texts": 400, "bank_images": 40, "val_images": 8, "short_length": 8, "long_length": 64,
             "eval_every": 1000, "save_every": 2, "threads": 1, "speech_clips": 6 if audio else 0,
-            "speech_val_clips": 3}
+            "speech_val_clips": 3, "rank_weight": 1.0, "spec_augment": True}
 
 
 def write(tmp_path: Path, cfg: dict) -> Path:
@@ -79,6 +79,73 @@ def test_speech_stages_run(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "model.train_log.jsonl").read_text().splitlines()]
     assert any("val_asr" in r for r in log)
     assert any("spoken" in r.get("val_acc", {}) for r in log)
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
+def test_ctc_adapter_is_trained_by_the_asr_stage_and_kept(tmp_path):
+    """With audio_ctc the ASR stage trains the adapter's own CTC head (saved with the model), and
+    spoken questions reach the decoder as mixtures of its token embeddings."""
+    cfg = tiny_config(tmp_path, audio=True, steps=2, audio_adapter="audio_ctc")
+    cfg["stages"] = cfg["stages"][:2] + [dict(cfg["stages"][-1], train=["vision_adapter", "decoder"])]
+    trainer = Trainer(TrainConfig.from_file(write(tmp_path, cfg)), progress=False)
+    before = trainer.model.audio_adapter.ctc.weight.detach().clone()
+    trainer.run()
+    model = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
+    assert model.cfg.audio_adapter.vocab_size == model.cfg.decoder.vocab_size
+    assert not torch.equal(before, model.audio_adapter.ctc.weight)
+    from mmdiff.encoders.audio import AudioFeatures
+
+    last = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        probs, mask = model.audio_adapter(AudioFeatures(last=last, layers=[last], mask=torch.ones(1, 5, dtype=torch.bool)))
+        tokens, mask2 = model.adapt_audio(AudioFeatures(last=last, layers=[last], mask=torch.ones(1, 5, dtype=torch.bool)))
+    torch.testing.assert_close(tokens, probs @ model.decoder.embed_tokens.weight)
+    assert torch.equal(mask, mask2)
+
+
+def test_ground_loss_targets(tmp_path):
+    """Focus groups (named object, second object, relation region) and object ranks become per-cell targets."""
+    import random
+
+    from mmdiff.data.questions import ask
+    from mmdiff.model import IMAGE
+    from mmdiff.training.trainer import Example, GroundHead
+
+    cfg = TrainConfig.from_file(write(tmp_path, tiny_config(tmp_path)))
+    trainer = Trainer(cfg, progress=False)
+    trainer._banks(cfg.stages[0])
+    scene = trainer.bank.scenes[0]
+    rng = random.Random(0)
+    qa = next(q for q in (ask(scene, rng, "relation") for _ in range(50)) if q is not None)
+    items = [Example(qa.question, qa.answers[0], qa.type, scene=0, focus=qa.focus)]
+    head = GroundHead(4)
+    n = 9
+    kinds = torch.tensor([[0, 0] + [IMAGE] * n + [0]])
+    hidden = torch.zeros(1, kinds.shape[1], 4)
+    hidden[0, 2:2 + n, 0] = torch.arange(n, dtype=torch.float)  # each cell's state says which cell it is
+    captured = {}
+    head.focus.register_forward_hook(lambda m, i, o: captured.update(cells=i[0][..., 0].clone()))
+    focus, rank = trainer._ground_loss(head, [hidden] * 3, kinds, items)
+    assert captured["cells"].tolist() == [list(range(n))]  # image states read in reading order
+    assert focus.item() > 0 and rank.item() > 0
+    # a perfect probe gives (near) zero loss: build it from the targets
+    with torch.no_grad():
+        head.focus.weight.zero_(); head.rank.weight.zero_()
+        target = torch.zeros(n, 3)
+        for g, cells in enumerate(qa.focus):
+            target[list(cells), g] = 1
+        ranks = torch.full((n,), 6)
+        for k, o in enumerate(scene.objects):
+            ranks[o.cell] = k
+    one_hot = torch.eye(n)
+    hidden = torch.zeros(1, kinds.shape[1], n)
+    hidden[0, 2:2 + n] = one_hot
+    head = GroundHead(n)
+    with torch.no_grad():
+        head.focus.weight.copy_((target * 40 - 20).T); head.focus.bias.zero_()
+        head.rank.weight.copy_(torch.nn.functional.one_hot(ranks, 7).float().T * 40); head.rank.bias.zero_()
+    focus, rank = trainer._ground_loss(head, [hidden] * 3, kinds, items)
+    assert focus.item() < 1e-6 and rank.item() < 1e-6
 
 
 def test_resume_continues_from_checkpoint(tmp_path):

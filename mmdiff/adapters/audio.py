@@ -7,8 +7,15 @@
   cross-attend to a softmax-weighted sum of ``n_encoder_layers`` encoder layers
   (``AudioEncoderConfig.output_layers``), giving a fixed number of tokens per clip.
 * ``audio_dual``: both; per clip the valid semantic tokens come first, then the queries, then padding.
+* ``audio_ctc``: CTC compression (Gaido et al. 2021, "CTC-based compression for direct speech
+  translation"): a CTC head over the decoder's vocabulary (plus a blank) labels every encoder
+  frame; blank frames are dropped and runs of frames with the same label are averaged, leaving
+  about one position per spoken token. Each position is a distribution over the vocabulary, and
+  the model embeds it with the decoder's own token table (``emits = "vocab"``), so a well
+  recognised spoken question reaches the decoder as (nearly) the embeddings of the typed one.
 
-Every adapter returns ``(tokens (B, N', out_dim), mask (B, N') bool)`` with tokens zero where the
+Every adapter returns ``(tokens (B, N', out_dim), mask (B, N') bool)`` (``audio_ctc``: ``(B, N', vocab)``
+probabilities, embedded by :meth:`mmdiff.model.MultimodalDiffusionLM.adapt_audio`) with tokens zero where the
 mask is False; padded frames never reach a real output, so a clip gives the same tokens alone or
 in a batch.
 """
@@ -133,3 +140,58 @@ class DualAdapter(nn.Module):
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid first, order kept
         tokens = tokens.gather(1, order[..., None].expand_as(tokens))
         return tokens, mask.gather(1, order)
+
+
+@ADAPTERS.register("audio_ctc")
+class CTCAdapter(nn.Module):
+    """Linear CTC head over ``vocab_size`` tokens + blank (last index), then CTC compression.
+
+    ``forward`` returns per clip the kept positions' token distributions (blank removed,
+    renormalised) and a mask; ``logits`` gives the raw per-frame CTC logits for the CTC loss.
+    """
+
+    modality = "audio"
+    emits = "vocab"  # outputs are distributions over the decoder vocabulary, not embeddings
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError(f"{cfg.kind}: vocab_size (the decoder's vocabulary size) must be set, got {cfg.vocab_size}")
+        self.cfg = cfg
+        self.ctc = nn.Linear(cfg.in_dim, cfg.vocab_size + 1)
+        self.blank = cfg.vocab_size
+
+    def num_tokens(self, n_frames: int) -> int:
+        """At most one position per frame (the real count depends on the content)."""
+        return n_frames
+
+    def logits(self, feats: AudioFeatures) -> torch.Tensor:
+        """(B, T, vocab + 1) per-frame CTC logits; the blank is the last class."""
+        return self.ctc(feats.last)
+
+    def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.logits(feats).float().softmax(-1)  # (B, T, V+1)
+        labels = probs.argmax(-1)  # (B, T)
+        out, lengths = [], []
+        for b in range(probs.shape[0]):
+            n = int(feats.mask[b].sum())
+            lab, p = labels[b, :n], probs[b, :n]
+            keep = lab != self.blank
+            if not keep.any():  # all blank: keep the frame most likely to be speech
+                keep = torch.zeros_like(keep)
+                keep[p[:, self.blank].argmin()] = True
+            idx = keep.nonzero().squeeze(1)  # kept frames, in time order
+            run = torch.ones_like(idx, dtype=torch.bool)  # a new run starts where the label changes or a frame was dropped
+            run[1:] = (lab[idx[1:]] != lab[idx[:-1]]) | (idx[1:] != idx[:-1] + 1)
+            seg = run.long().cumsum(0) - 1  # (K,) run index of each kept frame
+            tok = p.new_zeros(int(seg[-1]) + 1, p.shape[1]).index_add_(0, seg, p[idx])  # (N', V+1) summed
+            tok = tok[:, :self.blank]
+            out.append(tok / tok.sum(-1, keepdim=True).clamp_min(1e-9))  # P(token | not blank), averaged
+            lengths.append(tok.shape[0])
+        N = max(lengths)
+        tokens = probs.new_zeros(len(out), N, self.cfg.vocab_size)
+        mask = torch.zeros(len(out), N, dtype=torch.bool, device=probs.device)
+        for b, t in enumerate(out):
+            tokens[b, :t.shape[0]] = t
+            mask[b, :t.shape[0]] = True
+        return tokens, mask

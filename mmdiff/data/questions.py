@@ -56,9 +56,11 @@ class QA:
         question: the question text, lower case.
         answers: accepted answers; the first is canonical.
         type: the question family, one of :data:`QUESTION_TYPES` (or "asr" in datasets).
-        focus: the cells (reading-order indices) the question is about, in up to two groups: the
-            object(s) it names first, then the second object or group (relation, comparison).
-            Training uses them as grounding targets; they are never shown to the model.
+        focus: the cells (reading-order indices) the question is about, in up to three groups: the
+            object(s) it names first, then the second object or group (relation, comparison), then
+            (relations) the region the relation selects: every grid cell, empty or not, that stands in
+            the asked relation to the reference object. Training uses them as grounding targets; they
+            are never shown to the model.
     """
 
     question: str
@@ -274,7 +276,7 @@ def _neighbour_question(scene: Scene, rng: random.Random) -> QA | None:
     dr, dc = DIRECTIONS[relation]
     neighbour = (obj.row + dr) * GRID + obj.col + dc
     return QA(f"what is directly {relation} the {rng.choice(refs).noun()}?", [name], "relation",
-              ((obj.cell,), (neighbour,)))
+              ((obj.cell,), (neighbour,), (neighbour,)))
 
 
 def _pair_question(scene: Scene, rng: random.Random) -> QA | None:
@@ -287,7 +289,14 @@ def _pair_question(scene: Scene, rng: random.Random) -> QA | None:
         return None
     answer, (a, ra, rel, b, rb) = picked
     return QA(f"is the {rng.choice(ra).noun()} {rel} the {rng.choice(rb).noun()}?", [answer], "relation",
-              ((a.cell,), (b.cell,)))
+              ((a.cell,), (b.cell,), region(b, rel)))
+
+
+def region(ref: Obj, relation: str) -> tuple[int, ...]:
+    """Every grid cell (empty or not) that is ``relation`` the object ``ref``, in the sense of :func:`holds`."""
+    dr, dc = DIRECTIONS[relation]
+    return tuple(r * GRID + c for r in range(GRID) for c in range(GRID)
+                 if ((r - ref.row) * dr > 0 if dr else (c - ref.col) * dc > 0))
 
 
 @FAMILIES.register("relation")

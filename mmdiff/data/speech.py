@@ -2,7 +2,7 @@
 
 Voices are espeak-ng voice names with variants ("en-gb+f2" = British English, female variant 2).
 Training and validation clips use :data:`TRAIN_VOICES`; split "test" uses only the disjoint
-:data:`HELDOUT_VOICES` (other accents), so test audio measures generalisation to unseen speakers.
+:data:`HELDOUT_VOICES` (accents and variants never heard in training), so test audio measures generalisation to unseen speakers.
 """
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ from .scenes import check_split
 
 ESPEAK = "espeak-ng"
 SAMPLE_RATE = 16_000  # Hz, what the audio encoders expect
-TRAIN_VOICES: tuple[str, ...] = (
-    "en-us", "en-gb", "en-us+m3", "en-gb+f2", "en-us+f4", "en-gb-x-rp+m5", "en-029+f3", "en-gb-x-gbclan+m1",
-)
+#: training accents and voice variants; every pairing is a training voice (50 speakers)
+TRAIN_ACCENTS: tuple[str, ...] = ("en-us", "en-gb", "en-029", "en-gb-x-gbclan", "en-gb-x-rp")
+TRAIN_VARIANTS: tuple[str, ...] = ("", "m1", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4")
+TRAIN_VOICES: tuple[str, ...] = tuple(a + (f"+{v}" if v else "") for a in TRAIN_ACCENTS for v in TRAIN_VARIANTS)
+#: test-only voices: neither their accent nor their variant is ever heard in training
 HELDOUT_VOICES: tuple[str, ...] = ("en-gb-scotland+m2", "en-us-nyc+f5", "en-gb-x-gbcwmd+m7")
 SPEED_RANGE = (130, 190)  # words per minute
 PITCH_RANGE = (30, 70)  # espeak-ng pitch, 0..99
 SNR_RANGE_DB = (15.0, 35.0)
 
-assert not set(TRAIN_VOICES) & set(HELDOUT_VOICES), "held-out voices must not be training voices"
+assert not {v.partition("+")[0] for v in HELDOUT_VOICES} & set(TRAIN_ACCENTS), "held-out accents must be unheard"
+assert not {v.partition("+")[2] for v in HELDOUT_VOICES} & set(TRAIN_VARIANTS), "held-out variants must be unheard"
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def _media(model: MultimodalDiffusionLM, batch: Sequence[Row], modality: str
             out = model.audio(features.to(model.device, next(model.audio.parameters()).dtype), mask.to(model.device))
         dtype = next(model.audio_adapter.parameters()).dtype
         out = AudioFeatures(out.last.to(dtype), [h.to(dtype) for h in out.layers], out.mask)
-        tokens, tmask = model.audio_adapter(out)  # (B, N', D), (B, N')
+        tokens, tmask = model.adapt_audio(out)  # (B, N', D), (B, N')
         audios = [[t[m]] for t, m in zip(tokens, tmask)]
     prompts = []
     for r in batch:

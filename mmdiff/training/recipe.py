@@ -57,8 +57,10 @@ class TrainConfig:
     type_weights: dict[str, float] = field(default_factory=dict)  # question type -> sampling weight
     speech_clips: int = 0  # spoken questions synthesised for training (0 = no audio path)
     speech_val_clips: int = 100  # spoken questions for validation
+    spec_augment: bool = False  # SpecAugment frequency / time masking in the ASR stage
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ground_weight: float = 1.0  # weight of the grounding loss on image-token states (0 = off)
+    rank_weight: float = 0.0  # weight of the per-cell object-rank loss on image-token states (0 = off)
     ground_layer: int = -1  # residual-stream index it reads (-1: the middle of the decoder)
     eval_every: int = 500  # validation interval in steps (0: never)
     save_every: int = 250

@@ -113,6 +113,24 @@ class SceneBank:
                                    for i in range(0, len(self.scenes), batch_size)])
 
 
+class GroundHead(nn.Module):
+    """Training-only probes on the decoder's image-token states (one token per grid cell).
+
+    ``focus`` (3 logits per cell): is the cell in focus group 1, 2, 3 of the question
+    (:attr:`mmdiff.data.questions.QA.focus`: named object, second object, relation region).
+    ``rank`` (MAX_OBJECTS + 1 classes per cell): the cell's object index in reading order, or
+    "empty" (the order the captions list objects in).
+    """
+
+    def __init__(self, dim: int, n_groups: int = 3) -> None:
+        from ..data.scenes import MAX_OBJECTS
+
+        super().__init__()
+        self.n_groups = n_groups
+        self.focus = nn.Linear(dim, n_groups)
+        self.rank = nn.Linear(dim, MAX_OBJECTS + 1)
+
+
 class CellHead(nn.Module):
     """Per-cell classifiers on grid-pooled encoder tokens (encoder grounding stage only)."""
 
@@ -200,6 +218,31 @@ def audio_batch(features: list[torch.Tensor]):
     last = torch.stack([F.pad(f.float(), (0, 0, 0, T - f.shape[0])) for f in features])  # (B, T, D)
     mask = torch.arange(T)[None, :] < torch.tensor([f.shape[0] for f in features])[:, None]  # (B, T)
     return AudioFeatures(last=last, layers=[last], mask=mask)
+
+
+def spec_augment(mels: torch.Tensor, rng: random.Random, *, freq_masks: int = 2, freq_width: int = 10,
+                 time_masks: int = 2, time_frac: float = 0.08) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) without time warping: per clip, ``freq_masks`` bands of up to
+    ``freq_width`` mel bins and ``time_masks`` spans of up to ``time_frac`` of the frames are set
+    to the clip's mean log-mel.
+
+    Args:
+        mels: (B, n_mels, T) log-mels (a new tensor is returned).
+        rng: random source.
+    """
+    out = mels.clone()
+    B, M, T = out.shape
+    for b in range(B):
+        fill = out[b].mean()
+        for _ in range(freq_masks):
+            w = rng.randint(0, freq_width)
+            f0 = rng.randint(0, M - w)
+            out[b, f0:f0 + w] = fill
+        for _ in range(time_masks):
+            w = rng.randint(0, max(1, int(time_frac * T)))
+            t0 = rng.randint(0, max(0, T - w))
+            out[b, :, t0:t0 + w] = fill
+    return out
 
 
 def ctc_greedy(logp: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
@@ -324,7 +367,7 @@ def embed_batch(model: MultimodalDiffusionLM, bank: SceneBank, batch: dict,
             images[b] = [t]
     with_aud = [b for b, e in enumerate(items) if e.clip >= 0]
     if with_aud:
-        tokens, mask = model.audio_adapter(audio_batch([speech.features[items[b].clip] for b in with_aud]))
+        tokens, mask = model.adapt_audio(audio_batch([speech.features[items[b].clip] for b in with_aud]))
         for b, t, m in zip(with_aud, tokens, mask):
             audios[b] = [t[m]]
     return model.embed_prompt(batch["prompts"], images=images, audios=audios, return_kinds=True)
@@ -372,7 +415,8 @@ def quick_eval(model: MultimodalDiffusionLM, bank: SceneBank, batcher: Batcher, 
             out = ar_generate(model.decoder, embeds, valid, max_new_tokens=L, eos_id=model.special.eos,
                               pad_id=model.special.pad)
         else:
-            out = model.sample(embeds, valid, config=SamplerConfig(gen_length=L, steps=L, block_length=L))
+            cache = "prefix" if model.cfg.decoder.attn_mode == "prefix" else "none"  # exact, and L times cheaper
+            out = model.sample(embeds, valid, config=SamplerConfig(gen_length=L, steps=L, block_length=L), cache=cache)
         preds = [model.decode(t.tolist()) for t in out.tokens]
         acc[name] = sum(normalize(p) == normalize(e.answer) for p, e in zip(preds, items)) / len(items)
     model.train()
@@ -442,6 +486,8 @@ class Trainer:
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
         self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
         self.state = {"stage": 0, "step": 0}
+        if not resume and self.rank == 0 and self.log_path.exists():
+            self.log_path.unlink()  # a fresh run starts a fresh log
         torch.manual_seed(cfg.seed)
         if resume and (self.state_dir / "train_state.json").exists():
             self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
@@ -540,10 +586,15 @@ class Trainer:
             head = CellHead(model.vision.out_dim, model.vision.grid,
                             n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
         elif stage.kind == "asr":  # CTC head over the tokenizer's vocabulary plus a blank
-            head = nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1)
-        elif self.cfg.ground_weight > 0:  # grounding head on the decoder's image-token states
-            head = nn.Linear(model.cfg.decoder.d_model, 2)
-        params = [p for p in model.parameters() if p.requires_grad] + ([] if head is None else list(head.parameters()))
+            # the audio_ctc adapter's own head (kept: inference compresses with it), else a training-only one
+            ctc = getattr(model.audio_adapter, "ctc", None)
+            head = ctc if ctc is not None else nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1)
+        elif self.cfg.ground_weight > 0 or self.cfg.rank_weight > 0:  # heads on the decoder's image-token states
+            head = GroundHead(model.cfg.decoder.d_model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        params += [p for p in ([] if head is None else head.parameters()) if all(p is not q for q in params)]
+        if head is not None:
+            head.requires_grad_(True)
         sync_params(params, self.world)
         opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
         start = self.state["step"] if self.state["stage"] == si else 0
@@ -636,38 +687,59 @@ class Trainer:
             loss = diffusion_loss(logits, targets, masked, t)
         self.parts = {"answer": loss.item()}
         if head is not None:
-            ground = self._ground_loss(head, out.hidden_states, kinds, items)
-            self.parts["ground"] = ground.item()
-            loss = loss + self.cfg.ground_weight * ground
+            ground, rank = self._ground_loss(head, out.hidden_states, kinds, items)
+            self.parts["ground"], self.parts["rank"] = ground.item(), rank.item()
+            loss = loss + self.cfg.ground_weight * ground + self.cfg.rank_weight * rank
         return loss, n_tokens
 
-    def _ground_loss(self, head: nn.Module, hidden: list[torch.Tensor], kinds: torch.Tensor,
-                     items: list[Example]) -> torch.Tensor:
+    def _ground_loss(self, head: GroundHead, hidden: list[torch.Tensor], kinds: torch.Tensor,
+                     items: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Grounding: the decoder's state at each image token (one per cell) predicts whether the
-        question names that cell (focus group 1) or its second object/group (focus group 2).
+        question names that cell (focus group 1), its second object/group (group 2) or the region
+        its relation selects (group 3); and, whatever the question, the cell's rank among the
+        scene's objects in reading order (or "empty").
 
         Image tokens follow the question in the prompt, so they can attend to it under every mask.
+        The dense per-cell targets teach the two-hop lookups (find the reference, then the cells
+        in relation to it; find the k-th object) that one answer token per question teaches slowly.
+
+        Returns:
+            (focus BCE, rank cross-entropy), each a scalar (zero when no row has an image).
         """
         from ..model import IMAGE
 
-        rows = [b for b, e in enumerate(items) if e.scene >= 0 and e.focus]
+        rows = [b for b, e in enumerate(items) if e.scene >= 0]
+        zero = hidden[0].new_zeros(())
         if not rows:
-            return hidden[0].new_zeros(())
+            return zero, zero
         layer = self.cfg.ground_layer if self.cfg.ground_layer >= 0 else len(hidden) // 2
         img = kinds[rows] == IMAGE  # (B', P)
         h = hidden[layer][rows, : img.shape[1]]  # (B', P, D): prompt positions
         n_cells = int(img[0].sum())
         states = h[img].view(len(rows), n_cells, -1)  # (B', cells, D) in reading order
-        target = torch.zeros(len(rows), n_cells, 2)
+        rank_target = torch.full((len(rows), n_cells), head.rank.out_features - 1, dtype=torch.long)
+        focus_target = torch.zeros(len(rows), n_cells, head.n_groups)
+        has_focus = torch.zeros(len(rows), dtype=torch.bool)
         for r, b in enumerate(rows):
-            for g, cells in enumerate(items[b].focus[:2]):
-                target[r, list(cells), g] = 1.0
-        return F.binary_cross_entropy_with_logits(head(states).float(), target.to(states.device))
+            for k, obj in enumerate(self.bank.scenes[items[b].scene].objects):
+                rank_target[r, obj.cell] = k
+            for g, cells in enumerate(items[b].focus[:head.n_groups]):
+                focus_target[r, list(cells), g] = 1.0
+            has_focus[r] = bool(items[b].focus)
+        rank = F.cross_entropy(head.rank(states).float().reshape(-1, head.rank.out_features),
+                               rank_target.reshape(-1).to(states.device))
+        if not has_focus.any():
+            return zero, rank
+        sel = has_focus.to(states.device)
+        focus = F.binary_cross_entropy_with_logits(head.focus(states[sel]).float(), focus_target[has_focus].to(states.device))
+        return focus, rank
 
     def _ctc_loss(self, head: nn.Module, idx: list[int], speech: SpeechBank | None = None):
         """CTC loss of the speech encoder + head on the transcripts of clips ``idx``."""
         speech = speech or self.speech
         feats, mask = self.model.audio.batch_mels([speech.mels[i] for i in idx])
+        if self.cfg.spec_augment:
+            feats = spec_augment(feats, random.Random(idx[0] * 7919 + len(idx)))
         out = self.model.audio(feats, mask)
         logp = head(out.last).float().log_softmax(-1)  # (B, T', V+1)
         targets = [torch.tensor(self.batcher.answer_ids(speech.qas[i].question)) for i in idx]
