@@ -511,6 +511,8 @@ class Decoder(nn.Module):
         if position_ids is None:
             position_ids = positions_from_valid(valid)[:, Tc:]
         mode = attn_mode or self.cfg.attn_mode
+        if mode == "prefix" and isinstance(prefix_len, int) and Tc >= prefix_len:
+            mode = "bidirectional"  # every query is past the prompt: it sees all keys (no mask kernel needed)
         mask = None
         if mode != "bidirectional" or not bool(valid.all()):
             mask = attention_mask(mode, valid, q_len=T, prefix_len=prefix_len)  # (B, 1, T, Tc+T)

@@ -60,6 +60,7 @@ class TrainConfig:
     spec_augment: bool = False  # SpecAugment frequency / time masking in the ASR stage
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ground_weight: float = 1.0  # weight of the grounding loss on image-token states (0 = off)
+    ground_groups: int = 3  # focus groups the grounding loss predicts (2: leave out the relation region)
     rank_weight: float = 0.0  # weight of the per-cell object-rank loss on image-token states (0 = off)
     ground_layer: int = -1  # residual-stream index it reads (-1: the middle of the decoder)
     eval_every: int = 500  # validation interval in steps (0: never)

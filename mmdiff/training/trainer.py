@@ -590,7 +590,7 @@ class Trainer:
             ctc = getattr(model.audio_adapter, "ctc", None)
             head = ctc if ctc is not None else nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1)
         elif self.cfg.ground_weight > 0 or self.cfg.rank_weight > 0:  # heads on the decoder's image-token states
-            head = GroundHead(model.cfg.decoder.d_model)
+            head = GroundHead(model.cfg.decoder.d_model, n_groups=self.cfg.ground_groups)
         params = [p for p in model.parameters() if p.requires_grad]
         params += [p for p in ([] if head is None else head.parameters()) if all(p is not q for q in params)]
         if head is not None:
