@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 from dataclasses import dataclass, field, replace
 
@@ -33,7 +34,7 @@ from mmdiff import DEFAULT_MODEL_DIR
 from mmdiff.commands.options import add_sampler_arguments, sampler_config_from_args
 from mmdiff.search import add_search_arguments, search_config_from_args
 
-CAPTION_TYPES = ("caption",)
+CAPTION_TYPES = ("caption", "caption_json")
 _PHRASE_SEP = re.compile(r", | and ")
 _OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (?:at|in) the (.+)")  # caption_text's "a small red circle at the top left"
 FIELDS = ("size", "color", "shape", "position")
@@ -75,7 +76,15 @@ class Row:
 
 
 def parse_caption(text: str) -> list[dict[str, str] | None]:
-    """The objects of a caption in ``caption_text``'s form, one dict per phrase (None: unreadable)."""
+    """The objects of a caption in ``caption_text``'s or ``caption_json``'s form, one dict per phrase or
+    JSON item (None: unreadable; a JSON caption that does not parse counts as one unreadable object)."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return [None]
+        items = items if isinstance(items, list) else [items]
+        return [{f: str(it.get(f)) for f in FIELDS} if isinstance(it, dict) else None for it in items]
     out = []
     for phrase in _PHRASE_SEP.split(text.strip().rstrip(".")):
         m = _OBJECT.fullmatch(phrase.strip())
