@@ -592,7 +592,8 @@ class Trainer:
         elif self.cfg.ground_weight > 0 or self.cfg.rank_weight > 0:  # heads on the decoder's image-token states
             head = GroundHead(model.cfg.decoder.d_model, n_groups=self.cfg.ground_groups)
         params = [p for p in model.parameters() if p.requires_grad]
-        params += [p for p in ([] if head is None else head.parameters()) if all(p is not q for q in params)]
+        owned = {id(p) for p in params}  # the audio_ctc head is part of the model: not listed twice
+        params += [p for p in ([] if head is None else head.parameters()) if id(p) not in owned]
         if head is not None:
             head.requires_grad_(True)
         sync_params(params, self.world)
