@@ -97,6 +97,15 @@ class MultimodalDiffusionLM(nn.Module):
             from .encoders import build_vision_encoder
 
             self.vision = build_vision_encoder(cfg.vision)
+            if cfg.vision_adapter.kind == "cell_words":  # words -> token ids of this tokenizer, once
+                from .adapters.vision import CellWordAdapter, scene_words
+
+                va = cfg.vision_adapter
+                va.vocab_size = va.vocab_size or cfg.decoder.vocab_size
+                if va.word_ids is None:
+                    va.words = va.words or scene_words()
+                    va.word_ids = CellWordAdapter.resolve(
+                        va.words, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
             self.vision_adapter = build_adapter(cfg.vision_adapter)
         if cfg.audio is not None:
             from .adapters import build_adapter
@@ -127,7 +136,19 @@ class MultimodalDiffusionLM(nn.Module):
         if self.vision is None:
             raise ValueError("this model has no vision encoder, but an image was given")
         pixels = self.vision.preprocess(images).to(self.device)
-        return self.vision_adapter(self.vision(pixels))
+        return self.adapt_image(self.vision(pixels))
+
+    def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision encoder tokens (B, N, C) -> (B, N', D) decoder-space tokens.
+
+        Adapters that emit weights over the vocabulary (``emits = "vocab"``, e.g. ``cell_words``)
+        are embedded with the decoder's own token table: sum_v w(v) * E[v].
+        """
+        tokens = self.vision_adapter(features)
+        if getattr(self.vision_adapter, "emits", "embeddings") == "vocab":
+            table = self.decoder.embed_tokens.weight  # (V, D)
+            tokens = tokens.to(table.dtype) @ table[: tokens.shape[-1]]  # (B, N', D)
+        return tokens
 
     def encode_audio(self, clips: Sequence) -> list[torch.Tensor]:
         """Clips (paths or (array, rate)) -> list of (N_i, D) tokens (padding frames dropped)."""

@@ -29,7 +29,14 @@ def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
                 n_encoder_layers=2, vocab_size=VOCAB)
     if ADAPTERS.get(kind).modality == "image":
         base.update(pool=2, grid=(4, 4), pos_embed=True)
+    if kind == "cell_words":  # 2 x 2 cells; classes and cell names as token-id spellings
+        base.update(pos_embed=False, word_ids=CELL_WORD_IDS)
     return AdapterConfig(**{**base, **kw})
+
+
+#: cell_words at VOCAB tokens: two attributes (index 0 = empty cell), four cell names
+CELL_WORD_IDS = {"shape": [[[0]], [[1], [2]], [[3]]], "colour": [[[0]], [[4]], [[5], [6]]],
+                 "position": [[[7, 8]], [[7, 9]], [[10, 8]], [[10, 9]]]}
 
 
 def audio_feats(lengths: list[int], *, n_layers: int = 2, seed: int = 0) -> AudioFeatures:
@@ -54,7 +61,7 @@ def test_adapter_builds_and_runs(kind):
     with torch.no_grad():
         if adapter.modality == "image":
             out = adapter(torch.randn(2, 16, IN))
-            assert adapter.num_tokens(16) == 4 and out.shape == (2, 4, OUT)
+            assert adapter.num_tokens(16) == 4 and out.shape == (2, 4, width(adapter))
         else:
             assert adapter.modality == "audio"
             tokens, mask = adapter(audio_feats([10, 7]))
@@ -230,3 +237,37 @@ def test_ctc_adapter_drops_blanks_and_merges_repeats():
         padded = torch.cat([one_hot, one_hot[:3]])[None]
         p_tok, p_mask = adapter(AudioFeatures(last=padded, layers=[padded], mask=torch.arange(11)[None] < 8))
     torch.testing.assert_close(p_tok[p_mask], tokens[0, :3])
+
+
+def test_cell_words_emits_the_bag_of_each_cells_words():
+    """Each cell's weights: the predicted class's spellings (averaged) per attribute, plus its
+    position's words; soft predictions mix the classes' bags."""
+    adapter = build_adapter(tiny_adapter_cfg("cell_words")).eval()
+    tokens = torch.randn(1, 16, IN)
+    with torch.no_grad():
+        for head, cls in ((adapter.heads["shape"], 1), (adapter.heads["colour"], 2)):  # confident: one class
+            head.weight.zero_()
+            head.bias.fill_(-30.0)
+            head.bias[cls] = 30.0
+        w = adapter(tokens)[0]  # (4 cells, VOCAB)
+    expected = torch.zeros(4, VOCAB)
+    expected[:, [1, 2]] += 0.5  # shape class 1: two spellings
+    expected[:, [5, 6]] += 0.5  # colour class 2: two spellings
+    for cell, ids in enumerate(CELL_WORD_IDS["position"]):
+        expected[cell, ids[0]] += 1.0
+    torch.testing.assert_close(w, expected)
+    logits = adapter.cell_logits(tokens)
+    assert logits["shape"].shape == (1, 4, 3) and logits["colour"].shape == (1, 4, 3)
+    with torch.no_grad():  # soft prediction: the weights of each attribute still sum to one
+        adapter.heads["shape"].bias.zero_()
+        w = adapter(tokens)[0]
+    torch.testing.assert_close(w.sum(-1), torch.full((4,), 2.0 + 2.0))
+
+
+def test_cell_words_config_errors():
+    with pytest.raises(ValueError, match="cell_words: vocab_size and word_ids must be set"):
+        build_adapter(AdapterConfig(kind="cell_words", in_dim=IN, out_dim=OUT, pool=2, grid=(4, 4)))
+    with pytest.raises(ValueError, match="cell_words: 3 position names for 4 cells"):
+        build_adapter(tiny_adapter_cfg("cell_words", word_ids={**CELL_WORD_IDS, "position": [[[1]]] * 3}))
+    with pytest.raises(ValueError, match="cell_words: grid .* is required"):
+        build_adapter(tiny_adapter_cfg("cell_words", grid=None))

@@ -1,4 +1,5 @@
 """The multimodal model: placeholder merge, save/load, media bad input, two images + a clip in one prompt."""
+import dataclasses
 import json
 
 import numpy as np
@@ -136,3 +137,36 @@ def test_missing_model_directory_and_config_section(tmp_path, model):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown sections"):
         MultimodalDiffusionLM.from_pretrained(tmp_path / "m")
+
+
+def test_cell_words_adapter_reads_images_as_words(world_tokenizer, tmp_path):
+    """cell_words: the model resolves the scene words with its tokenizer (every spelling of a
+    name), embeds the adapter's word weights with the decoder's own table, and keeps the ids
+    through save/load."""
+    from mmdiff.adapters.vision import scene_words
+
+    torch.manual_seed(0)
+    dec = decoder.preset("tiny-test", vocab_size=len(world_tokenizer))
+    vis = dataclasses.replace(vision.preset("tiny-test"), img_size=48)  # 6 x 6 patches, 2 x 2 per cell
+    cfg = ModelConfig(decoder=dec, vision=vis, vision_adapter=AdapterConfig(
+        kind="cell_words", in_dim=vis.embed_dim, out_dim=dec.d_model, pool=2, grid=(6, 6)))
+    model = MultimodalDiffusionLM(cfg, world_tokenizer).eval()
+    ids = model.cfg.vision_adapter.word_ids
+    tok = world_tokenizer
+    red = {tuple(tok(w, add_special_tokens=False)["input_ids"]) for w in ("red", " red")}
+    assert {tuple(f) for f in ids["colour"][scene_words()["colour"].index("red")]} == red
+    assert len(ids["position"]) == 9 and len(ids["shape"]) == 5
+    image = Image.new("RGB", (64, 64), (240, 240, 240))
+    with torch.no_grad():
+        feats = model.vision(model.vision.preprocess([image]))
+        weights = model.vision_adapter(feats)  # (1, 9, V)
+        tokens = model.encode_image([image])  # (1, 9, D)
+    assert weights.shape == (1, 9, len(tok)) and tokens.shape == (1, 9, dec.d_model)
+    torch.testing.assert_close(tokens, weights @ model.decoder.embed_tokens.weight)
+    top_left = model.cfg.vision_adapter.word_ids["position"][0][0]  # "top left": its words weigh >= 1/3 each
+    assert all(weights[0, 0, t] >= 1 / 3 - 1e-6 for t in top_left)
+    model.save_pretrained(tmp_path)
+    again = MultimodalDiffusionLM.from_pretrained(tmp_path).eval()
+    assert again.cfg.vision_adapter.word_ids == ids
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image([image]), tokens)

@@ -222,3 +222,24 @@ def test_data_parallel_replicas_identical(tmp_path):
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cell_words_classifiers_are_trained_by_the_grounding_stage_and_kept(tmp_path):
+    """With the cell_words adapter the grounding stage trains the encoder and the adapter's own
+    per-cell classifiers (no throw-away head); later stages that train only the decoder leave them."""
+    cfg = tiny_config(tmp_path, steps=4)
+    cfg["model"]["vision_adapter"] = {"kind": "cell_words", "in_dim": 32, "out_dim": 32, "pool": 1, "grid": [3, 3]}
+    for stage in cfg["stages"][1:]:
+        stage["train"] = ["decoder"]
+    trainer = Trainer(TrainConfig.from_file(write(tmp_path, cfg)), progress=False)
+    before = {k: h.weight.detach().clone() for k, h in trainer.model.vision_adapter.heads.items()}
+    stages, trainer.cfg.stages = trainer.cfg.stages, trainer.cfg.stages[:1]
+    trainer.run()
+    after_grounding = {k: h.weight.detach().clone() for k, h in trainer.model.vision_adapter.heads.items()}
+    assert all(not torch.equal(before[k], after_grounding[k]) for k in before)
+    trainer.cfg.stages, trainer.state = stages, {"stage": 1, "step": 0}
+    trainer.run()
+    model = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
+    for k, h in model.vision_adapter.heads.items():
+        torch.testing.assert_close(h.weight, after_grounding[k])
+    assert model.cfg.vision_adapter.word_ids["position"] and model.vision_adapter.num_tokens(9) == 9

@@ -24,7 +24,7 @@ ADAPTERS: Registry[type[nn.Module]] = Registry("adapter")
 class AdapterConfig:
     """An adapter's kind and sizes. Saved as JSON with the model."""
 
-    kind: str  # mlp2x_gelu | linear | audio_semantic | audio_acoustic | audio_dual | audio_ctc
+    kind: str  # mlp2x_gelu | linear | cell_words | audio_semantic | audio_acoustic | audio_dual | audio_ctc
     in_dim: int  # encoder token width
     out_dim: int  # decoder width
     pool: int = 1  # vision: k x k average pooling of the patch grid before projection (LaViDa: 2)
@@ -35,7 +35,9 @@ class AdapterConfig:
     qformer_layers: int = 2  # audio acoustic: Q-Former blocks
     qformer_heads: int = 4  # audio acoustic: attention heads (must divide out_dim)
     n_encoder_layers: int = 1  # audio acoustic: encoder layers fused with softmax weights
-    vocab_size: int = 0  # audio ctc: the decoder's vocabulary size (set from the tokenizer when 0)
+    vocab_size: int = 0  # audio ctc, cell_words: the decoder's vocabulary size (set from the tokenizer when 0)
+    words: dict | None = None  # cell_words: attribute -> class names (index 0 = empty cell), "position" -> cell names
+    word_ids: dict | None = None  # cell_words: the same as token ids (set from the tokenizer when None)
 
     def __post_init__(self) -> None:
         if self.grid is not None:

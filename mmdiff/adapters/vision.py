@@ -85,3 +85,110 @@ class LinearAdapter(VisionAdapter):
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__(cfg, nn.Linear(cfg.in_dim, cfg.out_dim))
+
+
+def scene_words() -> dict[str, list[str]]:
+    """The scene world's class names per cell attribute (index 0: empty cell, as in
+    :func:`mmdiff.data.scenes.cell_labels`) and the cell names in reading order."""
+    from ..data.questions import NOTHING
+    from ..data.scenes import COLOURS, POSITIONS, SHAPES, SIZES
+
+    return {"shape": [NOTHING, *SHAPES], "colour": [NOTHING, *COLOURS], "size": [NOTHING, *SIZES],
+            "position": list(POSITIONS)}
+
+
+@ADAPTERS.register("cell_words")
+class CellWordAdapter(nn.Module):
+    """Lexical visual tokens: per grid cell, classifiers name its shape, colour and size, and the
+    cell becomes the bag of those words plus its position's words, embedded with the decoder's
+    own token table (``emits = "vocab"``, like :class:`~mmdiff.adapters.audio.CTCAdapter`).
+
+    A cell token is ``sum_a sum_c p_a(c) E[w_a(c)] + sum_{w in pos(cell)} E[w]``: the decoder
+    reads an image as it reads words, so grounding a question ("the large circle", "left of") is
+    matching words, and answering is copying them. This is the symbolic end of the projector
+    spectrum (discrete visual words, cf. LaVIT / SEED tokenizers, and the CTC compression of the
+    speech path); the classifiers are trained on the scene generator's per-cell labels
+    (``cell_logits``) and the rest of the model never sees a label.
+
+    Config: ``in_dim``, ``grid`` (patch grid), ``pool`` (patches per cell side), ``vocab_size``,
+    ``words`` (default :func:`scene_words`), ``word_ids`` (token ids of ``words``).
+    """
+
+    modality = "image"
+    emits = "vocab"
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        if cfg.grid is None:
+            raise ValueError(f"{cfg.kind}: grid (patch grid h, w) is required")
+        if cfg.grid[0] % cfg.pool or cfg.grid[1] % cfg.pool:
+            raise ValueError(f"{cfg.kind}: grid {cfg.grid} is not divisible by pool {cfg.pool}")
+        if cfg.vocab_size < 1 or cfg.word_ids is None:
+            raise ValueError(f"{cfg.kind}: vocab_size and word_ids must be set (MultimodalDiffusionLM sets them "
+                             "from its tokenizer)")
+        self.cfg = cfg
+        self.n_cells = (cfg.grid[0] // cfg.pool) * (cfg.grid[1] // cfg.pool)
+        words = {k: v for k, v in cfg.word_ids.items() if k != "position"}
+        self.heads = nn.ModuleDict({k: nn.Linear(cfg.in_dim, len(v)) for k, v in words.items()})
+        for k, ids in cfg.word_ids.items():
+            if k == "position" and len(ids) != self.n_cells:
+                raise ValueError(f"{cfg.kind}: {len(ids)} position names for {self.n_cells} cells")
+            self.register_buffer(f"bag_{k}", self._bags(ids, cfg.vocab_size), persistent=False)  # (C, V)
+
+    @staticmethod
+    def _bags(ids: list[list[list[int]]], vocab: int) -> torch.Tensor:
+        """(classes, vocab): each class's spellings (token id lists) summed, averaged over spellings."""
+        bags = torch.zeros(len(ids), vocab)
+        for c, forms in enumerate(ids):
+            for form in forms:
+                for t in form:
+                    bags[c, t] += 1.0 / len(forms)
+        return bags
+
+    @staticmethod
+    def resolve(words: dict[str, list[str]], tokenize) -> dict[str, list[list[list[int]]]]:
+        """``words`` as token ids, each name in the spellings the decoder meets it in: sentence-initial
+        ("red"), after a space (" red") and as a JSON value (``"color": "red"``).
+
+        Args:
+            words: attribute -> class names.
+            tokenize: text -> token ids (no special tokens).
+        """
+        prefix = tokenize('a: "')
+
+        def json_value(name: str) -> list[int]:
+            full = tokenize(f'a: "{name}"')
+            return full[len(prefix):-1] if full[:len(prefix)] == prefix and len(full) > len(prefix) + 1 else []
+
+        out = {}
+        for k, names in words.items():
+            out[k] = []
+            for n in names:
+                forms = [f for f in (tokenize(n), tokenize(" " + n), json_value(n)) if f]
+                if not forms:
+                    raise ValueError(f"cell_words: the {k} name {n!r} tokenises to nothing")
+                out[k].append(list(map(list, dict.fromkeys(map(tuple, forms)))))  # distinct spellings
+        return out
+
+    def num_tokens(self, n_in: int) -> int:
+        return self.n_cells
+
+    def pool_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, C) -> (B, cells, C) average over each cell's patches."""
+        B, N, C = tokens.shape
+        h, w = self.cfg.grid
+        if N != h * w:
+            raise ValueError(f"{self.cfg.kind}: {N} tokens do not form the {h}x{w} grid")
+        return F.avg_pool2d(tokens.transpose(1, 2).reshape(B, C, h, w), self.cfg.pool).flatten(2).transpose(1, 2)
+
+    def cell_logits(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, h*w, in_dim) patch tokens -> attribute -> (B, cells, classes) logits."""
+        x = self.pool_grid(tokens)
+        return {k: h(x) for k, h in self.heads.items()}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, in_dim) -> (B, cells, vocab) word weights (embed with the decoder's table)."""
+        out = self.bag_position.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # (B, cells, V)
+        for k, logits in self.cell_logits(tokens).items():
+            out = out + logits.softmax(-1) @ getattr(self, f"bag_{k}").to(logits.dtype)
+        return out

@@ -164,7 +164,7 @@ def _media(model: MultimodalDiffusionLM, batch: Sequence[Row], modality: str
     if with_image:
         feats = _frozen_image_tokens(model, [r.image for r in batch])  # (B, N, C)
         feats = feats.to(next(model.vision_adapter.parameters()).dtype)
-        images = [[t] for t in model.vision_adapter(feats)]  # each (N, D); a graph only when it trains
+        images = [[t] for t in model.adapt_image(feats)]  # each (N, D); a graph only when it trains
     if modality == "audio":
         features, mask = model.audio.preprocess([r.audio for r in batch])
         with torch.no_grad():

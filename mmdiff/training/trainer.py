@@ -146,6 +146,17 @@ class CellHead(nn.Module):
         return {k: h(x) for k, h in self.heads.items()}  # name -> (B, 9, classes)
 
 
+class CellLogits(nn.Module):
+    """The ``cell_words`` adapter's own per-cell classifiers, as a grounding-stage head."""
+
+    def __init__(self, model: MultimodalDiffusionLM) -> None:
+        super().__init__()
+        self.adapter = model.vision_adapter  # a reference: its parameters belong to the model
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.adapter.cell_logits(tokens)
+
+
 # ------------------------------------------------------------------------------------------------
 # spoken questions: synthesised once (espeak-ng), log-mels kept, encoder states cached after ASR
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +374,7 @@ def embed_batch(model: MultimodalDiffusionLM, bank: SceneBank, batch: dict,
     with_img = [b for b, e in enumerate(items) if e.scene >= 0]
     if with_img:
         feats = bank.features[torch.tensor([items[b].scene for b in with_img])].float().to(model.device)  # (B', N, C)
-        for b, t in zip(with_img, model.vision_adapter(feats)):  # (n, D) each
+        for b, t in zip(with_img, model.adapt_image(feats)):  # (n, D) each
             images[b] = [t]
     with_aud = [b for b, e in enumerate(items) if e.clip >= 0]
     if with_aud:
@@ -583,8 +594,12 @@ class Trainer:
         if stage.kind == "cells":
             from ..data.scenes import COLOURS, SHAPES, SIZES
 
-            head = CellHead(model.vision.out_dim, model.vision.grid,
-                            n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
+            if hasattr(model.vision_adapter, "cell_logits"):  # cell_words: its own classifiers (kept)
+                model.vision_adapter.requires_grad_(True)
+                head = CellLogits(model)
+            else:
+                head = CellHead(model.vision.out_dim, model.vision.grid,
+                                n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
         elif stage.kind == "asr":  # CTC head over the tokenizer's vocabulary plus a blank
             # the audio_ctc adapter's own head (kept: inference compresses with it), else a training-only one
             ctc = getattr(model.audio_adapter, "ctc", None)
