@@ -148,6 +148,8 @@ class MultimodalDiffusionLM(nn.Module):
         if getattr(self.vision_adapter, "emits", "embeddings") == "vocab":
             table = self.decoder.embed_tokens.weight  # (V, D)
             tokens = tokens.to(table.dtype) @ table[: tokens.shape[-1]]  # (B, N', D)
+            if getattr(self.vision_adapter, "pos_embed", None) is not None:
+                tokens = tokens + self.vision_adapter.pos_embed
         return tokens
 
     def encode_audio(self, clips: Sequence) -> list[torch.Tensor]:

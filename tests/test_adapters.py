@@ -271,3 +271,23 @@ def test_cell_words_config_errors():
         build_adapter(tiny_adapter_cfg("cell_words", word_ids={**CELL_WORD_IDS, "position": [[[1]]] * 3}))
     with pytest.raises(ValueError, match="cell_words: grid .* is required"):
         build_adapter(tiny_adapter_cfg("cell_words", grid=None))
+
+
+def test_cell_words_weights_and_learned_cell_embedding():
+    """position_weight scales the cell-name words, empty_weight the empty class's word; pos_embed
+    adds a learned per-cell vector that MultimodalDiffusionLM.adapt_image adds after embedding."""
+    adapter = build_adapter(tiny_adapter_cfg("cell_words", position_weight=3.0, empty_weight=0.25,
+                                             pos_embed=True)).eval()
+    with torch.no_grad():
+        for head in adapter.heads.values():  # every cell confidently empty (class 0)
+            head.weight.zero_()
+            head.bias.fill_(-30.0)
+            head.bias[0] = 30.0
+        w = adapter(torch.randn(1, 16, IN))[0]
+    expected = torch.zeros(4, VOCAB)
+    expected[:, 0] = 2 * 0.25  # the empty word of both attributes
+    for cell, ids in enumerate(CELL_WORD_IDS["position"]):
+        expected[cell, ids[0]] += 3.0
+    torch.testing.assert_close(w, expected)
+    assert adapter.pos_embed.shape == (4, OUT)
+    assert build_adapter(tiny_adapter_cfg("cell_words")).pos_embed is None

@@ -168,5 +168,8 @@ def test_cell_words_adapter_reads_images_as_words(world_tokenizer, tmp_path):
     model.save_pretrained(tmp_path)
     again = MultimodalDiffusionLM.from_pretrained(tmp_path).eval()
     assert again.cfg.vision_adapter.word_ids == ids
+    model.vision_adapter.pos_embed = torch.nn.Parameter(torch.ones(9, dec.d_model))  # added after embedding
+    with torch.no_grad():
+        torch.testing.assert_close(model.adapt_image(feats), tokens + 1.0)
     with torch.no_grad():
         torch.testing.assert_close(again.encode_image([image]), tokens)

@@ -29,7 +29,7 @@ class AdapterConfig:
     out_dim: int  # decoder width
     pool: int = 1  # vision: k x k average pooling of the patch grid before projection (LaViDa: 2)
     grid: tuple[int, int] | None = None  # vision: patch grid (h, w); needed when pool > 1 or pos_embed
-    pos_embed: bool = False  # vision: learned embedding per output token, N(0, 1) * 0.5 at init
+    pos_embed: bool = False  # vision: learned embedding per output token, N(0, 1) * 0.5 at init (cell_words: added after embedding)
     subsample: int = 4  # audio semantic: frame subsampling, a power of 2 (one stride-2 conv per factor 2)
     num_queries: int = 16  # audio acoustic: Q-Former queries = output tokens
     qformer_layers: int = 2  # audio acoustic: Q-Former blocks
@@ -38,6 +38,8 @@ class AdapterConfig:
     vocab_size: int = 0  # audio ctc, cell_words: the decoder's vocabulary size (set from the tokenizer when 0)
     words: dict | None = None  # cell_words: attribute -> class names (index 0 = empty cell), "position" -> cell names
     word_ids: dict | None = None  # cell_words: the same as token ids (set from the tokenizer when None)
+    position_weight: float = 1.0  # cell_words: weight of the cell-name words in each cell's bag
+    empty_weight: float = 1.0  # cell_words: weight of each attribute's "empty" word
 
     def __post_init__(self) -> None:
         if self.grid is not None:

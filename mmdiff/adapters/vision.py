@@ -133,7 +133,15 @@ class CellWordAdapter(nn.Module):
         for k, ids in cfg.word_ids.items():
             if k == "position" and len(ids) != self.n_cells:
                 raise ValueError(f"{cfg.kind}: {len(ids)} position names for {self.n_cells} cells")
-            self.register_buffer(f"bag_{k}", self._bags(ids, cfg.vocab_size), persistent=False)  # (C, V)
+            bags = self._bags(ids, cfg.vocab_size)  # (C, V)
+            if k == "position":
+                bags = bags * cfg.position_weight
+            else:
+                bags[0] = bags[0] * cfg.empty_weight  # class 0: the empty cell
+            self.register_buffer(f"bag_{k}", bags, persistent=False)
+        self.pos_embed = None  # optional learned per-cell vector, added in decoder space (MultimodalDiffusionLM.adapt_image)
+        if cfg.pos_embed:
+            self.pos_embed = nn.Parameter(torch.randn(self.n_cells, cfg.out_dim) * POS_EMBED_SCALE)
 
     @staticmethod
     def _bags(ids: list[list[list[int]]], vocab: int) -> torch.Tensor:
