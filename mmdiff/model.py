@@ -146,11 +146,15 @@ class MultimodalDiffusionLM(nn.Module):
         """
         tokens = self.vision_adapter(features)
         if getattr(self.vision_adapter, "emits", "embeddings") == "vocab":
-            table = self.decoder.embed_tokens.weight  # (V, D)
-            tokens = tokens.to(table.dtype) @ table[: tokens.shape[-1]]  # (B, N', D)
+            tokens = self._embed_vocab(tokens)
             if getattr(self.vision_adapter, "pos_embed", None) is not None:
                 tokens = tokens + self.vision_adapter.pos_embed
         return tokens
+
+    def _embed_vocab(self, weights: torch.Tensor) -> torch.Tensor:
+        """(..., V') weights over the first V' tokens -> (..., D): sum_v w(v) * E[v], the decoder's own table."""
+        table = self.decoder.embed_tokens.weight  # (V, D)
+        return weights.to(table.dtype) @ table[: weights.shape[-1]]
 
     def encode_audio(self, clips: Sequence) -> list[torch.Tensor]:
         """Clips (paths or (array, rate)) -> list of (N_i, D) tokens (padding frames dropped)."""
@@ -168,8 +172,7 @@ class MultimodalDiffusionLM(nn.Module):
         """
         tokens, mask = self.audio_adapter(features)
         if getattr(self.audio_adapter, "emits", "embeddings") == "vocab":
-            table = self.decoder.embed_tokens.weight  # (V, D)
-            tokens = tokens.to(table.dtype) @ table[: tokens.shape[-1]]  # (B, N, D)
+            tokens = self._embed_vocab(tokens)  # (B, N, D)
         return tokens, mask
 
     def embed_prompt(self, prompts: Sequence[Sequence[int]], *, images: Sequence[Sequence[torch.Tensor]] | None = None,

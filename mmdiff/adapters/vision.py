@@ -15,6 +15,13 @@ from . import ADAPTERS, AdapterConfig
 POS_EMBED_SCALE = 0.5  # std of the initial position embedding: large enough to tell positions apart
 
 
+def pool_grid(tokens: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    """k x k average pooling of row-major patch tokens on an (h, w) grid: (B, h*w, D) -> (B, (h/k)*(w/k), D)."""
+    B, N, D = tokens.shape
+    x = tokens.transpose(1, 2).reshape(B, D, *grid)  # (B, D, h, w)
+    return F.avg_pool2d(x, k).flatten(2).transpose(1, 2)  # (B, h*w/k^2, D)
+
+
 class VisionAdapter(nn.Module):
     """Pool the patch grid, project with ``proj``, add a learned embedding per output token.
 
@@ -52,14 +59,10 @@ class VisionAdapter(nn.Module):
 
     def pool_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """k x k average pooling of row-major patch tokens: (B, h*w, D) -> (B, (h/k)*(w/k), D)."""
-        k = self.cfg.pool
-        if k == 1:
+        if self.cfg.pool == 1:
             return tokens
-        B, N, D = tokens.shape
-        h, w = self.cfg.grid
-        self._check_grid(N)
-        x = tokens.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
-        return F.avg_pool2d(x, k).flatten(2).transpose(1, 2)  # (B, h*w/k^2, D)
+        self._check_grid(tokens.shape[1])
+        return pool_grid(tokens, self.cfg.grid, self.cfg.pool)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, in_dim) patch tokens -> (B, N', out_dim)."""
@@ -187,17 +190,12 @@ class CellWordAdapter(nn.Module):
     def num_tokens(self, n_in: int) -> int:
         return self.n_cells
 
-    def pool_grid(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h*w, C) -> (B, cells, C) average over each cell's patches."""
-        B, N, C = tokens.shape
-        h, w = self.cfg.grid
-        if N != h * w:
-            raise ValueError(f"{self.cfg.kind}: {N} tokens do not form the {h}x{w} grid")
-        return F.avg_pool2d(tokens.transpose(1, 2).reshape(B, C, h, w), self.cfg.pool).flatten(2).transpose(1, 2)
-
     def cell_logits(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, h*w, in_dim) patch tokens -> attribute -> (B, cells, classes) logits."""
-        x = self.pool_grid(tokens)
+        h, w = self.cfg.grid
+        if tokens.shape[1] != h * w:
+            raise ValueError(f"{self.cfg.kind}: {tokens.shape[1]} tokens do not form the {h}x{w} grid")
+        x = pool_grid(tokens, self.cfg.grid, self.cfg.pool)  # (B, cells, in_dim)
         return {k: h(x) for k, h in self.heads.items()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

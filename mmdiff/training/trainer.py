@@ -595,8 +595,7 @@ class Trainer:
             from ..data.scenes import COLOURS, SHAPES, SIZES
 
             if hasattr(model.vision_adapter, "cell_logits"):  # cell_words: its own classifiers (kept)
-                model.vision_adapter.requires_grad_(True)
-                head = CellLogits(model)
+                head = CellLogits(model)  # trains through head.requires_grad_ below
             else:
                 head = CellHead(model.vision.out_dim, model.vision.grid,
                                 n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
