@@ -122,6 +122,20 @@ def test_pos_embed_differs_per_position():
     assert 0.4 < with_pe.pos_embed.std().item() < 0.6  # N(0, 1) * 0.5
 
 
+def test_norm_fixes_the_token_scale_before_the_position_embedding():
+    torch.manual_seed(0)
+    cfg = dict(kind="mlp2x_gelu", in_dim=IN, out_dim=64, pool=3, grid=(9, 9), pos_embed=True)
+    normed, plain = build_adapter(AdapterConfig(**cfg, norm=True)), build_adapter(AdapterConfig(**cfg))
+    plain.load_state_dict(normed.state_dict(), strict=False)
+    assert "norm.weight" in normed.state_dict() and "norm.weight" not in plain.state_dict()
+    for scale in (1e-2, 1.0, 1e3):  # whatever the encoder's feature scale
+        x = torch.randn(2, 81, IN) * scale
+        content = normed(x) - normed.pos_embed
+        torch.testing.assert_close(content.pow(2).mean(-1), torch.ones(2, 9), atol=1e-3, rtol=1e-3)
+        projected = plain(x) - plain.pos_embed  # same direction, unnormalised
+        torch.testing.assert_close(content, projected * projected.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt())
+
+
 @pytest.mark.parametrize("kind", [k for k in ADAPTERS.names() if ADAPTERS.get(k).modality == "audio"])
 def test_audio_adapter_batch_equals_single_clips(kind):
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3, audio_ad
         "vision": {"kind": "timm", "name": "vit_tiny_patch16_224", "img_size": 36, "patch_size": 12,
                    "embed_dim": 32, "depth": 1, "num_heads": 2, "layer": -1},
         "vision_adapter": {"kind": "mlp2x_gelu", "in_dim": 32, "out_dim": 32, "pool": 1, "grid": [3, 3],
-                           "pos_embed": True},
+                           "pos_embed": True, "norm": True},
     }
     stages = [{"name": "grounding", "kind": "cells", "steps": steps, "batch_size": 8, "train": ["vision"], "warmup": 1}]
     if audio:
@@ -41,7 +41,7 @@ def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3, audio_ad
     return {"out": str(tmp_path / "model"), "model": model, "stages": stages, "vocab_size": 300,
             "tokenizer_texts": 400, "bank_images": 40, "val_images": 8, "short_length": 8, "long_length": 64,
             "eval_every": 1000, "save_every": 2, "threads": 1, "speech_clips": 6 if audio else 0,
-            "speech_val_clips": 3, "rank_weight": 1.0, "spec_augment": True}
+            "speech_val_clips": 3, "rank_weight": 1.0, "readout_weight": 1.0, "spec_augment": True}
 
 
 def write(tmp_path: Path, cfg: dict) -> Path:
@@ -70,6 +70,7 @@ def test_every_stage_runs_and_model_answers(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "model.train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {"grounding", "ar", "diffusion"}
     assert any("val_acc" in r for r in log) and any("val_cell_acc" in r for r in log)
+    assert all(r["readout"] > 0 for r in log if r["stage"] in ("ar", "diffusion") and "loss" in r)  # probe trained
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
@@ -146,6 +147,56 @@ def test_ground_loss_targets(tmp_path):
         head.rank.weight.copy_(torch.nn.functional.one_hot(ranks, 7).float().T * 40); head.rank.bias.zero_()
     focus, rank = trainer._ground_loss(head, [hidden] * 3, kinds, items)
     assert focus.item() < 1e-6 and rank.item() < 1e-6
+
+
+def test_readout_loss_targets(tmp_path):
+    """The last prompt state predicts each focus group's object count and, for one-cell groups,
+    the cell and its shape / colour / size (0 = empty): checked against the scene by hand."""
+    import random
+
+    import torch.nn.functional as F
+
+    from mmdiff.data.questions import ask
+    from mmdiff.data.scenes import COLOURS, SHAPES, SIZES
+    from mmdiff.training.trainer import Example, GroundHead
+
+    cfg = TrainConfig.from_file(write(tmp_path, tiny_config(tmp_path)))
+    trainer = Trainer(cfg, progress=False)
+    trainer._banks(cfg.stages[0])
+    scene = trainer.bank.scenes[0]
+    rng = random.Random(0)
+    qa = next(q for q in (ask(scene, rng, "relation") for _ in range(200))
+              if q is not None and q.question.startswith("what"))  # groups: (named object,), (neighbour,)
+    count = next(q for q in (ask(scene, rng, "count") for _ in range(50)) if q is not None)
+    items = [Example(qa.question, qa.answers[0], qa.type, scene=0, focus=qa.focus),
+             Example(count.question, count.answers[0], count.type, scene=0, focus=count.focus),
+             Example("transcribe the audio.", "x", "asr")]  # no image: no target
+    head = GroundHead(3, readout=True)
+    P = 5
+    hidden = torch.randn(3, P + 2, 3)
+    loss = trainer._readout_loss(head, [hidden] * 4, P, items)
+
+    def of(cell: int) -> tuple[int, int, int]:
+        obj = scene.at(cell // 3, cell % 3)
+        return (0, 0, 0) if obj is None else (SHAPES.index(obj.shape) + 1, COLOURS.index(obj.colour) + 1,
+                                              SIZES.index(obj.size) + 1)
+
+    (named,), (neighbour,) = qa.focus[0], qa.focus[1]
+    assert qa.focus[1] == qa.focus[2]  # "directly": the region is the one neighbour cell
+    targets: dict[str, list[tuple[int, int]]] = {k: [] for k in head.readout}  # key -> [(row, class)]
+    for g, cell in ((0, named), (1, neighbour)):
+        for k, y in zip(("shape", "colour", "size", "cell"), (*of(cell), cell)):
+            targets[f"{g}_{k}"].append((0, y))
+        targets[f"{g}_count"].append((0, int(of(cell)[0] > 0)))
+    targets["0_count"].append((1, int(count.answers[0])))  # a count question's one group: its answer
+    if len(count.focus[0]) == 1:  # one object counted: its cell's targets too
+        (c,) = count.focus[0]
+        for k, y in zip(("shape", "colour", "size", "cell"), (*of(c), c)):
+            targets[f"0_{k}"].append((1, y))
+    state = hidden[:, P - 1]
+    expected = sum(F.cross_entropy(head.readout[k](state[[r for r, _ in t]]), torch.tensor([y for _, y in t]))
+                   for k, t in targets.items() if t)
+    torch.testing.assert_close(loss, expected / 2)
 
 
 def test_resume_continues_from_checkpoint(tmp_path):

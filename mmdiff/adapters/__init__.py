@@ -29,6 +29,7 @@ class AdapterConfig:
     out_dim: int  # decoder width
     pool: int = 1  # vision: k x k average pooling of the patch grid before projection (LaViDa: 2)
     grid: tuple[int, int] | None = None  # vision: patch grid (h, w); needed when pool > 1 or pos_embed
+    norm: bool = False  # vision: RMS-normalise the projected tokens (before the position embedding)
     pos_embed: bool = False  # vision: learned embedding per output token, N(0, 1) * 0.5 at init (cell_words: added after embedding)
     subsample: int = 4  # audio semantic: frame subsampling, a power of 2 (one stride-2 conv per factor 2)
     num_queries: int = 16  # audio acoustic: Q-Former queries = output tokens

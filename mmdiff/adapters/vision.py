@@ -23,10 +23,14 @@ def pool_grid(tokens: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tens
 
 
 class VisionAdapter(nn.Module):
-    """Pool the patch grid, project with ``proj``, add a learned embedding per output token.
+    """Pool the patch grid, project with ``proj``, optionally RMS-normalise, add a learned embedding per output token.
+
+    ``norm`` keeps the visual tokens at a fixed scale (RMS 1 per channel, learned gain) whatever the
+    encoder's feature scale. Unnormalised, a jointly trained projector drifts to token norms hundreds
+    of times the text embeddings', where the decoder's residual updates can no longer rewrite them.
 
     Args:
-        cfg: sizes (``pool``, ``grid``, ``pos_embed``, ``in_dim``, ``out_dim``).
+        cfg: sizes (``pool``, ``grid``, ``norm``, ``pos_embed``, ``in_dim``, ``out_dim``).
         proj: maps (..., in_dim) -> (..., out_dim).
     """
 
@@ -42,6 +46,7 @@ class VisionAdapter(nn.Module):
             raise ValueError(f"{cfg.kind}: grid {cfg.grid} is not divisible by pool {cfg.pool}")
         self.cfg = cfg
         self.proj = proj
+        self.norm = nn.RMSNorm(cfg.out_dim, eps=1e-6) if cfg.norm else None
         self.pos_embed = None
         if cfg.pos_embed:
             n_out = (cfg.grid[0] // cfg.pool) * (cfg.grid[1] // cfg.pool)
@@ -68,6 +73,8 @@ class VisionAdapter(nn.Module):
         """(B, N, in_dim) patch tokens -> (B, N', out_dim)."""
         self._check_grid(tokens.shape[1])
         x = self.proj(self.pool_grid(tokens))  # (B, N', out_dim)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return x

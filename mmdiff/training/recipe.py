@@ -63,6 +63,8 @@ class TrainConfig:
     ground_groups: int = 3  # focus groups the grounding loss predicts (2: leave out the relation region)
     rank_weight: float = 0.0  # weight of the per-cell object-rank loss on image-token states (0 = off)
     ground_layer: int = -1  # residual-stream index it reads (-1: the middle of the decoder)
+    readout_weight: float = 0.0  # weight of the answer-cell readout loss on the last prompt state (0 = off)
+    readout_layer: int = -1  # residual-stream index the readout reads (-1: two blocks before the output)
     eval_every: int = 500  # validation interval in steps (0: never)
     save_every: int = 250
     threads: int = 0  # torch threads (0 = torch default)

@@ -114,21 +114,33 @@ class SceneBank:
 
 
 class GroundHead(nn.Module):
-    """Training-only probes on the decoder's image-token states (one token per grid cell).
+    """Training-only probes on the decoder's states.
 
+    On the image-token states (one token per grid cell):
     ``focus`` (3 logits per cell): is the cell in focus group 1, 2, 3 of the question
     (:attr:`mmdiff.data.questions.QA.focus`: named object, second object, relation region).
     ``rank`` (MAX_OBJECTS + 1 classes per cell): the cell's object index in reading order, or
     "empty" (the order the captions list objects in).
+
+    On the last prompt state (the one the answer is read from), when ``readout`` is set: per focus
+    group 1 and 2, the number of objects in the group and, when the group is one cell, that cell's
+    index and its shape, colour and size (or "empty"): the intermediate values of every question
+    (see :meth:`Trainer._readout_loss`).
     """
 
-    def __init__(self, dim: int, n_groups: int = 3) -> None:
-        from ..data.scenes import MAX_OBJECTS
+    READOUT_GROUPS = 2
+
+    def __init__(self, dim: int, n_groups: int = 3, readout: bool = False) -> None:
+        from ..data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES
 
         super().__init__()
         self.n_groups = n_groups
         self.focus = nn.Linear(dim, n_groups)
         self.rank = nn.Linear(dim, MAX_OBJECTS + 1)
+        classes = {"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1,
+                   "cell": GRID * GRID, "count": MAX_OBJECTS + 1}
+        self.readout = nn.ModuleDict({f"{g}_{k}": nn.Linear(dim, n) for g in range(self.READOUT_GROUPS)
+                                      for k, n in classes.items()}) if readout else None
 
 
 class CellHead(nn.Module):
@@ -603,8 +615,9 @@ class Trainer:
             # the audio_ctc adapter's own head (kept: inference compresses with it), else a training-only one
             ctc = getattr(model.audio_adapter, "ctc", None)
             head = ctc if ctc is not None else nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1)
-        elif self.cfg.ground_weight > 0 or self.cfg.rank_weight > 0:  # heads on the decoder's image-token states
-            head = GroundHead(model.cfg.decoder.d_model, n_groups=self.cfg.ground_groups)
+        elif self.cfg.ground_weight > 0 or self.cfg.rank_weight > 0 or self.cfg.readout_weight > 0:
+            head = GroundHead(model.cfg.decoder.d_model, n_groups=self.cfg.ground_groups,
+                              readout=self.cfg.readout_weight > 0)  # probes on the decoder's states
         params = [p for p in model.parameters() if p.requires_grad]
         owned = {id(p) for p in params}  # the audio_ctc head is part of the model: not listed twice
         params += [p for p in ([] if head is None else head.parameters()) if id(p) not in owned]
@@ -705,6 +718,10 @@ class Trainer:
             ground, rank = self._ground_loss(head, out.hidden_states, kinds, items)
             self.parts["ground"], self.parts["rank"] = ground.item(), rank.item()
             loss = loss + self.cfg.ground_weight * ground + self.cfg.rank_weight * rank
+            if head.readout is not None:
+                readout = self._readout_loss(head, out.hidden_states, P, items)
+                self.parts["readout"] = readout.item()
+                loss = loss + self.cfg.readout_weight * readout
         return loss, n_tokens
 
     def _ground_loss(self, head: GroundHead, hidden: list[torch.Tensor], kinds: torch.Tensor,
@@ -748,6 +765,40 @@ class Trainer:
         sel = has_focus.to(states.device)
         focus = F.binary_cross_entropy_with_logits(head.focus(states[sel]).float(), focus_target[has_focus].to(states.device))
         return focus, rank
+
+    def _readout_loss(self, head: GroundHead, hidden: list[torch.Tensor], P: int,
+                      items: list[Example]) -> torch.Tensor:
+        """Answer-cell readout: the last prompt state predicts, per focus group g in {1, 2}, the
+        number of objects in the group and, when the group is one cell, that cell's index, shape,
+        colour and size (class 0: empty). Cross-entropies summed over the probes, averaged over the groups.
+
+        These are the intermediate values every question family is computed from (the colour of
+        the named object, the neighbour a relation points at, the two counts a comparison
+        compares, the cells of a relation pair). Probes show the named cell's colour decodable at
+        its image token but not where the answer is read: the answer loss alone, one token per
+        question, teaches the copy slowly; this dense target teaches it on every question. Like
+        the focus labels, the targets come from the scene generator and are never model inputs.
+        """
+        from ..data.scenes import cell_labels
+
+        layer = self.cfg.readout_layer if self.cfg.readout_layer >= 0 else len(hidden) - 3
+        state = hidden[layer][:, P - 1]  # (B, D): last prompt position (left padding keeps it at P - 1)
+        targets: dict[str, list[tuple[int, int]]] = {k: [] for k in head.readout}
+        for b, e in enumerate(items):
+            if e.scene < 0 or not e.focus:
+                continue
+            labels = cell_labels(self.bank.scenes[e.scene])
+            for g, cells in enumerate(e.focus[:head.READOUT_GROUPS]):
+                targets[f"{g}_count"].append((b, sum(labels["shape"][c] > 0 for c in cells)))
+                if len(cells) == 1:
+                    (c,) = cells
+                    targets[f"{g}_cell"].append((b, c))
+                    for a in ("shape", "colour", "size"):
+                        targets[f"{g}_{a}"].append((b, labels[a][c]))
+        losses = [F.cross_entropy(head.readout[k](state[[b for b, _ in t]]).float(),
+                                  torch.tensor([y for _, y in t], device=state.device))
+                  for k, t in targets.items() if t]
+        return torch.stack(losses).sum() / head.READOUT_GROUPS if losses else state.new_zeros(())
 
     def _ctc_loss(self, head: nn.Module, idx: list[int], speech: SpeechBank | None = None):
         """CTC loss of the speech encoder + head on the transcripts of clips ``idx``."""
