@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     models = [args.model] + ([args.compare] if args.compare else [])
     print("colour of the named object, linear-probe accuracy per residual-stream index (0 = embeddings); "
           f"chance {1 / len(COLOURS):.3f}")
-    print("| model | read at | " + " | ".join(f"h{i}" for i in range(
-        MultimodalDiffusionLM.from_pretrained(models[0]).decoder.cfg.n_layers + 1)) + " |")
     scales = []
     for path in models:
         model = MultimodalDiffusionLM.from_pretrained(path).eval()
+        if not scales:
+            print("| model | read at | " + " | ".join(f"h{i}" for i in range(model.decoder.cfg.n_layers + 1)) + " |")
         data = collect(model, args.n, args.seed)
         for where in ("image", "answer"):
             accs = [probe_accuracy(h, data["labels"], len(COLOURS)) for h in data[where]]

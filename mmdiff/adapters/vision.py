@@ -15,9 +15,14 @@ from . import ADAPTERS, AdapterConfig
 POS_EMBED_SCALE = 0.5  # std of the initial position embedding: large enough to tell positions apart
 
 
-def pool_grid(tokens: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
-    """k x k average pooling of row-major patch tokens on an (h, w) grid: (B, h*w, D) -> (B, (h/k)*(w/k), D)."""
+def pool_grid(tokens: torch.Tensor, grid: tuple[int, int], k: int, name: str = "adapter") -> torch.Tensor:
+    """k x k average pooling of row-major patch tokens on an (h, w) grid: (B, h*w, D) -> (B, (h/k)*(w/k), D).
+
+    Raises ValueError (naming ``name``) when the tokens do not form the grid.
+    """
     B, N, D = tokens.shape
+    if N != grid[0] * grid[1]:
+        raise ValueError(f"{name}: {N} tokens do not form the {grid[0]}x{grid[1]} grid")
     x = tokens.transpose(1, 2).reshape(B, D, *grid)  # (B, D, h, w)
     return F.avg_pool2d(x, k).flatten(2).transpose(1, 2)  # (B, h*w/k^2, D)
 
@@ -66,8 +71,7 @@ class VisionAdapter(nn.Module):
         """k x k average pooling of row-major patch tokens: (B, h*w, D) -> (B, (h/k)*(w/k), D)."""
         if self.cfg.pool == 1:
             return tokens
-        self._check_grid(tokens.shape[1])
-        return pool_grid(tokens, self.cfg.grid, self.cfg.pool)
+        return pool_grid(tokens, self.cfg.grid, self.cfg.pool, self.cfg.kind)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, in_dim) patch tokens -> (B, N', out_dim)."""
@@ -199,10 +203,7 @@ class CellWordAdapter(nn.Module):
 
     def cell_logits(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, h*w, in_dim) patch tokens -> attribute -> (B, cells, classes) logits."""
-        h, w = self.cfg.grid
-        if tokens.shape[1] != h * w:
-            raise ValueError(f"{self.cfg.kind}: {tokens.shape[1]} tokens do not form the {h}x{w} grid")
-        x = pool_grid(tokens, self.cfg.grid, self.cfg.pool)  # (B, cells, in_dim)
+        x = pool_grid(tokens, self.cfg.grid, self.cfg.pool, self.cfg.kind)  # (B, cells, in_dim)
         return {k: h(x) for k, h in self.heads.items()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -779,15 +779,13 @@ class Trainer:
         question, teaches the copy slowly; this dense target teaches it on every question. Like
         the focus labels, the targets come from the scene generator and are never model inputs.
         """
-        from ..data.scenes import cell_labels
-
         layer = self.cfg.readout_layer if self.cfg.readout_layer >= 0 else len(hidden) - 3
         state = hidden[layer][:, P - 1]  # (B, D): last prompt position (left padding keeps it at P - 1)
         targets: dict[str, list[tuple[int, int]]] = {k: [] for k in head.readout}
         for b, e in enumerate(items):
             if e.scene < 0 or not e.focus:
                 continue
-            labels = cell_labels(self.bank.scenes[e.scene])
+            labels = {a: v[e.scene].tolist() for a, v in self.bank.labels.items()}  # the bank's per-cell labels
             for g, cells in enumerate(e.focus[:head.READOUT_GROUPS]):
                 targets[f"{g}_count"].append((b, sum(labels["shape"][c] > 0 for c in cells)))
                 if len(cells) == 1:
