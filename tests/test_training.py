@@ -41,7 +41,8 @@ def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3, audio_ad
     return {"out": str(tmp_path / "model"), "model": model, "stages": stages, "vocab_size": 300,
             "tokenizer_texts": 400, "bank_images": 40, "val_images": 8, "short_length": 8, "long_length": 64,
             "eval_every": 1000, "save_every": 2, "threads": 1, "speech_clips": 6 if audio else 0,
-            "speech_val_clips": 3, "rank_weight": 1.0, "readout_weight": 1.0, "spec_augment": True}
+            "speech_val_clips": 3, "rank_weight": 1.0, "readout_weight": 1.0, "relate_weight": 1.0,
+            "spec_augment": True}
 
 
 def write(tmp_path: Path, cfg: dict) -> Path:
@@ -70,7 +71,7 @@ def test_every_stage_runs_and_model_answers(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "model.train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {"grounding", "ar", "diffusion"}
     assert any("val_acc" in r for r in log) and any("val_cell_acc" in r for r in log)
-    assert all(r["readout"] > 0 for r in log if r["stage"] in ("ar", "diffusion") and "loss" in r)  # probe trained
+    assert all(r["readout"] > 0 and "relate" in r for r in log if r["stage"] in ("ar", "diffusion") and "loss" in r)  # probes trained
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
@@ -294,3 +295,56 @@ def test_cell_words_classifiers_are_trained_by_the_grounding_stage_and_kept(tmp_
     for k, h in model.vision_adapter.heads.items():
         torch.testing.assert_close(h.weight, after_grounding[k])
     assert model.cfg.vision_adapter.word_ids["position"] and model.vision_adapter.num_tokens(9) == 9
+
+
+def test_relate_loss_targets(tmp_path):
+    """The comparison readout's targets: the order (<, =, >) of the two focus groups' counts and,
+    for two one-cell groups, of their rows and columns, checked against the scene by hand; and
+    every image question's operator (relation word, comparison, or none)."""
+    import random
+
+    import torch.nn.functional as F
+
+    from mmdiff.data.questions import COMPARISONS, DIRECTIONS, OPERATORS, ask
+    from mmdiff.training.trainer import Example, GroundHead
+
+    cfg = TrainConfig.from_file(write(tmp_path, tiny_config(tmp_path)))
+    trainer = Trainer(cfg, progress=False)
+    trainer._banks(cfg.stages[0])
+    rng = random.Random(0)
+    pairs = ((i, q) for i, sc in enumerate(trainer.bank.scenes) for q in (ask(sc, rng, "relation") for _ in range(20))
+             if q is not None and q.question.startswith("is the"))
+    index, pair = next(pairs)  # a scene with an "is the X <relation> the Y?" question
+    scene = trainer.bank.scenes[index]
+    compare = ask(scene, rng, "comparison")
+    count = ask(scene, rng, "count")  # one focus group: no target
+    assert compare is not None and count is not None
+    items = [Example(compare.question, compare.answers[0], compare.type, scene=index, focus=compare.focus),
+             Example(count.question, count.answers[0], count.type, scene=index, focus=count.focus),
+             Example(pair.question, pair.answers[0], pair.type, scene=index, focus=pair.focus)]
+    head = GroundHead(4, relate=True)
+    P = 5
+    hidden = torch.randn(len(items), P + 2, 4)
+    loss = trainer._relate_loss(head, [hidden] * 4, P, items)
+
+    occupied = {o.cell for o in scene.objects}
+    n1, n2 = (sum(c in occupied for c in g) for g in compare.focus[:2])
+    more = {"more": n1 > n2, "fewer": n1 < n2, "as": n1 == n2}[compare.question.split()[2]]
+    assert more == (compare.answers[0] == "yes")  # the order target decides the comparison's answer
+    targets = {"count": [(0, 0 if n1 < n2 else 1 if n1 == n2 else 2)], "row": [], "col": [], "op": []}
+    (a,), (b,) = pair.focus[0], pair.focus[1]
+    ra, ca, rb, cb = a // 3, a % 3, b // 3, b % 3
+    targets["count"].append((2, 1))  # one object each
+    targets["row"].append((2, 0 if ra < rb else 1 if ra == rb else 2))
+    targets["col"].append((2, 0 if ca < cb else 1 if ca == cb else 2))
+    rel = next(r for r in DIRECTIONS if f" {r} the " in pair.question)
+    dr, dc = DIRECTIONS[rel]  # "above" is (-1, 0): a smaller row
+    wanted = (targets["row"][-1][1] if dr else targets["col"][-1][1]) - 1  # -1 / 0 / +1
+    assert (wanted == (dr or dc)) == (pair.answers[0] == "yes")  # the order decides the answer
+    kind = {"more": "more", "fewer": "fewer", "as": "as many"}[compare.question.split()[2]]
+    assert OPERATORS == (*DIRECTIONS, *COMPARISONS)
+    targets["op"] = [(0, OPERATORS.index(kind)), (1, len(OPERATORS)), (2, OPERATORS.index(rel))]  # count: none
+    state = hidden[:, P - 1]
+    expected = sum(F.cross_entropy(head.relate[k](state[[r for r, _ in t]]), torch.tensor([y for _, y in t]))
+                   for k, t in targets.items() if t)
+    torch.testing.assert_close(loss, expected)

@@ -335,6 +335,22 @@ def comparison_question(scene: Scene, rng: random.Random) -> QA:
               (fa.cells(scene), fb.cells(scene)))
 
 
+#: the operators a question can apply to its focus groups: a spatial relation or a count comparison
+OPERATORS: tuple[str, ...] = (*DIRECTIONS, *COMPARISONS)
+
+
+def operator_of(question: str) -> str | None:
+    """The relation ("left of", "above", ...) or comparison ("more", "fewer", "as many") a question
+    applies, or None (attribute, count, caption, ... questions)."""
+    for rel in DIRECTIONS:
+        if f" {rel} the " in question:
+            return rel
+    for name in COMPARISONS:
+        if question.startswith(f"are there {name} "):
+            return name
+    return None
+
+
 def _answer_domain(scene: Scene, answer: str) -> list[str]:
     """Plausible answers of the same family as ``answer`` (the pool wrong proposals come from)."""
     for domain in (COLOURS, SHAPES, SIZES, POSITIONS):

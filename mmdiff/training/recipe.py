@@ -58,6 +58,7 @@ class TrainConfig:
     speech_clips: int = 0  # spoken questions synthesised for training (0 = no audio path)
     speech_val_clips: int = 100  # spoken questions for validation
     spec_augment: bool = False  # SpecAugment frequency / time masking in the ASR stage
+    vtlp: float = 0.0  # ASR stage: largest relative frequency warp of vocal tract length perturbation (0 = off)
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ground_weight: float = 1.0  # weight of the grounding loss on image-token states (0 = off)
     ground_groups: int = 3  # focus groups the grounding loss predicts (2: leave out the relation region)
@@ -65,6 +66,8 @@ class TrainConfig:
     ground_layer: int = -1  # residual-stream index it reads (-1: the middle of the decoder)
     readout_weight: float = 0.0  # weight of the answer-cell readout loss on the last prompt state (0 = off)
     readout_layer: int = -1  # residual-stream index the readout reads (-1: two blocks before the output)
+    relate_weight: float = 0.0  # weight of the comparison readout (row / column / count order of groups 1 and 2; 0 = off)
+    relate_layer: int = -1  # residual-stream index it reads (-1: one block before the output)
     eval_every: int = 500  # validation interval in steps (0: never)
     save_every: int = 250
     threads: int = 0  # torch threads (0 = torch default)
