@@ -13,7 +13,7 @@ captions (``--captions`` each of "describe the image." and "describe the image i
 parse rate and the share of captions with every object right.
 
     python bench/quality.py [--model checkpoints/mmdiff-tiny] [--ar-model checkpoints/mmdiff-tiny-ar]
-        [--diffusion-only DIR] [--per-type 100] [--spoken 100] [--captions 50] [--json OUT.json]
+        [--diffusion-only DIR] [--per-type 100] [--spoken 100] [--captions 50] [--long-block N] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def build_examples(args) -> dict[str, list[dict]]:
     return dict(work)
 
 
-def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int) -> tuple[list[str], float]:
-    """Predictions and seconds per example."""
+def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int,
+           block_length: int | None = None) -> tuple[list[str], float]:
+    """Predictions and seconds per example (``block_length``: semi-autoregressive blocks, diffusion only)."""
     from mmdiff.sampling import SamplerConfig
 
     preds, t0 = [], time.perf_counter()
@@ -83,7 +84,8 @@ def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int
         if ar:
             res = model.generate_ar(qs, max_new_tokens=gen_length, **kw)
         else:
-            res = model.generate(qs, config=SamplerConfig(gen_length=gen_length), cache="prefix", **kw)
+            res = model.generate(qs, config=SamplerConfig(gen_length=gen_length, block_length=block_length),
+                                 cache="prefix", **kw)
         preds += [r.text for r in res]
     return preds, (time.perf_counter() - t0) / max(1, len(examples))
 
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-type", type=int, default=100, help="typed questions per family")
     p.add_argument("--spoken", type=int, default=100, help="spoken questions (held-out voices)")
     p.add_argument("--captions", type=int, default=50, help="captions of each kind")
+    p.add_argument("--long-block", type=int, help="decode captions in semi-autoregressive blocks of this many "
+                   "tokens (LLaDA's long-answer setting; default: one block over the 152-token canvas)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             if model.audio is None and any(e.get("audio") for e in examples):
                 continue
             gen_length = 152 if long else ASR_LENGTH if name == "asr" else 8
-            preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size)
+            preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size,
+                                block_length=args.long_block if long else None)
             results[label][name] = {"n": len(examples), **score(name, examples, preds), "s_per_answer": sec,
                                     "samples": [{"q": e["question"] or e.get("transcript"), "pred": p_, "answer": e["answer"]}
                                                 for e, p_ in list(zip(examples, preds))[:3]]}

@@ -348,3 +348,23 @@ def test_relate_loss_targets(tmp_path):
     expected = sum(F.cross_entropy(head.relate[k](state[[r for r, _ in t]]), torch.tensor([y for _, y in t]))
                    for k, t in targets.items() if t)
     torch.testing.assert_close(loss, expected)
+
+
+def test_vtlp_warps_the_frequency_axis():
+    """VTLP stretches each clip's mel axis by its own factor: a single active bin moves to
+    alpha * bin (interpolated), time and the other clips' content are untouched, and a warp of
+    zero width is the identity."""
+    import random
+
+    from mmdiff.training.trainer import vtlp
+
+    mels = torch.zeros(3, 80, 5)
+    mels[:, 40, 2] = 1.0  # one bin lit, at one frame
+    rng, probe = random.Random(3), random.Random(3)
+    out = vtlp(mels, rng, max_warp=0.1)
+    for b in range(3):
+        alpha = probe.uniform(0.9, 1.1)
+        centre = (out[b, :, 2] * torch.arange(80.0)).sum() / out[b, :, 2].sum()  # centre of mass of the moved bin
+        assert abs(centre.item() - 40 * alpha) < 0.5
+        assert out[b, :, [0, 1, 3, 4]].abs().sum() == 0  # only the lit frame holds energy
+    torch.testing.assert_close(vtlp(mels, random.Random(0), max_warp=0.0), mels)
