@@ -13,6 +13,10 @@ does not copy its content to where the answer is read. The script also prints th
 visual tokens against the text embeddings (a pre-norm decoder can rewrite a token's state only
 when the two are comparable).
 
+For "is the X <relation> the Y?" questions it probes, at the last prompt position, the relation
+word, the order of X's and Y's rows and of their columns, and the yes/no answer (the word applied
+to the orders): operands readable but the word gone means the answer cannot be computed there.
+
     python bench/probes.py [--model checkpoints/mmdiff-tiny] [--compare OTHER_DIR] [--n 600]
 """
 from __future__ import annotations
@@ -26,39 +30,82 @@ import torch.nn.functional as F
 from mmdiff import DEFAULT_MODEL_DIR
 
 
-def collect(model, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """States (layers + 1, n, D) at the named object's image token and at the first response
-    position, the colour labels (n,), and the adapter's token norms."""
+def _states(model, questions: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One prefix-mode forward with the 8-token response fully masked: (L+1, B, T, D) states, the
+    prompt's token kinds (B, P) and the prompt length P."""
+    embeds, valid, kinds = model.prepare(questions, images=images)
+    P = embeds.shape[1]
+    response = torch.full((len(questions), 8), model.special.mask)
+    x = torch.cat([embeds, model.decoder.embed(response)], 1)
+    out = model.decoder(inputs_embeds=x, valid=torch.cat([valid, torch.ones_like(response, dtype=torch.bool)], 1),
+                        attn_mode="prefix", prefix_len=P, output_hidden_states=True)
+    return torch.stack(out.hidden_states), kinds, P
+
+
+def _questions(family: str, keep, n: int, seed: int) -> list:
+    """``n`` test-split (QA, image) pairs of ``family`` whose question passes ``keep``."""
     from mmdiff.data.questions import ask
-    from mmdiff.data.scenes import COLOURS, render, sample_scene
-    from mmdiff.model import IMAGE
+    from mmdiff.data.scenes import render, sample_scene
 
     rng = random.Random(f"probes-{seed}")
     rows = []
     while len(rows) < n:
         scene = sample_scene(rng, "test")
-        qa = ask(scene, rng, "attribute")
-        if qa is not None and qa.question.startswith("what color"):
+        qa = ask(scene, rng, family)
+        if qa is not None and keep(qa.question):
             rows.append((qa, render(scene, rng)))
+    return rows
+
+
+@torch.no_grad()
+def collect(model, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """States (layers + 1, n, D) at the named object's image token and at the first response
+    position, the colour labels (n,), and the adapter's token norms."""
+    from mmdiff.data.scenes import COLOURS
+    from mmdiff.model import IMAGE
+
+    rows = _questions("attribute", lambda q: q.startswith("what color"), n, seed)
     at_image, at_answer, labels, norms = [], [], [], []
-    with torch.no_grad():
-        for i in range(0, n, 50):
-            chunk = rows[i:i + 50]
-            embeds, valid, kinds = model.prepare([qa.question for qa, _ in chunk], images=[im for _, im in chunk])
-            P = embeds.shape[1]
-            response = torch.full((len(chunk), 8), model.special.mask)
-            x = torch.cat([embeds, model.decoder.embed(response)], 1)
-            out = model.decoder(inputs_embeds=x, valid=torch.cat([valid, torch.ones_like(response, dtype=torch.bool)], 1),
-                                attn_mode="prefix", prefix_len=P, output_hidden_states=True)
-            states = torch.stack(out.hidden_states)  # (L+1, B, T, D)
-            for b, (qa, _) in enumerate(chunk):
-                cells = (kinds[b] == IMAGE).nonzero().flatten()
-                at_image.append(states[:, b, cells[qa.focus[0][0]]])
-                at_answer.append(states[:, b, P])
-                labels.append(COLOURS.index(qa.answers[0]))
-                norms.append(embeds[b, cells].norm(dim=-1))
+    for i in range(0, n, 50):
+        chunk = rows[i:i + 50]
+        states, kinds, P = _states(model, [qa.question for qa, _ in chunk], [im for _, im in chunk])
+        embeds = states[0]
+        for b, (qa, _) in enumerate(chunk):
+            cells = (kinds[b] == IMAGE).nonzero().flatten()
+            at_image.append(states[:, b, cells[qa.focus[0][0]]])
+            at_answer.append(states[:, b, P])
+            labels.append(COLOURS.index(qa.answers[0]))
+            norms.append(embeds[b, cells].norm(dim=-1))
     return {"image": torch.stack(at_image, 1), "answer": torch.stack(at_answer, 1), "labels": torch.tensor(labels),
             "image_norm": torch.cat(norms).mean(), "text_norm": model.decoder.embed_tokens.weight.norm(dim=-1).mean()}
+
+
+#: what the pair-relation probes read, with their class counts
+PAIR_TARGETS = {"relation word": 4, "row order": 3, "column order": 3, "answer": 2}
+
+
+@torch.no_grad()
+def collect_pairs(model, n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """"is the X <relation> the Y?" questions: states (layers + 1, n, D) at the last prompt position
+    (where the training readouts read) and the labels of :data:`PAIR_TARGETS`: the relation word,
+    the order (<, =, >) of X's and Y's rows and of their columns, and the yes/no answer, which is
+    the word applied to the orders."""
+    from mmdiff.data.questions import DIRECTIONS
+    from mmdiff.data.scenes import GRID
+
+    rows = _questions("relation", lambda q: q.startswith("is the"), n, seed)
+    states, labels = [], {k: [] for k in PAIR_TARGETS}
+    for i in range(0, n, 50):
+        chunk = rows[i:i + 50]
+        h, _, P = _states(model, [qa.question for qa, _ in chunk], [im for _, im in chunk])
+        states.append(h[:, :, P - 1])
+        for qa, _ in chunk:
+            (a,), (b,) = qa.focus[0], qa.focus[1]
+            labels["relation word"].append(next(k for k, r in enumerate(DIRECTIONS) if f" {r} the " in qa.question))
+            labels["row order"].append((a // GRID > b // GRID) - (a // GRID < b // GRID) + 1)
+            labels["column order"].append((a % GRID > b % GRID) - (a % GRID < b % GRID) + 1)
+            labels["answer"].append(int(qa.answers[0] == "yes"))
+    return torch.cat(states, 1), {k: torch.tensor(v) for k, v in labels.items()}
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> float:
@@ -86,29 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)
     p.add_argument("--compare", help="a second model directory, probed the same way")
-    p.add_argument("--n", type=int, default=600, help="questions (75%% fit the probe, 25%% score it)")
+    p.add_argument("--n", type=int, default=600, help="questions per probe (75%% fit the probe, 25%% score it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = [args.model] + ([args.compare] if args.compare else [])
-    print("colour of the named object, linear-probe accuracy per residual-stream index (0 = embeddings); "
-          f"chance {1 / len(COLOURS):.3f}")
-    scales = []
-    for path in models:
+    colour, scales, pairs = [], [], []
+    for path in [args.model] + ([args.compare] if args.compare else []):
         model = MultimodalDiffusionLM.from_pretrained(path).eval()
-        if not scales:
-            print("| model | read at | " + " | ".join(f"h{i}" for i in range(model.decoder.cfg.n_layers + 1)) + " |")
         data = collect(model, args.n, args.seed)
         for where in ("image", "answer"):
             accs = [probe_accuracy(h, data["labels"], len(COLOURS)) for h in data[where]]
-            print(f"| {path} | {'its image token' if where == 'image' else 'answer position'} | "
-                  + " | ".join(f"{a:.2f}" for a in accs) + " |")
-        scales.append((path, data["image_norm"].item(), data["text_norm"].item()))
-    print("\n| model | visual token norm | text embedding norm | ratio |\n|---|---|---|---|")
-    for path, img, txt in scales:
-        print(f"| {path} | {img:.2f} | {txt:.2f} | {img / txt:.0f} |")
+            colour.append(f"| {path} | {'its image token' if where == 'image' else 'answer position'} | "
+                          + " | ".join(f"{a:.2f}" for a in accs) + " |")
+        scales.append(f"| {path} | {data['image_norm']:.2f} | {data['text_norm']:.2f} | "
+                      f"{data['image_norm'] / data['text_norm']:.0f} |")
+        states, labels = collect_pairs(model, args.n, args.seed)
+        pairs += [f"| {path} | {name} | " + " | ".join(f"{probe_accuracy(h, labels[name], k):.2f}" for h in states) + " |"
+                  for name, k in PAIR_TARGETS.items()]
+    layers = " | ".join(f"h{i}" for i in range(model.decoder.cfg.n_layers + 1))
+    rule = "|---|---|" + "---|" * (model.decoder.cfg.n_layers + 1)
+    print("colour of the named object, linear-probe accuracy per residual-stream index (0 = embeddings); "
+          f"chance {1 / len(COLOURS):.3f}")
+    print(f"| model | read at | {layers} |", rule, *colour, sep="\n")
+    print("\n| model | visual token norm | text embedding norm | ratio |\n|---|---|---|---|", *scales, sep="\n")
+    print('\n"is the X <relation> the Y?", read at the last prompt position (where the training readouts read); '
+          "chance: word 0.25, orders about 0.4, answer 0.5")
+    print(f"| model | target | {layers} |", rule, *pairs, sep="\n")
     return 0
 
 
