@@ -1,7 +1,11 @@
-"""bench/quality.py runs end to end on a tiny model and prints its table."""
+"""The bench scripts (quality, probes, per-voice ASR) run end to end on tiny models and print their tables."""
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
+
+from mmdiff.data.speech import espeak_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +67,27 @@ def test_pair_probe_labels_follow_the_scene(tiny_model_dir):
     for w, r, c, a in zip(*(labels[k].tolist() for k in bench.PAIR_TARGETS)):
         dr, dc = list(DIRECTIONS.values())[w]
         assert a == int((r - 1 if dr else c - 1) == (dr or dc))
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+def test_asr_voices_table(tmp_path, tiny_tokenizer, capsys):
+    """bench/asr_voices.py speaks real clips per voice and prints one WER row per voice and model."""
+    from mmdiff.data.speech import HELDOUT_VOICES
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    cfg = ModelConfig.from_dict({
+        "model_type": "mmdiff",
+        "decoder": {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden": 64,
+                    "vocab_size": len(tiny_tokenizer)},
+        "audio": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                  "num_mel_bins": 80, "max_source_positions": 400, "max_seconds": 8.0},
+        "audio_adapter": {"kind": "audio_ctc", "in_dim": 32, "out_dim": 32}})
+    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(tmp_path / "m")
+    spec = importlib.util.spec_from_file_location("bench_asr_voices", ROOT / "bench" / "asr_voices.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tmp_path / "m"), "--per-voice", "1", "--voices", "en-us"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| en")]
+    assert [r.split(" | ")[0][2:] for r in rows] == [*HELDOUT_VOICES, "en-us"]
+    assert [r.split(" | ")[1] for r in rows] == ["yes"] * len(HELDOUT_VOICES) + ["no"]
+    assert all(float(r.split(" | ")[3]) >= 0 for r in rows)

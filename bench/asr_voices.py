@@ -1,0 +1,101 @@
+"""Word error rate of the speech path per voice: held-out test voices against training voices.
+
+For each voice, ``--per-voice`` test-split questions (scenes and question families drawn from
+``--seed``) are spoken with espeak-ng (random speed, pitch and noise as in the data sets) and
+transcribed greedily by the ``audio_ctc`` adapter's CTC head: the transcript the decoder receives
+(as token distributions) in spoken VQA. One table; columns: WER, share of clips transcribed
+exactly, one example. Models are compared on the same clips (``--compare``).
+
+    python bench/asr_voices.py [--model checkpoints/mmdiff-tiny] [--compare OTHER_DIR] [--per-voice 30]
+        [--voices en-us,en-gb+f2]   # training voices listed beside the held-out ones
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mmdiff import DEFAULT_MODEL_DIR
+
+FAMILIES = ("count", "attribute", "relation", "comparison", "position")
+
+
+def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tuple[str, str, Path]]:
+    """(voice, question, wav path) for ``per_voice`` test-split questions per voice."""
+    from mmdiff.data.questions import ask
+    from mmdiff.data.scenes import sample_scene
+    from mmdiff.data.speech import sample_voice, synthesize
+
+    rng = random.Random(f"asr-voices-{seed}")
+    out = []
+    for v in voices:
+        for i in range(per_voice):
+            qa = None
+            while qa is None:
+                qa = ask(sample_scene(rng, "test"), rng, rng.choice(FAMILIES))
+            p = sample_voice(rng, "test")  # speed, pitch, SNR; the voice is fixed here
+            path = synthesize(qa.question, folder / f"{v.replace('+', '_')}-{i}.wav", voice=v, speed=p.speed,
+                              pitch=p.pitch, snr_db=p.snr_db, rng=rng)
+            out.append((v, qa.question, path))
+    return out
+
+
+@torch.no_grad()
+def transcribe(model, paths: list[Path], batch: int = 30) -> list[str]:
+    """Greedy CTC transcripts of the clips from the adapter's head."""
+    from mmdiff.training.trainer import ctc_greedy
+
+    out = []
+    for i in range(0, len(paths), batch):
+        feats, mask = model.audio.preprocess([str(p) for p in paths[i:i + batch]])
+        enc = model.audio(feats, mask)
+        logp = model.audio_adapter.logits(enc).log_softmax(-1)
+        out += [model.tokenizer.decode(ids).lower().strip() for ids in ctc_greedy(logp, enc.mask.sum(-1), logp.shape[-1] - 1)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmdiff.data.speech import HELDOUT_VOICES, espeak_available
+    from mmdiff.model import MultimodalDiffusionLM
+    from mmdiff.training.trainer import word_error_rate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--compare", help="a second model directory, scored on the same clips")
+    p.add_argument("--per-voice", type=int, default=30, help="clips per voice")
+    p.add_argument("--voices", default="en-us,en-gb+f2", help="training voices to list beside the held-out ones ('' for none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = p.parse_args(argv)
+    if not espeak_available():
+        p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    voices = list(HELDOUT_VOICES) + [v for v in args.voices.split(",") if v]
+    with tempfile.TemporaryDirectory(prefix="mmdiff-asr-voices-") as tmp:
+        data = clips(voices, args.per_voice, args.seed, Path(tmp))
+        models = [args.model] + ([args.compare] if args.compare else [])
+        heard = {}
+        for path in models:
+            model = MultimodalDiffusionLM.from_pretrained(path).eval()
+            if model.audio is None or not hasattr(model.audio_adapter, "logits"):
+                p.error(f"{path}: the model has no audio_ctc speech path")
+            heard[path] = transcribe(model, [c[2] for c in data])
+    print(f"CTC transcripts of {args.per_voice} test-split questions per voice (greedy; held-out voices first)")
+    print("| voice | held out | model | WER | exact | example (said -> heard) |\n|---|---|---|---|---|---|")
+    for v in voices:
+        rows = [k for k, c in enumerate(data) if c[0] == v]
+        said = [data[k][1] for k in rows]
+        for path in models:
+            got = [heard[path][k] for k in rows]
+            exact = sum(a.rstrip("?") == b.rstrip("?") for a, b in zip(said, got)) / len(rows)
+            print(f"| {v} | {'yes' if v in HELDOUT_VOICES else 'no'} | {path} | {word_error_rate(said, got):.3f} | "
+                  f"{exact:.0%} | {said[0]} -> {got[0]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
