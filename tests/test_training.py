@@ -42,7 +42,7 @@ def tiny_config(tmp_path: Path, *, audio: bool = False, steps: int = 3, audio_ad
             "tokenizer_texts": 400, "bank_images": 40, "val_images": 8, "short_length": 8, "long_length": 64,
             "eval_every": 1000, "save_every": 2, "threads": 1, "speech_clips": 6 if audio else 0,
             "speech_val_clips": 3, "rank_weight": 1.0, "readout_weight": 1.0, "relate_weight": 1.0,
-            "spec_augment": True}
+            "readout_at_response": True, "spec_augment": True}
 
 
 def write(tmp_path: Path, cfg: dict) -> Path:
@@ -175,7 +175,7 @@ def test_readout_loss_targets(tmp_path):
     head = GroundHead(3, readout=True)
     P = 5
     hidden = torch.randn(3, P + 2, 3)
-    loss = trainer._readout_loss(head, [hidden] * 4, P, items)
+    loss = trainer._readout_loss(head, [hidden] * 4, P - 1, items)
 
     def of(cell: int) -> tuple[int, int, int]:
         obj = scene.at(cell // 3, cell % 3)
@@ -325,7 +325,7 @@ def test_relate_loss_targets(tmp_path):
     head = GroundHead(4, relate=True)
     P = 5
     hidden = torch.randn(len(items), P + 2, 4)
-    loss = trainer._relate_loss(head, [hidden] * 4, P, items)
+    loss = trainer._relate_loss(head, [hidden] * 4, P - 1, items)
 
     occupied = {o.cell for o in scene.objects}
     n1, n2 = (sum(c in occupied for c in g) for g in compare.focus[:2])

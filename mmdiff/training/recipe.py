@@ -68,6 +68,7 @@ class TrainConfig:
     readout_layer: int = -1  # residual-stream index the readout reads (-1: two blocks before the output)
     relate_weight: float = 0.0  # weight of the comparison readout (row / column / count order of groups 1 and 2; 0 = off)
     relate_layer: int = -1  # residual-stream index it reads (-1: one block before the output)
+    readout_at_response: bool = False  # diffusion stages: readouts also at the first response position (where it decodes)
     eval_every: int = 500  # validation interval in steps (0: never)
     save_every: int = 250
     threads: int = 0  # torch threads (0 = torch default)

@@ -751,12 +751,15 @@ class Trainer:
             ground, rank = self._ground_loss(head, out.hidden_states, kinds, items)
             self.parts["ground"], self.parts["rank"] = ground.item(), rank.item()
             loss = loss + self.cfg.ground_weight * ground + self.cfg.rank_weight * rank
+            # where the first answer token is decoded: the last prompt position under AR (next-token),
+            # also the first response position under diffusion when readout_at_response is set
+            read_at = [P - 1, P] if stage.kind == "diffusion" and self.cfg.readout_at_response else [P - 1]
             if head.readout is not None:
-                readout = self._readout_loss(head, out.hidden_states, P, items)
+                readout = sum(self._readout_loss(head, out.hidden_states, pos, items) for pos in read_at) / len(read_at)
                 self.parts["readout"] = readout.item()
                 loss = loss + self.cfg.readout_weight * readout
             if head.relate is not None:
-                relate = self._relate_loss(head, out.hidden_states, P, items)
+                relate = sum(self._relate_loss(head, out.hidden_states, pos, items) for pos in read_at) / len(read_at)
                 self.parts["relate"] = relate.item()
                 loss = loss + self.cfg.relate_weight * relate
         return loss, n_tokens
@@ -803,11 +806,13 @@ class Trainer:
         focus = F.binary_cross_entropy_with_logits(head.focus(states[sel]).float(), focus_target[has_focus].to(states.device))
         return focus, rank
 
-    def _readout_loss(self, head: GroundHead, hidden: list[torch.Tensor], P: int,
+    def _readout_loss(self, head: GroundHead, hidden: list[torch.Tensor], pos: int,
                       items: list[Example]) -> torch.Tensor:
-        """Answer-cell readout: the last prompt state predicts, per focus group g in {1, 2}, the
-        number of objects in the group and, when the group is one cell, that cell's index, shape,
-        colour and size (class 0: empty). Cross-entropies summed over the probes, averaged over the groups.
+        """Answer-cell readout: the state at ``pos`` (the last prompt position P - 1, which left
+        padding keeps fixed; with ``readout_at_response`` also the first response position P)
+        predicts, per focus group g in {1, 2}, the number of objects in the group and, when the
+        group is one cell, that cell's index, shape, colour and size (class 0: empty).
+        Cross-entropies summed over the probes, averaged over the groups.
 
         These are the intermediate values every question family is computed from (the colour of
         the named object, the neighbour a relation points at, the two counts a comparison
@@ -817,7 +822,7 @@ class Trainer:
         the focus labels, the targets come from the scene generator and are never model inputs.
         """
         layer = self.cfg.readout_layer if self.cfg.readout_layer >= 0 else len(hidden) - 3
-        state = hidden[layer][:, P - 1]  # (B, D): last prompt position (left padding keeps it at P - 1)
+        state = hidden[layer][:, pos]  # (B, D)
         targets: dict[str, list[tuple[int, int]]] = {k: [] for k in head.readout}
         for b, e in enumerate(items):
             if e.scene < 0 or not e.focus:
@@ -835,9 +840,9 @@ class Trainer:
                   for k, t in targets.items() if t]
         return torch.stack(losses).sum() / head.READOUT_GROUPS if losses else state.new_zeros(())
 
-    def _relate_loss(self, head: GroundHead, hidden: list[torch.Tensor], P: int,
+    def _relate_loss(self, head: GroundHead, hidden: list[torch.Tensor], pos: int,
                      items: list[Example]) -> torch.Tensor:
-        """Comparison readout on the last prompt state: for questions with two focus groups, the
+        """Comparison readout on the state at ``pos`` (as the readout): for questions with two focus groups, the
         order of group 1 against group 2 as one of (<, =, >): their object counts and, when both
         groups are one cell, their rows and their columns; for every question with an image, the
         operator it applies (:data:`~mmdiff.data.questions.OPERATORS`: "left of", ..., "more",
@@ -855,7 +860,7 @@ class Trainer:
         from ..data.scenes import GRID
 
         layer = self.cfg.relate_layer if self.cfg.relate_layer >= 0 else len(hidden) - 2
-        state = hidden[layer][:, P - 1]
+        state = hidden[layer][:, pos]
         targets: dict[str, list[tuple[int, int]]] = {k: [] for k in head.relate}
 
         def order(a: int, b: int) -> int:  # 0: a < b, 1: equal, 2: a > b
