@@ -849,12 +849,13 @@ class Trainer:
         ...; or none). Cross-entropies summed over the probes.
 
         The yes/no families answer operator x order ("is the X left of the Y?" is col(X) < col(Y);
-        "are there more X than Y?" is count(X) > count(Y)). Probes on a model trained with the
-        readout alone: both operands and their order are linearly readable at the answer state
-        from block 4 (0.99), but the relation word, readable there at 0.86 after blocks 1-3, falls
-        to 0.44 once the operands arrive, and pair relations stay at chance. The operator target
-        keeps the word beside its operands, so the last block can combine them. It reads one block
-        after the readout. Targets come from the scene generator and the question template.
+        "are there more X than Y?" is count(X) > count(Y)). ``bench/probes.py`` on a model trained
+        with the readout alone (recipe v3): both orders are linearly readable at this state from
+        block 4 (0.83-0.93), but the relation word, readable at 0.82 after block 2, falls to 0.49
+        once the operands arrive, and pair relations stay near chance. The operator target keeps
+        the word beside its operands (1.00 at every block in recipe v4), so the last block can
+        combine them. It reads one block after the readout. Targets come from the scene generator
+        and the question template.
         """
         from ..data.questions import OPERATORS, operator_of
         from ..data.scenes import GRID
