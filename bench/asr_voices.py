@@ -43,24 +43,10 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
     return out
 
 
-@torch.no_grad()
-def transcribe(model, paths: list[Path], batch: int = 30) -> list[str]:
-    """Greedy CTC transcripts of the clips from the adapter's head."""
-    from mmdiff.training.trainer import ctc_greedy
-
-    out = []
-    for i in range(0, len(paths), batch):
-        feats, mask = model.audio.preprocess([str(p) for p in paths[i:i + batch]])
-        enc = model.audio(feats, mask)
-        logp = model.audio_adapter.logits(enc).log_softmax(-1)
-        out += [model.tokenizer.decode(ids).lower().strip() for ids in ctc_greedy(logp, enc.mask.sum(-1), logp.shape[-1] - 1)]
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.speech import HELDOUT_VOICES, espeak_available
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.training.trainer import word_error_rate
+    from mmdiff.training.trainer import ctc_transcripts, word_error_rate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)
@@ -83,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             model = MultimodalDiffusionLM.from_pretrained(path).eval()
             if model.audio is None or not hasattr(model.audio_adapter, "logits"):
                 p.error(f"{path}: the model has no audio_ctc speech path")
-            heard[path] = transcribe(model, [c[2] for c in data])
+            heard[path] = [t.lower().strip() for t in ctc_transcripts(model, [str(c[2]) for c in data])]
     print(f"CTC transcripts of {args.per_voice} test-split questions per voice (greedy; held-out voices first)")
     print("| voice | held out | model | WER | exact | example (said -> heard) |\n|---|---|---|---|---|---|")
     for v in voices:

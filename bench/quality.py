@@ -90,20 +90,6 @@ def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int
     return preds, (time.perf_counter() - t0) / max(1, len(examples))
 
 
-@torch.no_grad()
-def ctc_transcripts(model, examples: list[dict], batch: int = 32) -> list[str]:
-    """Greedy CTC transcripts of the clips from the ``audio_ctc`` adapter's head (no decoder)."""
-    from mmdiff.training.trainer import ctc_greedy
-
-    out = []
-    for i in range(0, len(examples), batch):
-        feats, mask = model.audio.preprocess([e["audio"] for e in examples[i:i + batch]])
-        enc = model.audio(feats, mask)
-        logp = model.audio_adapter.logits(enc).log_softmax(-1)
-        out += [model.tokenizer.decode(ids) for ids in ctc_greedy(logp, enc.mask.sum(-1), logp.shape[-1] - 1)]
-    return out
-
-
 def score(name: str, examples: list[dict], preds: list[str]) -> dict[str, float]:
     from mmdiff.evaluation.metrics import exact_match
     from mmdiff.training.trainer import word_error_rate
@@ -140,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mmdiff.model import MultimodalDiffusionLM
+    from mmdiff.training.trainer import ctc_transcripts
 
     work = build_examples(args)
     systems = [("diffusion", args.model, False)]
@@ -162,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "samples": [{"q": e["question"] or e.get("transcript"), "pred": p_, "answer": e["answer"]}
                                                 for e, p_ in list(zip(examples, preds))[:3]]}
             if name == "asr" and hasattr(model.audio_adapter, "logits"):  # the adapter's own CTC transcript
-                preds = ctc_transcripts(model, examples)
+                preds = ctc_transcripts(model, [e["audio"] for e in examples])
                 results[label]["asr_ctc"] = {"n": len(examples), **score("asr", examples, preds),
                                              "samples": [{"pred": p_, "answer": e["answer"]}
                                                          for e, p_ in list(zip(examples, preds))[:3]]}

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -149,6 +150,14 @@ class GroundHead(nn.Module):
                                       for k, n in classes.items()}) if readout else None
         self.relate = nn.ModuleDict({k: nn.Linear(dim, len(OPERATORS) + 1 if k == "op" else 3)
                                      for k in self.RELATE}) if relate else None
+
+
+def _probe_loss(probes: nn.ModuleDict, state: torch.Tensor, targets: dict[str, list[tuple[int, int]]]) -> torch.Tensor:
+    """Sum over probes k of the cross-entropy of ``probes[k]`` on the rows of ``state`` (B, D) that
+    ``targets[k]`` lists as (row, class); probes without targets are skipped (zero when none has any)."""
+    losses = [F.cross_entropy(probes[k](state[[b for b, _ in t]]).float(), torch.tensor([y for _, y in t], device=state.device))
+              for k, t in targets.items() if t]
+    return torch.stack(losses).sum() if losses else state.new_zeros(())
 
 
 class CellHead(nn.Module):
@@ -309,6 +318,19 @@ def ctc_greedy(logp: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[li
                 ids.append(t)
             prev = t
         out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def ctc_transcripts(model, clips: Sequence, batch: int = 32) -> list[str]:
+    """Greedy CTC transcripts of audio clips (paths or (wave, rate) pairs) from the ``audio_ctc``
+    adapter's own head: the transcript spoken VQA feeds the decoder (as token distributions)."""
+    out = []
+    for i in range(0, len(clips), batch):
+        feats, mask = model.audio.preprocess(list(clips[i:i + batch]))
+        enc = model.audio(feats, mask)
+        logp = model.audio_adapter.logits(enc).log_softmax(-1)
+        out += [model.tokenizer.decode(ids) for ids in ctc_greedy(logp, enc.mask.sum(-1), logp.shape[-1] - 1)]
     return out
 
 
@@ -835,10 +857,7 @@ class Trainer:
                     targets[f"{g}_cell"].append((b, c))
                     for a in ("shape", "colour", "size"):
                         targets[f"{g}_{a}"].append((b, labels[a][c]))
-        losses = [F.cross_entropy(head.readout[k](state[[b for b, _ in t]]).float(),
-                                  torch.tensor([y for _, y in t], device=state.device))
-                  for k, t in targets.items() if t]
-        return torch.stack(losses).sum() / head.READOUT_GROUPS if losses else state.new_zeros(())
+        return _probe_loss(head.readout, state, targets) / head.READOUT_GROUPS
 
     def _relate_loss(self, head: GroundHead, hidden: list[torch.Tensor], pos: int,
                      items: list[Example]) -> torch.Tensor:
@@ -880,10 +899,7 @@ class Trainer:
             if len(g1) == 1 and len(g2) == 1:
                 targets["row"].append((b, order(g1[0] // GRID, g2[0] // GRID)))
                 targets["col"].append((b, order(g1[0] % GRID, g2[0] % GRID)))
-        losses = [F.cross_entropy(head.relate[k](state[[b for b, _ in t]]).float(),
-                                  torch.tensor([y for _, y in t], device=state.device))
-                  for k, t in targets.items() if t]
-        return torch.stack(losses).sum() if losses else state.new_zeros(())
+        return _probe_loss(head.relate, state, targets)
 
     def _ctc_loss(self, head: nn.Module, idx: list[int], speech: SpeechBank | None = None):
         """CTC loss of the speech encoder + head on the transcripts of clips ``idx``."""
