@@ -10,7 +10,9 @@ Workloads (test split, generated in memory from ``--seed``; test scenes never ap
 typed questions of every short family (``--per-type`` each), spoken questions in the held-out voices
 (``--spoken``, synthesised with espeak-ng when installed) and their ASR word error rate, and
 captions (``--captions`` each of "describe the image." and "describe the image in json."): JSON
-parse rate and the share of captions with every object right.
+parse rate and the share of captions with every object right. For a model with a CTC language
+model (``ctc_lm.json``), spoken questions and CTC transcripts are also scored without it
+(``, no LM`` rows: the soft best-path runs), on the same clips.
 
     python bench/quality.py [--model checkpoints/mmdiff-tiny] [--ar-model checkpoints/mmdiff-tiny-ar]
         [--diffusion-only DIR] [--per-type 100] [--spoken 100] [--captions 50] [--long-block N] [--json OUT.json]
@@ -153,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
                 results[label]["asr_ctc"] = {"n": len(examples), **score("asr", examples, preds),
                                              "samples": [{"pred": p_, "answer": e["answer"]}
                                                          for e, p_ in list(zip(examples, preds))[:3]]}
+            if name in ("spoken", "asr") and getattr(model.audio_adapter, "uses_beam", False):
+                # side by side: the same clips through the soft best-path runs, without the LM
+                width, model.audio_adapter.cfg.beam_width = model.audio_adapter.cfg.beam_width, 0
+                try:
+                    if name == "spoken":
+                        preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size)
+                        results[label]["spoken, no LM"] = {"n": len(examples), **score(name, examples, preds),
+                                                           "s_per_answer": sec}
+                    else:
+                        preds = ctc_transcripts(model, [e["audio"] for e in examples])
+                        results[label]["asr_ctc, no LM"] = {"n": len(examples), **score("asr", examples, preds)}
+                finally:
+                    model.audio_adapter.cfg.beam_width = width
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

@@ -361,7 +361,9 @@ class MultimodalDiffusionLM(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` into ``directory``."""
+        """Write ``config.json``, ``model.safetensors``, ``tokenizer.json`` and, when the audio
+        adapter has a CTC language model, ``ctc_lm.json`` into ``directory``."""
+        from .adapters.ctc import LM_NAME
         from .tokenizer import save_tokenizer
 
         directory = Path(directory)
@@ -369,11 +371,14 @@ class MultimodalDiffusionLM(nn.Module):
         write_json(directory / CONFIG_NAME, self.cfg.to_dict())
         save_weights(self, directory / WEIGHTS_NAME)
         save_tokenizer(self.tokenizer, directory)
+        if getattr(self.audio_adapter, "lm", None) is not None:
+            self.audio_adapter.lm.save(directory / LM_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> "MultimodalDiffusionLM":
         """Load a directory written by :meth:`save_pretrained`; errors name the missing/bad part."""
+        from .adapters.ctc import LM_NAME, TokenNGram
         from .tokenizer import load_tokenizer
 
         directory = Path(directory)
@@ -382,5 +387,11 @@ class MultimodalDiffusionLM(nn.Module):
         cfg = ModelConfig.from_dict(read_json(directory / CONFIG_NAME), source=str(directory / CONFIG_NAME))
         model = cls(cfg, load_tokenizer(directory))
         load_state_checked(model, load_safetensors(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        lm_path = directory / LM_NAME
+        if lm_path.is_file() and hasattr(model.audio_adapter, "lm"):
+            model.audio_adapter.lm = TokenNGram.load(lm_path)
+            if model.audio_adapter.lm.vocab_size != cfg.decoder.vocab_size:
+                raise ValueError(f"{lm_path}: LM vocabulary {model.audio_adapter.lm.vocab_size} != the model's "
+                                 f"{cfg.decoder.vocab_size} (it belongs to another model)")
         model.eval()
         return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

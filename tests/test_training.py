@@ -12,7 +12,7 @@ from mmdiff.data.speech import espeak_available
 from mmdiff.model import MultimodalDiffusionLM
 from mmdiff.training.losses import diffusion_loss, forward_mask
 from mmdiff.training.recipe import TrainConfig
-from mmdiff.training.trainer import Trainer, ctc_greedy, word_error_rate
+from mmdiff.training.trainer import Trainer, ctc_greedy, fit_ctc_lm, word_error_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,10 +89,15 @@ def test_ctc_adapter_is_trained_by_the_asr_stage_and_kept(tmp_path):
     spoken questions reach the decoder as mixtures of its token embeddings."""
     cfg = tiny_config(tmp_path, audio=True, steps=2, audio_adapter="audio_ctc")
     cfg["stages"] = cfg["stages"][:2] + [dict(cfg["stages"][-1], train=["vision_adapter", "decoder"])]
+    cfg.update(ctc_lm_order=3, ctc_lm_texts=60)
     trainer = Trainer(TrainConfig.from_file(write(tmp_path, cfg)), progress=False)
     before = trainer.model.audio_adapter.ctc.weight.detach().clone()
     trainer.run()
     model = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
+    # the inference LM (ctc_lm.json) is fitted from the config and tokenizer alone, and saved with the model
+    expected = fit_ctc_lm(model, TrainConfig.from_file(tmp_path / "recipe.json"))
+    assert model.audio_adapter.lm.to_dict() == expected.to_dict() and expected.order == 3
+    model.audio_adapter.train()  # training sees the soft runs, not the beam
     assert model.cfg.audio_adapter.vocab_size == model.cfg.decoder.vocab_size
     assert not torch.equal(before, model.audio_adapter.ctc.weight)
     from mmdiff.encoders.audio import AudioFeatures

@@ -13,6 +13,11 @@
   about one position per spoken token. Each position is a distribution over the vocabulary, and
   the model embeds it with the decoder's own token table (``emits = "vocab"``), so a well
   recognised spoken question reaches the decoder as (nearly) the embeddings of the typed one.
+  At inference, when the model directory has a token n-gram LM (``ctc_lm.json``, written by the
+  trainer from the questions it trains on), the frames are instead decoded by CTC prefix beam
+  search with that LM (:mod:`mmdiff.adapters.ctc`) and the best transcript reaches the decoder as
+  one-hot distributions, i.e. exactly the typed question's embeddings. Training always sees the
+  soft runs.
 
 Every adapter returns ``(tokens (B, N', out_dim), mask (B, N') bool)`` (``audio_ctc``: ``(B, N', vocab)``
 probabilities, embedded by :meth:`mmdiff.model.MultimodalDiffusionLM.adapt_audio`) with tokens zero where the
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 from ..encoders.audio import AudioFeatures
 from . import ADAPTERS, AdapterConfig
+from .ctc import TokenNGram, ctc_greedy, ctc_prefix_beam_search
 
 
 @ADAPTERS.register("audio_semantic")
@@ -148,6 +154,8 @@ class CTCAdapter(nn.Module):
 
     ``forward`` returns per clip the kept positions' token distributions (blank removed,
     renormalised) and a mask; ``logits`` gives the raw per-frame CTC logits for the CTC loss.
+    With an LM attached (``lm``), ``beam_width`` > 0 and the module in eval mode, ``forward``
+    returns the one-hot tokens of :meth:`transcribe_ids` instead.
     """
 
     modality = "audio"
@@ -160,6 +168,23 @@ class CTCAdapter(nn.Module):
         self.cfg = cfg
         self.ctc = nn.Linear(cfg.in_dim, cfg.vocab_size + 1)
         self.blank = cfg.vocab_size
+        self.lm: TokenNGram | None = None  # inference LM (ctc_lm.json); not a parameter
+
+    @property
+    def uses_beam(self) -> bool:
+        """Whether ``forward`` decodes with the LM beam (eval mode, an LM, beam_width > 0)."""
+        return self.lm is not None and self.cfg.beam_width > 0 and not self.training
+
+    def transcribe_ids(self, feats: AudioFeatures) -> list[list[int]]:
+        """Token ids per clip: LM-fused prefix beam search when :attr:`uses_beam`, else best path."""
+        logp = self.logits(feats).float().log_softmax(-1)  # (B, T, V+1)
+        lengths = feats.mask.sum(-1)
+        if not self.uses_beam:
+            return ctc_greedy(logp, lengths, self.blank)
+        c = self.cfg
+        return [ctc_prefix_beam_search(row[:int(n)], self.blank, self.lm, lm_weight=c.lm_weight,
+                                       length_bonus=c.length_bonus, beam_width=c.beam_width)
+                for row, n in zip(logp, lengths)]
 
     def num_tokens(self, n_frames: int) -> int:
         """At most one position per frame (the real count depends on the content)."""
@@ -170,9 +195,19 @@ class CTCAdapter(nn.Module):
         return self.ctc(feats.last)
 
     def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uses_beam:
+            logp = self.logits(feats).float().log_softmax(-1)  # (B, T, V+1)
+            eye = torch.eye(self.cfg.vocab_size, device=logp.device)
+            out = []
+            for row, n, ids in zip(logp, feats.mask.sum(-1), self.transcribe_ids(feats)):
+                if not ids:  # nothing heard: keep the frame most likely to be speech, as the soft path does
+                    row = row[:int(n)]
+                    ids = [int(row[row[:, self.blank].argmin(), :self.blank].argmax())]
+                out.append(eye[ids])
+            return self._pack(out)
         probs = self.logits(feats).float().softmax(-1)  # (B, T, V+1)
         labels = probs.argmax(-1)  # (B, T)
-        out, lengths = [], []
+        out = []
         for b in range(probs.shape[0]):
             n = int(feats.mask[b].sum())
             lab, p = labels[b, :n], probs[b, :n]
@@ -187,10 +222,13 @@ class CTCAdapter(nn.Module):
             tok = p.new_zeros(int(seg[-1]) + 1, p.shape[1]).index_add_(0, seg, p[idx])  # (N', V+1) summed
             tok = tok[:, :self.blank]
             out.append(tok / tok.sum(-1, keepdim=True).clamp_min(1e-9))  # P(token | not blank), averaged
-            lengths.append(tok.shape[0])
-        N = max(lengths)
-        tokens = probs.new_zeros(len(out), N, self.cfg.vocab_size)
-        mask = torch.zeros(len(out), N, dtype=torch.bool, device=probs.device)
+        return self._pack(out)
+
+    def _pack(self, out: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-clip (N_b, V) distributions -> (B, N, V) zero-padded and the (B, N) mask."""
+        N = max(1, max(t.shape[0] for t in out))
+        tokens = out[0].new_zeros(len(out), N, self.cfg.vocab_size)
+        mask = torch.zeros(len(out), N, dtype=torch.bool, device=tokens.device)
         for b, t in enumerate(out):
             tokens[b, :t.shape[0]] = t
             mask[b, :t.shape[0]] = True

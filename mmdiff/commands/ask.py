@@ -8,7 +8,8 @@ import sys
 
 from .. import DEFAULT_MODEL_DIR
 from ..search import add_search_arguments, search_config_from_args
-from .options import add_sampler_arguments, pruning_config_from_args, sampler_config_from_args
+from .options import (add_sampler_arguments, add_speech_arguments, apply_speech_arguments, pruning_config_from_args,
+                      sampler_config_from_args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object: answer, nfe, latency_s, the settings (and the scored candidates "
                         "with --search)")
     add_sampler_arguments(p, gen_length=8)
+    add_speech_arguments(p)
     add_search_arguments(p)
 
 
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--search decodes without token pruning or layer skipping: drop --prune / --skip-layers, "
                          "or use --search none")
     model = MultimodalDiffusionLM.from_pretrained(args.model)
+    apply_speech_arguments(model, args)
     if searching:
         res = search(model, args.question, image=args.image, audio=args.audio, config=cfg, search=search_cfg,
                      cache=args.cache)

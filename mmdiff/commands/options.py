@@ -84,3 +84,26 @@ def sampler_config_from_args(args: argparse.Namespace) -> SamplerConfig:
 
 def pruning_config_from_args(args: argparse.Namespace) -> PruningConfig:
     return PruningConfig(**{f.name: getattr(args, f.name) for f in fields(PruningConfig)})
+
+
+def add_speech_arguments(p: argparse.ArgumentParser) -> None:
+    """``--asr-beam`` / ``--asr-lm-weight`` / ``--asr-length-bonus``: how the ``audio_ctc`` adapter turns
+    a spoken question into tokens (defaults: the model's ``config.json``)."""
+    g = p.add_argument_group("spoken questions (audio_ctc models with a ctc_lm.json)")
+    g.add_argument("--asr-beam", type=int, default=None,
+                   help="prefix beam width of the CTC + n-gram LM decoder; 0 = soft best-path runs, no LM")
+    g.add_argument("--asr-lm-weight", type=float, default=None, help="alpha, weight of the LM in the beam")
+    g.add_argument("--asr-length-bonus", type=float, default=None, help="beta, score bonus per emitted token")
+
+
+def apply_speech_arguments(model, args: argparse.Namespace) -> None:
+    """Set the flags of :func:`add_speech_arguments` that were given on ``model``'s audio adapter."""
+    given = {k: getattr(args, a) for k, a in (("beam_width", "asr_beam"), ("lm_weight", "asr_lm_weight"),
+                                             ("length_bonus", "asr_length_bonus")) if getattr(args, a) is not None}
+    if not given:
+        return
+    cfg = getattr(getattr(model, "audio_adapter", None), "cfg", None)
+    if cfg is None or not hasattr(cfg, "beam_width"):
+        raise ValueError("--asr-* flags need a model with an audio adapter")
+    for k, v in given.items():
+        setattr(cfg, k, v)

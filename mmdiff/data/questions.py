@@ -461,13 +461,17 @@ def questions_for(scene: Scene, rng: random.Random, types: Sequence[str] = QUEST
     return out
 
 
-def world_texts(n: int, *, seed: int | str = 0, split: str = "train") -> list[str]:
-    """At least ``n`` questions and answers of every family about random scenes (tokenizer training).
+def world_texts(n: int, *, seed: int | str = 0, split: str = "train", types: Sequence[str] = QUESTION_TYPES,
+                answers: bool = True) -> list[str]:
+    """At least ``n`` questions (and answers) of the ``types`` families about random scenes
+    (tokenizer training; with ``answers=False`` the spoken-question LM).
 
     Args:
         n: minimum number of texts.
         seed: seeds the scene and question stream.
         split: scenes come from this split.
+        types: question families asked of every scene.
+        answers: also list each question's first answer, after it.
     """
     from .scenes import sample_scene
 
@@ -475,8 +479,8 @@ def world_texts(n: int, *, seed: int | str = 0, split: str = "train") -> list[st
     texts: list[str] = []
     while len(texts) < n:
         scene = sample_scene(rng, split)
-        for qtype in QUESTION_TYPES:
+        for qtype in types:
             qa = ask(scene, rng, qtype)
             if qa is not None:
-                texts += [qa.question, qa.answers[0]]
+                texts += [qa.question, qa.answers[0]] if answers else [qa.question]
     return texts

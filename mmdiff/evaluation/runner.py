@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..adapters.ctc import LM_NAME
 from ..data.dataset import Row, RowError, read_rows
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
 from ..sampling import SamplerConfig
@@ -134,7 +135,8 @@ def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig,
     pruning and test-time search settings."""
     model_dir, data = Path(model_dir), Path(data)
     identity = {"model": str(model_dir.resolve()),
-                "model_sha256": _sha256([model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]),
+                "model_sha256": _sha256([model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME,
+                                         *[p for p in [model_dir / LM_NAME] if p.is_file()]]),
                 "data": str(data.resolve()), "data_sha256": _sha256([data]), "sampler": config.to_dict(),
                 "cache": cache, "pruning": pruning.to_dict(), "search": search.to_dict()}
     return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)

@@ -60,6 +60,8 @@ class TrainConfig:
     spec_augment: bool = False  # SpecAugment frequency / time masking in the ASR stage
     vtlp: float = 0.0  # ASR stage: largest relative frequency warp of vocal tract length perturbation (0 = off)
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
+    ctc_lm_order: int = 0  # n of the token n-gram LM saved as ctc_lm.json for the CTC beam at inference (0 = none)
+    ctc_lm_texts: int = 20000  # training-split questions of the spoken families it is fitted on
     ground_weight: float = 1.0  # weight of the grounding loss on image-token states (0 = off)
     ground_groups: int = 3  # focus groups the grounding loss predicts (2: leave out the relation region)
     rank_weight: float = 0.0  # weight of the per-cell object-rank loss on image-token states (0 = off)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapters.ctc import TokenNGram, ctc_greedy
 from ..data.dataset import ASR_QUESTION as ASR_PROMPT, SPOKEN_TYPES
 from ..io import load_safetensors, read_json, write_json
 from ..model import ModelConfig, MultimodalDiffusionLM
@@ -308,29 +309,27 @@ def vtlp(mels: torch.Tensor, rng: random.Random, *, max_warp: float = 0.1) -> to
     return out
 
 
-def ctc_greedy(logp: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
-    """Best-path CTC decoding: argmax per frame, merge repeats, drop blanks."""
-    out = []
-    for row, n in zip(logp.argmax(-1), lengths):
-        ids, prev = [], None
-        for t in row[:n].tolist():
-            if t != prev and t != blank:
-                ids.append(t)
-            prev = t
-        out.append(ids)
-    return out
+def fit_ctc_lm(model: MultimodalDiffusionLM, cfg: TrainConfig) -> TokenNGram:
+    """The inference LM of the CTC beam (``ctc_lm.json``): token n-grams of order ``cfg.ctc_lm_order``
+    over ``cfg.ctc_lm_texts`` training-split questions of the spoken families, tokenised as the CTC
+    targets are. Depends only on the config and the tokenizer, never on weights."""
+    from ..data.questions import world_texts
+
+    texts = world_texts(cfg.ctc_lm_texts, seed=f"ctc-lm-{cfg.seed}", types=SPOKEN_TYPES, answers=False)
+    tok = model.tokenizer
+    return TokenNGram.fit((tok(t, add_special_tokens=False)["input_ids"] for t in texts), order=cfg.ctc_lm_order,
+                          vocab_size=model.cfg.decoder.vocab_size)
 
 
 @torch.no_grad()
 def ctc_transcripts(model, clips: Sequence, batch: int = 32) -> list[str]:
-    """Greedy CTC transcripts of audio clips (paths or (wave, rate) pairs) from the ``audio_ctc``
-    adapter's own head: the transcript spoken VQA feeds the decoder (as token distributions)."""
+    """Transcripts of audio clips (paths or (wave, rate) pairs) from the ``audio_ctc`` adapter's own
+    head, decoded as spoken VQA decodes them (:meth:`CTCAdapter.transcribe_ids`: the LM beam when the
+    model has a ``ctc_lm.json`` and is in eval mode, else best path)."""
     out = []
     for i in range(0, len(clips), batch):
         feats, mask = model.audio.preprocess(list(clips[i:i + batch]))
-        enc = model.audio(feats, mask)
-        logp = model.audio_adapter.logits(enc).log_softmax(-1)
-        out += [model.tokenizer.decode(ids) for ids in ctc_greedy(logp, enc.mask.sum(-1), logp.shape[-1] - 1)]
+        out += [model.tokenizer.decode(ids) for ids in model.audio_adapter.transcribe_ids(model.audio(feats, mask))]
     return out
 
 
@@ -580,6 +579,8 @@ class Trainer:
         self.speech: SpeechBank | None = None
         self.val_speech: SpeechBank | None = None
         self.batcher = Batcher(self.model, cfg)
+        if cfg.ctc_lm_order > 0 and getattr(self.model.audio_adapter, "lm", False) is None:
+            self.model.audio_adapter.lm = fit_ctc_lm(self.model, cfg)
         self.parts: dict[str, float] = {}  # loss components of the last step, for the log
 
     # -- pieces -----------------------------------------------------------------------------------
