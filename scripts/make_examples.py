@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.data.dataset import Row, RowError, read_rows, write_split
+from mmdiff.data.dataset import SPOKEN_PREFIX, Row, RowError, read_rows, write_split
 from mmdiff.data.speech import espeak_available
 from mmdiff.io import WEIGHTS_NAME
 
@@ -77,15 +77,16 @@ def pick(rows: list[Row], *, spoken: bool, model, config) -> tuple[Row | None, s
     return None, None, len(rows)
 
 
-def copy_example(row: Row, out: Path, *, spoken: bool, answer: str | None) -> dict:
-    """Copy the row's media into ``out`` and return its examples.json entry."""
+def copy_example(row: Row, out: Path, *, spoken: bool, answer: str | None, transcript: str | None = None) -> dict:
+    """Copy the row's media into ``out`` and return its examples.json entry (a spoken row's
+    "question" is the transcript of its audio)."""
     image = Path("images") / row.image.name
     shutil.copyfile(row.image, out / image)
     audio = None
     if spoken:
         audio = Path("audio") / row.audio.name
         shutil.copyfile(row.audio, out / audio)
-    return {"image": image.as_posix(), "question": row.question, "audio": audio and audio.as_posix(),
+    return {"image": image.as_posix(), "question": row.question or transcript, "audio": audio and audio.as_posix(),
             "answer": answer or row.answers[0], "type": row.type, "checked": answer is not None}
 
 
@@ -97,14 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         print("espeak-ng not found: no spoken examples (apt-get install -y espeak-ng)", file=sys.stderr)
     out = args.model / "examples"
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [r for r in read_rows(write_split(tmp, split=SPLIT, n=args.pool, seed=args.seed, audio=speak,
-                                                 progress=False)) if not isinstance(r, RowError)]
+        data = write_split(tmp, split=SPLIT, n=args.pool, seed=args.seed, audio=speak, progress=False)
+        rows = [r for r in read_rows(data) if not isinstance(r, RowError)]
+        transcripts = {d["id"]: d["transcript"] for d in map(json.loads, data.read_text().splitlines())
+                       if "transcript" in d}
         shutil.rmtree(out, ignore_errors=True)
         (out / "images").mkdir(parents=True)
         (out / "audio").mkdir()
         entries = []
         plan = [(f, False, [r for r in rows if r.type == f]) for f in FAMILIES]
-        plan.append(("spoken", True, [r for r in rows if r.audio is not None and r.type in FAMILIES]))
+        plan.append(("spoken", True, [r for r in rows if r.audio is not None
+                                      and r.type.removeprefix(SPOKEN_PREFIX) in FAMILIES]))
         for name, spoken, candidates in plan:
             wanted = args.spoken if spoken else 1
             while wanted and candidates:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<11} {checked if row else 'no correct answer'} after {tries} of {len(candidates)} rows")
                 if row is None:
                     break
-                entries.append(copy_example(row, out, spoken=spoken, answer=answer))
+                entries.append(copy_example(row, out, spoken=spoken, answer=answer, transcript=transcripts.get(row.id)))
                 candidates = candidates[candidates.index(row) + 1:]
                 wanted -= 1
     (out / "examples.json").write_text(json.dumps({

@@ -230,12 +230,16 @@ def test_caption_reports_parse_errors(served, model, model_dir):
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
                     reason="no shipped model at checkpoints/mmdiff-tiny (make train)")
 def test_shipped_model_answers_its_examples():
+    """Typed examples, and a spoken one (held-out voice, decoded with the shipped ctc_lm.json beam)."""
     examples = [e for e in app_module.load_examples(SHIPPED) if e.audio is None]
+    spoken = [e for e in app_module.load_examples(SHIPPED) if e.audio is not None]
     assert examples, "checkpoints/mmdiff-tiny/examples/examples.json has no typed examples (scripts/make_examples.py)"
     served = Served(SHIPPED)
     try:
         for ex in examples[:3]:
             assert served.ask(ex.image, ex.question)[1] == ex.answer, ex
+        for ex in spoken[:1]:
+            assert served.ask(ex.image, "", ex.audio)[1] == ex.answer, ex
     finally:
         served.close()
 

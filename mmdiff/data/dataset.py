@@ -122,7 +122,8 @@ class Row:
     Args:
         id: row id.
         image: absolute path of the image.
-        question: question text (the transcript on spoken rows); None for audio-only rows.
+        question: question text; None on rows whose question is only spoken (their JSONL "transcript"
+            is not part of the row).
         answers: accepted answers, first canonical.
         type: question family, or "asr".
         audio: path of the spoken question, or None.
