@@ -2,9 +2,10 @@
 
 For each voice, ``--per-voice`` test-split questions (scenes and question families drawn from
 ``--seed``) are spoken with espeak-ng (random speed, pitch and noise as in the data sets) and
-transcribed greedily by the ``audio_ctc`` adapter's CTC head: the transcript the decoder receives
-(as token distributions) in spoken VQA. One table; columns: WER, share of clips transcribed
-exactly, one example. Models are compared on the same clips (``--compare``).
+transcribed by the ``audio_ctc`` adapter's CTC head as spoken VQA transcribes them: with the
+model's token n-gram LM (``ctc_lm.json``) by prefix beam search, and also without it (best path,
+the ``no LM`` rows). One table; columns: WER, share of clips transcribed exactly, one example.
+Models are compared on the same clips (``--compare``).
 
     python bench/asr_voices.py [--model checkpoints/mmdiff-tiny] [--compare OTHER_DIR] [--per-voice 30]
         [--voices en-us,en-gb+f2]   # training voices listed beside the held-out ones
@@ -69,16 +70,21 @@ def main(argv: list[str] | None = None) -> int:
             model = MultimodalDiffusionLM.from_pretrained(path).eval()
             if model.audio is None or not hasattr(model.audio_adapter, "logits"):
                 p.error(f"{path}: the model has no audio_ctc speech path")
-            heard[path] = [t.lower().strip() for t in ctc_transcripts(model, [str(c[2]) for c in data])]
-    print(f"CTC transcripts of {args.per_voice} test-split questions per voice (greedy; held-out voices first)")
+            wav = [str(c[2]) for c in data]
+            if model.audio_adapter.uses_beam:
+                heard[path] = [t.lower().strip() for t in ctc_transcripts(model, wav)]
+                model.audio_adapter.cfg.beam_width = 0
+            heard[path + (", no LM" if path in heard else "")] = [t.lower().strip() for t in ctc_transcripts(model, wav)]
+    labels = list(heard)
+    print(f"CTC transcripts of {args.per_voice} test-split questions per voice (held-out voices first)")
     print("| voice | held out | model | WER | exact | example (said -> heard) |\n|---|---|---|---|---|---|")
     for v in voices:
         rows = [k for k, c in enumerate(data) if c[0] == v]
         said = [data[k][1] for k in rows]
-        for path in models:
-            got = [heard[path][k] for k in rows]
+        for label in labels:
+            got = [heard[label][k] for k in rows]
             exact = sum(a.rstrip("?") == b.rstrip("?") for a, b in zip(said, got)) / len(rows)
-            print(f"| {v} | {'yes' if v in HELDOUT_VOICES else 'no'} | {path} | {word_error_rate(said, got):.3f} | "
+            print(f"| {v} | {'yes' if v in HELDOUT_VOICES else 'no'} | {label} | {word_error_rate(said, got):.3f} | "
                   f"{exact:.0%} | {said[0]} -> {got[0]} |")
     return 0
 
