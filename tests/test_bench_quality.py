@@ -39,6 +39,17 @@ def test_long_block_decodes_captions_in_blocks(tiny_model_dir, tmp_path, monkeyp
     assert "parse" in res["caption_json"] and 0 <= res["count"]["accuracy"] <= 1
 
 
+def test_quality_skips_workloads_asked_for_zero_times(tiny_model_dir, tmp_path):
+    """--per-type 0 (captions only) used to divide by zero on the empty short families."""
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "q.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--ar-model", "none", "--per-type", "0", "--spoken", "0",
+                       "--captions", "1", "--json", str(out)]) == 0
+    assert sorted(json.loads(out.read_text())["diffusion"]) == ["caption", "caption_json"]
+
+
 def test_probes_tables_on_a_tiny_model(tiny_model_dir, capsys):
     spec = importlib.util.spec_from_file_location("bench_probes", ROOT / "bench" / "probes.py")
     bench = importlib.util.module_from_spec(spec)
