@@ -47,7 +47,7 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.speech import HELDOUT_VOICES, espeak_available
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.training.trainer import ctc_transcripts, word_error_rate
+    from mmdiff.training.trainer import word_error_rate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{path}: the model has no audio_ctc speech path")
             wav = [str(c[2]) for c in data]
             if model.audio_adapter.uses_beam:
-                heard[path] = [t.lower().strip() for t in ctc_transcripts(model, wav)]
+                heard[path] = [t.lower().strip() for t in model.transcribe(wav)]
                 model.audio_adapter.cfg.beam_width = 0
-            heard[path + (", no LM" if path in heard else "")] = [t.lower().strip() for t in ctc_transcripts(model, wav)]
+            heard[path + (", no LM" if path in heard else "")] = [t.lower().strip() for t in model.transcribe(wav)]
     labels = list(heard)
     print(f"CTC transcripts of {args.per_voice} test-split questions per voice (held-out voices first)")
     print("| voice | held out | model | WER | exact | example (said -> heard) |\n|---|---|---|---|---|---|")

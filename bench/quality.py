@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.training.trainer import ctc_transcripts
 
     work = build_examples(args)
     systems = [("diffusion", args.model, False)]
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "samples": [{"q": e["question"] or e.get("transcript"), "pred": p_, "answer": e["answer"]}
                                                 for e, p_ in list(zip(examples, preds))[:3]]}
             if name == "asr" and hasattr(model.audio_adapter, "logits"):  # the adapter's own CTC transcript
-                preds = ctc_transcripts(model, [e["audio"] for e in examples])
+                preds = model.transcribe([e["audio"] for e in examples])
                 results[label]["asr_ctc"] = {"n": len(examples), **score("asr", examples, preds),
                                              "samples": [{"pred": p_, "answer": e["answer"]}
                                                          for e, p_ in list(zip(examples, preds))[:3]]}
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         results[label]["spoken, no LM"] = {"n": len(examples), **score(name, examples, preds),
                                                            "s_per_answer": sec}
                     else:
-                        preds = ctc_transcripts(model, [e["audio"] for e in examples])
+                        preds = model.transcribe([e["audio"] for e in examples])
                         results[label]["asr_ctc, no LM"] = {"n": len(examples), **score("asr", examples, preds)}
                 finally:
                     model.audio_adapter.cfg.beam_width = width

@@ -164,6 +164,20 @@ class MultimodalDiffusionLM(nn.Module):
         tokens, tmask = self.adapt_audio(self.audio(feats.to(self.device), mask.to(self.device)))
         return [t[m] for t, m in zip(tokens, tmask)]
 
+    @torch.no_grad()
+    def transcribe(self, clips: Sequence, batch_size: int = 32) -> list[str]:
+        """What a CTC audio adapter (``audio_ctc``) hears in each clip (path or (array, rate)): the token
+        sequence it hands the decoder, decoded to text (the LM beam in eval mode when the model has a
+        ``ctc_lm.json``, else best path)."""
+        if self.audio is None or not hasattr(self.audio_adapter, "transcribe_ids"):
+            raise ValueError("transcribe needs a model with an audio encoder and an audio_ctc adapter")
+        out = []
+        for i in range(0, len(clips), batch_size):
+            feats, mask = self.audio.preprocess(list(clips[i:i + batch_size]))
+            ids = self.audio_adapter.transcribe_ids(self.audio(feats.to(self.device), mask.to(self.device)))
+            out += [self.tokenizer.decode(t) for t in ids]
+        return out
+
     def adapt_audio(self, features) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio encoder output -> (tokens (B, N, D), mask (B, N)) in decoder space.
 

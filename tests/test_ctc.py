@@ -179,6 +179,8 @@ def test_ask_speech_flags_reach_the_adapter(tmp_path, ctc_model, capsys):
                                         config=SamplerConfig(gen_length=8))[0].text
     rc, beam = run()
     assert rc == 0 and beam["answer"] == expect()
+    feats, mask = ctc_model.audio.preprocess([str(tmp_path / "q.wav")])
+    assert beam["heard"] == tokenizer.decode(ctc_model.audio_adapter.transcribe_ids(ctc_model.audio(feats, mask))[0])
     ctc_model.audio_adapter.cfg.beam_width = 0
     rc, soft = run("--asr-beam", "0")
     assert rc == 0 and soft["answer"] == expect()

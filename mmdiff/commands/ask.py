@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, nfe, latency_s, the settings (and the scored candidates "
-                        "with --search)")
+                        "with --search; with --audio on an audio_ctc model, 'heard': the transcript it decoded)")
     add_sampler_arguments(p, gen_length=8)
     add_speech_arguments(p)
     add_search_arguments(p)
@@ -47,12 +47,17 @@ def run(args: argparse.Namespace) -> int:
         res = model.generate([args.question], images=[args.image], audios=[args.audio], config=cfg, cache=args.cache,
                              pruning=pruning)[0]
         candidates = None
+    heard = None
+    if args.audio and hasattr(getattr(model, "audio_adapter", None), "transcribe_ids"):
+        heard = model.transcribe([args.audio])[0]  # what the decoder was given (audio_ctc)
     if args.json:
         out = {"answer": res.text, "nfe": res.nfe, "latency_s": round(res.latency_s, 4), "sampler": cfg.to_dict(),
                "cache": args.cache, "pruning": pruning.to_dict(), "search": search_cfg.to_dict()}
+        out.update({"heard": heard} if heard is not None else {})
         print(json.dumps(out if candidates is None else {**out, "candidates": candidates}))
     else:
         print(res.text)
         how = f", {search_cfg.strategy} over {len(candidates)} distinct answers" if searching else ""
-        print(f"(nfe {res.nfe}, {res.latency_s * 1000:.0f} ms{how})", file=sys.stderr)
+        print(f"(nfe {res.nfe}, {res.latency_s * 1000:.0f} ms{how}" + (f", heard: {heard!r}" if heard is not None else "")
+              + ")", file=sys.stderr)
     return 0

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -319,18 +318,6 @@ def fit_ctc_lm(model: MultimodalDiffusionLM, cfg: TrainConfig) -> TokenNGram:
     tok = model.tokenizer
     return TokenNGram.fit((tok(t, add_special_tokens=False)["input_ids"] for t in texts), order=cfg.ctc_lm_order,
                           vocab_size=model.cfg.decoder.vocab_size)
-
-
-@torch.no_grad()
-def ctc_transcripts(model, clips: Sequence, batch: int = 32) -> list[str]:
-    """Transcripts of audio clips (paths or (wave, rate) pairs) from the ``audio_ctc`` adapter's own
-    head, decoded as spoken VQA decodes them (:meth:`CTCAdapter.transcribe_ids`: the LM beam when the
-    model has a ``ctc_lm.json`` and is in eval mode, else best path)."""
-    out = []
-    for i in range(0, len(clips), batch):
-        feats, mask = model.audio.preprocess(list(clips[i:i + batch]))
-        out += [model.tokenizer.decode(ids) for ids in model.audio_adapter.transcribe_ids(model.audio(feats, mask))]
-    return out
 
 
 def word_error_rate(refs: list[str], hyps: list[str]) -> float:
