@@ -191,3 +191,23 @@ def test_ask_speech_flags_reach_the_adapter(tmp_path, ctc_model, capsys):
                                       vision_adapter=ctc_model.cfg.vision_adapter), tokenizer).save_pretrained(plain)
     assert cli.main(["ask", "hi", "--image", str(tmp_path / "scene.png"), "--model", str(plain), "--asr-beam", "4"]) == 2
     assert "--asr-* flags need a model with an audio adapter" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng not installed")
+def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys):
+    """bench/ctc_lm_sweep.py speaks real validation clips and decodes them once per (alpha, beta)."""
+    import importlib.util
+    from pathlib import Path
+
+    tokenizer = ctc_model.tokenizer
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["is there a red circle?", "where is the square?"]]
+    ctc_model.audio_adapter.lm = TokenNGram.fit(ids, order=3, vocab_size=ctc_model.cfg.decoder.vocab_size)
+    ctc_model.save_pretrained(tmp_path)
+    path = Path(__file__).resolve().parents[1] / "bench" / "ctc_lm_sweep.py"
+    spec = importlib.util.spec_from_file_location("bench_ctc_lm_sweep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tmp_path), "--clips", "2", "--alphas", "0", "0.3", "--betas", "1.5"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| 0")]
+    assert [r.split(" | ")[0:2] for r in rows] == [["| 0", "1.5"], ["| 0.3", "1.5"]]
+    assert sum("(best)" in r for r in rows) == 1

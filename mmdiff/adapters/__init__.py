@@ -42,7 +42,7 @@ class AdapterConfig:
     position_weight: float = 1.0  # cell_words: weight of the cell-name words in each cell's bag
     empty_weight: float = 1.0  # cell_words: weight of each attribute's "empty" word
     beam_width: int = 8  # audio ctc, inference with a ctc_lm.json: prefix beam width (0 = soft best-path runs)
-    lm_weight: float = 0.5  # audio ctc: alpha, weight of the token n-gram LM in the beam
+    lm_weight: float = 0.3  # audio ctc: alpha, weight of the token n-gram LM in the beam (bench/ctc_lm_sweep.py)
     length_bonus: float = 1.5  # audio ctc: beta, score bonus per emitted token in the beam
 
     def __post_init__(self) -> None:

@@ -146,7 +146,7 @@ def _logaddexp(a: float, b: float) -> float:
     return max(a, b) + math.log1p(math.exp(-abs(a - b)))
 
 
-def ctc_prefix_beam_search(logp: torch.Tensor, blank: int, lm: TokenNGram | None = None, *, lm_weight: float = 0.5,
+def ctc_prefix_beam_search(logp: torch.Tensor, blank: int, lm: TokenNGram | None = None, *, lm_weight: float = 0.3,
                            length_bonus: float = 1.5, beam_width: int = 8, top_k: int = 6,
                            min_logp: float = -8.0) -> list[int]:
     """The best token sequence of one clip under CTC x LM^alpha x e^(beta |l|) (module docstring).

@@ -1,0 +1,82 @@
+"""Choose the CTC beam's LM weight (alpha) and length bonus (beta) on validation clips.
+
+The clips are validation-split questions of the spoken families in the *training* voices, so the
+held-out test voices that ``bench/quality.py`` and ``bench/asr_voices.py`` score stay untouched by
+the choice. The encoder runs once; each (alpha, beta) decodes the same frames with
+:func:`mmdiff.adapters.ctc.ctc_prefix_beam_search` and the model's ``ctc_lm.json`` (alpha 0 = no LM).
+One table: WER and exact transcripts per setting, the best marked.
+
+    python bench/ctc_lm_sweep.py [--model checkpoints/mmdiff-tiny] [--clips 150] [--alphas 0 0.3 0.5 0.8 1.2]
+        [--betas 0 0.5 1.5 2.5] [--beam 8]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mmdiff import DEFAULT_MODEL_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmdiff.adapters.ctc import ctc_prefix_beam_search
+    from mmdiff.data.dataset import SPOKEN_TYPES
+    from mmdiff.data.questions import ask
+    from mmdiff.data.scenes import sample_scene
+    from mmdiff.data.speech import espeak_available, speak
+    from mmdiff.model import MultimodalDiffusionLM
+    from mmdiff.training.trainer import word_error_rate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--clips", type=int, default=150, help="validation clips (training voices)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.8, 1.2])
+    p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.5, 2.5])
+    p.add_argument("--beam", type=int, default=8, help="beam width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = p.parse_args(argv)
+    if not espeak_available():
+        p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = MultimodalDiffusionLM.from_pretrained(args.model)
+    adapter = model.audio_adapter
+    if getattr(adapter, "lm", None) is None:
+        p.error(f"{args.model}: no audio_ctc adapter with a ctc_lm.json to tune")
+    rng = random.Random(f"ctc-lm-sweep-{args.seed}")
+    clips, refs = [], []
+    with tempfile.TemporaryDirectory(prefix="mmdiff-lm-sweep-") as tmp:
+        while len(clips) < args.clips:
+            qa = ask(sample_scene(rng, "val"), rng, rng.choice(SPOKEN_TYPES))
+            if qa is not None:
+                path, _ = speak(qa.question, Path(tmp) / f"{len(clips)}.wav", split="val", rng=rng)
+                clips.append(str(path))
+                refs.append(qa.question)
+        with torch.no_grad():
+            feats, mask = model.audio.preprocess(clips)
+            enc = model.audio(feats, mask)
+            logp = adapter.logits(enc).float().log_softmax(-1)  # (B, T, V+1)
+    lengths = enc.mask.sum(-1).tolist()
+    rows = []
+    for alpha in args.alphas:
+        for beta in args.betas:
+            hyps = [model.tokenizer.decode(ctc_prefix_beam_search(
+                logp[i, :n], adapter.blank, adapter.lm if alpha else None, lm_weight=alpha, length_bonus=beta,
+                beam_width=args.beam)) for i, n in enumerate(lengths)]
+            exact = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / len(refs)
+            rows.append((alpha, beta, word_error_rate(refs, hyps), exact))
+    best = min(rows, key=lambda r: (r[2], -r[3]))
+    print(f"CTC beam (width {args.beam}) on {len(refs)} validation clips (training voices), model {args.model}; "
+          f"model's setting: alpha {adapter.cfg.lm_weight}, beta {adapter.cfg.length_bonus}")
+    print("| alpha (LM weight) | beta (length bonus) | WER | exact |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]:g} | {r[1]:g} | {r[2]:.3f}{' (best)' if r is best else ''} | {r[3]:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
