@@ -177,8 +177,10 @@ class CTCAdapter(nn.Module):
 
     def transcribe_ids(self, feats: AudioFeatures) -> list[list[int]]:
         """Token ids per clip: LM-fused prefix beam search when :attr:`uses_beam`, else best path."""
-        logp = self.logits(feats).float().log_softmax(-1)  # (B, T, V+1)
-        lengths = feats.mask.sum(-1)
+        return self._decode(self.logits(feats).float().log_softmax(-1), feats.mask.sum(-1))
+
+    def _decode(self, logp: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """(B, T, V+1) frame log-probabilities and (B,) valid frames -> token ids per clip."""
         if not self.uses_beam:
             return ctc_greedy(logp, lengths, self.blank)
         c = self.cfg
@@ -196,10 +198,10 @@ class CTCAdapter(nn.Module):
 
     def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         if self.uses_beam:
-            logp = self.logits(feats).float().log_softmax(-1)  # (B, T, V+1)
+            logp, lengths = self.logits(feats).float().log_softmax(-1), feats.mask.sum(-1)  # (B, T, V+1), (B,)
             eye = torch.eye(self.cfg.vocab_size, device=logp.device)
             out = []
-            for row, n, ids in zip(logp, feats.mask.sum(-1), self.transcribe_ids(feats)):
+            for row, n, ids in zip(logp, lengths, self._decode(logp, lengths)):
                 if not ids:  # nothing heard: keep the frame most likely to be speech, as the soft path does
                     row = row[:int(n)]
                     ids = [int(row[row[:, self.blank].argmin(), :self.blank].argmax())]
