@@ -102,8 +102,8 @@ def apply_speech_arguments(model, args: argparse.Namespace) -> None:
                                              ("length_bonus", "asr_length_bonus")) if getattr(args, a) is not None}
     if not given:
         return
-    cfg = getattr(getattr(model, "audio_adapter", None), "cfg", None)
-    if cfg is None or not hasattr(cfg, "beam_width"):
-        raise ValueError("--asr-* flags need a model with an audio adapter")
+    adapter = getattr(model, "audio_adapter", None)
+    if not hasattr(adapter, "transcribe_ids"):  # every AdapterConfig has the fields; only audio_ctc reads them
+        raise ValueError("--asr-* flags need a model with an audio adapter of kind audio_ctc")
     for k, v in given.items():
-        setattr(cfg, k, v)
+        setattr(adapter.cfg, k, v)

@@ -134,9 +134,11 @@ def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig,
     """What makes two evaluations comparable: model and data (path and content), sampler, cache,
     pruning and test-time search settings."""
     model_dir, data = Path(model_dir), Path(data)
+    model_files = [model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]
+    if (model_dir / LM_NAME).is_file():  # the CTC beam's LM changes spoken answers
+        model_files.append(model_dir / LM_NAME)
     identity = {"model": str(model_dir.resolve()),
-                "model_sha256": _sha256([model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME,
-                                         *[p for p in [model_dir / LM_NAME] if p.is_file()]]),
+                "model_sha256": _sha256(model_files),
                 "data": str(data.resolve()), "data_sha256": _sha256([data]), "sampler": config.to_dict(),
                 "cache": cache, "pruning": pruning.to_dict(), "search": search.to_dict()}
     return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)
