@@ -221,17 +221,17 @@ def ar_answer(model, ex: Example, max_new_tokens: int, counter) -> tuple[str, li
 def measure(model, setting: Setting, examples: list[Example], L: int, repeats: int) -> Result:
     """Run ``setting`` on every example ``repeats`` times (after one untimed warm-up answer)."""
     from mmdiff.flops import FlopCounter
-    from mmdiff.sampling import SamplerConfig
+    from mmdiff.sampling import DecodeConfig, PruningConfig, SamplerConfig
 
-    config = SamplerConfig(**{"gen_length": L, **setting.sampler})
+    decode = DecodeConfig(sampler=SamplerConfig(**{"gen_length": L, **setting.sampler}), cache=setting.cache,
+                          pruning=setting.pruning or PruningConfig())
 
     def once(ex: Example) -> tuple[str, list[int], int, int]:
         counter = FlopCounter(model.cfg.decoder)
         if setting.ar:
             text, tokens, nfe = ar_answer(model, ex, L, counter)
         else:
-            res = model.generate([ex.question], images=[ex.image], config=config, cache=setting.cache,
-                                 pruning=setting.pruning, counter=counter)[0]
+            res = model.generate([ex.question], images=[ex.image], decode=decode, counter=counter)[0]
             text, tokens, nfe = res.text, res.tokens, res.nfe
         return text, tokens, nfe, counter.flops
 

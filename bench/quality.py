@@ -76,7 +76,7 @@ def build_examples(args) -> dict[str, list[dict]]:
 def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int,
            block_length: int | None = None) -> tuple[list[str], float]:
     """Predictions and seconds per example (``block_length``: semi-autoregressive blocks, diffusion only)."""
-    from mmdiff.sampling import SamplerConfig
+    from mmdiff.sampling import DecodeConfig, SamplerConfig
 
     preds, t0 = [], time.perf_counter()
     for i in range(0, len(examples), batch):
@@ -86,8 +86,9 @@ def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int
         if ar:
             res = model.generate_ar(qs, max_new_tokens=gen_length, **kw)
         else:
-            res = model.generate(qs, config=SamplerConfig(gen_length=gen_length, block_length=block_length),
-                                 cache="prefix", **kw)
+            decode = DecodeConfig(sampler=SamplerConfig(gen_length=gen_length, block_length=block_length),
+                                  cache="prefix")
+            res = model.generate(qs, decode=decode, **kw)
         preds += [r.text for r in res]
     return preds, (time.perf_counter() - t0) / max(1, len(examples))
 

@@ -31,13 +31,15 @@ import re
 from dataclasses import dataclass, field, replace
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.commands.options import add_sampler_arguments, sampler_config_from_args
-from mmdiff.search import add_search_arguments, search_config_from_args
+from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 CAPTION_TYPES = ("caption", "caption_json")
 _PHRASE_SEP = re.compile(r", | and ")
 _OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (?:at|in) the (.+)")  # caption_text's "a small red circle at the top left"
 FIELDS = ("size", "color", "shape", "position")
+
+DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))  # short answers
 
 
 @dataclass
@@ -178,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-length", type=int, default=64, help="canvas of caption types (default: 64)")
     p.add_argument("--data-seed", type=int, default=0, help="test-split stream seed (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto = cuda when available)")
-    add_search_arguments(p)
-    add_sampler_arguments(p, gen_length=8)
+    add_decode_arguments(p, DEFAULTS)
     args = p.parse_args(argv)
 
     import torch
@@ -193,12 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unknown question type {t!r}; known: {', '.join(QUESTION_TYPES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = MultimodalDiffusionLM.from_pretrained(args.model, device=device)
-    short = sampler_config_from_args(args)
+    decode = decode_config_from_args(args, DEFAULTS)
+    short = decode.sampler
     scale = args.caption_length / short.gen_length
     long = replace(short, gen_length=args.caption_length,
                    steps=None if short.steps is None else max(1, round(short.steps * scale)),
                    block_length=None if short.block_length is None else max(1, round(short.block_length * scale)))
-    base = search_config_from_args(args)
+    base = decode.search
     methods = [("greedy", replace(base, strategy="none", candidates=1, refine=0))]
     methods += [("best-of-N", replace(base, strategy="best_of_n", candidates=n, refine=0)) for n in args.budgets]
     methods += [("hierarchical", replace(base, strategy="hierarchical", candidates=n)) for n in args.budgets]
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for image, qa in questions(args.types, args.n, args.data_seed):
         config = long if qa.type in CAPTION_TYPES else short
         for row, (_, s) in zip(rows, methods):
-            res = search(model, qa.question, image=image, config=config, search=s, cache=args.cache)
+            res = search(model, qa.question, image=image, decode=decode.replace(sampler=config, search=s))
             cell = row.cells.setdefault(qa.type, Cell())
             cell.n, cell.nfe, cell.latency_s = cell.n + 1, cell.nfe + res.nfe, cell.latency_s + res.latency_s
             cell.score += score_answer(res.text, qa.answers, qa.type)

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.commands.options import add_sampler_arguments, sampler_config_from_args
+from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
+from mmdiff.sampling import DecodeConfig, SamplerConfig
+
+DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-object JSON caption is about 49 tokens
 
 FIELDS = ("shape", "color", "size", "position")
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="test images (default: 100)")
     p.add_argument("--data-seed", type=int, default=0, help="test-split stream seed (default: 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    add_sampler_arguments(p, gen_length=64)
+    add_decode_arguments(p, DEFAULTS, search=False)
     args = p.parse_args(argv)
     if args.threads:
         import torch
@@ -127,19 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.sampling.structure import caption, scene_schema
 
     model = MultimodalDiffusionLM.from_pretrained(args.model)
-    config = sampler_config_from_args(args)
+    decode = decode_config_from_args(args, DEFAULTS)
+    config = decode.sampler
     schema = scene_schema()
     stream = iter_examples("test", args.data_seed, types=())  # scenes and images only, no questions
     examples = [(scene, image) for scene, image, _ in itertools.islice(stream, args.n)]
 
     def plain(scene, image):
-        res = model.generate([CAPTION_JSON_QUESTION], images=[image], config=config, cache=args.cache)[0]
+        res = model.generate([CAPTION_JSON_QUESTION], images=[image], decode=decode)[0]
         return res.text, res.nfe
 
     def prior(array_length):
         def answer(scene, image):  # the scene is only read for the true count
             n = len(scene.objects) if array_length == "true" else array_length
-            res = caption(model, image, config=config, array_length=n, cache=args.cache)
+            res = caption(model, image, decode=decode, array_length=n)
             return res.text, res.nfe
         return answer
 

@@ -11,11 +11,10 @@ Two tabs on one model:
   streamed step by step; or, without a prior, "describe the image in json." answered free-form and
   parsed (or a readable parse error).
 
-Each tab has a settings accordion built from :data:`SETTINGS`: one control per knob of the sampler
-(:class:`~mmdiff.sampling.SamplerConfig`), the cache, token pruning / layer skipping
-(:class:`~mmdiff.sampling.pruning.PruningConfig`) and, on the Ask tab, the test-time search
-(:class:`~mmdiff.search.SearchConfig`), read back by :func:`read_settings`. A new sampler feature is
-one new entry there.
+Each tab has a settings accordion with one control per option of
+:class:`~mmdiff.sampling.DecodeConfig` (sampler, cache, token pruning / layer skipping and, on the Ask
+tab, the test-time search), derived from the fields' help, choices and ranges (:func:`control`) and
+read back by :func:`read_settings`. A new decode option is one new config field.
 
 The demo owns no sampling logic: :func:`stream_steps` runs ``model.generate(callback=...)`` (or
 ``caption(callback=...)``) in a worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s
@@ -23,7 +22,6 @@ to the page as they happen.
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -31,7 +29,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -39,32 +37,27 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import gradio as gr
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.commands.options import CACHE_HELP, HELP, PRUNING_HELP, layer_list
 from mmdiff.data.questions import CAPTION_JSON_QUESTION
 from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
-from mmdiff.sampling import REMASKING, TRANSFER, SamplerConfig, StepEvent
-from mmdiff.sampling.denoisers import CACHES
-from mmdiff.sampling.pruning import PRUNE_SCHEDULES, PRUNERS, PruningConfig
+from mmdiff.options import Option
+from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
 from mmdiff.sampling.structure import COUNT_QUESTION, CaptionResult, caption
-from mmdiff.search import SEARCHES, VERIFIERS, SearchConfig, SearchResult, search
+from mmdiff.search import SearchResult, search
 
 log = logging.getLogger("mmdiff.demo")
 R = TypeVar("R")
 Callback = Callable[[StepEvent], None]
 
 EXAMPLES_FILE = Path("examples") / "examples.json"  # inside the model directory (scripts/make_examples.py)
-ASK_DEFAULTS = SamplerConfig(gen_length=8)  # short answers, the length mmdiff-tiny is trained on
-CAPTION_DEFAULTS = SamplerConfig(gen_length=64)  # a 6-object JSON caption is about 49 tokens
-MAX_GEN_LENGTH = 128  # slider limit for gen length, steps and block length
+ASK_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))  # short answers, the length mmdiff-tiny is trained on
+CAPTION_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-object JSON caption is about 49 tokens
 MAX_QUESTION_CHARS = 400
 FRAME_DELAY_S = 0.05  # minimum time per animation frame, so fast steps stay visible (latency excludes it)
 MAX_FILE_SIZE = "5mb"
 QUEUE = dict(default_concurrency_limit=2, max_size=16)
 NO_QUESTION = "Type a question, or record or upload a spoken one."
 NO_IMAGE = "Upload an image (or click an example image) to caption."
-MAX_CANDIDATES = 16  # slider limit of the search's N
-MAX_REFINE = 8  # slider limit of the search's T
 #: caption tab: the structure prior (the scene schema through ``caption``), or none (free-form answer)
 STRUCTURES = ("scene schema", "none")
 
@@ -81,143 +74,77 @@ FINAL_STYLE = "background:#dbeafe;color:#1e3a8a;"  # a searched answer: the step
 
 
 # ------------------------------------------------------------------------------------------------
-# settings: one control per sampler, pruning and search knob
+# settings: one control per DecodeConfig option, derived from the fields' help, choices and ranges
 # ------------------------------------------------------------------------------------------------
-def _length(name: str, label: str, value: int, minimum: int) -> gr.Slider:
-    return gr.Slider(minimum, MAX_GEN_LENGTH, value=value, step=1, label=label, info=HELP[name])
+SECTION_TITLES = {"sampler": "Sampler", "": "Cache", "pruning": "Token pruning and layer skipping",
+                  "search": "Test-time search"}
 
 
-def _step_number(name: str, label: str, value: int) -> gr.Number:
-    return gr.Number(value=value, precision=0, minimum=0, label=label, info=PRUNING_HELP[name])
+def control(opt: Option, value: Any) -> gr.Component:
+    """The page control of one decode option (:meth:`DecodeConfig.options`), showing ``value``.
+
+    Choices become a dropdown (several values: multi-select), booleans a checkbox, bounded numbers a
+    slider (an optional count's slider starts at 0, meaning "default"), other numbers a number box,
+    lists of numbers a text box ("3,4").
+    """
+    label, info = opt.key.replace("_", " "), opt.help
+    if opt.choices is not None:
+        return gr.Dropdown(list(opt.choices), value=list(value) if opt.many else value, multiselect=opt.many,
+                           label=label, info=info)
+    if opt.kind is bool:
+        return gr.Checkbox(value=value, label=label, info=info)
+    if opt.many:
+        return gr.Textbox(",".join(map(str, value)), label=label, placeholder="e.g. 3,4", info=info)
+    high = opt.high if opt.high is not None else opt.widget_max
+    if high is None:
+        return gr.Number(value=value, precision=0 if opt.kind is int else None, label=label, info=info)
+    low = 0 if opt.optional or opt.low is None else opt.low
+    step = 1 if opt.kind is int else 0.01
+    info = info + (" (0 = default)" if opt.optional else "")
+    return gr.Slider(low, high, value=value or 0, step=step, label=label, info=info)
 
 
-_PRUNING, _SEARCH = PruningConfig(), SearchConfig()
-#: search control -> SearchConfig field (the names of the ``mmdiff ask`` flags)
-SEARCH_CONTROLS: dict[str, str] = {"search": "strategy", "candidates": "candidates", "refine": "refine",
-                                   "verifier": "verifier"}
-#: pruning controls: the PruningConfig fields
-PRUNING_CONTROLS: tuple[str, ...] = tuple(f.name for f in fields(PruningConfig))
-
-#: control name -> widget factory (given the tab's sampler defaults). A name is a SamplerConfig
-#: field, "cache", a PruningConfig field (:data:`PRUNING_CONTROLS`) or a search control
-#: (:data:`SEARCH_CONTROLS`). A new sampler feature adds its entries here.
-SETTINGS: dict[str, Callable[[SamplerConfig], gr.Component]] = {
-    "gen_length": lambda d: _length("gen_length", "gen length", d.gen_length, 1),
-    "steps": lambda d: _length("steps", "steps (0 = gen length)", d.steps or 0, 0),
-    "block_length": lambda d: _length("block_length", "block length (0 = one block)", d.block_length or 0, 0),
-    "transfer": lambda d: gr.Dropdown(TRANSFER.names(), value=d.transfer, label="transfer rule", info=HELP["transfer"]),
-    "threshold": lambda d: gr.Slider(0.0, 1.0, value=d.threshold, step=0.01, label="confidence threshold",
-                                     info=HELP["threshold"]),
-    "factor": lambda d: gr.Slider(0.1, 4.0, value=d.factor, step=0.1, label="factor", info=HELP["factor"]),
-    "remasking": lambda d: gr.Dropdown(REMASKING.names(), value=d.remasking, label="remasking rule",
-                                       info=HELP["remasking"]),
-    "temperature": lambda d: gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="temperature",
-                                       info=HELP["temperature"]),
-    "cache": lambda d: gr.Radio(CACHES.names(), value="none", label="cache", info=CACHE_HELP),
-    # token pruning and layer skipping
-    "prune": lambda d: gr.Dropdown(["none", *PRUNERS.names()], value=_PRUNING.prune, label="visual-token pruning",
-                                   info=PRUNING_HELP["prune"]),
-    "keep_ratio": lambda d: gr.Slider(0.0, 1.0, value=_PRUNING.keep_ratio, step=0.05, label="keep ratio",
-                                      info=PRUNING_HELP["keep_ratio"]),
-    "prune_layer": lambda d: _step_number("prune_layer", "prune layer K", _PRUNING.prune_layer),
-    "prune_from_step": lambda d: _step_number("prune_from_step", "prune from step", _PRUNING.prune_from_step),
-    "prune_schedule": lambda d: gr.Radio(list(PRUNE_SCHEDULES), value=_PRUNING.prune_schedule,
-                                         label="prune schedule", info=PRUNING_HELP["prune_schedule"]),
-    "skip_layers": lambda d: gr.Textbox(",".join(map(str, _PRUNING.skip_layers)), label="skip layers",
-                                        placeholder="e.g. 3,4", info=PRUNING_HELP["skip_layers"]),
-    "skip_from_step": lambda d: _step_number("skip_from_step", "skip from step", _PRUNING.skip_from_step),
-    # test-time search (Ask tab only)
-    "search": lambda d: gr.Radio(SEARCHES.names(), value=_SEARCH.strategy, label="test-time search",
-                                 info="none = plain decoding; best_of_n / hierarchical (dMLLM-TTS) score candidates "
-                                      "with the model itself: only the final answer is shown"),
-    "candidates": lambda d: gr.Slider(1, MAX_CANDIDATES, value=_SEARCH.candidates, step=1, label="candidates N",
-                                      info="trajectories explored (candidate 0 is the plain decode)"),
-    "refine": lambda d: gr.Slider(0, MAX_REFINE, value=_SEARCH.refine, step=1, label="refine rounds T",
-                                  info="refinements of the best survivor (hierarchical only)"),
-    "verifier": lambda d: gr.Radio(VERIFIERS.names(), value=_SEARCH.verifier, label="verifier",
-                                   info="elbo = the model's ELBO of the candidate; yesno = its P(yes) to "
-                                        "'... is that right?'"),
-}
-#: SamplerConfig field type -> (conversion, 0 means None); the page sends numbers as floats or strings
-_NUMBERS: dict[str, tuple[type, bool]] = {"int": (int, False), "float": (float, False), "int | None": (int, True),
-                                          "float | None": (float, True)}
-
-
-def settings_panel(defaults: SamplerConfig, *, search: bool = True) -> dict[str, gr.Component]:
-    """Build the settings accordion (pruning and search in their own sub-accordions); returns
-    control name -> component, in input order (:data:`SETTINGS`' order).
+def settings_panel(defaults: DecodeConfig, *, search: bool = True) -> dict[str, gr.Component]:
+    """Build the settings accordion, one sub-accordion per section after the sampler's; returns
+    option key -> component, in :meth:`DecodeConfig.options` order.
 
     Args:
-        defaults: the tab's sampler defaults.
+        defaults: the tab's decode defaults.
         search: include the test-time search controls.
     """
-    def group(name: str) -> str:
-        return "search" if name in SEARCH_CONTROLS else "pruning" if name in PRUNING_CONTROLS else "sampler"
-
-    titles = {"pruning": "Token pruning and layer skipping", "search": "Test-time search"}
+    values = defaults.values()
     out: dict[str, gr.Component] = {}
+    opts = [o for o in DecodeConfig.options() if search or o.section != "search"]
     with gr.Accordion("Settings", open=False):
-        out.update({n: make(defaults) for n, make in SETTINGS.items() if group(n) == "sampler"})
-        for g in ("pruning", "search") if search else ("pruning",):
-            with gr.Accordion(titles[g], open=False):
-                out.update({n: make(defaults) for n, make in SETTINGS.items() if group(n) == g})
-    return {n: out[n] for n in SETTINGS if n in out}
+        for section in dict.fromkeys(o.section for o in opts):
+            inner = [o for o in opts if o.section == section]
+            if section == "sampler":
+                out.update({o.key: control(o, values[o.key]) for o in inner})
+                continue
+            with gr.Accordion(SECTION_TITLES[section], open=section == ""):
+                out.update({o.key: control(o, values[o.key]) for o in inner})
+    return out
 
 
-@dataclass(frozen=True)
-class Settings:
-    """A settings panel read back: what the library calls take."""
-
-    sampler: SamplerConfig
-    cache: str
-    pruning: PruningConfig
-    search: SearchConfig
-
-    @property
-    def searching(self) -> bool:
-        return self.search.strategy != "none"
-
-
-def _typed(name: str, value: Any, kind: str) -> Any:
-    """A page value as its config field's type: numbers converted (0 = None in optional fields),
-    skip layers parsed from "3,4"."""
-    if kind == "tuple[int, ...]":
-        try:
-            return layer_list(str(value or ""))
-        except argparse.ArgumentTypeError as e:
-            raise ValueError(f"setting {name}: {e}") from None
-    if kind not in _NUMBERS:
-        return value
-    conv, zero_is_none = _NUMBERS[kind]
-    try:
-        return None if zero_is_none and not value else conv(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"setting {name} must be a number, got {value!r}") from None
-
-
-def read_settings(names: Sequence[str], values: Sequence[Any], *, base: SamplerConfig) -> Settings:
-    """Read a panel back; sampler fields without a control keep ``base``'s value, pruning and search
-    fields without one their defaults.
-
-    Numbers are converted to their field's type; 0 in an optional field (steps, block length) means
-    None, the sampler's default.
+def read_settings(names: Sequence[str], values: Sequence[Any], *, base: DecodeConfig) -> DecodeConfig:
+    """Read a panel back into a :class:`DecodeConfig`: options without a control keep ``base``'s
+    value; 0 in an optional count (steps, block length) means None, the default.
 
     Raises:
-        ValueError: a value the sampler, pruning or search settings reject (the message names it).
+        ValueError: a value the decode settings reject (the message names the setting).
     """
-    chosen = dict(zip(names, values, strict=True))
-    cache = chosen.pop("cache")
-    sampler_t, pruning_t, search_t = ({f.name: str(f.type) for f in fields(c)}
-                                      for c in (SamplerConfig, PruningConfig, SearchConfig))
-    sampler = {n: _typed(n, v, sampler_t[n]) for n, v in chosen.items() if n in sampler_t}
-    pruning = {n: _typed(n, v, pruning_t[n]) for n, v in chosen.items() if n in pruning_t}
-    search_ = {SEARCH_CONTROLS[n]: _typed(n, v, search_t[SEARCH_CONTROLS[n]]) for n, v in chosen.items()
-               if n in SEARCH_CONTROLS}
-    unknown = set(chosen) - set(sampler) - set(pruning) - set(SEARCH_CONTROLS)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)}")
-    return Settings(SamplerConfig(**{**base.to_dict(), **sampler}), cache, PruningConfig(**pruning),
-                    SearchConfig(**search_))
+    by_key = {o.key: o for o in DecodeConfig.options()}
+    chosen = {}
+    for name, value in zip(names, values, strict=True):
+        opt = by_key.get(name)
+        if opt is None:
+            raise ValueError(f"unknown setting {name!r}")
+        try:
+            parsed = opt.parse(value)
+        except ValueError as e:
+            raise ValueError(f"setting {e}") from None
+        chosen[name] = None if opt.optional and not opt.many and parsed == 0 else parsed
+    return base.with_values(chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,38 +395,32 @@ def check_model_dir(model_dir: str | Path) -> None:
 
 
 def ask_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
-              config: SamplerConfig, cache: str, pruning: PruningConfig, callback: Callback) -> GenerationResult:
+              decode: DecodeConfig, callback: Callback) -> GenerationResult:
     """Answer one question about an optional image and an optional spoken question."""
-    return model.generate([question], images=[image], audios=[audio], config=config, cache=cache, pruning=pruning,
-                          callback=callback)[0]
+    return model.generate([question], images=[image], audios=[audio], decode=decode, callback=callback)[0]
 
 
 def search_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
-                 settings: Settings) -> SearchResult:
+                 decode: DecodeConfig) -> SearchResult:
     """Answer one question through the test-time search (no step callback: the search runs many
     sampler batches and verifier passes; the page shows its final answer)."""
-    if settings.pruning.active:
-        raise ValueError("the test-time search decodes without token pruning or layer skipping: set pruning to "
-                         "none and clear skip layers, or set the search to none")
-    return search(model, question, image=image, audio=audio, config=settings.sampler, search=settings.search,
-                  cache=settings.cache)
+    return search(model, question, image=image, audio=audio, decode=decode)
 
 
-def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, config: SamplerConfig, cache: str,
-                pruning: PruningConfig, callback: Callback) -> CaptionResult | GenerationResult:
+def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, decode: DecodeConfig,
+                callback: Callback) -> CaptionResult | GenerationResult:
     """Caption ``image`` as JSON.
 
     ``structure`` "scene schema": :func:`mmdiff.sampling.structure.caption` decodes schema-valid JSON
     on the scene template, the count question first (its preset tokens show as dark "preset" spans;
     canvas length and steps come from the template). "none": :data:`CAPTION_JSON_QUESTION` answered
-    free-form on ``config``'s canvas.
+    free-form on ``decode``'s canvas.
     """
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure prior {structure!r}; known: {', '.join(STRUCTURES)}")
     if structure == "none":
-        return model.generate([CAPTION_JSON_QUESTION], images=[image], config=config, cache=cache, pruning=pruning,
-                              callback=callback)[0]
-    return caption(model, image, format="json", config=config, cache=cache, pruning=pruning, callback=callback)
+        return model.generate([CAPTION_JSON_QUESTION], images=[image], decode=decode, callback=callback)[0]
+    return caption(model, image, format="json", decode=decode, callback=callback)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,16 +458,15 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
                                  f"the limit is {MAX_QUESTION_CHARS}.")
             chosen = read_settings(list(settings), values, base=ASK_DEFAULTS)
             config, image_path, audio_path = chosen.sampler, img and img.path, clip and clip.path
-            if chosen.searching:
+            if chosen.search.active:
                 n = chosen.search.candidates
                 yield "", "", f"searching ({chosen.search.strategy}, {n} candidates): only the final answer is shown…"
-                result = search_model(model, question_in, image=image_path, audio=audio_path, settings=chosen)
+                result = search_model(model, question_in, image=image_path, audio=audio_path, decode=chosen)
                 canvas_html = render_canvas(model, result.tokens, None, planned_steps=1,
                                             header=f"{chosen.search.strategy} search: final answer")
                 yield canvas_html, result.text, search_line(result, chosen.search)
                 return
-            call = partial(ask_model, model, question_in, image=image_path, audio=audio_path, config=config,
-                           cache=chosen.cache, pruning=chosen.pruning)
+            call = partial(ask_model, model, question_in, image=image_path, audio=audio_path, decode=chosen)
             for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
                                          frame_delay=frame_delay):
                 yield html_, result.text if result else "", stats_line(result) if result else "denoising…"
@@ -586,8 +506,7 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
                 raise ValueError(NO_IMAGE)
             chosen = read_settings(list(settings), values, base=CAPTION_DEFAULTS)
             config, prior = chosen.sampler, structure_in != "none"
-            call = partial(run_caption, model, img.path, structure=structure_in, config=config, cache=chosen.cache,
-                           pruning=chosen.pruning)
+            call = partial(run_caption, model, img.path, structure=structure_in, decode=chosen)
             planned = (config.steps or 1) if prior else (config.steps or config.gen_length)  # prior: the template's
             for html_, result in animate(model, call, planned_steps=planned, frame_delay=frame_delay):
                 if result is None:

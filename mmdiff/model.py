@@ -24,9 +24,9 @@ from . import special_tokens as st
 from .decoder import Decoder, DecoderConfig
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
-from .sampling import SampleOutput, SamplerConfig, StepEvent, Strategy, sample
+from .sampling import DecodeConfig, Denoiser, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
 from .sampling.denoisers import build_denoiser
-from .sampling.pruning import LayerPlanner, PruningConfig
+from .sampling.pruning import LayerPlanner
 from .special_tokens import SpecialIds
 
 log = logging.getLogger("mmdiff")
@@ -275,31 +275,31 @@ class MultimodalDiffusionLM(nn.Module):
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
-                 audios: Sequence | None = None, config: SamplerConfig | None = None, cache: str = "none",
+                 audios: Sequence | None = None, decode: DecodeConfig | None = None,
                  strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None,
-                 pruning: PruningConfig | None = None, counter: FlopCounter | None = None
-                 ) -> list[GenerationResult]:
-        """Answer a batch: one question (may be "") with optional one image and/or one clip per sample.
+                 counter: FlopCounter | None = None) -> list[GenerationResult]:
+        """Answer a batch by plain decoding: one question (may be "") with optional one image and/or
+        one clip per sample.
 
         Args:
             questions: text per sample.
             images: per sample an image (path / PIL) or None.
             audios: per sample a clip (path / (array, rate)) or None.
-            config: sampler settings.
-            cache: cache strategy (``mmdiff.sampling.denoisers.CACHES``): ``none`` (recompute the prompt every
-                step), ``prefix`` (exact prompt KV cache for models run with the ``prefix`` mask),
-                ``block`` / ``dual`` (Fast-dLLM's approximate block-wise caches).
+            decode: sampler, cache, pruning settings (:class:`~mmdiff.sampling.DecodeConfig`); a
+                test-time search is run by :func:`mmdiff.search.search` / :func:`mmdiff.search.answer`,
+                so ``decode.search`` must be off here.
             strategies: sampler strategy hooks (structure priors, ...).
             callback: sees every denoising step.
-            pruning: visual-token pruning / layer skipping (None = off).
             counter: accumulates the decoder FLOPs per answer.
         """
-        config = config or SamplerConfig()
+        decode = decode or DecodeConfig()
+        if decode.search.active:
+            raise ValueError(f"generate decodes plainly but a {decode.search.strategy} search is set: "
+                             "use mmdiff.search.answer (or search) for a test-time search")
         t0 = time.perf_counter()
         embeds, valid, kinds = self.prepare(questions, images=images, audios=audios)
-        media_mask = kinds == IMAGE if pruning is not None and pruning.active else None
-        out = self.sample(embeds, valid, config=config, cache=cache, strategies=strategies, callback=callback,
-                          pruning=pruning, media_mask=media_mask, counter=counter)
+        out = self.sample(embeds, valid, kinds=kinds, decode=decode, strategies=strategies, callback=callback,
+                          counter=counter)
         return self._results(out, time.perf_counter() - t0)
 
     @torch.no_grad()
@@ -346,30 +346,38 @@ class MultimodalDiffusionLM(nn.Module):
         return [GenerationResult(self.decode(t.tolist()), t.tolist(), out.nfe, latency, f.tolist())
                 for t, f in zip(out.tokens, out.fixed_at)]
 
-    def sample(self, embeds: torch.Tensor, valid: torch.Tensor, *, config: SamplerConfig, cache: str = "none",
-               strategies: Sequence[Strategy] = (), callback: Callable[[StepEvent], None] | None = None,
-               pruning: PruningConfig | None = None, media_mask: torch.Tensor | None = None,
-               counter: FlopCounter | None = None) -> SampleOutput:
-        """Run the one sampler on prepared prompt embeddings.
+    def denoiser(self, embeds: torch.Tensor, valid: torch.Tensor, *, kinds: torch.Tensor | None, decode: DecodeConfig,
+                 sampler: SamplerConfig | None = None, counter: FlopCounter | None = None) -> Denoiser:
+        """The denoiser of ``decode.cache`` on prepared prompt embeddings, with ``decode.pruning``'s
+        token pruning / layer skipping planned over ``sampler``'s steps (default ``decode.sampler``).
 
         Args:
             embeds: (B, P, D) prompt embeddings; valid: (B, P) bool.
-            config: sampler settings.
-            cache: cache strategy (see :meth:`generate`).
-            pruning: visual-token pruning / layer skipping (None = off).
-            media_mask: (B, P) bool image token positions; needed by token pruning.
-            counter: accumulates the decoder FLOPs per answer.
+            kinds: (B, P) what fills each prompt position (:data:`IMAGE` positions are what token
+                pruning drops); None when the prompt has no media.
+            decode: cache and pruning settings.
+            sampler: the sampler settings the denoiser serves (a search resumes with others).
+            counter: accumulates the decoder FLOPs.
         """
+        pruning, sampler = decode.pruning, sampler or decode.sampler
         planner = None
-        if pruning is not None and pruning.active:
-            if media_mask is None and pruning.prunes:
-                raise ValueError(f"token pruning ({pruning.prune}) needs media_mask, the image token positions")
-            media = media_mask if media_mask is not None else torch.zeros_like(valid)
+        if pruning.active:
+            if kinds is None and pruning.prunes:
+                raise ValueError(f"token pruning ({pruning.prune}) needs kinds, the image token positions")
+            media = kinds == IMAGE if kinds is not None else torch.zeros_like(valid)
             planner = LayerPlanner(pruning, prompt_embeds=embeds, media=media, n_layers=self.cfg.decoder.n_layers,
-                                   total_steps=config.steps or config.gen_length)
-        denoiser = build_denoiser(cache, self.decoder, embeds, valid, attn_mode=self.cfg.decoder.attn_mode,
-                                  planner=planner, counter=counter)
-        return sample(denoiser, batch_size=embeds.shape[0], config=config, mask_id=self.special.mask,
+                                   total_steps=sampler.steps or sampler.gen_length)
+        return build_denoiser(decode.cache, self.decoder, embeds, valid, attn_mode=self.cfg.decoder.attn_mode,
+                              planner=planner, counter=counter)
+
+    def sample(self, embeds: torch.Tensor, valid: torch.Tensor, *, kinds: torch.Tensor | None = None,
+               decode: DecodeConfig | None = None, strategies: Sequence[Strategy] = (),
+               callback: Callable[[StepEvent], None] | None = None, counter: FlopCounter | None = None
+               ) -> SampleOutput:
+        """Run the one sampler on prepared prompt embeddings (see :meth:`denoiser`)."""
+        decode = decode or DecodeConfig()
+        denoiser = self.denoiser(embeds, valid, kinds=kinds, decode=decode, counter=counter)
+        return sample(denoiser, batch_size=embeds.shape[0], config=decode.sampler, mask_id=self.special.mask,
                       suppress_ids=(self.special.eos, self.special.pad), strategies=strategies,
                       callback=callback, device=embeds.device)
 

@@ -39,78 +39,28 @@ the best finished candidate is refined.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .data.questions import NO, YES
 from .flops import FlopCounter
-from .io import config_from_dict
 from .registry import Registry
-from .sampling import REMASKING, SampleOutput, SamplerConfig, StepEvent, StepState, Strategy, iter_sample
-from .sampling.denoisers import CACHES, build_denoiser
+from .sampling import DecodeConfig, SampleOutput, SamplerConfig, SearchConfig, StepEvent, StepState, Strategy, iter_sample
 from .training.losses import diffusion_loss
 
 if TYPE_CHECKING:
-    from .model import MultimodalDiffusionLM
+    from .model import GenerationResult, MultimodalDiffusionLM
 
 VERIFY_CANVAS = 8  # response canvas of a yes/no verification pass: the recipe's short-answer canvas
 
 
 # ------------------------------------------------------------------------------------------------
-# configuration and result
+# result (the settings are :class:`~mmdiff.sampling.SearchConfig`, part of the DecodeConfig)
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class SearchConfig:
-    """Every knob of the test-time search. Saved with evaluation results next to the sampler's."""
-
-    strategy: str = "none"  # none | best_of_n | hierarchical
-    candidates: int = 8  # N: trajectories explored (candidate 0 is the plain decode)
-    refine: int = 1  # T: refinement rounds of the best survivor (hierarchical only)
-    verifier: str = "elbo"  # elbo (masked-diffusion ELBO) | yesno (P(yes) to "... is that right?") | elbo_yesno (both)
-    keep: float = 0.5  # fraction of the candidates kept at each checkpoint (successive halving)
-    checkpoints: tuple[float, ...] = (0.5,)  # fractions of the denoising steps where partial canvases are scored
-    lookahead: bool = True  # score a partial canvas with its masks filled by the model's current prediction
-    temperature: float = 1.0  # sampling temperature of the explored trajectories and of refinements
-    remasking: tuple[str, ...] = ("low_confidence", "margin", "entropy")  # orders cycled over explored trajectories
-    elbo_samples: int = 2  # K: masks per candidate in the ELBO estimate, at ratios (k + 1/2) / K
-    refine_ratio: float = 0.25  # fraction of canvas positions remasked per refinement round
-    seed: int = 0  # seeds exploration noise, ELBO masks and refinements
-
-    def __post_init__(self) -> None:
-        self.checkpoints, self.remasking = tuple(self.checkpoints), tuple(self.remasking)
-        SEARCHES.get(self.strategy), VERIFIERS.get(self.verifier)
-        for rule in self.remasking:
-            REMASKING.get(rule)
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        if self.refine < 0:
-            raise ValueError(f"refine must be >= 0, got {self.refine}")
-        if not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
-        if any(not 0 < f < 1 for f in self.checkpoints) or list(self.checkpoints) != sorted(set(self.checkpoints)):
-            raise ValueError(f"checkpoints must be increasing fractions in (0, 1), got {list(self.checkpoints)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not self.remasking:
-            raise ValueError("remasking needs at least one remasking rule")
-        if self.elbo_samples < 1:
-            raise ValueError(f"elbo_samples must be >= 1, got {self.elbo_samples}")
-        if not 0 < self.refine_ratio <= 1:
-            raise ValueError(f"refine_ratio must be in (0, 1], got {self.refine_ratio}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SearchConfig":
-        return config_from_dict(cls, data, source="search config")
-
-
 @dataclass
 class SearchResult:
     """The chosen answer, its cost and the candidates it was chosen from."""
@@ -255,23 +205,27 @@ class SearchRun:
         model: the multimodal model.
         question: the question text (may be "" with audio).
         media: (image tokens, audio tokens) each a list of (N, D) tensors (zero or one each).
-        config: the caller's sampler settings.
-        search: the search settings.
-        cache: a cache strategy of ``mmdiff.sampling.denoisers.CACHES`` (as :meth:`MultimodalDiffusionLM.sample`).
+        decode: the caller's decode settings: ``decode.sampler`` is the plain decode's, ``decode.cache``
+            and ``decode.pruning`` apply to every trajectory (the denoiser of ``model.generate``),
+            ``decode.search`` is the search's.
     """
 
     def __init__(self, model: MultimodalDiffusionLM, question: str, media: tuple[list, list], *,
-                 config: SamplerConfig, search: SearchConfig, cache: str) -> None:
-        CACHES.get(cache)
-        self.model, self.question, self.config, self.search, self.cache = model, question, config, search, cache
+                 decode: DecodeConfig) -> None:
+        self.model, self.question, self.decode = model, question, decode
+        self.config, self.search = decode.sampler, decode.search
         self.images, self.audios = media
         prompt = model.format_prompt(question, n_images=len(self.images), n_audio=len(self.audios))
-        self.embeds, self.valid = model.embed_prompt([prompt], images=[self.images], audios=[self.audios])  # (1, P, D)
+        self.embeds, self.valid, self.kinds = model.embed_prompt([prompt], images=[self.images], audios=[self.audios],
+                                                                 return_kinds=True)  # (1, P, D), (1, P), (1, P)
         self.mask_id = model.special.mask
         self.nfe = 0
 
     def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embeds.expand(n, -1, -1), self.valid.expand(n, -1)  # (n, P, D), (n, P)
+
+    def _kinds(self, n: int) -> torch.Tensor:
+        return self.kinds.expand(n, -1)  # (n, P)
 
     def denoise(self, config: SamplerConfig, n: int, *, group: int = -1, canvas: torch.Tensor | None = None,
                 confidence: torch.Tensor | None = None, steps_done: int = 0, stop_after: int | None = None
@@ -289,8 +243,8 @@ class SearchRun:
         """
         embeds, valid = self._rows(n)
         counter = FlopCounter(self.model.cfg.decoder)  # counts the denoiser's decoder calls (prompt passes too)
-        denoiser = build_denoiser(self.cache, self.model.decoder, embeds, valid,
-                                  attn_mode=self.model.cfg.decoder.attn_mode, counter=counter)
+        denoiser = self.model.denoiser(embeds, valid, kinds=self._kinds(n), decode=self.decode, sampler=config,
+                                       counter=counter)
         trace = ConfidenceTrace(confidence)
         hooks = ([PresetCanvas(canvas)] if canvas is not None else []) + [trace]
         steps, out = 0, canvas
@@ -317,7 +271,7 @@ class SearchRun:
         with torch.no_grad():
             return VERIFIERS.get(self.search.verifier)(self, canvas).tolist()
 
-    def decode(self, tokens: torch.Tensor) -> str:
+    def decode_text(self, tokens: torch.Tensor) -> str:
         return self.model.decode(tokens.tolist())
 
     # -- batched steps of the search over candidate lists -----------------------------------------
@@ -452,7 +406,7 @@ def yes_probability(run: SearchRun, canvas: torch.Tensor) -> torch.Tensor:
     partial canvas are dropped from the candidate text). One NFE per canvas."""
     model, B = run.model, canvas.shape[0]
     yes, no = yes_no_ids(model.tokenizer)
-    prompts = [model.format_prompt(verification_question(run.question, run.decode(row)), n_images=len(run.images),
+    prompts = [model.format_prompt(verification_question(run.question, run.decode_text(row)), n_images=len(run.images),
                                    n_audio=len(run.audios)) for row in canvas]
     embeds, valid = model.embed_prompt(prompts, images=[run.images] * B, audios=[run.audios] * B)
     response = torch.full((B, VERIFY_CANVAS), run.mask_id, dtype=torch.long, device=embeds.device)
@@ -529,8 +483,7 @@ def hierarchical(run: SearchRun) -> tuple[Candidate, list[Candidate]]:
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def search(model: MultimodalDiffusionLM, question: str, *, image: Any = None, audio: Any = None,
-           config: SamplerConfig | None = None, search: SearchConfig | None = None, cache: str = "none"
-           ) -> SearchResult:
+           decode: DecodeConfig | None = None) -> SearchResult:
     """Answer one question with a self-verifying test-time search (dMLLM-TTS) over the one sampler.
 
     Args:
@@ -538,75 +491,50 @@ def search(model: MultimodalDiffusionLM, question: str, *, image: Any = None, au
         question: the question (may be "" when ``audio`` holds a spoken question).
         image: an image (path / PIL) or None.
         audio: a clip (path / (array, rate)) or None.
-        config: sampler settings of the plain decode (and the base of every other trajectory).
-        search: search settings; the default is plain decoding.
-        cache: a cache strategy (``mmdiff.sampling.denoisers.CACHES``): ``none``, ``prefix`` (exact prompt KV
-            cache of prefix-LM models), ``block`` / ``dual`` (Fast-dLLM's approximate caches).
+        decode: ``decode.search`` is the search; ``decode.sampler`` the plain decode (and the base of
+            every other trajectory); ``decode.cache`` and ``decode.pruning`` apply to every trajectory,
+            through the same denoiser as :meth:`~mmdiff.model.MultimodalDiffusionLM.generate`. The
+            default is plain decoding.
 
     Returns:
         The best-scoring answer, the NFE spent (see the module docstring), the latency, and every
         finished scored candidate as (text, score), best first, duplicates merged.
     """
-    config, search = config or SamplerConfig(), search or SearchConfig()
+    decode = decode or DecodeConfig()
     if not question.strip() and audio is None:
         raise ValueError("empty question and no audio")
     t0 = time.perf_counter()
     media = ([model.encode_image([image])[0]] if image is not None else [],
              model.encode_audio([audio]) if audio is not None else [])
-    run = SearchRun(model, question, media, config=config, search=search, cache=cache)
-    best, finished = SEARCHES.get(search.strategy)(run)
+    run = SearchRun(model, question, media, decode=decode)
+    best, finished = SEARCHES.get(decode.search.strategy)(run)
     texts: dict[str, float | None] = {}
     for c in finished:
-        text = run.decode(c.tokens)
+        text = run.decode_text(c.tokens)
         if text not in texts or (c.score is not None and (texts[text] is None or c.score > texts[text])):
             texts[text] = c.score
     ranked = sorted(texts.items(), key=lambda kv: -math.inf if kv[1] is None else -kv[1])
-    return SearchResult(run.decode(best.tokens), run.nfe, time.perf_counter() - t0, ranked, best.tokens.tolist())
+    return SearchResult(run.decode_text(best.tokens), run.nfe, time.perf_counter() - t0, ranked, best.tokens.tolist())
 
 
-# ------------------------------------------------------------------------------------------------
-# command-line flags (wired into ask / eval / demo by mmdiff.commands)
-# ------------------------------------------------------------------------------------------------
-def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the search flags: ``--search``, ``--candidates``, ``--refine``, ``--verifier``, ... ."""
-    d = SearchConfig()
-    g = p.add_argument_group("test-time search")
-    g.add_argument("--search", default=d.strategy, choices=SEARCHES.names(),
-                   help=f"test-time search: none = plain decoding, best_of_n, hierarchical (default: {d.strategy})")
-    g.add_argument("--candidates", type=int, default=d.candidates,
-                   help=f"N trajectories explored (default: {d.candidates})")
-    g.add_argument("--refine", type=int, default=d.refine,
-                   help=f"T refinement rounds of the best survivor, hierarchical only (default: {d.refine})")
-    g.add_argument("--verifier", default=d.verifier, choices=VERIFIERS.names(),
-                   help=f"candidate score: elbo = the model's ELBO, yesno = its P(yes) to 'is that right?', "
-                        f"elbo_yesno = both (default: {d.verifier})")
-    g.add_argument("--keep", type=float, default=d.keep, help=f"fraction kept at each checkpoint (default: {d.keep})")
-    g.add_argument("--checkpoints", type=float, nargs="+", default=list(d.checkpoints),
-                   help=f"fractions of the steps where partial canvases are scored (default: {list(d.checkpoints)})")
-    g.add_argument("--no-lookahead", dest="lookahead", action="store_false",
-                   help="score partial canvases on their decided tokens only, not completed by the model's "
-                        "current prediction")
-    g.add_argument("--search-temperature", type=float, default=d.temperature,
-                   help=f"temperature of explored trajectories and refinements (default: {d.temperature})")
-    g.add_argument("--search-remasking", nargs="+", default=list(d.remasking), choices=REMASKING.names(),
-                   help=f"remasking orders cycled over explored trajectories (default: {' '.join(d.remasking)})")
-    g.add_argument("--elbo-samples", type=int, default=d.elbo_samples,
-                   help=f"K masks per candidate of the ELBO verifier (default: {d.elbo_samples})")
-    g.add_argument("--refine-ratio", type=float, default=d.refine_ratio,
-                   help=f"fraction of the canvas remasked per refinement round (default: {d.refine_ratio})")
-    g.add_argument("--search-seed", type=int, default=d.seed, help=f"seed of the search (default: {d.seed})")
+def answer(model: MultimodalDiffusionLM, questions: Sequence[str], *, images: Sequence, audios: Sequence,
+           decode: DecodeConfig) -> list[GenerationResult | SearchResult]:
+    """Answer a batch the way ``decode`` says: one batched
+    :meth:`~mmdiff.model.MultimodalDiffusionLM.generate` call for plain decoding, or one :func:`search`
+    per question when ``decode.search`` is on.
+
+    Args:
+        model: the multimodal model.
+        questions: text per sample.
+        images: per sample an image or None.
+        audios: per sample a clip or None.
+        decode: the decode settings.
+    """
+    if not decode.search.active:
+        return model.generate(list(questions), images=list(images), audios=list(audios), decode=decode)
+    return [search(model, q, image=im, audio=au, decode=decode) for q, im, au in zip(questions, images, audios)]
 
 
-def search_config_from_args(args: argparse.Namespace) -> SearchConfig:
-    """The :class:`SearchConfig` of flags added by :func:`add_search_arguments`."""
-    return SearchConfig(strategy=args.search, candidates=args.candidates, refine=args.refine, verifier=args.verifier,
-                        keep=args.keep, checkpoints=tuple(args.checkpoints), lookahead=args.lookahead,
-                        temperature=args.search_temperature,
-                        remasking=tuple(args.search_remasking), elbo_samples=args.elbo_samples,
-                        refine_ratio=args.refine_ratio, seed=args.search_seed)
-
-
-__all__ = ["ConfidenceTrace", "PresetCanvas", "SEARCHES", "SearchConfig", "SearchResult", "VERIFIERS",
-           "add_search_arguments", "checkpoint_step", "elbo_masks", "elbo_score", "elbo_yes_score",
-           "exploration_configs", "remask_least_confident", "resume_config", "search", "search_config_from_args",
-           "verification_question", "yes_no_ids", "yes_probability"]
+__all__ = ["ConfidenceTrace", "PresetCanvas", "SEARCHES", "SearchResult", "VERIFIERS", "answer", "checkpoint_step",
+           "elbo_masks", "elbo_score", "elbo_yes_score", "exploration_configs", "remask_least_confident",
+           "resume_config", "search", "verification_question", "yes_no_ids", "yes_probability"]

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_checker(model_dir: Path):
-    """``(model, sampler config)`` to check answers with, or ``(None, config)`` without weights."""
+    """``(model, decode config)`` to check answers with, or ``(None, config)`` without weights."""
     from mmdiff.commands.demo import load_demo_app
 
     defaults = load_demo_app().ASK_DEFAULTS
@@ -68,7 +68,7 @@ def pick(rows: list[Row], *, spoken: bool, model, config) -> tuple[Row | None, s
             return row, None, tries
         question, audio = ("", row.audio) if spoken else (row.question, None)
         try:
-            answer = model.generate([question], images=[row.image], audios=[audio], config=config)[0].text
+            answer = model.generate([question], images=[row.image], audios=[audio], decode=config)[0].text
         except ValueError as e:  # media this model cannot take (e.g. a clip over its length limit)
             print(f"  skipping {row.id}: {e}", file=sys.stderr)
             continue
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 candidates = candidates[candidates.index(row) + 1:]
                 wanted -= 1
     (out / "examples.json").write_text(json.dumps({
-        "sampler": config.to_dict(),
+        "sampler": config.sampler.to_dict(),
         "source": {"split": SPLIT, "seed": args.seed, "pool": args.pool},
         "examples": entries}, indent=1) + "\n")
     print(f"wrote {len(entries)} examples to {out / 'examples.json'}")

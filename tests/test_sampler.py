@@ -60,7 +60,7 @@ def test_confident_decoding_threshold_one_unmasks_one_per_step():
 
 def test_confident_decoding_low_threshold_is_parallel():
     d, ids = setup(B=1)
-    out = run(d, ids, gen_length=8, transfer="threshold", threshold=0.0)
+    out = run(d, ids, gen_length=8, transfer="threshold", threshold=1e-6)  # (0, 1]: every token clears it
     assert out.nfe == 1 and out.fixed_per_step == [8]
 
 

@@ -9,7 +9,11 @@ import argparse
 import sys
 
 from .. import DEFAULT_MODEL_DIR
-from .options import add_sampler_arguments, pruning_config_from_args, sampler_config_from_args
+from ..sampling import DecodeConfig, SamplerConfig
+from .options import add_decode_arguments, decode_config_from_args
+
+#: a 6-object JSON caption is about 49 tokens
+DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(maxItems slots, incomplete items dropped) or a number (default: count)")
     p.add_argument("--string-tokens", type=int, default=8, help="token budget of a free string field (default: 8)")
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
-    add_sampler_arguments(p, gen_length=64)
+    add_decode_arguments(p, DEFAULTS, search=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
     if schema is not None:
         check_schema(schema)  # before loading the model
     array_length = int(args.array_length) if args.array_length.isdigit() else args.array_length
-    config, pruning = sampler_config_from_args(args), pruning_config_from_args(args)  # checked before loading
+    decode = decode_config_from_args(args, DEFAULTS)  # checked before loading
     model = MultimodalDiffusionLM.from_pretrained(args.model)
-    res = caption(model, args.image, format=args.format, schema=schema, length=args.length, config=config,
-                  array_length=array_length, string_tokens=args.string_tokens, cache=args.cache, pruning=pruning)
+    res = caption(model, args.image, format=args.format, schema=schema, length=args.length, decode=decode,
+                  array_length=array_length, string_tokens=args.string_tokens)
     print(res.text)
     count = "" if res.count is None else f", count {res.count}"
     print(f"(nfe {res.nfe}{count}, {res.latency_s * 1000:.0f} ms)", file=sys.stderr)

@@ -1,89 +1,78 @@
-"""Sampler flags shared by ``ask``, ``eval``, ``caption`` and the demo: one definition, derived from
-:class:`~mmdiff.sampling.SamplerConfig` and :class:`~mmdiff.sampling.pruning.PruningConfig` so a new
-field is a new flag everywhere. ``--cache`` picks the cache strategy (``CACHES``)."""
+"""Decode flags shared by ``ask``, ``eval`` and ``caption``: one flag per option of
+:class:`~mmdiff.sampling.DecodeConfig` (sampler, cache, pruning, search), derived from the fields'
+own help, choices and ranges, so a new field is a new flag everywhere."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
-from ..sampling import REMASKING, SCHEDULES, TRANSFER, SamplerConfig
-from ..sampling.denoisers import CACHES
-from ..sampling.pruning import PRUNE_SCHEDULES, PRUNERS, PruningConfig
+from ..options import Option
+from ..sampling import DecodeConfig
 
-HELP = {
-    "gen_length": "response canvas length in tokens",
-    "steps": "denoising steps (default: gen_length, one token per step)",
-    "block_length": "semi-autoregressive block length (default: gen_length)",
-    "schedule": f"noise schedule: {', '.join(SCHEDULES.names())}",
-    "shift": "s of the shifted schedule",
-    "remasking": f"confidence score deciding what stays masked: {', '.join(REMASKING.names())}",
-    "transfer": f"how many tokens to fix per step: {', '.join(TRANSFER.names())} "
-                "(threshold = Dimple's confident decoding, factor = Fast-dLLM)",
-    "threshold": "confidence threshold of --transfer threshold",
-    "factor": "f of --transfer factor",
-    "temperature": "0 = greedy; > 0 = Gumbel-max sampling",
-    "suppress_eos": "forbid EOS so the answer fills the canvas (exact length)",
-    "seed": "random seed for sampling",
-}
-CHOICES = {"schedule": SCHEDULES.names, "remasking": REMASKING.names, "transfer": TRANSFER.names}
-
-PRUNING_HELP = {
-    "prune": "visual-token pruning: fastv (attention from the response at layer K-1), divprune (diverse "
-             "subset of image embeddings), vtw (withdraw all image tokens)",
-    "keep_ratio": "fraction of image tokens kept by --prune fastv/divprune (1 = keep all)",
-    "prune_layer": "K: image tokens are dropped before decoder layer K (0-based)",
-    "prune_from_step": "first denoising step that prunes (late-step pruning)",
-    "prune_schedule": "constant, or progressive (kept ratio decays from 1 to --keep-ratio over the steps)",
-    "skip_layers": "comma-separated decoder layers to skip, e.g. 3,4",
-    "skip_from_step": "first denoising step that skips --skip-layers",
-}
-PRUNING_CHOICES = {"prune": lambda: ["none", *PRUNERS.names()], "prune_schedule": lambda: list(PRUNE_SCHEDULES)}
-CACHE_HELP = ("KV cache: none; prefix = exact prompt cache for prefix-LM models; block / dual = Fast-dLLM's "
-              "approximate block-wise prefix / dual cache, refreshed at each block start")
+GROUPS = {"sampler": "sampler", "": "cache", "pruning": "token pruning and layer skipping",
+          "search": "test-time search"}
 
 
-def layer_list(text: str) -> tuple[int, ...]:
-    """``"3,4"`` -> ``(3, 4)``; ``""`` -> ``()``."""
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,4, got {text!r}") from None
+def _flag_type(opt: Option):
+    def convert(text: str):
+        try:
+            return opt.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = opt.kind.__name__  # argparse names the type in its error
+    return convert
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser, *, gen_length: int | None = None) -> None:
-    """Add one flag per :class:`SamplerConfig` field (``--gen-length``, ``--transfer``, ...), ``--cache``,
-    and one per :class:`PruningConfig` field (``--prune``, ``--keep-ratio``, ``--skip-layers``, ...)."""
-    g = p.add_argument_group("sampler")
-    defaults = SamplerConfig()
-    for f in fields(SamplerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.name == "gen_length" and gen_length is not None:
-            default = gen_length
-        if f.type in ("bool", bool):
-            g.add_argument(flag, action="store_true", help=HELP.get(f.name))
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def add_decode_arguments(p: argparse.ArgumentParser, defaults: DecodeConfig | None = None, *,
+                         search: bool = True) -> None:
+    """Add one flag per :meth:`DecodeConfig.options` entry (``--gen-length``, ``--cache``, ``--prune``,
+    ``--search``, ...), grouped by section, defaults from ``defaults``.
+
+    Args:
+        p: the parser.
+        defaults: the command's defaults (e.g. an 8-token canvas for ``ask``).
+        search: include the test-time search flags.
+    """
+    defaults = defaults or DecodeConfig()
+    values = defaults.values()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in DecodeConfig.options():
+        if opt.section == "search" and not search:
             continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-        g.add_argument(flag, type=kind, default=default, choices=CHOICES[f.name]() if f.name in CHOICES else None,
-                       help=f"{HELP.get(f.name, '')} (default: {default})")
-    g.add_argument("--cache", default="none", choices=CACHES.names(), help=f"{CACHE_HELP} (default: none)")
-    g = p.add_argument_group("token pruning and layer skipping")
-    pruning = PruningConfig()
-    for f in fields(PruningConfig):
-        default = getattr(pruning, f.name)
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), layer_list)  # tuple -> "3,4"
-        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
-        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
-                       choices=PRUNING_CHOICES[f.name]() if f.name in PRUNING_CHOICES else None,
-                       help=f"{PRUNING_HELP[f.name]} (default: {shown})")
+        g = groups.get(opt.section) or groups.setdefault(opt.section, p.add_argument_group(GROUPS[opt.section]))
+        default = values[opt.key]
+        shown = [] if default is None else [f"default: {_shown(default)}"]
+        shown += [opt.describe_range()] if opt.describe_range() else []
+        if opt.kind is bool:
+            if default:  # on by default: the flag turns it off
+                g.add_argument(f"--no-{opt.key.replace('_', '-')}", dest=opt.key, action="store_false",
+                               help=f"turn off: {opt.help}")
+            else:
+                g.add_argument(opt.flag, dest=opt.key, action="store_true", help=opt.help)
+            continue
+        g.add_argument(opt.flag, dest=opt.key, type=_flag_type(opt), default=default, nargs="+" if opt.many else None,
+                       metavar=("{" + ",".join(opt.choices) + "}") if opt.choices else None,
+                       help=f"{opt.help}" + (f" ({'; '.join(shown)})" if shown else ""))
 
 
-def sampler_config_from_args(args: argparse.Namespace) -> SamplerConfig:
-    return SamplerConfig(**{f.name: getattr(args, f.name) for f in fields(SamplerConfig)})
-
-
-def pruning_config_from_args(args: argparse.Namespace) -> PruningConfig:
-    return PruningConfig(**{f.name: getattr(args, f.name) for f in fields(PruningConfig)})
+def decode_config_from_args(args: argparse.Namespace, defaults: DecodeConfig | None = None) -> DecodeConfig:
+    """The :class:`DecodeConfig` of the flags added by :func:`add_decode_arguments` (values checked:
+    a bad combination raises ValueError naming it)."""
+    defaults = defaults or DecodeConfig()
+    given = {}
+    for o in DecodeConfig.options():
+        if hasattr(args, o.key):
+            value = getattr(args, o.key)
+            if o.many and isinstance(value, list):  # nargs="+": each word parsed to a tuple ("3,4" or 3 4)
+                value = tuple(x for part in value for x in part)
+            given[o.key] = value
+    return defaults.with_values(given)
 
 
 def add_speech_arguments(p: argparse.ArgumentParser) -> None:

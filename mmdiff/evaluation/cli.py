@@ -23,9 +23,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR
-from ..commands.options import add_sampler_arguments, pruning_config_from_args, sampler_config_from_args
-from ..search import add_search_arguments, search_config_from_args
+from ..commands.options import add_decode_arguments, decode_config_from_args
+from ..sampling import DecodeConfig, SamplerConfig
 
+#: short answers: the canvas mmdiff-tiny is trained on
+DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))
 #: how long torchrun ranks wait for the slowest shard before the merge
 BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -44,8 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default: auto = the rank's GPU if any, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_sampler_arguments(p, gen_length=8)
-    add_search_arguments(p)
+    add_decode_arguments(p, DEFAULTS)
 
 
 def _device(name: str) -> str:
@@ -79,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shard cannot be combined with torchrun (WORLD_SIZE={world} shards by rank)")
     if world > 1:
         shard = Shard(int(os.environ["RANK"]), world)
-    kwargs = dict(model_dir=args.model, config=sampler_config_from_args(args), cache=args.cache,
-                  pruning=pruning_config_from_args(args), search=search_config_from_args(args),
-                  batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
+    kwargs = dict(model_dir=args.model, decode=decode_config_from_args(args, DEFAULTS), batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
     if world == 1:
         metrics = evaluate(args.data, args.out, shard=shard, **kwargs)
         _report(metrics, args.out / (shard.dirname if shard else "") / METRICS_FILE)

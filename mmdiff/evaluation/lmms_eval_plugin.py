@@ -21,11 +21,11 @@ group. Three ways to use it:
 * ``python -m lmms_eval --model mmdiff`` once the package declares the entry point
   ``[project.entry-points."lmms_eval.models"] mmdiff = "mmdiff.evaluation.lmms_eval_plugin:manifest"``.
 
-``model_args``: ``pretrained`` (model directory), ``device``, ``batch_size``, ``cache`` (``none``,
-``prefix``, ...), any :class:`~mmdiff.sampling.SamplerConfig` field (``gen_length=8``, ``steps=4``,
-``transfer=threshold``, ...) and any :class:`~mmdiff.sampling.pruning.PruningConfig` field
-(``prune=fastv``, ``keep_ratio=0.5``; ``skip_layers=3;4``, as lmms-eval splits ``model_args`` at
-commas). The sampler settings come from ``model_args`` only, so a
+``model_args``: ``pretrained`` (model directory), ``device``, ``batch_size``, and any option of
+:class:`~mmdiff.sampling.DecodeConfig` by its flat name, the flag's without dashes (``gen_length=8``,
+``steps=4``, ``transfer=threshold``, ``cache=prefix``, ``prune=fastv``, ``keep_ratio=0.5``,
+``search=best_of_n``; lists with ``;`` as lmms-eval splits ``model_args`` at commas:
+``skip_layers=3;4``). The decode settings come from ``model_args`` only, so a
 run is reproducible from them: of the task's ``gen_kwargs`` only ``until`` (stop strings, cut
 from the answer) is used; ``max_new_tokens`` etc. are ignored (logged once).
 """
@@ -33,16 +33,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from .. import DEFAULT_MODEL_DIR
-from ..sampling import SamplerConfig
-from ..sampling.pruning import PruningConfig
+from ..sampling import DecodeConfig
 from .runner import answer_batch
 
 log = logging.getLogger("mmdiff")
@@ -89,15 +86,14 @@ class MMDiffLMMS(_LMMSBase):
         device: where the model runs (default: cuda if available, else cpu).
         batch_size: requests per ``generate`` call.
         max_batch_size: passed by lmms-eval's evaluator; unused.
-        cache: cache strategy of ``model.generate`` (``none``, ``prefix``, ...).
-        **options: :class:`~mmdiff.sampling.SamplerConfig` and
-            :class:`~mmdiff.sampling.pruning.PruningConfig` fields; unknown names are an error.
+        **options: :class:`~mmdiff.sampling.DecodeConfig` options by key (text values are
+            converted); unknown names are an error.
     """
 
     is_simple = True
 
     def __init__(self, pretrained: str = DEFAULT_MODEL_DIR, device: str | None = None, batch_size: int | str = 1,
-                 max_batch_size: int | None = None, cache: str = "none", **options: Any) -> None:
+                 max_batch_size: int | None = None, **options: Any) -> None:
         super().__init__()
         import torch
 
@@ -106,19 +102,14 @@ class MMDiffLMMS(_LMMSBase):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("the mmdiff lmms-eval plugin runs in one process; "
                              "for multi-GPU evaluation use `torchrun -m mmdiff eval`")
-        options = {k: None if v == "None" else v for k, v in options.items()}  # lmms-eval passes "None"
-        sampler_keys, pruning_keys = ({f.name for f in fields(c)} for c in (SamplerConfig, PruningConfig))
-        unknown = sorted(set(options) - sampler_keys - pruning_keys)
+        known = {o.key for o in DecodeConfig.options()}
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown mmdiff model_args {unknown}; known: pretrained, device, batch_size, cache, "
-                             f"{', '.join(sorted(sampler_keys | pruning_keys))}")
-        if "skip_layers" in options:
-            options["skip_layers"] = tuple(int(t) for t in re.split(r"[;\s]+", str(options["skip_layers"])) if t)
-        self.config = SamplerConfig.from_dict({k: v for k, v in options.items() if k in sampler_keys})
-        self.pruning = PruningConfig.from_dict({k: v for k, v in options.items() if k in pruning_keys})
+            raise ValueError(f"unknown mmdiff model_args {unknown}; known: pretrained, device, batch_size, "
+                             f"{', '.join(sorted(known))}")
+        self.decode = DecodeConfig().with_values(options, parse=True)  # lmms-eval passes text ("None", "0.5")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = MultimodalDiffusionLM.from_pretrained(Path(pretrained), device=device)
-        self.cache = cache
         self.batch_size = int(batch_size)
         self._ignored: set[str] = set()
 
@@ -142,7 +133,7 @@ class MMDiffLMMS(_LMMSBase):
         ignored = sorted(set(gen_kwargs) - {"until"} - self._ignored)
         if ignored:
             log.warning("mmdiff lmms-eval plugin: ignoring gen_kwargs %s; sampler settings come from model_args (%s)",
-                        ignored, self.config.to_dict())
+                        ignored, self.decode.to_dict())
             self._ignored.update(ignored)
         return [until] if isinstance(until, str) else list(until)
 
@@ -158,8 +149,7 @@ class MMDiffLMMS(_LMMSBase):
                 batch = [r.args for r in requests[start:start + self.batch_size]]
                 media = [self._media(visual, doc_id, task, split) for _, _, visual, doc_id, task, split in batch]
                 results = answer_batch(self.model, [context for context, *_ in batch], images=[m[0] for m in media],
-                                       audios=[m[1] for m in media], config=self.config, cache=self.cache,
-                                       pruning=self.pruning)
+                                       audios=[m[1] for m in media], decode=self.decode)
                 for (_, gen_kwargs, _, doc_id, task, _), res in zip(batch, results):
                     if isinstance(res, Exception):
                         log.warning("mmdiff lmms-eval plugin: %s doc %s: %s", task, doc_id, res)

@@ -29,10 +29,8 @@ from typing import IO, Any
 from ..adapters.ctc import LM_NAME
 from ..data.dataset import Row, RowError, read_rows
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
-from ..sampling import SamplerConfig
-from ..sampling.pruning import PruningConfig
-from ..search import SearchConfig, SearchResult
-from ..search import search as run_search
+from ..sampling import DecodeConfig
+from ..search import SearchResult, answer
 from .metrics import exact_match, summarize, vqa_accuracy
 
 log = logging.getLogger("mmdiff")
@@ -129,8 +127,7 @@ def _sha256(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig, cache: str,
-                 pruning: PruningConfig, search: SearchConfig) -> dict[str, Any]:
+def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig) -> dict[str, Any]:
     """What makes two evaluations comparable: model and data (path and content), sampler, cache,
     pruning and test-time search settings."""
     model_dir, data = Path(model_dir), Path(data)
@@ -139,8 +136,7 @@ def run_identity(model_dir: str | Path, data: str | Path, config: SamplerConfig,
         model_files.append(model_dir / LM_NAME)
     identity = {"model": str(model_dir.resolve()),
                 "model_sha256": _sha256(model_files),
-                "data": str(data.resolve()), "data_sha256": _sha256([data]), "sampler": config.to_dict(),
-                "cache": cache, "pruning": pruning.to_dict(), "search": search.to_dict()}
+                "data": str(data.resolve()), "data_sha256": _sha256([data]), **decode.to_dict()}
     return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)
 
 
@@ -217,58 +213,32 @@ def _jsonl_bytes(records: Iterable[dict[str, Any]]) -> bytes:
 
 
 # -- answering ------------------------------------------------------------------------------------
-def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: Sequence, config: SamplerConfig,
-                 cache: str = "none", pruning: PruningConfig | None = None) -> list:
-    """Answer a batch in one ``model.generate`` call; if it raises ValueError (a corrupt image, an
-    unreadable clip) answer the samples one by one so that only the bad ones fail.
+def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: Sequence,
+                 decode: DecodeConfig) -> list:
+    """Answer a batch as ``decode`` says (:func:`mmdiff.search.answer`: one batched ``generate`` call,
+    or a search per row); if that raises ValueError (a corrupt image, an unreadable clip) answer the
+    samples one by one so that only the bad ones fail.
 
     Args:
         model: a :class:`~mmdiff.model.MultimodalDiffusionLM`.
         questions: text per sample ("" for a spoken-only question).
         images: per sample an image (path / PIL) or None.
         audios: per sample a clip (path / (array, rate)) or None.
-        config: sampler settings.
-        cache: cache strategy (see ``model.generate``).
-        pruning: visual-token pruning / layer skipping (None = off).
+        decode: the decode settings.
 
     Returns:
-        Per sample a :class:`~mmdiff.model.GenerationResult`, or the ValueError it raised.
+        Per sample a :class:`~mmdiff.model.GenerationResult` (or :class:`~mmdiff.search.SearchResult`),
+        or the ValueError it raised.
     """
     try:
-        return model.generate(questions, images=images, audios=audios, config=config, cache=cache, pruning=pruning)
+        return answer(model, questions, images=images, audios=audios, decode=decode)
     except ValueError as e:
         if len(questions) == 1:
             return [e]
     results: list = []
     for q, im, au in zip(questions, images, audios):
         try:
-            results += model.generate([q], images=[im], audios=[au], config=config, cache=cache, pruning=pruning)
-        except ValueError as e:
-            results.append(e)
-    return results
-
-
-def answer_searched(model, questions: Sequence[str], *, images: Sequence, audios: Sequence, config: SamplerConfig,
-                    search: SearchConfig, cache: str = "none") -> list:
-    """Answer each sample through :func:`mmdiff.search.search` (one question per search: batching
-    does not apply); a sample whose media cannot be read fails alone.
-
-    Args:
-        model: a :class:`~mmdiff.model.MultimodalDiffusionLM`.
-        questions: text per sample ("" for a spoken-only question).
-        images: per sample an image (path / PIL) or None.
-        audios: per sample a clip (path / (array, rate)) or None.
-        config: sampler settings of the plain decode (the base of every trajectory).
-        search: the search settings.
-        cache: cache strategy (see ``model.generate``).
-
-    Returns:
-        Per sample a :class:`~mmdiff.search.SearchResult`, or the ValueError it raised.
-    """
-    results: list = []
-    for q, im, au in zip(questions, images, audios):
-        try:
-            results.append(run_search(model, q, image=im, audio=au, config=config, search=search, cache=cache))
+            results += answer(model, [q], images=[im], audios=[au], decode=decode)
         except ValueError as e:
             results.append(e)
     return results
@@ -308,8 +278,7 @@ def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: d
             "search": identity["search"]}
 
 
-def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config: SamplerConfig,
-             cache: str = "none", pruning: PruningConfig | None = None, search: SearchConfig | None = None,
+def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode: DecodeConfig | None = None,
              batch_size: int = 8, limit: int | None = None, shard: Shard | None = None, device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:
     """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
@@ -318,11 +287,8 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
         data: the JSONL file (media paths relative to it).
         out: output folder; a shard writes into ``out/shard-i-of-n``.
         model_dir: an mmdiff model directory (``save_pretrained``).
-        config: sampler settings.
-        cache: cache strategy of ``model.generate`` (``none``, ``prefix``, ...).
-        pruning: visual-token pruning / layer skipping (None = off).
-        search: test-time search (None or strategy ``none`` = plain batched decoding); a search
-            answers row by row (``batch_size`` does not apply) and does not combine with pruning.
+        decode: sampler, cache, pruning and search settings; with a test-time search rows are
+            answered one by one (``batch_size`` does not apply).
         batch_size: rows per ``generate`` call.
         limit: evaluate only the first ``limit`` rows of the file (before sharding).
         shard: evaluate only this shard.
@@ -338,18 +304,15 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
     """
     from tqdm import tqdm
 
-    pruning, search = pruning or PruningConfig(), search or SearchConfig()
-    searching = search.strategy != "none"
+    decode = decode or DecodeConfig()
+    searching = decode.search.active
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    if searching and pruning.active:
-        raise ValueError("--search decodes without token pruning or layer skipping: drop --prune / --skip-layers, "
-                         "or use --search none")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     items = load_items(data, limit=limit, shard=shard)
-    identity = run_identity(model_dir, data, config, cache, pruning, search)
+    identity = run_identity(model_dir, data, decode)
     out = Path(out) / shard.dirname if shard is not None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_identity(out, identity)
@@ -385,12 +348,7 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, config
             for batch in _batches(pending, 1 if searching else batch_size):  # a searched row is saved at once
                 rows = [it.entry for it in batch]
                 media = dict(images=[r.image for r in rows], audios=[r.audio for r in rows])
-                if searching:
-                    results = answer_searched(model, [r.question or "" for r in rows], **media, config=config,
-                                              search=search, cache=cache)
-                else:
-                    results = answer_batch(model, [r.question or "" for r in rows], **media, config=config,
-                                           cache=cache, pruning=pruning)
+                results = answer_batch(model, [r.question or "" for r in rows], **media, decode=decode)
                 new_p = [prediction_record(it, r) for it, r in zip(batch, results) if not isinstance(r, Exception)]
                 new_e = [error_record(it, str(r)) for it, r in zip(batch, results) if isinstance(r, Exception)]
                 new_e = sorted(new_e + unusable_up_to(batch[-1].index), key=lambda e: e["index"])

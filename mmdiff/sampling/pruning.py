@@ -26,37 +26,38 @@ import torch.nn.functional as F
 
 from ..decoder import LayerPlan
 from ..io import config_from_dict
+from ..options import check_settings, setting
 from ..registry import Registry
 
 PRUNERS: Registry = Registry("token pruning method")
 PRUNE_SCHEDULES: tuple[str, ...] = ("constant", "progressive")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruningConfig:
-    """Token pruning and layer skipping settings. Saved with evaluation results."""
+    """Token pruning and layer skipping settings. Saved with evaluation results; each field carries
+    its help, choices and range (:func:`~mmdiff.options.setting`)."""
 
-    prune: str = "none"  # none | fastv | divprune | vtw
-    keep_ratio: float = 1.0  # fraction of image tokens kept (1 = no pruning; vtw keeps none)
-    prune_layer: int = 2  # K: tokens are dropped before layer K (0-based; fastv needs K >= 1)
-    prune_from_step: int = 0  # first denoising step that prunes (late-step pruning: S > 0)
-    prune_schedule: str = "constant"  # constant | progressive (kept ratio decays to keep_ratio)
-    skip_layers: tuple[int, ...] = ()  # decoder layers skipped ...
-    skip_from_step: int = 0  # ... from this denoising step on
+    prune: str = setting("none", "visual-token pruning: fastv (attention from the response at layer K-1), divprune "
+                                 "(diverse subset of image embeddings), vtw (withdraw all image tokens)",
+                         choices=lambda: ["none", *PRUNERS.names()])
+    keep_ratio: float = setting(1.0, "fraction of image tokens kept by --prune fastv/divprune (1 = keep all)",
+                                low=0.0, high=1.0)
+    prune_layer: int = setting(2, "K: image tokens are dropped before decoder layer K (0-based)", low=0,
+                               widget_max=64)
+    prune_from_step: int = setting(0, "first denoising step that prunes (late-step pruning)", low=0, widget_max=256)
+    prune_schedule: str = setting("constant", "constant, or progressive (kept ratio decays from 1 to --keep-ratio "
+                                              "over the steps)", choices=PRUNE_SCHEDULES)
+    skip_layers: tuple[int, ...] = setting((), "comma-separated decoder layers to skip, e.g. 3,4", low=0)
+    skip_from_step: int = setting(0, "first denoising step that skips --skip-layers", low=0, widget_max=256)
 
     def __post_init__(self) -> None:
         if self.prune != "none":
             PRUNERS.get(self.prune)
-        if not 0.0 <= self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
         if self.prune_schedule not in PRUNE_SCHEDULES:
             raise ValueError(f"Unknown prune schedule {self.prune_schedule!r}; known: {', '.join(PRUNE_SCHEDULES)}")
-        self.skip_layers = tuple(sorted(set(int(i) for i in self.skip_layers)))
-        for name in ("prune_layer", "prune_from_step", "skip_from_step"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if any(i < 0 for i in self.skip_layers):
-            raise ValueError(f"skip_layers must be >= 0, got {list(self.skip_layers)}")
+        object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))
+        check_settings(self)
         if self.prune == "fastv" and self.prune_layer < 1:
             raise ValueError("fastv scores tokens by the attention at layer prune_layer - 1: prune_layer must be >= 1")
         if self.prune == "fastv" and self.prune_layer - 1 in self.skip_layers:

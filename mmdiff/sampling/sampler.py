@@ -21,35 +21,48 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from ..io import config_from_dict
+from ..options import check_settings, setting
 from .rules import REMASKING, TRANSFER
 from .schedules import SCHEDULES, num_transfer
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
-    """Every knob of the sampler. Saved with evaluation results so a run is reproducible."""
+    """Every knob of the sampler. Saved with evaluation results so a run is reproducible; each field
+    carries its help, choices and range (:func:`~mmdiff.options.setting`), checked on construction."""
 
-    gen_length: int = 16  # response canvas length (tokens)
-    steps: int | None = None  # total denoising steps over all blocks; None = gen_length
-    block_length: int | None = None  # semi-autoregressive block size; None = gen_length (one block)
-    schedule: str = "linear"  # linear | shifted | cosine
-    shift: float = 3.0  # s of the shifted schedule
-    remasking: str = "low_confidence"  # low_confidence | random | margin | entropy
-    transfer: str = "schedule"  # schedule | threshold (Dimple confident decoding) | factor (Fast-dLLM)
-    threshold: float = 0.9  # confidence threshold of the threshold rule
-    factor: float = 1.0  # f of the factor rule
-    temperature: float = 0.0  # 0 = greedy; > 0 = Gumbel-max sampling in float64
-    suppress_eos: bool = False  # forbid EOS/PAD: the answer fills the whole canvas (length control)
-    seed: int = 0  # seeds Gumbel noise and random remasking
+    gen_length: int = setting(16, "response canvas length in tokens", low=1, widget_max=256)
+    steps: int | None = setting(None, "denoising steps over all blocks (default: gen_length, one token per step)",
+                                low=1, widget_max=256)
+    block_length: int | None = setting(None, "semi-autoregressive block length; must divide gen_length "
+                                             "(default: gen_length, one block)", low=1, widget_max=256)
+    schedule: str = setting("linear", "noise schedule", choices=SCHEDULES.names)
+    shift: float = setting(3.0, "s of the shifted schedule", low=0.0, low_open=True, widget_max=10.0)
+    remasking: str = setting("low_confidence", "confidence score deciding what stays masked", choices=REMASKING.names)
+    transfer: str = setting("schedule", "how many tokens to fix per step (threshold = Dimple's confident decoding, "
+                                        "factor = Fast-dLLM)", choices=TRANSFER.names)
+    threshold: float = setting(0.9, "confidence threshold of --transfer threshold", low=0.0, high=1.0, low_open=True)
+    factor: float = setting(1.0, "f of --transfer factor", low=0.0, low_open=True, widget_max=4.0)
+    temperature: float = setting(0.0, "0 = greedy; > 0 = Gumbel-max sampling", low=0.0, widget_max=2.0)
+    suppress_eos: bool = setting(False, "forbid EOS so the answer fills the canvas (exact length)")
+    seed: int = setting(0, "random seed for sampling (Gumbel noise, random remasking)")
 
     def __post_init__(self) -> None:
         SCHEDULES.get(self.schedule), REMASKING.get(self.remasking), TRANSFER.get(self.transfer)
-        if self.gen_length < 1:
-            raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
-        if self.block_length is not None and self.block_length < 1:
-            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        check_settings(self)
+        if self.block_length is not None and self.gen_length % self.block_length:
+            raise ValueError(f"block_length {self.block_length} does not divide gen_length {self.gen_length}: the "
+                             f"last block would be shorter and get fewer steps; use a divisor of {self.gen_length}")
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of semi-autoregressive blocks."""
+        return self.gen_length // (self.block_length or self.gen_length)
+
+    @property
+    def steps_per_block(self) -> int:
+        """Denoising steps planned per block (at least one)."""
+        return max(1, (self.steps or self.gen_length) // self.n_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,7 +186,7 @@ def iter_sample(denoiser: Denoiser, *, batch_size: int, config: SamplerConfig, m
         canvas = h.init_canvas(canvas, mask_id)
     fixed_at = torch.where(canvas == mask_id, 0, -1)
     blocks = _blocks(L, cfg.block_length or L)
-    steps_per_block = max(1, (cfg.steps or L) // len(blocks))
+    steps_per_block = cfg.steps_per_block
     score_fn = REMASKING.get(cfg.remasking)
     rule = TRANSFER.get(cfg.transfer)
     nfe, fixed_per_step, t0 = 0, [], time.perf_counter()

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..special_tokens import SpecialIds
+from .decode import DecodeConfig
 from .sampler import SamplerConfig, StepEvent, StepState, Strategy
 
 if TYPE_CHECKING:
     from ..model import MultimodalDiffusionLM
-    from .pruning import PruningConfig
 
 # ------------------------------------------------------------------------------------------------
 # templates
@@ -768,37 +768,35 @@ def _image_tokens(model: "MultimodalDiffusionLM") -> int:
 
 
 def generate_with_prior(model: "MultimodalDiffusionLM", question: str, image: Any, prior: StructurePrior, *,
-                        config: SamplerConfig, cache: str = "none", pruning: PruningConfig | None = None,
-                        callback: Callable[[StepEvent], None] | None = None) -> tuple[list[int], int]:
+                        decode: DecodeConfig, callback: Callable[[StepEvent], None] | None = None
+                        ) -> tuple[list[int], int]:
     """Answer ``question`` about ``image`` on the prior's canvas; returns (canvas tokens, nfe).
 
     Args:
-        cache, pruning, callback: as :meth:`MultimodalDiffusionLM.generate`.
+        decode, callback: as :meth:`MultimodalDiffusionLM.generate` (the canvas and steps of
+            ``decode.sampler`` are set from the template).
 
     Raises:
         ValueError: when prompt + template do not fit the decoder's context.
     """
     prompt_len = len(model.format_prompt(question, n_images=1)) - 1 + _image_tokens(model)
     prior.check_context(model.cfg.decoder.max_seq_len, prompt_len=prompt_len)
-    res = model.generate([question], images=[image], config=prior.sampler_config(config), cache=cache,
-                         strategies=[prior], pruning=pruning, callback=callback)[0]
+    res = model.generate([question], images=[image], decode=decode.replace(sampler=prior.sampler_config(decode.sampler)),
+                         strategies=[prior], callback=callback)[0]
     return res.tokens, res.nfe
 
 
-def ask_count(model: "MultimodalDiffusionLM", image: Any, *, config: SamplerConfig, question: str = COUNT_QUESTION,
-              cache: str = "none", pruning: PruningConfig | None = None,
+def ask_count(model: "MultimodalDiffusionLM", image: Any, *, decode: DecodeConfig, question: str = COUNT_QUESTION,
               callback: Callable[[StepEvent], None] | None = None) -> tuple[int, int]:
     """Decode the answer to ``question`` in a ``<digits:1-2>`` slot; returns (count, nfe)."""
     prior = StructurePrior(Template((Slot("digits", 1, INTEGER_TOKENS),)), model.tokenizer)
-    tokens, nfe = generate_with_prior(model, question, image, prior, config=config, cache=cache, pruning=pruning,
-                                      callback=callback)
+    tokens, nfe = generate_with_prior(model, question, image, prior, decode=decode, callback=callback)
     return int(prior.values(tokens)[0]), nfe
 
 
 def caption(model: "MultimodalDiffusionLM", image: Any, *, format: str = "json", schema: dict | None = None,
-            length: int | None = None, config: SamplerConfig | None = None, array_length: str | int = "count",
-            string_tokens: int = 8, cache: str = "none", pruning: PruningConfig | None = None,
-            callback: Callable[[StepEvent], None] | None = None) -> CaptionResult:
+            length: int | None = None, decode: DecodeConfig | None = None, array_length: str | int = "count",
+            string_tokens: int = 8, callback: Callable[[StepEvent], None] | None = None) -> CaptionResult:
     """Caption an image as text or as JSON that always validates against ``schema``.
 
     JSON: the outer arrays of unknown length are sized by first decoding the answer to
@@ -812,30 +810,30 @@ def caption(model: "MultimodalDiffusionLM", image: Any, *, format: str = "json",
         format: ``json`` or ``text``.
         schema: the JSON schema (supported subset); default the scene schema (:func:`scene_schema`).
         length: text only: exactly this many tokens (``<mask:length>``, EOS suppressed); None lets
-            the model end the caption within ``config.gen_length``.
-        config: sampler settings (canvas length and steps are set from the template).
+            the model end the caption within ``decode.sampler.gen_length``.
+        decode: sampler, cache and pruning settings of every sampler run (canvas length and steps
+            are set from the template); a test-time search does not apply.
         array_length: ``count`` (count question first), ``max`` (maxItems, incomplete items
             dropped) or an int (the known length of the outer arrays).
         string_tokens: token budget of a free string field.
-        cache: a cache strategy (``mmdiff.sampling.denoisers.CACHES``, see :meth:`MultimodalDiffusionLM.generate`).
-        pruning: visual-token pruning / layer skipping of every sampler run (None = off).
         callback: sees every denoising step of every sampler run, in order (the count question's,
             then the caption's; each run starts again at step 1).
     """
     from ..data.questions import CAPTION_JSON_QUESTION, CAPTION_QUESTION
 
-    config = config or SamplerConfig()
+    decode = decode or DecodeConfig()
+    if decode.search.active:
+        raise ValueError("captions decode without a test-time search: set the search to none")
     t0 = time.perf_counter()
     if format == "text":
         if schema is not None:
             raise ValueError("schema applies to format='json'")
         if length is None:
-            res = model.generate([CAPTION_QUESTION], images=[image], config=config, cache=cache, pruning=pruning,
-                                 callback=callback)[0]
+            res = model.generate([CAPTION_QUESTION], images=[image], decode=decode, callback=callback)[0]
             return CaptionResult(res.text, None, res.nfe, time.perf_counter() - t0)
         prior = StructurePrior(Template.free(length), model.tokenizer)
-        tokens, nfe = generate_with_prior(model, CAPTION_QUESTION, image, prior, cache=cache, pruning=pruning,
-                                          callback=callback, config=replace(config, suppress_eos=True))
+        exact = decode.replace(sampler=replace(decode.sampler, suppress_eos=True))
+        tokens, nfe = generate_with_prior(model, CAPTION_QUESTION, image, prior, decode=exact, callback=callback)
         return CaptionResult(prior.fill(tokens), None, nfe, time.perf_counter() - t0)
     if format != "json":
         raise ValueError(f"unknown format {format!r}; known: json, text")
@@ -850,7 +848,7 @@ def caption(model: "MultimodalDiffusionLM", image: Any, *, format: str = "json",
         if isinstance(array_length, int):
             n = array_length
         else:
-            count, nfe = ask_count(model, image, config=config, cache=cache, pruning=pruning, callback=callback)
+            count, nfe = ask_count(model, image, decode=decode, callback=callback)
             n = count
         if all(lo <= n and (hi is None or n <= hi) for lo, hi in compiled.free_arrays.values()):
             compiled = schema_to_template(schema, lengths={p: n for p in compiled.free_arrays},
@@ -860,8 +858,8 @@ def caption(model: "MultimodalDiffusionLM", image: Any, *, format: str = "json",
     values: list[str] = []
     if compiled.template.slots:
         prior = StructurePrior(compiled.template, model.tokenizer)
-        tokens, n_steps = generate_with_prior(model, CAPTION_JSON_QUESTION, image, prior, config=config, cache=cache,
-                                              pruning=pruning, callback=callback)
+        tokens, n_steps = generate_with_prior(model, CAPTION_JSON_QUESTION, image, prior, decode=decode,
+                                              callback=callback)
         values, nfe = prior.values(tokens), nfe + n_steps
     data = compiled.read(values)
     validate(data, schema)  # holds by construction; a failure here is a bug
