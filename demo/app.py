@@ -104,6 +104,11 @@ def control(opt: Option, value: Any) -> gr.Component:
     return gr.Slider(low, high, value=value or 0, step=step, label=label, info=info)
 
 
+def panel_options(*, search: bool = True) -> list[Option]:
+    """The options a settings panel shows, in page (and API input) order."""
+    return [o for o in DecodeConfig.options() if search or o.section != "search"]
+
+
 def settings_panel(defaults: DecodeConfig, *, search: bool = True) -> dict[str, gr.Component]:
     """Build the settings accordion, one sub-accordion per section after the sampler's; returns
     option key -> component, in :meth:`DecodeConfig.options` order.
@@ -114,7 +119,7 @@ def settings_panel(defaults: DecodeConfig, *, search: bool = True) -> dict[str, 
     """
     values = defaults.values()
     out: dict[str, gr.Component] = {}
-    opts = [o for o in DecodeConfig.options() if search or o.section != "search"]
+    opts = panel_options(search=search)
     with gr.Accordion("Settings", open=False):
         for section in dict.fromkeys(o.section for o in opts):
             inner = [o for o in opts if o.section == section]

@@ -24,7 +24,7 @@ _KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
 def setting(default: Any = MISSING, help: str = "", *, choices: Choices | None = None, low: float | None = None,
             high: float | None = None, low_open: bool = False, high_open: bool = False, key: str | None = None,
-            widget_max: float | None = None) -> Any:
+            noun: str | None = None, widget_max: float | None = None) -> Any:
     """A dataclass field that carries its own description.
 
     Args:
@@ -35,10 +35,11 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Choices | None =
         low_open, high_open: make the bound exclusive.
         key: the option's flat name (flag ``--key-with-dashes``, demo control, plugin argument) when
             the field name alone is ambiguous across sections (default: the field name).
+        noun: what a value is called in "Unknown <noun> 'x'" (default: the key, spaced).
         widget_max: the top of the demo's slider where ``high`` is unbounded.
     """
     meta = dict(help=help, choices=choices, low=low, high=high, low_open=low_open, high_open=high_open, key=key,
-                widget_max=widget_max)
+                noun=noun, widget_max=widget_max)
     return dataclasses.field(default=default, metadata={"setting": meta})
 
 
@@ -55,6 +56,7 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    noun: str  # what a value is called in "Unknown <noun> 'x'"
     low: float | None
     high: float | None
     low_open: bool
@@ -151,7 +153,8 @@ def options_of(config_cls: type, *, section: str = "") -> list[Option]:
         kind, optional, many = _kind(f.type)
         default = f.default if f.default is not MISSING else f.default_factory()
         out.append(Option(meta["key"] or f.name, section, f.name, kind, optional, many, default, meta["help"],
-                          _choices(meta["choices"]), meta["low"], meta["high"], meta["low_open"], meta["high_open"],
+                          _choices(meta["choices"]), meta["noun"] or (meta["key"] or f.name).replace("_", " "),
+                          meta["low"], meta["high"], meta["low_open"], meta["high_open"],
                           meta["widget_max"]))
     keys = [o.key for o in out]
     if len(keys) != len(set(keys)):
@@ -187,7 +190,7 @@ def _check_one(opt: Option, v: Any) -> None:
     if not ok_type(v):
         raise ValueError(f"{opt.key} must be of type {opt.kind.__name__}, got {v!r}")
     if opt.choices is not None and v not in opt.choices:
-        raise ValueError(f"Unknown {opt.key} {v!r}; known: {', '.join(opt.choices)}")
+        raise ValueError(f"Unknown {opt.noun} {v!r}; known: {', '.join(opt.choices)}")
     if opt.kind in (int, float):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{opt.key} must be a finite number, got {v!r}")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from mmdiff import cli
+from mmdiff.sampling import DecodeConfig
 from mmdiff.sampling import SamplerConfig
 from mmdiff.sampling.pruning import PruningConfig
 from mmdiff.search import SearchConfig, search
@@ -51,7 +52,7 @@ def test_json_reports_the_pruning_config_it_answered_with(model, model_dir, caps
     out = ask_json(model_dir, "--prune", "fastv", "--keep-ratio", 0.5, "--prune-layer", 1, capsys=capsys)
     pruning = PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1)
     assert out["pruning"] == json.loads(json.dumps(pruning.to_dict()))
-    expected = model.generate([QUESTION], images=[model_dir / "scene.png"], config=ASK, pruning=pruning)[0]
+    expected = model.generate([QUESTION], images=[model_dir / "scene.png"], decode=DecodeConfig(sampler=ASK, pruning=pruning))[0]
     assert out["answer"] == expected.text and out["nfe"] == expected.nfe
     assert out["search"]["strategy"] == "none" and "candidates" not in out
 
@@ -62,8 +63,7 @@ def test_skip_layers_alone_ignores_the_unused_prune_layer(model, model_dir, caps
     for flags in (["--skip-layers", 1], ["--prune", "divprune", "--skip-layers", 1]):  # keep ratio 1: no pruning
         out = ask_json(model_dir, *flags, capsys=capsys)
         assert out["pruning"]["skip_layers"] == [1] and out["pruning"]["prune_layer"] == 2
-        skipped = model.generate([QUESTION], images=[model_dir / "scene.png"], config=ASK,
-                                 pruning=PruningConfig(skip_layers=(1,)))[0]
+        skipped = model.generate([QUESTION], images=[model_dir / "scene.png"], decode=DecodeConfig(sampler=ASK, pruning=PruningConfig(skip_layers=(1,))))[0]
         assert out["answer"] == skipped.text
     assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
                      "--prune", "vtw", "--skip-layers", "1"]) == 2  # pruning at K=2: checked
@@ -74,7 +74,7 @@ def test_search_reports_its_nfe_and_scored_candidates(model, model_dir, capsys):
     plain = ask_json(model_dir, capsys=capsys)
     out = ask_json(model_dir, "--search", "best_of_n", "--candidates", 2, capsys=capsys)
     config = SearchConfig(strategy="best_of_n", candidates=2)
-    expected = search(model, QUESTION, image=model_dir / "scene.png", config=ASK, search=config)
+    expected = search(model, QUESTION, image=model_dir / "scene.png", decode=DecodeConfig(sampler=ASK, search=config))
     assert out["answer"] == expected.text and out["nfe"] == expected.nfe > plain["nfe"]
     assert out["search"] == json.loads(json.dumps(config.to_dict()))
     assert [c["text"] for c in out["candidates"]] == [t for t, _ in expected.candidates]
@@ -85,7 +85,9 @@ def test_search_reports_its_nfe_and_scored_candidates(model, model_dir, capsys):
     assert "hierarchical over" in err and "nfe" in err
 
 
-def test_search_with_pruning_is_refused(model_dir, capsys):
+def test_search_composes_with_pruning(model_dir, capsys):
+    """Search decodes through generate's denoiser, so layer skipping applies to every trajectory."""
     assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
-                     "--search", "best_of_n", "--skip-layers", "1"]) == 2
-    assert "--search decodes without token pruning or layer skipping" in capsys.readouterr().err
+                     "--search", "best_of_n", "--candidates", "2", "--skip-layers", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["search"]["strategy"] == "best_of_n" and out["pruning"]["skip_layers"] == [1] and out["candidates"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmdiff.adapters import AdapterConfig, build_adapter
+from mmdiff.sampling import DecodeConfig
 from mmdiff.adapters.ctc import EOS, TokenNGram, ctc_greedy, ctc_prefix_beam_search
 from mmdiff.encoders.audio import AudioFeatures
 
@@ -175,8 +176,7 @@ def test_ask_speech_flags_reach_the_adapter(tmp_path, ctc_model, capsys):
     Image.new("RGB", (36, 36), (200, 30, 30)).save(tmp_path / "scene.png")
     run = lambda *flags: (cli.main(["ask", "--image", str(tmp_path / "scene.png"), "--audio", str(tmp_path / "q.wav"),
                                     "--model", str(tmp_path), "--json", *flags]), json.loads(capsys.readouterr().out))
-    expect = lambda: ctc_model.generate([""], images=[tmp_path / "scene.png"], audios=[tmp_path / "q.wav"],
-                                        config=SamplerConfig(gen_length=8))[0].text
+    expect = lambda: ctc_model.generate([""], images=[tmp_path / "scene.png"], audios=[tmp_path / "q.wav"], decode=DecodeConfig(sampler=SamplerConfig(gen_length=8)))[0].text
     rc, beam = run()
     assert rc == 0 and beam["answer"] == expect()
     feats, mask = ctc_model.audio.preprocess([str(tmp_path / "q.wav")])

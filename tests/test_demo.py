@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 from mmdiff.adapters import AdapterConfig
+from mmdiff.sampling import DecodeConfig
 from mmdiff.commands.demo import load_demo_app
 from mmdiff.data.dataset import iter_examples
 from mmdiff.decoder import preset as decoder_preset
@@ -26,7 +27,8 @@ from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 from mmdiff.sampling import SamplerConfig
 from mmdiff.sampling.pruning import PruningConfig
 from mmdiff.sampling.structure import SCENE_SCHEMA, caption, validate
-from mmdiff.search import SearchConfig, search
+from mmdiff.sampling import SearchConfig
+from mmdiff.search import search
 
 gradio_client = pytest.importorskip("gradio_client")
 app_module = load_demo_app()
@@ -74,21 +76,22 @@ def make_tiny_model_dir(root: Path, tokenizer) -> Path:
     return model_dir
 
 
-def settings(config: SamplerConfig = app_module.ASK_DEFAULTS, cache: str = "none", *,
+def settings(config: SamplerConfig = app_module.ASK_DEFAULTS.sampler, cache: str = "none", *,
              pruning: PruningConfig = PruningConfig(), search: SearchConfig | None = SearchConfig()) -> list:
-    """The settings panel's values, in the panel's order (0 = the sampler default); ``search=None``:
-    the caption tab's panel, which has no search controls."""
-    def value(name: str):
-        if name == "cache":
-            return cache
-        if name in app_module.SEARCH_CONTROLS:
-            return getattr(search, app_module.SEARCH_CONTROLS[name])
-        if name in app_module.PRUNING_CONTROLS:
-            v = getattr(pruning, name)
-            return ",".join(map(str, v)) if isinstance(v, tuple) else v
-        return getattr(config, name) or 0
+    """The settings panel's values, in the panel's order (0 = the sampler default; lists of numbers
+    as "3,4"); ``search=None``: the caption tab's panel, which has no search controls."""
+    values = DecodeConfig(config, cache, pruning, search or SearchConfig()).values()
 
-    return [value(n) for n in app_module.SETTINGS if search is not None or n not in app_module.SEARCH_CONTROLS]
+    def shown(opt):
+        v = values[opt.key]
+        if opt.many:
+            return list(v) if opt.choices else ",".join(map(str, v))
+        return 0 if v is None else v
+
+    return [shown(o) for o in app_module.panel_options(search=search is not None)]
+
+
+PANEL = [o.key for o in app_module.panel_options()]
 
 
 class Served:
@@ -100,7 +103,7 @@ class Served:
         self.client = gradio_client.Client(self.url, verbose=False)
 
     def ask(self, image: str | Path | None, question: str, audio: str | Path | None = None,
-            config: SamplerConfig = app_module.ASK_DEFAULTS, **panel) -> tuple[str, str, str]:
+            config: SamplerConfig = app_module.ASK_DEFAULTS.sampler, **panel) -> tuple[str, str, str]:
         handle = gradio_client.handle_file
         return self.client.predict(image and handle(str(image)), question, audio and handle(str(audio)),
                                    *settings(config, **panel), api_name="/ask")
@@ -143,7 +146,7 @@ def model(model_dir) -> MultimodalDiffusionLM:
 def test_ask_equals_generate(served, model, model_dir, config):
     image = model_dir / "examples" / "images" / "scene.png"
     canvas, answer, stats = served.ask(image, QUESTION, config=config)
-    expected = model.generate([QUESTION], images=[image], config=config)[0]
+    expected = model.generate([QUESTION], images=[image], decode=DecodeConfig(sampler=config))[0]
     assert answer == expected.text
     assert f"**NFE** {expected.nfe}" in stats and "latency" in stats
     assert canvas.count('title="masked"') == 1  # every position filled: only the legend's ▢ is left
@@ -153,7 +156,7 @@ def test_ask_equals_generate(served, model, model_dir, config):
 def test_spoken_question_equals_generate(served, model, model_dir):
     image, clip = model_dir / "examples" / "images" / "scene.png", model_dir / "examples" / "audio" / "question.wav"
     _, answer, _ = served.ask(image, "", clip)
-    assert answer == model.generate([""], images=[image], audios=[clip], config=app_module.ASK_DEFAULTS)[0].text
+    assert answer == model.generate([""], images=[image], audios=[clip], decode=app_module.ASK_DEFAULTS)[0].text
 
 
 def test_bad_inputs_get_messages_and_the_app_keeps_serving(served, model_dir, tmp_path):
@@ -168,7 +171,7 @@ def test_bad_inputs_get_messages_and_the_app_keeps_serving(served, model_dir, tm
     for args, message in cases:
         with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
             served.ask(*args)
-    zero_length = [0 if name == "gen_length" else v for name, v in zip(app_module.SETTINGS, settings())]
+    zero_length = [0 if name == "gen_length" else v for name, v in zip(PANEL, settings())]
     with pytest.raises(gradio_client.exceptions.AppError, match="gen_length must be >= 1"):
         served.client.predict(None, QUESTION, None, *zero_length, api_name="/ask")
     assert served.ask(image, QUESTION)[1] is not None  # still serving
@@ -178,12 +181,11 @@ def test_pruning_setting_equals_generate(served, model, model_dir):
     image = model_dir / "examples" / "images" / "scene.png"
     pruning = PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1, skip_layers=(1,), skip_from_step=4)
     canvas, answer, stats = served.ask(image, QUESTION, pruning=pruning)
-    expected = model.generate([QUESTION], images=[image], config=app_module.ASK_DEFAULTS, pruning=pruning)[0]
+    expected = model.generate([QUESTION], images=[image], decode=app_module.ASK_DEFAULTS.replace(pruning=pruning))[0]
     assert answer == expected.text and f"**NFE** {expected.nfe}" in stats
-    assert canvas.count('title="fixed at step') == app_module.ASK_DEFAULTS.gen_length
+    assert canvas.count('title="fixed at step') == app_module.ASK_DEFAULTS.sampler.gen_length
     _, skipped, _ = served.ask(image, QUESTION, pruning=PruningConfig(skip_layers=(1,)))  # 2 layers: K=2 unused
-    assert skipped == model.generate([QUESTION], images=[image], config=app_module.ASK_DEFAULTS,
-                                     pruning=PruningConfig(skip_layers=(1,)))[0].text
+    assert skipped == model.generate([QUESTION], images=[image], decode=app_module.ASK_DEFAULTS.replace(pruning=PruningConfig(skip_layers=(1,))))[0].text
 
 
 @pytest.mark.parametrize("config", [SearchConfig(strategy="best_of_n", candidates=2),
@@ -192,23 +194,25 @@ def test_pruning_setting_equals_generate(served, model, model_dir):
 def test_search_setting_equals_search(served, model, model_dir, config):
     image = model_dir / "examples" / "images" / "scene.png"
     canvas, answer, stats = served.ask(image, QUESTION, search=config)
-    expected = search(model, QUESTION, image=image, config=app_module.ASK_DEFAULTS, search=config)
+    expected = search(model, QUESTION, image=image, decode=app_module.ASK_DEFAULTS.replace(search=config))
     assert answer == expected.text
     assert f"**NFE** {expected.nfe}" in stats and "final answer only" in stats and config.strategy in stats
-    plain = model.generate([QUESTION], images=[image], config=app_module.ASK_DEFAULTS)[0]
+    plain = model.generate([QUESTION], images=[image], decode=app_module.ASK_DEFAULTS)[0]
     assert expected.nfe > plain.nfe
     assert canvas.count('title="chosen by the search') == len(expected.tokens)
-    with pytest.raises(gradio_client.exceptions.AppError, match="without token pruning or layer skipping"):
-        served.ask(image, QUESTION, search=config, pruning=PruningConfig(skip_layers=(1,)))
+    skipping = PruningConfig(skip_layers=(1,))  # search and layer skipping compose (one denoiser)
+    _, answer, stats = served.ask(image, QUESTION, search=config, pruning=skipping)
+    expected = search(model, QUESTION, image=image, decode=app_module.ASK_DEFAULTS.replace(search=config, pruning=skipping))
+    assert answer == expected.text and f"**NFE** {expected.nfe}" in stats
 
 
 def test_caption_with_structure_prior_streams_schema_valid_json(served, model, model_dir):
     image = model_dir / "examples" / "images" / "scene.png"
-    cfg = app_module.CAPTION_DEFAULTS
+    cfg = app_module.CAPTION_DEFAULTS.sampler
     outputs = served.caption(image, "scene schema", cfg)
     canvas, status, parsed, raw = outputs[-1]
     validate(parsed, SCENE_SCHEMA)
-    expected = caption(model, image, format="json", config=cfg)
+    expected = caption(model, image, format="json", decode=DecodeConfig(sampler=cfg))
     assert parsed == expected.data and raw == expected.text
     assert status.startswith("✓ valid JSON") and f"**NFE** {expected.nfe}" in status
     assert f"count question: {expected.count}" in status
@@ -221,7 +225,7 @@ def test_caption_reports_parse_errors(served, model, model_dir):
     image = model_dir / "examples" / "images" / "scene.png"
     cfg = SamplerConfig(gen_length=16)
     _, status, parsed, raw = served.caption(image, "none", cfg)[-1]
-    assert raw == model.generate([app_module.CAPTION_JSON_QUESTION], images=[image], config=cfg)[0].text
+    assert raw == model.generate([app_module.CAPTION_JSON_QUESTION], images=[image], decode=DecodeConfig(sampler=cfg))[0].text
     assert status.startswith("✗ not valid JSON: ") and parsed is None  # a random model writes no JSON
     with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(app_module.NO_IMAGE)):
         served.client.predict(None, "scene schema", *settings(cfg, search=None), api_name="/caption")
@@ -250,25 +254,28 @@ def test_shipped_model_answers_its_examples():
 def test_settings_read_back_into_the_configs():
     from mmdiff.sampling.denoisers import CACHES
 
-    names = list(app_module.SETTINGS)
+    names = PANEL
     pruning = PruningConfig(prune="divprune", keep_ratio=0.25, prune_layer=1, prune_from_step=2,
                             prune_schedule="progressive", skip_layers=(0, 3), skip_from_step=5)
     searched = SearchConfig(strategy="hierarchical", candidates=4, refine=2, verifier="yesno")
     values = settings(SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0), "dual",
                       pruning=pruning, search=searched)
-    chosen = app_module.read_settings(names, values, base=SamplerConfig(seed=7))
+    kept = [i for i, n in enumerate(names) if n != "seed"]  # a panel without a seed control keeps the base's
+    chosen = app_module.read_settings([names[i] for i in kept], [values[i] for i in kept],
+                                      base=DecodeConfig(SamplerConfig(seed=7)))
     assert chosen.sampler == SamplerConfig(gen_length=32, steps=16, block_length=8, transfer="factor", factor=2.0,
                                            seed=7)
-    assert (chosen.cache, chosen.pruning, chosen.search, chosen.searching) == ("dual", pruning, searched, True)
-    chosen = app_module.read_settings(names, settings(SamplerConfig(gen_length=5)), base=SamplerConfig())
+    assert (chosen.cache, chosen.pruning, chosen.search, chosen.search.active) == ("dual", pruning, searched, True)
+    chosen = app_module.read_settings(names, settings(SamplerConfig(gen_length=5)), base=DecodeConfig())
     assert chosen.sampler.steps is None and chosen.sampler.block_length is None  # 0 in the page = the default
-    assert chosen.pruning == PruningConfig() and chosen.search == SearchConfig() and not chosen.searching
+    assert chosen.pruning == PruningConfig() and chosen.search == SearchConfig() and not chosen.search.active
     with pytest.raises(ValueError, match="setting gen_length must be a number, got 'eight'"):
-        app_module.read_settings(names, ["eight", *settings()[1:]], base=SamplerConfig())
-    bad_layers = ["3;4" if n == "skip_layers" else v for n, v in zip(names, settings())]
-    with pytest.raises(ValueError, match="setting skip_layers: expected comma-separated layer indices"):
-        app_module.read_settings(names, bad_layers, base=SamplerConfig())
-    assert app_module.SETTINGS["cache"](SamplerConfig()).choices == [(c, c) for c in CACHES.names()]
+        app_module.read_settings(names, ["eight", *settings()[1:]], base=DecodeConfig())
+    bad_layers = ["3,four" if n == "skip_layers" else v for n, v in zip(names, settings())]
+    with pytest.raises(ValueError, match="setting skip_layers must be a number, got 'four'"):
+        app_module.read_settings(names, bad_layers, base=DecodeConfig())
+    cache = next(o for o in DecodeConfig.options() if o.key == "cache")
+    assert app_module.control(cache, "none").choices == [(c, c) for c in CACHES.names()]
 
 
 def test_render_canvas_marks_masked_fixed_and_preset(model):

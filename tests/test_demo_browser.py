@@ -52,7 +52,7 @@ def test_example_question_in_the_browser(model_dir, page):
         expected = example.answer
     else:
         model = MultimodalDiffusionLM.from_pretrained(model_dir)
-        expected = model.generate([example.question], images=[example.image], config=app_module.ASK_DEFAULTS)[0].text
+        expected = model.generate([example.question], images=[example.image], decode=app_module.ASK_DEFAULTS)[0].text
     served = Served(model_dir)
     try:
         page.goto(served.url)
@@ -61,7 +61,7 @@ def test_example_question_in_the_browser(model_dir, page):
         page.locator("#ask").click()
         sync_api.expect(page.locator("#stats")).to_contain_text("NFE", timeout=TIMEOUT_MS)
         assert page.locator("#answer textarea").input_value() == expected
-        assert page.locator("#canvas .mm-tok[title^='fixed at step']").count() == app_module.ASK_DEFAULTS.gen_length
+        assert page.locator("#canvas .mm-tok[title^='fixed at step']").count() == app_module.ASK_DEFAULTS.sampler.gen_length
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
     finally:

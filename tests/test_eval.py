@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mmdiff import cli
+from mmdiff.sampling import DecodeConfig
 from mmdiff.data import write_split
 from mmdiff.evaluation import Shard, exact_match, merge_shards, normalize_answer, stats, summarize, vqa_accuracy
 from mmdiff.sampling import SamplerConfig
@@ -151,9 +152,7 @@ def test_metrics_on_known_answers(tmp_path: Path, mixed_data: Path, model_dir: P
     shutil.copytree(mixed_data.parent / "images", tmp_path / "images")
     rows = jsonl(mixed_data.parent / "data.jsonl")[:4]
     model = MultimodalDiffusionLM.from_pretrained(model_dir)
-    said = [r.text for r in model.generate([r["question"] for r in rows],
-                                           images=[mixed_data.parent / r["image"] for r in rows],
-                                           config=SamplerConfig(gen_length=4))]
+    said = [r.text for r in model.generate([r["question"] for r in rows], images=[mixed_data.parent / r["image"] for r in rows], decode=DecodeConfig(sampler=SamplerConfig(gen_length=4)))]
     answers = [[said[0].upper() + "."],  # right after normalisation, 1 annotator -> vqa 1/3
                [said[1]] * 2 + ["zzz"] * 8,  # 2 of 10 annotators -> vqa 0.6
                ["zzz"],  # wrong
@@ -185,9 +184,7 @@ def test_pruning_flags_reach_generate_and_the_run_identity(tmp_path: Path, mixed
     data, out = mixed_data.parent / "data.jsonl", tmp_path / "out"
     pruning = PruningConfig(skip_layers=(1,), prune_layer=1)
     rows = jsonl(data)[:4]
-    said = [r.text for r in MultimodalDiffusionLM.from_pretrained(model_dir).generate(
-        [r["question"] for r in rows], images=[data.parent / r["image"] for r in rows],
-        config=SamplerConfig(gen_length=4), pruning=pruning)]
+    said = [r.text for r in MultimodalDiffusionLM.from_pretrained(model_dir).generate([r["question"] for r in rows], images=[data.parent / r["image"] for r in rows], decode=DecodeConfig(sampler=SamplerConfig(gen_length=4), pruning=pruning))]
     flags = ["--data", data, "--out", out, "--limit", 4, "--batch-size", 4]
     assert mmdiff_eval(*flags, "--skip-layers", "1", "--prune-layer", 1, model=model_dir) == 0
     assert [p["prediction"] for p in jsonl(out / "predictions.jsonl")] == said
@@ -199,15 +196,15 @@ def test_pruning_flags_reach_generate_and_the_run_identity(tmp_path: Path, mixed
 def test_search_flags_answer_row_by_row_and_enter_the_run_identity(tmp_path: Path, mixed_data: Path,
                                                                    model_dir: Path, capsys) -> None:
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.search import SearchConfig, search
+    from mmdiff.sampling import SearchConfig
+    from mmdiff.search import search
 
     data, out = mixed_data.parent / "data.jsonl", tmp_path / "out"
     flags = ["--data", data, "--out", out, "--limit", 3, "--search", "hierarchical", "--candidates", 2]
     assert mmdiff_eval(*flags, model=model_dir) == 0
     config = SearchConfig(strategy="hierarchical", candidates=2)
     model = MultimodalDiffusionLM.from_pretrained(model_dir)
-    expected = [search(model, r["question"], image=data.parent / r["image"], config=SamplerConfig(gen_length=4),
-                       search=config) for r in jsonl(data)[:3]]
+    expected = [search(model, r["question"], image=data.parent / r["image"], decode=DecodeConfig(sampler=SamplerConfig(gen_length=4), search=config)) for r in jsonl(data)[:3]]
     preds = jsonl(out / "predictions.jsonl")
     assert [p["prediction"] for p in preds] == [e.text for e in expected]
     assert [p["nfe"] for p in preds] == [e.nfe for e in expected] and all(e.nfe > 4 for e in expected)
@@ -217,8 +214,8 @@ def test_search_flags_answer_row_by_row_and_enter_the_run_identity(tmp_path: Pat
     assert json.loads((out / "run.json").read_text())["search"] == search_dict
     assert mmdiff_eval(*flags[:-1], 3, model=model_dir) == 2  # another N: not the same run
     assert "search candidates 2 -> 3" in capsys.readouterr().err
-    assert mmdiff_eval(*flags, "--skip-layers", 1, model=model_dir) == 2
-    assert "--search decodes without token pruning or layer skipping" in capsys.readouterr().err
+    assert mmdiff_eval(*flags, "--skip-layers", 1, model=model_dir) == 2  # search + skipping: another run
+    assert "pruning skip_layers [] -> [1]" in capsys.readouterr().err
 
 
 def test_bad_rows_are_reported_and_the_run_goes_on(single_run: Path) -> None:

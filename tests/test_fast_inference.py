@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from mmdiff.commands.options import add_sampler_arguments, pruning_config_from_args
+from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
+from mmdiff.sampling import DecodeConfig
 from mmdiff.decoder import Decoder, LayerPlan, LayerShape, preset, rope_cos_sin
 from mmdiff.flops import FlopCounter, forward_flops
 from mmdiff.sampling import FullRecompute, PrefixCache, SamplerConfig, StepState, sample
@@ -332,14 +333,14 @@ def test_unused_prune_layer_is_not_range_checked(config):
 
 def test_flags_build_the_pruning_config():
     p = argparse.ArgumentParser()
-    add_sampler_arguments(p)
+    add_decode_arguments(p)
     args = p.parse_args(["--cache", "dual", "--prune", "fastv", "--keep-ratio", "0.25", "--prune-layer", "2",
                          "--skip-layers", "3,4", "--skip-from-step", "5", "--prune-schedule", "progressive"])
-    assert args.cache == "dual"
-    assert pruning_config_from_args(args) == PruningConfig(prune="fastv", keep_ratio=0.25, prune_layer=2,
+    assert decode_config_from_args(args).cache == "dual"
+    assert decode_config_from_args(args).pruning == PruningConfig(prune="fastv", keep_ratio=0.25, prune_layer=2,
                                                            prune_schedule="progressive", skip_layers=(3, 4),
                                                            skip_from_step=5)
-    assert not pruning_config_from_args(p.parse_args([])).active
+    assert not decode_config_from_args(p.parse_args([])).pruning.active
     with pytest.raises(SystemExit):
         p.parse_args(["--skip-layers", "three"])
 
@@ -424,31 +425,31 @@ def test_strategies_compose_in_one_run(mm_model):
     cfg = SamplerConfig(gen_length=8, block_length=4, transfer="threshold", threshold=0.9)
     qs, ims = ["how many red circles are there?", "where is the blue square?"], [image(), image((0, 0, 200))]
     base = FlopCounter(m.cfg.decoder)
-    ref = m.generate(qs, images=ims, config=cfg, counter=base)
+    ref = m.generate(qs, images=ims, decode=DecodeConfig(sampler=cfg), counter=base)
     for cache in CACHES.names():
         for pc in [PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1, skip_layers=(1,), skip_from_step=3),
                    PruningConfig(prune="divprune", keep_ratio=0.25, prune_layer=0, prune_schedule="progressive"),
                    PruningConfig(prune="vtw", prune_layer=1, prune_from_step=2)]:
             counter = FlopCounter(m.cfg.decoder)
-            res = m.generate(qs, images=ims, config=cfg, cache=cache, pruning=pc, counter=counter)
+            res = m.generate(qs, images=ims, decode=DecodeConfig(sampler=cfg, cache=cache, pruning=pc), counter=counter)
             assert all(m.special.mask not in r.tokens for r in res), (cache, pc)
             assert counter.forwards >= res[0].nfe
     pruned = FlopCounter(m.cfg.decoder)
-    m.generate(qs, images=ims, config=SamplerConfig(gen_length=8), pruning=PruningConfig(prune="vtw", prune_layer=1),
-               counter=pruned)
+    m.generate(qs, images=ims, decode=DecodeConfig(sampler=SamplerConfig(gen_length=8), pruning=PruningConfig(prune="vtw", prune_layer=1)), counter=pruned)
     full = FlopCounter(m.cfg.decoder)
-    m.generate(qs, images=ims, config=SamplerConfig(gen_length=8), counter=full)
+    m.generate(qs, images=ims, decode=DecodeConfig(sampler=SamplerConfig(gen_length=8)), counter=full)
     assert pruned.flops < full.flops and pruned.forwards == full.forwards
     # keep ratio 1 through generate: identical answers
-    same = m.generate(qs, images=ims, config=cfg, pruning=PruningConfig(prune="fastv", keep_ratio=1.0, prune_layer=1))
+    same = m.generate(qs, images=ims, decode=DecodeConfig(sampler=cfg, pruning=PruningConfig(prune="fastv", keep_ratio=1.0, prune_layer=1)))
     assert [r.tokens for r in same] == [r.tokens for r in ref]
 
 
 def test_token_pruning_without_media_positions_is_refused(mm_model):
     m = mm_model
     embeds, valid = m.embed_prompt([m.format_prompt("yes")])
-    with pytest.raises(ValueError, match="needs media_mask"):
-        m.sample(embeds, valid, config=SamplerConfig(gen_length=4), pruning=PruningConfig(prune="vtw"))
+    with pytest.raises(ValueError, match="needs kinds"):
+        m.sample(embeds, valid, decode=DecodeConfig(sampler=SamplerConfig(gen_length=4),
+                                                    pruning=PruningConfig(prune="vtw")))
 
 
 def test_benchmark_prints_one_table_on_a_tiny_model(mm_model, tmp_path, capsys, monkeypatch):

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mmdiff import special_tokens as st
+from mmdiff.sampling import DecodeConfig
 from mmdiff.checkpoints import (LLADA_MASK_TOKEN, LLADA_V_SYSTEM_PROMPT, LLADA_V_UNUSED, ReleasedTokenizer,
                                 detect_format, llada_v_model_config, load_llada_v, load_multimodal, tokenizer_files)
 from mmdiff.decoder import Decoder, DecoderConfig
@@ -251,8 +252,7 @@ def test_special_ids_and_the_llava_prompt(model):
 
 
 def test_generate_on_an_image_prompt(model):
-    out = model.generate(["what is in the picture?"], images=[picture()],
-                         config=SamplerConfig(gen_length=6, steps=3))
+    out = model.generate(["what is in the picture?"], images=[picture()], decode=DecodeConfig(sampler=SamplerConfig(gen_length=6, steps=3)))
     assert len(out) == 1 and len(out[0].tokens) == 6 and out[0].nfe == 3
     assert model.special.mask not in out[0].tokens and isinstance(out[0].text, str)
 
@@ -281,7 +281,7 @@ def test_bfloat16_load_has_no_fp32_or_meta_tensor(checkpoint, caplog):
     tensors = list(model.parameters()) + list(model.buffers())
     assert all(t.dtype == torch.bfloat16 and not t.is_meta for t in tensors)
     assert "model.image_newline" in caplog.text  # skipped, and said so
-    assert model.generate(["what is in the picture?"], images=[picture()], config=SamplerConfig(gen_length=2))
+    assert model.generate(["what is in the picture?"], images=[picture()], decode=DecodeConfig(sampler=SamplerConfig(gen_length=2)))
 
 
 def test_detect_format_points_to_the_multimodal_loader():

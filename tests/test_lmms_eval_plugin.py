@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from mmdiff.data import write_split
+from mmdiff.sampling import DecodeConfig
 from mmdiff.evaluation import lmms_eval_plugin as plugin
 from mmdiff.sampling import SamplerConfig
 
@@ -67,13 +68,12 @@ def direct(lmm: plugin.MMDiffLMMS, docs: list[dict], batch_size: int = 2, prunin
     out = []
     for s in range(0, len(docs), batch_size):
         chunk = docs[s:s + batch_size]
-        out += [r.text for r in lmm.model.generate([d["question"] for d in chunk], images=[d["image"] for d in chunk],
-                                                    config=SamplerConfig(gen_length=4), pruning=pruning)]
+        out += [r.text for r in lmm.model.generate([d["question"] for d in chunk], images=[d["image"] for d in chunk], decode=DecodeConfig(sampler=SamplerConfig(gen_length=4), pruning=pruning))]
     return out
 
 
 def test_generate_until_answers_with_the_mmdiff_sampler(lmm, docs) -> None:
-    assert lmm.config == SamplerConfig(gen_length=4)
+    assert lmm.decode.sampler == SamplerConfig(gen_length=4)
     answers = lmm.generate_until(requests_for(docs))
     assert answers == direct(lmm, docs) and len(answers) == len(docs)
 
@@ -84,8 +84,8 @@ def test_pruning_options_from_model_args(model_dir, docs) -> None:
     lmm = plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", batch_size=2, gen_length=4, skip_layers="1",
                             prune_layer=1)
     lmm.task_dict = {TASK: {SPLIT: dict(enumerate(docs))}}
-    assert lmm.pruning == PruningConfig(skip_layers=(1,), prune_layer=1)
-    assert lmm.generate_until(requests_for(docs)) == direct(lmm, docs, pruning=lmm.pruning)
+    assert lmm.decode.pruning == PruningConfig(skip_layers=(1,), prune_layer=1)
+    assert lmm.generate_until(requests_for(docs)) == direct(lmm, docs, pruning=lmm.decode.pruning)
 
 
 def test_stop_strings_cut_the_answer(lmm, docs) -> None:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mmdiff import decoder
+from mmdiff.sampling import DecodeConfig
 from mmdiff.adapters import AdapterConfig
 from mmdiff.encoders import AudioEncoderConfig, vision
 from mmdiff.model import AUDIO, IMAGE, TEXT, ModelConfig, MultimodalDiffusionLM
@@ -77,14 +78,13 @@ def test_two_images_and_a_clip_answer_through_generate(model, media):
     (clip,) = model.encode_audio([media / "tone.wav"])
     prompt = model.format_prompt("which is red?", n_images=2, n_audio=1)
     embeds, valid = model.embed_prompt([prompt], images=[[img[0], img[1]]], audios=[[clip]])
-    out = model.sample(embeds, valid, config=SamplerConfig(gen_length=6, steps=3))
+    out = model.sample(embeds, valid, decode=DecodeConfig(sampler=SamplerConfig(gen_length=6, steps=3)))
     assert out.nfe == 3 and (out.tokens != sp.mask).all()
     assert isinstance(model.decode(out.tokens[0].tolist()), str)
 
 
 def test_generate_batch_with_mixed_media(model, media):
-    res = model.generate(["what color?", "", "count?"], images=[media / "red.png", media / "blue.png", None],
-                         audios=[None, media / "tone.wav", None], config=SamplerConfig(gen_length=4))
+    res = model.generate(["what color?", "", "count?"], images=[media / "red.png", media / "blue.png", None], audios=[None, media / "tone.wav", None], decode=DecodeConfig(sampler=SamplerConfig(gen_length=4)))
     assert len(res) == 3 and all(r.nfe == 4 and len(r.tokens) == 4 for r in res)
     ar = model.generate_ar(["what color?"], images=[media / "red.png"], max_new_tokens=4)
     assert ar[0].nfe >= 1 and len(ar[0].tokens) == 4

@@ -15,13 +15,15 @@ import pytest
 import torch
 
 from mmdiff.data.questions import NO, YES, ask
+from mmdiff.sampling import DecodeConfig
 from mmdiff.data.scenes import render, sample_scene
 from mmdiff.sampling import SamplerConfig, iter_sample
 from mmdiff.sampling.denoisers import build_denoiser
-from mmdiff.search import (ConfidenceTrace, SearchConfig, SearchRun, add_search_arguments, checkpoint_step,
-                           elbo_masks, elbo_score, elbo_yes_score, exploration_configs, remask_least_confident,
-                           resume_config, search, search_config_from_args, verification_question, yes_no_ids,
-                           yes_probability)
+from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
+from mmdiff.sampling import SearchConfig
+from mmdiff.search import (ConfidenceTrace, SearchRun, checkpoint_step, elbo_masks, elbo_score, elbo_yes_score,
+                           exploration_configs, remask_least_confident, resume_config, search, verification_question,
+                           yes_no_ids, yes_probability)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "how many circles are there?"
@@ -73,7 +75,7 @@ class ForwardCounter:
 
 def run_counted(model, image, config, scfg, cache="none"):
     with ForwardCounter(model.decoder) as counter:
-        res = search(model, QUESTION, image=image, config=config, search=scfg, cache=cache)
+        res = search(model, QUESTION, image=image, decode=DecodeConfig(sampler=config, search=scfg, cache=cache))
     return res, counter.n
 
 
@@ -111,12 +113,12 @@ def test_nfe_formulas_are_linear(model, image):
     cfg, K = SamplerConfig(gen_length=8), 2  # at temperature 5 no two canvases of the random model coincide
     base = SearchConfig(candidates=8, refine=3, keep=0.5, checkpoints=(0.5,), elbo_samples=K, refine_ratio=0.25,
                         temperature=5.0)
-    assert search(model, QUESTION, image=image, config=cfg, search=base).nfe == 8
+    assert search(model, QUESTION, image=image, decode=DecodeConfig(sampler=cfg, search=base)).nfe == 8
     best_of_8 = replace(base, strategy="best_of_n")
-    assert search(model, QUESTION, image=image, config=cfg, search=best_of_8).nfe == 8 * (8 + K)
+    assert search(model, QUESTION, image=image, decode=DecodeConfig(sampler=cfg, search=best_of_8)).nfe == 8 * (8 + K)
     hier = replace(base, strategy="hierarchical")
-    assert search(model, QUESTION, image=image, config=cfg, search=hier).nfe == 8 * (4 + K) + 4 * (4 + K) + 3 * (2 + K)
-    nfe = {(n, t): search(model, QUESTION, image=image, config=cfg, search=replace(hier, candidates=n, refine=t)).nfe
+    assert search(model, QUESTION, image=image, decode=DecodeConfig(sampler=cfg, search=hier)).nfe == 8 * (4 + K) + 4 * (4 + K) + 3 * (2 + K)
+    nfe = {(n, t): search(model, QUESTION, image=image, decode=DecodeConfig(sampler=cfg, search=replace(hier, candidates=n, refine=t))).nfe
            for n in (4, 8, 16) for t in (0, 2, 4)}
     assert nfe[16, 0] - nfe[8, 0] == 2 * (nfe[8, 0] - nfe[4, 0])  # linear in N
     assert nfe[8, 4] - nfe[8, 2] == nfe[8, 2] - nfe[8, 0] == 2 * (2 + K)  # linear in T, independent of N
@@ -133,9 +135,8 @@ def test_nfe_formulas_are_linear(model, image):
     (SamplerConfig(gen_length=8, block_length=4, steps=4, transfer="factor"), "prefix"),
 ])
 def test_one_candidate_no_refinement_is_plain_decoding(model, image, strategy, config, cache):
-    plain = model.generate([QUESTION], images=[image], config=config, cache=cache)[0]
-    res = search(model, QUESTION, image=image, config=config, cache=cache,
-                 search=SearchConfig(strategy=strategy, candidates=1, refine=0))
+    plain = model.generate([QUESTION], images=[image], decode=DecodeConfig(sampler=config, cache=cache))[0]
+    res = search(model, QUESTION, image=image, decode=DecodeConfig(sampler=config, cache=cache, search=SearchConfig(strategy=strategy, candidates=1, refine=0)))
     assert res.tokens == plain.tokens and res.text == plain.text
     assert res.nfe == plain.nfe + (cache == "prefix")  # the prefix cache's prompt pass is a forward too
     assert res.candidates == [(plain.text, None)]
@@ -145,8 +146,7 @@ def test_one_candidate_no_refinement_is_plain_decoding(model, image, strategy, c
                                              (SamplerConfig(gen_length=12, steps=6, schedule="linear"), 0.5),
                                              (SamplerConfig(gen_length=8, block_length=2, steps=8), 0.5)])
 def test_resuming_a_partial_canvas_equals_the_uninterrupted_run(model, image, config, fraction):
-    run = SearchRun(model, QUESTION, ([model.encode_image([image])[0]], []), config=config, search=SearchConfig(),
-                    cache="none")
+    run = SearchRun(model, QUESTION, ([model.encode_image([image])[0]], []), decode=DecodeConfig(sampler=config))
     full = run.denoise(config, 1)[0]
     step = checkpoint_step(config, fraction)
     partial = run.denoise(config, 1, stop_after=step)[0]
@@ -179,8 +179,7 @@ def test_exploration_starts_from_the_plain_decode():
 
 def test_confidence_trace_records_fix_time_confidence_and_lookahead(model, image):
     config = SamplerConfig(gen_length=6)  # greedy, one token per step: the most confident is fixed first
-    run = SearchRun(model, QUESTION, ([model.encode_image([image])[0]], []), config=config, search=SearchConfig(),
-                    cache="none")
+    run = SearchRun(model, QUESTION, ([model.encode_image([image])[0]], []), decode=DecodeConfig(sampler=config))
     empty = torch.full((1, 6), run.mask_id)
     probs = model(run.embeds, run.valid, empty).float().softmax(-1)  # (1, 6, V) at step 0
     trace = ConfidenceTrace()
@@ -193,15 +192,15 @@ def test_confidence_trace_records_fix_time_confidence_and_lookahead(model, image
     for _ in steps:
         pass
     assert (trace.confidence > 0).all() and torch.equal(trace.lookahead, first.canvas.new_tensor(
-        model.generate([QUESTION], images=[image], config=config)[0].tokens)[None])
+        model.generate([QUESTION], images=[image], decode=DecodeConfig(sampler=config))[0].tokens)[None])
 
 
 @pytest.mark.parametrize("verifier", ["elbo", "yesno"])
 def test_partial_canvases_are_scored_with_or_without_lookahead(model, image, verifier):
     config, scores = SamplerConfig(gen_length=8), {}
     for lookahead in (True, False):
-        run = SearchRun(model, QUESTION, ([model.encode_image([image])[0]], []), config=config, cache="none",
-                        search=SearchConfig(verifier=verifier, lookahead=lookahead))
+        run = SearchRun(model, QUESTION, ([model.encode_image([image])[0]], []),
+                        decode=DecodeConfig(sampler=config, search=SearchConfig(verifier=verifier, lookahead=lookahead)))
         partial = run.denoise(config, 1, stop_after=3)
         canvas = partial[0].lookahead if lookahead else partial[0].tokens
         scores[lookahead] = run.score(partial)[0].score
@@ -216,8 +215,7 @@ def test_remask_least_confident():
 
 
 def test_refinement_keeps_the_better_version(model, image):
-    res = search(model, QUESTION, image=image, config=SamplerConfig(gen_length=8),
-                 search=SearchConfig(strategy="hierarchical", candidates=4, refine=3, temperature=2.0))
+    res = search(model, QUESTION, image=image, decode=DecodeConfig(sampler=SamplerConfig(gen_length=8), search=SearchConfig(strategy="hierarchical", candidates=4, refine=3, temperature=2.0)))
     scores = [s for _, s in res.candidates]
     assert scores == sorted(scores, reverse=True) and res.text == res.candidates[0][0]
     assert len({t for t, _ in res.candidates}) == len(res.candidates)
@@ -309,8 +307,8 @@ def toy_canvas(model, answer: str) -> list[int]:
 
 
 def verifier_scores(model, question: str, answers: list[str], verifier) -> tuple[list[float], int]:
-    run = SearchRun(model, question, ([], []), config=SamplerConfig(gen_length=TOY_CANVAS),
-                    search=SearchConfig(elbo_samples=2), cache="none")
+    run = SearchRun(model, question, ([], []), decode=DecodeConfig(sampler=SamplerConfig(gen_length=TOY_CANVAS),
+                                                                   search=SearchConfig(elbo_samples=2)))
     with torch.no_grad():
         scores = verifier(run, torch.tensor([toy_canvas(model, a) for a in answers])).tolist()
     return scores, run.nfe
@@ -340,8 +338,7 @@ def test_search_returns_the_verified_answer(toy, verifier):
     model, parity = toy
     cases = [(NAME_EVEN, EVEN)] + ([(q, [a]) for q, a in parity[:4]] if verifier != "yesno" else [])
     for question, right in cases:
-        res = search(model, question, config=SamplerConfig(gen_length=TOY_CANVAS),
-                     search=SearchConfig(strategy="best_of_n", candidates=8, temperature=3.0, verifier=verifier))
+        res = search(model, question, decode=DecodeConfig(sampler=SamplerConfig(gen_length=TOY_CANVAS), search=SearchConfig(strategy="best_of_n", candidates=8, temperature=3.0, verifier=verifier)))
         assert res.text in right, (question, res.candidates)
         assert any(text not in right for text, _ in res.candidates)  # there were wrong ones to reject
 
@@ -353,9 +350,9 @@ def test_search_returns_the_verified_answer(toy, verifier):
 def test_results_are_reproducible_from_the_seed(model, image, strategy):
     cfg = SamplerConfig(gen_length=8)
     scfg = SearchConfig(strategy=strategy, candidates=6, refine=2, temperature=1.5, seed=4)
-    a, b = (search(model, QUESTION, image=image, config=cfg, search=scfg) for _ in range(2))
+    a, b = (search(model, QUESTION, image=image, decode=DecodeConfig(sampler=cfg, search=scfg)) for _ in range(2))
     assert (a.text, a.tokens, a.nfe, a.candidates) == (b.text, b.tokens, b.nfe, b.candidates)
-    c = search(model, QUESTION, image=image, config=cfg, search=replace(scfg, seed=5))
+    c = search(model, QUESTION, image=image, decode=DecodeConfig(sampler=cfg, search=replace(scfg, seed=5)))
     assert c.candidates != a.candidates
 
 
@@ -387,25 +384,25 @@ def test_search_config_round_trips_through_a_dict():
 
 def test_flags_build_the_search_config():
     p = argparse.ArgumentParser()
-    add_search_arguments(p)
-    assert search_config_from_args(p.parse_args([])) == SearchConfig()
+    add_decode_arguments(p)
+    assert decode_config_from_args(p.parse_args([])).search == SearchConfig()
     args = p.parse_args(["--search", "hierarchical", "--candidates", "4", "--refine", "2", "--verifier", "yesno",
                          "--keep", "0.25", "--checkpoints", "0.3", "0.6", "--no-lookahead",
                          "--search-temperature", "0.7",
                          "--search-remasking", "margin", "--elbo-samples", "3", "--refine-ratio", "0.5",
                          "--search-seed", "9"])
-    assert search_config_from_args(args) == SearchConfig(
+    assert decode_config_from_args(args).search == SearchConfig(
         strategy="hierarchical", candidates=4, refine=2, verifier="yesno", keep=0.25, checkpoints=(0.3, 0.6),
         lookahead=False, temperature=0.7, remasking=("margin",), elbo_samples=3, refine_ratio=0.5, seed=9)
-    with pytest.raises(SystemExit):
-        p.parse_args(["--verifier", "judge"])
+    with pytest.raises(ValueError, match="Unknown verifier 'judge'"):
+        decode_config_from_args(p.parse_args(["--verifier", "judge"]))
 
 
 def test_bad_inputs(model, image):
     with pytest.raises(ValueError, match="empty question and no audio"):
         search(model, "  ", image=image)
     with pytest.raises(ValueError, match="Unknown cache 'disk'; known: block, dual, none, prefix"):
-        search(model, QUESTION, image=image, cache="disk")
+        search(model, QUESTION, image=image, decode=DecodeConfig(cache="disk"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmdiff.data.questions import Filter, ask, caption_json
+from mmdiff.sampling import DecodeConfig
 from mmdiff.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, render, sample_scene
 from mmdiff.sampling import SamplerConfig
 from mmdiff.sampling.structure import (COUNT_QUESTION, Slot, StructurePrior, Template, caption,
@@ -149,8 +150,7 @@ def test_fixed_tokens_survive_every_step_and_slots_keep_their_lengths(tok, model
     for seed in range(6):
         events = []
         cfg = prior.sampler_config(hot(seed=seed, transfer="threshold" if seed % 2 else "schedule", threshold=0.3))
-        res = model.generate(["describe the image."], images=[image], config=cfg, strategies=[prior],
-                             callback=events.append)[0]
+        res = model.generate(["describe the image."], images=[image], decode=DecodeConfig(sampler=cfg), strategies=[prior], callback=events.append)[0]
         assert events and len(events) == res.nfe
         for e in events:
             assert torch.equal(e.canvas[0][fixed], prior.ids[fixed])
@@ -172,8 +172,7 @@ def test_fixed_tokens_survive_every_step_and_slots_keep_their_lengths(tok, model
 def test_canvas_length_must_match_template(tok, model, image):
     prior = StructurePrior(Template.free(4), tok)
     with pytest.raises(ValueError, match="canvas has 16 positions but the template needs 5"):
-        model.generate(["describe the image."], images=[image], config=SamplerConfig(gen_length=16),
-                       strategies=[prior])
+        model.generate(["describe the image."], images=[image], decode=DecodeConfig(sampler=SamplerConfig(gen_length=16)), strategies=[prior])
 
 
 def test_multi_token_enum_narrows_to_consistent_values(tok):
@@ -290,7 +289,7 @@ def test_max_items_fallback_drops_empty_and_incomplete_items(tok):
 @pytest.mark.parametrize("array_length", ["count", "max", 3])
 def test_json_captions_always_validate(model, image, array_length):
     for seed in range(8):
-        res = caption(model, image, config=hot(seed=seed, temperature=1.5), array_length=array_length)
+        res = caption(model, image, decode=DecodeConfig(sampler=hot(seed=seed, temperature=1.5)), array_length=array_length)
         validate(res.data, scene_schema())
         assert json.loads(res.text) == res.data and res.nfe >= 1
         if array_length == 3:
@@ -300,7 +299,7 @@ def test_json_captions_always_validate(model, image, array_length):
 
 def test_mixed_schema_captions_always_validate(model, image):
     for seed in range(8):
-        res = caption(model, image, schema=MIXED_SCHEMA, config=hot(seed=seed, temperature=2.0), string_tokens=4)
+        res = caption(model, image, schema=MIXED_SCHEMA, decode=DecodeConfig(sampler=hot(seed=seed, temperature=2.0)), string_tokens=4)
         validate(res.data, MIXED_SCHEMA)
         assert 0 <= res.data["n"] <= 99 and len(res.data["name"]) > 0
 
@@ -309,10 +308,10 @@ def test_count_first_sizes_the_array_and_falls_back_to_max(model, image, monkeyp
     from mmdiff.sampling import structure
 
     monkeypatch.setattr(structure, "ask_count", lambda *a, **k: (4, 2))
-    res = caption(model, image, config=hot())
+    res = caption(model, image, decode=DecodeConfig(sampler=hot()))
     assert res.count == 4 and len(res.data) == 4 and res.nfe == 2 + 16
     monkeypatch.setattr(structure, "ask_count", lambda *a, **k: (9, 2))  # outside 1..6: max items
-    res = caption(model, image, config=hot())
+    res = caption(model, image, decode=DecodeConfig(sampler=hot()))
     assert res.count == 9 and 1 <= len(res.data) <= 6 and res.nfe == 2 + 24
     validate(res.data, scene_schema())
 
@@ -321,7 +320,7 @@ def test_count_question_is_decoded_as_digits(model, image):
     from mmdiff.sampling.structure import ask_count
 
     for seed in range(4):
-        count, nfe = ask_count(model, image, config=hot(seed=seed))
+        count, nfe = ask_count(model, image, decode=DecodeConfig(sampler=hot(seed=seed)))
         assert 0 <= count <= 99 and 1 <= nfe <= 2
 
 
@@ -330,12 +329,11 @@ def test_text_caption_length_control(model, image):
     for n in (1, 5, 12):
         events = []
         prior = StructurePrior(Template.free(n), model.tokenizer)
-        model.generate(["describe the image."], images=[image], config=prior.sampler_config(hot(suppress_eos=True)),
-                       strategies=[prior], callback=events.append)
+        model.generate(["describe the image."], images=[image], decode=DecodeConfig(sampler=prior.sampler_config(hot(suppress_eos=True))), strategies=[prior], callback=events.append)
         assert events and all(not {sp.eos, sp.pad} & set(e.canvas[0, :n].tolist()) for e in events)
-        res = caption(model, image, format="text", length=n, config=hot())
+        res = caption(model, image, format="text", length=n, decode=DecodeConfig(sampler=hot()))
         assert res.data is None and res.nfe <= n and res.text
-    res = caption(model, image, format="text", config=SamplerConfig(gen_length=8))
+    res = caption(model, image, format="text", decode=DecodeConfig(sampler=SamplerConfig(gen_length=8)))
     assert res.nfe == 8
 
 
@@ -418,7 +416,7 @@ def test_sampler_config_sets_canvas_and_keeps_eos_suppression_only_for_exact_slo
     assert exact.sampler_config(SamplerConfig(steps=3)).steps == 3
     ranged = StructurePrior(Template.parse("<enum:true|false> <mask:1-3>"), tok)
     assert not ranged.sampler_config(SamplerConfig(suppress_eos=True)).suppress_eos
-    res = caption(model, image, schema=MIXED_SCHEMA, config=hot(suppress_eos=True), array_length="max")
+    res = caption(model, image, schema=MIXED_SCHEMA, decode=DecodeConfig(sampler=hot(suppress_eos=True)), array_length="max")
     validate(res.data, MIXED_SCHEMA)
 
 
@@ -429,12 +427,12 @@ def test_caption_threads_pruning_and_callback_to_every_sampler_run(model, image,
     generate = model.generate
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["pruning"])
+        calls.append(kwargs["decode"].pruning)
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    res = caption(model, image, config=hot(), pruning=pruning, callback=events.append)
+    res = caption(model, image, decode=DecodeConfig(sampler=hot(), pruning=pruning), callback=events.append)
     validate(res.data, scene_schema())
     assert calls == [pruning, pruning] and len(events) == res.nfe  # count question, then the caption
-    res = caption(model, image, format="text", length=3, config=hot(), pruning=pruning, callback=events.append)
+    res = caption(model, image, format="text", length=3, decode=DecodeConfig(sampler=hot(), pruning=pruning), callback=events.append)
     assert calls[-1] == pruning and len(calls) == 3

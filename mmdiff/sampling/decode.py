@@ -31,7 +31,7 @@ class SearchConfig:
     results next to the sampler's."""
 
     strategy: str = setting("none", "test-time search: none = plain decoding, best_of_n, hierarchical",
-                            choices=SEARCH_STRATEGIES, key="search")
+                            choices=SEARCH_STRATEGIES, key="search", noun="search strategy")
     candidates: int = setting(8, "N trajectories explored (candidate 0 is the plain decode)", low=1, widget_max=16)
     refine: int = setting(1, "T refinement rounds of the best survivor, hierarchical only", low=0, widget_max=8)
     verifier: str = setting("elbo", "candidate score: elbo = the model's ELBO, yesno = its P(yes) to 'is that "
@@ -55,9 +55,10 @@ class SearchConfig:
         object.__setattr__(self, "remasking", tuple(self.remasking))
         for rule in self.remasking:
             REMASKING.get(rule)
-        check_settings(self)
-        if list(self.checkpoints) != sorted(set(self.checkpoints)):
+        if (any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.checkpoints)
+                or list(self.checkpoints) != sorted(set(self.checkpoints))):
             raise ValueError(f"checkpoints must be increasing fractions in (0, 1), got {list(self.checkpoints)}")
+        check_settings(self)
         if not self.remasking:
             raise ValueError("remasking needs at least one remasking rule")
 
@@ -85,6 +86,8 @@ class DecodeConfig:
             models), ``block`` / ``dual`` (Fast-dLLM's approximate block-wise caches).
         pruning: visual-token pruning and layer skipping.
         search: test-time search (strategy ``none`` = plain decoding).
+
+    A section given as None takes its defaults.
     """
 
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -98,6 +101,8 @@ class DecodeConfig:
         CACHES.get(self.cache)
         check_settings(self)
         for name, cls in (("sampler", SamplerConfig), ("pruning", PruningConfig), ("search", SearchConfig)):
+            if getattr(self, name) is None:  # None = the section's defaults
+                object.__setattr__(self, name, cls())
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"DecodeConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
 

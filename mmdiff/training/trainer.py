@@ -26,7 +26,7 @@ from ..adapters.ctc import TokenNGram, ctc_greedy
 from ..data.dataset import ASR_QUESTION as ASR_PROMPT, SPOKEN_TYPES
 from ..io import load_safetensors, read_json, write_json
 from ..model import ModelConfig, MultimodalDiffusionLM
-from ..sampling import SamplerConfig
+from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
 from .losses import ar_loss, diffusion_loss, forward_mask
 from .recipe import StageConfig, TrainConfig
@@ -478,7 +478,8 @@ def quick_eval(model: MultimodalDiffusionLM, bank: SceneBank, batcher: Batcher, 
                               pad_id=model.special.pad)
         else:
             cache = "prefix" if model.cfg.decoder.attn_mode == "prefix" else "none"  # exact, and L times cheaper
-            out = model.sample(embeds, valid, config=SamplerConfig(gen_length=L, steps=L, block_length=L), cache=cache)
+            decode = DecodeConfig(sampler=SamplerConfig(gen_length=L, steps=L, block_length=L), cache=cache)
+            out = model.sample(embeds, valid, decode=decode)
         preds = [model.decode(t.tolist()) for t in out.tokens]
         acc[name] = sum(normalize(p) == normalize(e.answer) for p, e in zip(preds, items)) / len(items)
     model.train()
