@@ -75,7 +75,7 @@ def evaluate(answer: Callable[[Any, Any], tuple[str, int]], examples: list, sche
     """Run ``answer(scene, image) -> (text, nfe)`` on every (scene, image) and score it (after one untimed
     warm-up call, so the first method does not pay for one-time setup)."""
     from mmdiff.data.questions import caption_json
-    from mmdiff.sampling.structure import is_valid
+    from mmdiff.sampling.schema import is_valid
 
     if examples:
         answer(*examples[0])
@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from mmdiff.data import iter_examples
-    from mmdiff.data.questions import CAPTION_JSON_QUESTION
+    from mmdiff.data.scenes import scene_schema
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.sampling.structure import caption, scene_schema
+    from mmdiff.tasks.captioning import caption
+    from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION
 
     model = MultimodalDiffusionLM.from_pretrained(args.model)
     decode = decode_config_from_args(args, DEFAULTS)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     def prior(array_length):
         def answer(scene, image):  # the scene is only read for the true count
             n = len(scene.objects) if array_length == "true" else array_length
-            res = caption(model, image, decode=decode, array_length=n)
+            res = caption(model, image, schema=schema, decode=decode, array_length=n)
             return res.text, res.nfe
         return answer
 

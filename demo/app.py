@@ -7,7 +7,7 @@ Two tabs on one model:
   the step that fixed it), NFE and latency. With a test-time search (:mod:`mmdiff.search`) on, only
   the chosen answer is shown, with its NFE and the scored candidates.
 * **Structured caption**: image -> schema-valid JSON from a structure prior
-  (:func:`mmdiff.sampling.structure.caption`: the count question first, then the scene template),
+  (:func:`mmdiff.tasks.captioning.caption`: the count question first, then the scene template),
   streamed step by step; or, without a prior, "describe the image in json." answered free-form and
   parsed (or a readable parse error).
 
@@ -37,12 +37,13 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import gradio as gr
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.data.questions import CAPTION_JSON_QUESTION
+from mmdiff.data.scenes import scene_schema
 from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
-from mmdiff.sampling.structure import COUNT_QUESTION, CaptionResult, caption
+from mmdiff.tasks.captioning import CaptionResult, caption
+from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION, COUNT_QUESTION
 from mmdiff.search import SearchResult, search
 
 log = logging.getLogger("mmdiff.demo")
@@ -416,7 +417,7 @@ def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, dec
                 callback: Callback) -> CaptionResult | GenerationResult:
     """Caption ``image`` as JSON.
 
-    ``structure`` "scene schema": :func:`mmdiff.sampling.structure.caption` decodes schema-valid JSON
+    ``structure`` "scene schema": :func:`mmdiff.tasks.captioning.caption` decodes schema-valid JSON
     on the scene template, the count question first (its preset tokens show as dark "preset" spans;
     canvas length and steps come from the template). "none": :data:`CAPTION_JSON_QUESTION` answered
     free-form on ``decode``'s canvas.
@@ -425,7 +426,7 @@ def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, dec
         raise ValueError(f"unknown structure prior {structure!r}; known: {', '.join(STRUCTURES)}")
     if structure == "none":
         return model.generate([CAPTION_JSON_QUESTION], images=[image], decode=decode, callback=callback)[0]
-    return caption(model, image, format="json", decode=decode, callback=callback)
+    return caption(model, image, format="json", schema=scene_schema(), decode=decode, callback=callback)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .data.questions import NO, YES
 from .flops import FlopCounter
 from .registry import Registry
 from .sampling import DecodeConfig, SampleOutput, SamplerConfig, SearchConfig, StepEvent, StepState, Strategy, iter_sample
+from .tasks.prompts import NO, YES, verification_question
 from .training.losses import diffusion_loss
 
 if TYPE_CHECKING:
@@ -383,11 +383,6 @@ def elbo_score(run: SearchRun, canvas: torch.Tensor) -> torch.Tensor:
     return torch.stack([-diffusion_loss(logits[b], targets[b], masked[b], t[b]) * L / n[b] for b in range(B)])
 
 
-def verification_question(question: str, proposal: str) -> str:
-    """The ``verify`` family's prompt (``mmdiff.data.questions.verify_question``)."""
-    return f"{question} answer: {proposal}. is that right?"
-
-
 def yes_no_ids(tokenizer) -> tuple[int, int]:
     """Token ids of "yes" and "no" as the model writes them as answers; each must be one token."""
     ids = []
@@ -537,4 +532,4 @@ def answer(model: MultimodalDiffusionLM, questions: Sequence[str], *, images: Se
 
 __all__ = ["ConfidenceTrace", "PresetCanvas", "SEARCHES", "SearchResult", "VERIFIERS", "answer", "checkpoint_step",
            "elbo_masks", "elbo_score", "elbo_yes_score", "exploration_configs", "remask_least_confident",
-           "resume_config", "search", "verification_question", "yes_no_ids", "yes_probability"]
+           "resume_config", "search", "yes_no_ids", "yes_probability"]

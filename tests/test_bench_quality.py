@@ -33,8 +33,8 @@ def test_long_block_decodes_captions_in_blocks(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(bench, "answer", lambda *a, **k: (calls.append(k["block_length"]), original(*a, **k))[1])
     out = tmp_path / "q.json"
     assert bench.main(["--model", str(tiny_model_dir), "--ar-model", "none", "--per-type", "1", "--spoken", "0",
-                       "--captions", "1", "--long-block", "32", "--json", str(out)]) == 0
-    assert sorted(calls, key=str) == sorted([None] * 7 + [32, 32], key=str)  # 7 short families, 2 caption kinds
+                       "--captions", "1", "--long-block", "38", "--json", str(out)]) == 0
+    assert sorted(calls, key=str) == sorted([None] * 7 + [38, 38], key=str)  # 7 short families, 2 caption kinds
     res = json.loads(out.read_text())["diffusion"]
     assert "parse" in res["caption_json"] and 0 <= res["count"]["accuracy"] <= 1
 

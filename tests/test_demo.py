@@ -26,7 +26,9 @@ from mmdiff.encoders.vision import preset as vision_preset
 from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 from mmdiff.sampling import SamplerConfig
 from mmdiff.sampling.pruning import PruningConfig
-from mmdiff.sampling.structure import SCENE_SCHEMA, caption, validate
+from mmdiff.data.scenes import scene_schema
+from mmdiff.sampling.schema import validate
+from mmdiff.tasks.captioning import caption
 from mmdiff.sampling import SearchConfig
 from mmdiff.search import search
 
@@ -211,8 +213,8 @@ def test_caption_with_structure_prior_streams_schema_valid_json(served, model, m
     cfg = app_module.CAPTION_DEFAULTS.sampler
     outputs = served.caption(image, "scene schema", cfg)
     canvas, status, parsed, raw = outputs[-1]
-    validate(parsed, SCENE_SCHEMA)
-    expected = caption(model, image, format="json", decode=DecodeConfig(sampler=cfg))
+    validate(parsed, scene_schema())
+    expected = caption(model, image, format="json", schema=scene_schema(), decode=DecodeConfig(sampler=cfg))
     assert parsed == expected.data and raw == expected.text
     assert status.startswith("✓ valid JSON") and f"**NFE** {expected.nfe}" in status
     assert f"count question: {expected.count}" in status

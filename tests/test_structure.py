@@ -14,10 +14,12 @@ import torch
 
 from mmdiff.data.questions import Filter, ask, caption_json
 from mmdiff.sampling import DecodeConfig
-from mmdiff.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, render, sample_scene
+from mmdiff.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, render, sample_scene, scene_schema
 from mmdiff.sampling import SamplerConfig
-from mmdiff.sampling.structure import (COUNT_QUESTION, Slot, StructurePrior, Template, caption,
-                                       is_valid, schema_to_template, scene_schema, validate)
+from mmdiff.sampling.schema import is_valid, schema_to_template, validate
+from mmdiff.sampling.structure import Slot, StructurePrior, Template
+from mmdiff.tasks.captioning import caption
+from mmdiff.tasks.prompts import COUNT_QUESTION
 from mmdiff.special_tokens import SpecialIds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,9 +212,6 @@ def test_enum_values_are_resolved_and_digits_normalised(tok):
 # ------------------------------------------------------------------------------------------------
 def test_scene_schema_matches_the_world():
     schema = scene_schema()
-    from mmdiff.sampling import structure
-
-    assert structure.SCENE_SCHEMA == schema
     assert {k: tuple(v["enum"]) for k, v in schema["items"]["properties"].items()} == SCENE_FIELDS
     rng = random.Random(3)
     for _ in range(30):
@@ -289,7 +288,7 @@ def test_max_items_fallback_drops_empty_and_incomplete_items(tok):
 @pytest.mark.parametrize("array_length", ["count", "max", 3])
 def test_json_captions_always_validate(model, image, array_length):
     for seed in range(8):
-        res = caption(model, image, decode=DecodeConfig(sampler=hot(seed=seed, temperature=1.5)), array_length=array_length)
+        res = caption(model, image, schema=scene_schema(), decode=DecodeConfig(sampler=hot(seed=seed, temperature=1.5)), array_length=array_length)
         validate(res.data, scene_schema())
         assert json.loads(res.text) == res.data and res.nfe >= 1
         if array_length == 3:
@@ -305,19 +304,19 @@ def test_mixed_schema_captions_always_validate(model, image):
 
 
 def test_count_first_sizes_the_array_and_falls_back_to_max(model, image, monkeypatch):
-    from mmdiff.sampling import structure
+    from mmdiff.tasks import captioning as structure
 
     monkeypatch.setattr(structure, "ask_count", lambda *a, **k: (4, 2))
-    res = caption(model, image, decode=DecodeConfig(sampler=hot()))
+    res = caption(model, image, schema=scene_schema(), decode=DecodeConfig(sampler=hot()))
     assert res.count == 4 and len(res.data) == 4 and res.nfe == 2 + 16
     monkeypatch.setattr(structure, "ask_count", lambda *a, **k: (9, 2))  # outside 1..6: max items
-    res = caption(model, image, decode=DecodeConfig(sampler=hot()))
+    res = caption(model, image, schema=scene_schema(), decode=DecodeConfig(sampler=hot()))
     assert res.count == 9 and 1 <= len(res.data) <= 6 and res.nfe == 2 + 24
     validate(res.data, scene_schema())
 
 
 def test_count_question_is_decoded_as_digits(model, image):
-    from mmdiff.sampling.structure import ask_count
+    from mmdiff.tasks.captioning import ask_count
 
     for seed in range(4):
         count, nfe = ask_count(model, image, decode=DecodeConfig(sampler=hot(seed=seed)))
@@ -354,7 +353,7 @@ def test_template_longer_than_context_names_the_position(tok, image):
     small = tiny_model(tok, max_seq_len=48)  # prompt = 16 image tokens + ~8 text tokens
     with pytest.raises(ValueError, match=r"more than the model's context \(max_seq_len 48\); it overflows at "
                                          r"template position \d+"):
-        caption(small, image, array_length="max")
+        caption(small, image, schema=scene_schema(), array_length="max")
     prior = StructurePrior(Template.parse("<mask:10> then <mask:30> end"), tok)
     with pytest.raises(ValueError, match=r"overflows at template position 15 \('<mask:30>'\)"):
         prior.check_context(32, prompt_len=10)
@@ -431,7 +430,7 @@ def test_caption_threads_pruning_and_callback_to_every_sampler_run(model, image,
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    res = caption(model, image, decode=DecodeConfig(sampler=hot(), pruning=pruning), callback=events.append)
+    res = caption(model, image, schema=scene_schema(), decode=DecodeConfig(sampler=hot(), pruning=pruning), callback=events.append)
     validate(res.data, scene_schema())
     assert calls == [pruning, pruning] and len(events) == res.nfe  # count question, then the caption
     res = caption(model, image, format="text", length=3, decode=DecodeConfig(sampler=hot(), pruning=pruning), callback=events.append)

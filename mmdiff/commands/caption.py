@@ -1,6 +1,6 @@
 """``mmdiff caption``: caption an image as text or as schema-valid JSON (structure priors).
 
-A thin layer over :func:`mmdiff.sampling.structure.caption`; the template syntax and the array
+A thin layer over :func:`mmdiff.tasks.captioning.caption`; the template syntax and the array
 length rule are described in ``docs/structure_priors.md``.
 """
 from __future__ import annotations
@@ -33,14 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io import read_json
     from ..model import MultimodalDiffusionLM
-    from ..sampling.structure import caption, check_schema
+    from ..data.scenes import scene_schema
+    from ..sampling.schema import check_schema
+    from ..tasks.captioning import caption
 
     if args.format == "text" and args.schema:
         raise ValueError("--schema applies to --format json")
     if args.format == "json" and args.length is not None:
         raise ValueError("--length applies to --format text; JSON lengths come from the schema")
-    schema = read_json(args.schema) if args.schema else None
-    if schema is not None:
+    schema = read_json(args.schema) if args.schema else scene_schema() if args.format == "json" else None
+    if args.schema:
         check_schema(schema)  # before loading the model
     array_length = int(args.array_length) if args.array_length.isdigit() else args.array_length
     decode = decode_config_from_args(args, DEFAULTS)  # checked before loading

@@ -30,17 +30,15 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence, TypeVar
 
 from ..registry import Registry
+from ..tasks.prompts import CAPTION_JSON_QUESTION, CAPTION_QUESTION, NO, YES, verification_question
 from .scenes import COLOURS, GRID, POSITIONS, SHAPES, SIZES, Obj, Scene
 
 T = TypeVar("T")
 
-YES, NO = "yes", "no"
 NOTHING = "nothing"  # relation answer when the adjacent cell is empty
 MAX_COUNT = 6
 ZERO_COUNT_WEIGHT = 0.5  # count questions: relative weight of target answer "0" vs each other count
 NOTHING_RATE = 0.25  # share of "what is directly ... of" questions whose answer is NOTHING
-CAPTION_QUESTION = "describe the image."
-CAPTION_JSON_QUESTION = "describe the image in json."
 
 #: relation word -> (row step, column step) of the adjacent cell
 DIRECTIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
@@ -382,7 +380,7 @@ def verify_question(scene: Scene, rng: random.Random) -> QA | None:
         proposal, answer = rng.choice(wrong), NO
     else:
         proposal, answer = truth, YES
-    return QA(f"{base.question} answer: {proposal}. is that right?", [answer], "verify", base.focus)
+    return QA(verification_question(base.question, proposal), [answer], "verify", base.focus)
 
 
 def _position_phrase(position: str) -> str:

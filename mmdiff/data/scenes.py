@@ -240,3 +240,12 @@ def cell_labels(scene: Scene) -> dict[str, list[int]]:
         labels["colour"][o.cell] = COLOURS.index(o.colour) + 1
         labels["size"][o.cell] = SIZES.index(o.size) + 1
     return labels
+
+
+def scene_schema() -> dict:
+    """The scene-caption schema: the objects of :func:`mmdiff.data.questions.caption_json`, in reading
+    order, each with enum fields shape / color / size / position (vocabularies of ``data.scenes``)."""
+    fields = {"shape": SHAPES, "color": COLOURS, "size": SIZES, "position": POSITIONS}
+    item = {"type": "object", "properties": {k: {"type": "string", "enum": list(v)} for k, v in fields.items()},
+            "required": list(fields), "additionalProperties": False}
+    return {"type": "array", "items": item, "minItems": 1, "maxItems": MAX_OBJECTS}
