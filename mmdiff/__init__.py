@@ -10,10 +10,20 @@ __version__ = "0.1.0"
 DEFAULT_MODEL_DIR = "checkpoints/mmdiff-tiny"
 
 
-def from_pretrained(path: str, **kwargs):
+def load(path: str, **kwargs):
     """Load any supported directory as a ``MultimodalDiffusionLM``: mmdiff's own models, LLaDA-V, and
-    LLaDA / Dream (text-only, with the directory's tokenizer). ``dtype=`` and ``device=`` pass through.
-    For the bare decoder of a LLaDA / Dream checkpoint use ``mmdiff.checkpoints.load_checkpoint``."""
-    from .checkpoints import load_multimodal
+    LLaDA / Dream (text-only, with the directory's tokenizer); see :func:`mmdiff.loading.load`.
+    ``dtype=`` and ``device=`` pass through. For the bare decoder of a LLaDA / Dream checkpoint use
+    ``mmdiff.checkpoints.load_checkpoint``."""
+    from .loading import load as _load
 
-    return load_multimodal(path, **kwargs)
+    return _load(path, **kwargs)
+
+
+def __getattr__(name: str):
+    # the decode configuration, without importing torch at ``import mmdiff``
+    if name in ("DecodeConfig", "SamplerConfig", "PruningConfig", "SearchConfig"):
+        from . import sampling
+
+        return getattr(sampling, name)
+    raise AttributeError(f"module 'mmdiff' has no attribute {name!r}")

@@ -12,12 +12,12 @@ assigned, so an 8B model never exists as an fp32 copy (nor twice).
 * **Dream** (Ye et al. 2025, ``DreamModel``, Qwen2 weights): ``model.layers.*`` names, grouped-query
   attention with q/k/v biases, untied ``lm_head``. Its logits are shifted by one position at sampling
   time (``logit_shift``); the forward pass returns them raw.
-* **mmdiff-decoder**: our own :meth:`Decoder.save_pretrained` directories (what ``mmdiff convert``
+* **mmdiff-decoder**: our own :func:`save_decoder` directories (what ``mmdiff convert``
   writes), names unchanged.
 * **LLaDA-V** (You et al. 2025, ``LlavaLLaDAModelLM``, LLaVA-OneVision layout): a LLaDA under Llama
   names (``model.layers.*``, ``lm_head``), a SigLIP tower under ``model.vision_tower.vision_tower.
   vision_model.*`` (last block removed, as LLaVA does) and an ``mlp2x_gelu`` projector
-  ``model.mm_projector.{0,2}``. :func:`load_multimodal` loads it into a
+  ``model.mm_projector.{0,2}``. :func:`load_llada_v` loads it into a
   :class:`~mmdiff.model.MultimodalDiffusionLM` the same frugal way. Only the base-resolution view is
   encoded (the whole image resized to the tower's input size): ``anyres`` tiling and the
   ``image_newline`` separators it uses are not implemented.
@@ -40,7 +40,7 @@ import torch
 
 from . import special_tokens as st
 from .decoder import Decoder, DecoderConfig
-from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json, write_json
+from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json, save_weights, write_json
 from .registry import Registry
 from .special_tokens import SpecialIds
 
@@ -208,7 +208,7 @@ def dream_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
 
 
 def mmdiff_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> DecoderConfig:
-    """Our own ``config.json`` (written by :meth:`Decoder.save_pretrained`)."""
+    """Our own ``config.json`` (written by :func:`save_decoder`)."""
     return DecoderConfig.from_dict({k: v for k, v in config.items() if k != "model_type"}, source=source)
 
 
@@ -293,14 +293,14 @@ def detect_format(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> Ch
     """The format of a checkpoint, from its ``config.json`` (``model_type`` / ``architectures``).
 
     Raises:
-        ValueError: for LLaDA-V (multimodal: :func:`load_multimodal`) and for any unsupported model,
+        ValueError: for LLaDA-V (multimodal: :func:`mmdiff.load`) and for any unsupported model,
             naming its model_type and architectures and the supported ones.
     """
     model_type = config.get("model_type")
     architectures = list(config.get("architectures") or [])
     if is_llada_v(config):
         raise ValueError(f"{source}: a LLaDA-V checkpoint (model_type {model_type!r}, architectures "
-                         f"{architectures}) is multimodal: load it with mmdiff.checkpoints.load_multimodal(path); "
+                         f"{architectures}) is multimodal: load it with mmdiff.load(path); "
                          "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
     formats = [FORMATS.get(name) for name in FORMATS.names()]
     for fmt in formats:
@@ -431,7 +431,7 @@ class LoadedCheckpoint:
     format: str  # name of the CheckpointFormat
 
 
-def _open_checkpoint(path: str | Path) -> tuple[Path, dict]:
+def open_checkpoint(path: str | Path) -> tuple[Path, dict]:
     """The checkpoint directory and its parsed ``config.json`` (clear errors when either is missing)."""
     directory = Path(path)
     if not directory.is_dir():
@@ -449,7 +449,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
         device: where the parameters live.
         tokenizer: also load the tokenizer when the directory has tokenizer files.
     """
-    directory, config = _open_checkpoint(path)
+    directory, config = open_checkpoint(path)
     config_path = directory / CONFIG_NAME
     fmt = detect_format(config, source=str(config_path))
     cfg = fmt.decoder_config(config, source=str(config_path))
@@ -662,7 +662,7 @@ def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, st
     return rename
 
 
-def _require_tokenizer(directory: Path) -> Any:
+def require_tokenizer(directory: Path) -> Any:
     tokenizer = load_tokenizer_if_present(directory)
     if tokenizer is None:
         raise FileNotFoundError(f"{directory} has no tokenizer files (any of {list(TOKENIZER_FILES)}); "
@@ -686,9 +686,9 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     """
     from .model import MultimodalDiffusionLM
 
-    directory, config = _open_checkpoint(path)
+    directory, config = open_checkpoint(path)
     cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))
-    hf_tokenizer = _require_tokenizer(directory)
+    hf_tokenizer = require_tokenizer(directory)
     mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
     special = _hf_special_ids(directory, config, fallback={
         "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
@@ -711,52 +711,28 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def load_multimodal(path: str | Path, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
-    """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
-
-    * LLaDA-V: decoder, SigLIP tower and projector (:func:`load_llada_v`);
-    * LLaDA / Dream / a converted decoder with ``special_tokens.json``: a text-only model (no
-      encoders yet; :mod:`mmdiff.training.adapters` attaches and trains them), with the directory's
-      tokenizer under mmdiff's names (:class:`ReleasedTokenizer`);
-    * mmdiff's own multimodal directories: :meth:`MultimodalDiffusionLM.from_pretrained`.
-
-    Args:
-        path: the directory.
-        dtype: parameter dtype; None keeps the checkpoint's own.
-        device: where the parameters live.
-    """
-    from .model import MODEL_TYPE, ModelConfig, MultimodalDiffusionLM
-
-    directory, config = _open_checkpoint(path)
-    if config.get("model_type") == MODEL_TYPE:
-        return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
-    if is_llada_v(config):
-        return load_llada_v(directory, dtype=dtype, device=device)
-    loaded = load_pretrained(directory, dtype=dtype, device=device, tokenizer=False)
-    if loaded.special_ids is None:
-        raise ValueError(f"{directory}: no {SPECIAL_TOKENS_NAME}, so the special-token ids are unknown "
-                         "(write the directory with mmdiff convert)")
-    tokenizer = ReleasedTokenizer(_require_tokenizer(directory), loaded.special_ids,
-                                  vocab_size=loaded.decoder.cfg.vocab_size)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(ModelConfig(decoder=loaded.decoder.cfg), tokenizer)
-    model.decoder = loaded.decoder  # the loaded weights replace the meta placeholder
-    return model.eval()
-
-
 # ------------------------------------------------------------------------------------------------
 # mmdiff convert SRC DST
 # ------------------------------------------------------------------------------------------------
+def save_decoder(decoder: Decoder, directory: str | Path) -> None:
+    """Write ``decoder`` in the ``mmdiff-decoder`` format: ``config.json`` (model_type
+    ``mmdiff-decoder`` + :class:`DecoderConfig`) and ``model.safetensors`` with the decoder's own
+    tensor names; :func:`load_pretrained` reads it back."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / CONFIG_NAME, {"model_type": "mmdiff-decoder", **decoder.cfg.to_dict()})
+    save_weights(decoder, directory / WEIGHTS_NAME)
+
+
 def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
             device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Write ``src`` in mmdiff's format: ``config.json`` + ``model.safetensors`` (via
-    :meth:`Decoder.save_pretrained`), ``special_tokens.json``, and copies of the tokenizer files."""
+    :func:`save_decoder`), ``special_tokens.json``, and copies of the tokenizer files."""
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"destination {dst} exists and is not empty")
     loaded = load_pretrained(src, dtype=dtype, device=device, tokenizer=False)
-    loaded.decoder.save_pretrained(dst)
+    save_decoder(loaded.decoder, dst)
     if loaded.special_ids is not None:
         write_json(dst / SPECIAL_TOKENS_NAME, asdict(loaded.special_ids))
     for path in tokenizer_files(src):

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_safetensors, load_state_checked, read_json, save_weights, write_json
+from .io import config_from_dict
 
 AttnMode = Literal["bidirectional", "causal", "prefix"]
 ATTN_MODES: tuple[str, ...] = ("bidirectional", "causal", "prefix")
@@ -551,28 +550,3 @@ class Decoder(nn.Module):
             if hidden is not None:
                 hidden.append(pruned.full(x))
         return DecoderOutput(self.forward_head(pruned.full(x)), hidden, received, cache, shapes)
-
-    # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
-        directory = Path(directory)
-        write_json(directory / CONFIG_NAME, {"model_type": "mmdiff-decoder", **self.cfg.to_dict()})
-        save_weights(self, directory / WEIGHTS_NAME)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "Decoder":
-        """Load a directory written by :meth:`save_pretrained`, or a LLaDA / Dream checkpoint."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-        data = read_json(directory / CONFIG_NAME)
-        if data.get("model_type") != "mmdiff-decoder":
-            from .checkpoints import load_checkpoint  # real released formats
-
-            return load_checkpoint(directory, dtype=dtype, device=device)
-        data = {k: v for k, v in data.items() if k != "model_type"}
-        cfg = DecoderConfig.from_dict(data, source=str(directory / CONFIG_NAME))
-        model = cls(cfg)
-        load_state_checked(model, load_safetensors(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
-        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

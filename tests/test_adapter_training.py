@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmdiff.checkpoints import load_multimodal
+from mmdiff.loading import load as load_multimodal
 from mmdiff.data.dataset import Row, read_rows, write_split
 from mmdiff.encoders.audio import AudioEncoderConfig
 from mmdiff.encoders.vision import VisionEncoderConfig, preset

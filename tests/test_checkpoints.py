@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mmdiff.checkpoints import (DECODER_NAMES, FORMATS, SPECIAL_TOKENS_NAME,
                                 assert_materialised, detect_format, dream_decoder_config, expand_names,
                                 llada_decoder_config, load_checkpoint, load_pretrained, load_tokenizer_if_present,
-                                special_ids_from_configs)
+                                save_decoder, special_ids_from_configs)
 from mmdiff.cli import main as cli_main
 from mmdiff.decoder import Decoder, DecoderConfig, preset
 from mmdiff.sampling import FullRecompute, SamplerConfig, sample
@@ -142,7 +142,7 @@ def test_detect_format():
     {"model_type": "llada", "architectures": ["LLaDAModelLM"], "mm_vision_tower": "siglip"},
 ])
 def test_llada_v_needs_the_multimodal_loader(config):
-    with pytest.raises(ValueError, match="LLaDA-V.*load_multimodal"):
+    with pytest.raises(ValueError, match="LLaDA-V.*mmdiff.load"):
         detect_format(config)
 
 
@@ -275,7 +275,7 @@ def test_convert_then_load_gives_identical_logits(kind, tmp_path):
     dst = tmp_path / "converted"
     assert cli_main(["convert", str(fixture(kind)), str(dst), "--dtype", "float32", "--device", "cpu"]) == 0
     want = logits_of(src.decoder, ids)
-    assert torch.equal(logits_of(Decoder.from_pretrained(dst), ids), want)
+    assert torch.equal(logits_of(load_checkpoint(dst), ids), want)
     back = load_pretrained(dst)
     assert back.format == "mmdiff-decoder" and back.decoder.cfg == src.decoder.cfg
     assert back.special_ids == src.special_ids
@@ -342,7 +342,7 @@ def test_tokenizer_loading_never_runs_or_asks_about_checkpoint_code(tmp_path, ti
 # load_multimodal on text-only directories
 # ------------------------------------------------------------------------------------------------
 def test_load_multimodal_wraps_a_text_only_checkpoint(tmp_path, tiny_tokenizer):
-    from mmdiff.checkpoints import load_multimodal
+    from mmdiff.loading import load as load_multimodal
 
     d = copy_fixture("llada-tiny", tmp_path)
     tiny_tokenizer.save_pretrained(d)
@@ -359,13 +359,13 @@ def test_load_multimodal_wraps_a_text_only_checkpoint(tmp_path, tiny_tokenizer):
 
 
 def test_load_multimodal_errors_and_mmdiff_directories(tmp_path, tiny_tokenizer):
-    from mmdiff.checkpoints import load_multimodal
+    from mmdiff.loading import load as load_multimodal
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         load_multimodal(fixture("llada-tiny"))
     plain = tmp_path / "plain"
-    Decoder(preset("tiny-test")).save_pretrained(plain)
+    save_decoder(Decoder(preset("tiny-test")), plain)
     with pytest.raises(ValueError, match="no special_tokens.json"):
         load_multimodal(plain)
     own = MultimodalDiffusionLM(ModelConfig(decoder=preset("tiny-test", vocab_size=len(tiny_tokenizer))),

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from mmdiff import special_tokens as st
 from mmdiff.sampling import DecodeConfig
 from mmdiff.checkpoints import (LLADA_MASK_TOKEN, LLADA_V_SYSTEM_PROMPT, LLADA_V_UNUSED, ReleasedTokenizer,
-                                detect_format, llada_v_model_config, load_llada_v, load_multimodal, tokenizer_files)
+                                detect_format, llada_v_model_config, load_llada_v, tokenizer_files)
+from mmdiff.loading import load as load_multimodal
 from mmdiff.decoder import Decoder, DecoderConfig
 from mmdiff.encoders.vision import SIGLIP_TOWERS
 from mmdiff.sampling import SamplerConfig
@@ -285,7 +286,7 @@ def test_bfloat16_load_has_no_fp32_or_meta_tensor(checkpoint, caplog):
 
 
 def test_detect_format_points_to_the_multimodal_loader():
-    with pytest.raises(ValueError, match="LLaDA-V.*load_multimodal"):
+    with pytest.raises(ValueError, match="LLaDA-V.*mmdiff.load"):
         detect_format(llada_v_config())
 
 
