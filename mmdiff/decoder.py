@@ -434,7 +434,7 @@ class DecoderOutput:
 
     logits: torch.Tensor  # (B, T, V), raw: position i's own output (see Decoder.aligned_logits)
     hidden_states: list[torch.Tensor] | None = None  # n_layers + 1 tensors (B, T, D) when requested
-    attn_received: dict[int, torch.Tensor] | None = None  # layer -> (B, Tc+T) attention received
+    attn_received: dict[int, torch.Tensor] | None = None  # probed layer -> (B, Tc+T) attention received
     cache: KVCache | None = None
     layers_run: list[LayerShape | None] | None = None  # per layer, per sequence; None = skipped
 
@@ -479,9 +479,7 @@ class Decoder(nn.Module):
                 attn_mode: str | None = None, valid: torch.Tensor | None = None,
                 prefix_len: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, store_cache: bool = False,
-                output_hidden_states: bool = False, probe: torch.Tensor | None = None,
-                probe_layers: tuple[int, ...] = (), skip_layers: frozenset[int] = frozenset(),
-                plan: LayerPlan | None = None) -> DecoderOutput:
+                output_hidden_states: bool = False, plan: LayerPlan | None = None) -> DecoderOutput:
         """Run the decoder.
 
         Args:
@@ -494,11 +492,10 @@ class Decoder(nn.Module):
             cache: keys/values of earlier positions, prepended to this call's.
             store_cache: append this call's keys/values to ``cache``.
             output_hidden_states: also return the residual stream after embedding and every layer.
-            probe: (B, T) query weights; with ``probe_layers`` records attention received per key.
-            skip_layers: indices of blocks to skip (layer skipping).
             plan: per-layer decisions (token dropping, layer skipping, probing); see :class:`LayerPlan`.
                 Logits and hidden states keep all T rows: a dropped token's row holds its state at
-                the layer it was dropped.
+                the layer it was dropped. The attention received at every probed layer is returned
+                in ``attn_received``.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
@@ -517,36 +514,32 @@ class Decoder(nn.Module):
             mask = attention_mask(mode, valid, q_len=T, prefix_len=prefix_len)  # (B, 1, T, Tc+T)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         hidden = [x] if output_hidden_states else None
-        received: dict[int, torch.Tensor] | None = {} if probe_layers else None
         if cache is None and store_cache:
             cache = KVCache.empty(self.cfg.n_layers)
         pruned = _Pruned(B, T, Tc, x.device)  # which of this call's tokens still run
-        scores = None  # (B, Tc+T) attention recorded for the plan
+        scores = None  # (B, Tc+T) attention at the latest probed layer, for the plan
+        received: dict[int, torch.Tensor] = {}  # probed layer -> attention received per key
         shapes: list[LayerShape | None] = []
         for i, block in enumerate(self.layers):
             keep = None if plan is None else plan.keep(i, scores)
             if keep is not None:
                 x, cos, sin = pruned.drop(keep, x, cos, sin)
-            if i in skip_layers or (plan is not None and plan.skip(i)):
+            if plan is not None and plan.skip(i):
                 shapes.append(None)
                 if hidden is not None:
                     hidden.append(pruned.full(x))
                 continue
             has_cached = cache is not None and cache.keys[i] is not None
             layer_mask = pruned.mask(mask, has_cached=has_cached, alive=cache.alive_at(i) if has_cached else None)
-            plan_weights = None if plan is None else plan.probe(i)  # the plan's probe wins a shared layer
-            weights = probe if plan_weights is None and probe is not None and i in probe_layers else plan_weights
+            weights = None if plan is None else plan.probe(i)
             q_weights = None if weights is None else pruned.rows_of(weights)
             x, r = block(x, cos, sin, layer_mask, cache=cache, layer=i, store=store_cache, probe=q_weights,
                          rows=pruned.rows, n_new=T)
             n_probe = 0 if q_weights is None else int(q_weights.ne(0).any(0).sum())
             shapes.append(LayerShape(x.shape[1], x.shape[1] + (Tc if has_cached else 0), n_probe))
             if r is not None:
-                r = pruned.to_positions(r, has_cached=has_cached)  # (B, Tc+T)
-                if plan_weights is not None:
-                    scores = r
-                if received is not None and i in probe_layers:
-                    received[i] = r
+                scores = pruned.to_positions(r, has_cached=has_cached)  # (B, Tc+T)
+                received[i] = scores
             if hidden is not None:
                 hidden.append(pruned.full(x))
-        return DecoderOutput(self.forward_head(pruned.full(x)), hidden, received, cache, shapes)
+        return DecoderOutput(self.forward_head(pruned.full(x)), hidden, received or None, cache, shapes)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmdiff.checkpoints import load_checkpoint, save_decoder
-from mmdiff.decoder import PRESETS, Decoder, DecoderConfig, attention_mask, preset
+from mmdiff.decoder import PRESETS, Decoder, DecoderConfig, LayerPlan, attention_mask, preset
 
 
 def tiny(**kw) -> Decoder:
@@ -111,12 +111,30 @@ def test_attention_mask_shapes_and_rules():
         attention_mask("sideways", valid)
 
 
+class ProbeAt(LayerPlan):
+    """Records the attention ``weights``' queries pay at ``layer``."""
+
+    def __init__(self, layer: int, weights: torch.Tensor) -> None:
+        self.layer, self.weights = layer, weights
+
+    def probe(self, layer: int) -> torch.Tensor | None:
+        return self.weights if layer == self.layer else None
+
+
+class Skip(LayerPlan):
+    def __init__(self, layers: set[int]) -> None:
+        self.layers = layers
+
+    def skip(self, layer: int) -> bool:
+        return layer in self.layers
+
+
 def test_hidden_states_and_attention_probe():
     d = tiny()
     ids = torch.randint(0, 128, (2, 7))
     probe = torch.zeros(2, 7)
     probe[:, -2:] = 1
-    out = d(ids, output_hidden_states=True, probe=probe, probe_layers=(1,))
+    out = d(ids, output_hidden_states=True, plan=ProbeAt(1, probe))
     assert len(out.hidden_states) == d.cfg.n_layers + 1
     assert set(out.attn_received) == {1}
     torch.testing.assert_close(out.attn_received[1].sum(-1), torch.ones(2))  # each query's weights sum to 1
@@ -135,8 +153,8 @@ def test_kv_cache_equals_full_forward():
 def test_skip_layers_changes_output_and_none_is_noop():
     d = tiny()
     ids = torch.randint(0, 128, (1, 5))
-    torch.testing.assert_close(d(ids, skip_layers=frozenset()).logits, d(ids).logits)
-    assert not torch.allclose(d(ids, skip_layers=frozenset({1})).logits, d(ids).logits)
+    torch.testing.assert_close(d(ids, plan=Skip(set())).logits, d(ids).logits)
+    assert not torch.allclose(d(ids, plan=Skip({1})).logits, d(ids).logits)
 
 
 def test_config_validation_messages():

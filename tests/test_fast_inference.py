@@ -366,8 +366,13 @@ def test_flop_counter_matches_a_hand_count():
     pruned = d(torch.randint(3, 128, (1, 5)), plan=Drop(1, drop_positions(1, 5, [1, 2]), probe_at=0, queries=q))
     assert forward_flops(d.cfg, pruned) == (95360 + 320) + 56448 + 40960
     # a skipped layer costs nothing
-    skipped = d(torch.randint(3, 128, (1, 5)), skip_layers=frozenset({0}))
+    skipped = d(torch.randint(3, 128, (1, 5)), plan=SkipFirst())
     assert forward_flops(d.cfg, skipped) == 95360 + 40960
+
+
+class SkipFirst(LayerPlan):
+    def skip(self, layer: int) -> bool:
+        return layer == 0
 
 
 def test_flop_counter_watches_the_ar_baseline():
