@@ -197,6 +197,8 @@ def test_adapter_config_validation():
         build_adapter(ProjectorConfig(kind="mlp3x", in_dim=4, out_dim=4))
     with pytest.raises(TypeError, match="'audio_ctc' takes a CTCAdapterConfig, got a ProjectorConfig"):
         build_adapter(ProjectorConfig(kind="audio_ctc", in_dim=4, out_dim=4))
+    with pytest.raises(TypeError, match="'audio_semantic' takes a SemanticAdapterConfig, got a DualAdapterConfig"):
+        build_adapter(tiny_adapter_cfg("audio_dual", kind="audio_semantic"))
     with pytest.raises(TypeError, match="AdapterConfig is the base of the per-kind configs"):
         AdapterConfig(kind="linear", in_dim=4, out_dim=4)
 

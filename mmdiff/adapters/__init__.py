@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 #: name -> adapter class; each class declares ``modality``, ``emits`` and ``config_class``.
 ADAPTERS: Registry[type[nn.Module]] = Registry("adapter")
 
-#: Until issue #18 one AdapterConfig held every kind's fields; a section saved then carries the
-#: fields its kind does not read, at these defaults (and is read, without them).
+#: Until issue #18 one AdapterConfig held every kind's fields: a section saved then also holds the
+#: fields its kind does not read, at these defaults, and they are dropped on reading.
 FLAT_DEFAULTS: dict[str, Any] = {
     "pool": 1, "grid": None, "norm": False, "pos_embed": False, "subsample": 4, "num_queries": 16,
     "qformer_layers": 2, "qformer_heads": 4, "n_encoder_layers": 1, "vocab_size": 0, "words": None,
@@ -94,7 +94,7 @@ def adapter_config_from_dict(data: Mapping[str, Any], *, source: str = "adapter 
 def build_adapter(cfg: AdapterConfig) -> nn.Module:
     """Build the adapter registered under ``cfg.kind`` from its own config class."""
     cls = ADAPTERS.get(cfg.kind)
-    if not isinstance(cfg, cls.config_class):
+    if type(cfg) is not cls.config_class:  # exactly: audio_dual's config is also a semantic and an acoustic one
         raise TypeError(f"adapter {cfg.kind!r} takes a {cls.config_class.__name__}, got a {type(cfg).__name__}")
     return cls(cfg)
 
