@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import transformers.models.whisper.modeling_whisper  # noqa: F401
 from PIL import Image
 
-from mmdiff.adapters import (ADAPTERS, AdapterConfig, CTCAdapterConfig, ProjectorConfig, adapter_config_from_dict,
-                             build_adapter)
+from mmdiff.adapters import (ADAPTERS, AdapterConfig, CTCAdapterConfig, DualAdapterConfig, ProjectorConfig,
+                             adapter_config_from_dict, build_adapter)
 from mmdiff.encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from mmdiff.encoders.vision import build_vision_encoder, preset
 
@@ -198,7 +198,7 @@ def test_adapter_config_validation():
     with pytest.raises(TypeError, match="'audio_ctc' takes a CTCAdapterConfig, got a ProjectorConfig"):
         build_adapter(ProjectorConfig(kind="audio_ctc", in_dim=4, out_dim=4))
     with pytest.raises(TypeError, match="'audio_semantic' takes a SemanticAdapterConfig, got a DualAdapterConfig"):
-        build_adapter(tiny_adapter_cfg("audio_dual", kind="audio_semantic"))
+        build_adapter(DualAdapterConfig(kind="audio_semantic", in_dim=4, out_dim=4))
     with pytest.raises(TypeError, match="AdapterConfig is the base of the per-kind configs"):
         AdapterConfig(kind="linear", in_dim=4, out_dim=4)
 
