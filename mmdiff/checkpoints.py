@@ -622,7 +622,7 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
     last path component of ``mm_vision_tower`` in :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` and
     read at block -2 (LLaVA's ``SigLipVisionTower`` drops the last block and reads the new last one).
     """
-    from .adapters import AdapterConfig
+    from .adapters import ProjectorConfig
     from .encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
     from .model import ModelConfig
 
@@ -647,7 +647,7 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
                     "(the whole image resized to the tower's input); anyres tiles and image_newline are not used",
                     source, c["image_aspect_ratio"], c["mm_patch_merge_type"])
     return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2),
-                       vision_adapter=AdapterConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
+                       vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
 
 
 def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:

@@ -25,6 +25,23 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], *, source: str = "co
     return cls(**data)
 
 
+def drop_retired_keys(data: Mapping[str, Any], retired: Mapping[str, Any], *, source: str, why: str) -> dict:
+    """``data`` without the keys of an older format that hold their old default ("off"); a retired key
+    set to anything else asks for something that no longer exists and is refused by name.
+
+    Args:
+        data: a config section.
+        retired: key -> its default in the older format.
+        source: where ``data`` came from, for the message.
+        why: why the keys are gone, for the message.
+    """
+    for key, default in retired.items():
+        if key in data and data[key] != default:
+            raise ValueError(f"{source}: {key}={data[key]!r} is not supported: {why}. Only the old default "
+                             f"{key}={default!r} is read (and ignored).")
+    return {k: v for k, v in data.items() if k not in retired}
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)

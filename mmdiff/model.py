@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,9 +42,9 @@ class ModelConfig:
 
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     vision: object | None = None  # encoders.VisionEncoderConfig
-    vision_adapter: object | None = None  # adapters.AdapterConfig
+    vision_adapter: object | None = None  # adapters.AdapterConfig (its kind's subclass)
     audio: object | None = None  # encoders.AudioEncoderConfig
-    audio_adapter: object | None = None  # adapters.AdapterConfig
+    audio_adapter: object | None = None  # adapters.AdapterConfig (its kind's subclass)
 
     def to_dict(self) -> dict:
         return {"model_type": MODEL_TYPE, **{k: None if getattr(self, k) is None else getattr(self, k).to_dict()
@@ -52,18 +52,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config.json") -> "ModelConfig":
-        from .adapters import AdapterConfig
+        from .adapters import adapter_config_from_dict
         from .encoders import AudioEncoderConfig, VisionEncoderConfig
 
         data = dict(data)
         if data.pop("model_type", None) != MODEL_TYPE:
             raise ValueError(f"{source}: not an mmdiff multimodal model config (model_type != {MODEL_TYPE!r})")
-        kinds = {"decoder": DecoderConfig, "vision": VisionEncoderConfig, "vision_adapter": AdapterConfig,
-                 "audio": AudioEncoderConfig, "audio_adapter": AdapterConfig}
-        unknown = sorted(set(data) - set(kinds))
+        readers = {"decoder": DecoderConfig.from_dict, "vision": VisionEncoderConfig.from_dict,
+                   "vision_adapter": adapter_config_from_dict, "audio": AudioEncoderConfig.from_dict,
+                   "audio_adapter": adapter_config_from_dict}
+        unknown = sorted(set(data) - set(readers))
         if unknown:
-            raise ValueError(f"{source}: unknown sections {unknown}; known: {sorted(kinds)}")
-        return cls(**{k: None if data.get(k) is None else kinds[k].from_dict(data[k]) for k in kinds if k in data})
+            raise ValueError(f"{source}: unknown sections {unknown}; known: {sorted(readers)}")
+        return cls(**{k: None if data.get(k) is None else readers[k](data[k], source=f"{source} {k}")
+                      for k in readers if k in data})
 
 
 @dataclass
@@ -87,7 +89,9 @@ class MultimodalDiffusionLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tokenizer) -> None:
         super().__init__()
-        self.cfg = cfg
+        adapters = {k: getattr(cfg, k).resolve(cfg.decoder) for k in ("vision_adapter", "audio_adapter")
+                    if getattr(cfg, k) is not None}
+        self.cfg = cfg = replace(cfg, **adapters)  # the adapters' decoder-dependent fields filled in
         self.tokenizer = tokenizer
         self.special = SpecialIds.from_tokenizer(tokenizer)
         self.decoder = Decoder(cfg.decoder)
@@ -97,23 +101,12 @@ class MultimodalDiffusionLM(nn.Module):
             from .encoders import build_vision_encoder
 
             self.vision = build_vision_encoder(cfg.vision)
-            if cfg.vision_adapter.kind == "cell_words":  # words -> token ids of this tokenizer, once
-                from .adapters.vision import CellWordAdapter, scene_words
-
-                va = cfg.vision_adapter
-                va.vocab_size = va.vocab_size or cfg.decoder.vocab_size
-                if va.word_ids is None:
-                    va.words = va.words or scene_words()
-                    va.word_ids = CellWordAdapter.resolve(
-                        va.words, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"])
             self.vision_adapter = build_adapter(cfg.vision_adapter)
         if cfg.audio is not None:
             from .adapters import build_adapter
             from .encoders import build_audio_encoder
 
             self.audio = build_audio_encoder(cfg.audio)
-            if cfg.audio_adapter.kind == "audio_ctc" and not cfg.audio_adapter.vocab_size:
-                cfg.audio_adapter.vocab_size = cfg.decoder.vocab_size  # CTC over the decoder's vocabulary
             self.audio_adapter = build_adapter(cfg.audio_adapter)
 
     @property
@@ -139,22 +132,17 @@ class MultimodalDiffusionLM(nn.Module):
         return self.adapt_image(self.vision(pixels))
 
     def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
-        """Vision encoder tokens (B, N, C) -> (B, N', D) decoder-space tokens.
+        """Vision encoder tokens (B, N, C) -> (B, N', D) decoder-space tokens (see :meth:`_in_decoder_space`)."""
+        return self._in_decoder_space(self.vision_adapter, self.vision_adapter(features))
 
-        Adapters that emit weights over the vocabulary (``emits = "vocab"``, e.g. ``cell_words``)
-        are embedded with the decoder's own token table: sum_v w(v) * E[v].
-        """
-        tokens = self.vision_adapter(features)
-        if getattr(self.vision_adapter, "emits", "embeddings") == "vocab":
-            tokens = self._embed_vocab(tokens)
-            if getattr(self.vision_adapter, "pos_embed", None) is not None:
-                tokens = tokens + self.vision_adapter.pos_embed
-        return tokens
-
-    def _embed_vocab(self, weights: torch.Tensor) -> torch.Tensor:
-        """(..., V') weights over the first V' tokens -> (..., D): sum_v w(v) * E[v], the decoder's own table."""
+    def _in_decoder_space(self, adapter: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """An adapter's output as decoder-space tokens (..., D). Adapters that emit distributions over the
+        first V' tokens of the vocabulary (``emits = "vocab"``, e.g. ``audio_ctc``) are embedded with the
+        decoder's own token table: sum_v p(v) * E[v]; the others already emit embeddings."""
+        if adapter.emits == "embeddings":
+            return tokens
         table = self.decoder.embed_tokens.weight  # (V, D)
-        return weights.to(table.dtype) @ table[: weights.shape[-1]]
+        return tokens.to(table.dtype) @ table[: tokens.shape[-1]]
 
     def encode_audio(self, clips: Sequence) -> list[torch.Tensor]:
         """Clips (paths or (array, rate)) -> list of (N_i, D) tokens (padding frames dropped)."""
@@ -179,15 +167,9 @@ class MultimodalDiffusionLM(nn.Module):
         return out
 
     def adapt_audio(self, features) -> tuple[torch.Tensor, torch.Tensor]:
-        """Audio encoder output -> (tokens (B, N, D), mask (B, N)) in decoder space.
-
-        Adapters that emit distributions over the vocabulary (``emits = "vocab"``, e.g. ``audio_ctc``)
-        are embedded with the decoder's own token table: sum_v p(v) * E[v].
-        """
+        """Audio encoder output -> (tokens (B, N, D), mask (B, N)) in decoder space (see :meth:`_in_decoder_space`)."""
         tokens, mask = self.audio_adapter(features)
-        if getattr(self.audio_adapter, "emits", "embeddings") == "vocab":
-            tokens = self._embed_vocab(tokens)  # (B, N, D)
-        return tokens, mask
+        return self._in_decoder_space(self.audio_adapter, tokens), mask
 
     def embed_prompt(self, prompts: Sequence[Sequence[int]], *, images: Sequence[Sequence[torch.Tensor]] | None = None,
                      audios: Sequence[Sequence[torch.Tensor]] | None = None, return_kinds: bool = False):

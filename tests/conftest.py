@@ -35,14 +35,14 @@ def world_tokenizer():
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny random image-question model saved like a real one (tiny timm ViT, linear adapter)."""
     from mmdiff import decoder
-    from mmdiff.adapters import AdapterConfig
+    from mmdiff.adapters import ProjectorConfig
     from mmdiff.encoders import vision
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 
     dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
     vis = vision.preset("tiny-test")
     cfg = ModelConfig(decoder=dec, vision=vis,
-                      vision_adapter=AdapterConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
+                      vision_adapter=ProjectorConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-model")
     MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)

@@ -106,6 +106,13 @@ def test_errors_name_the_problem(base, data):
         attach_encoder(load_multimodal(base), "audio", model.cfg.audio, "linear")
 
 
+def test_attached_ctc_adapter_takes_the_decoders_vocabulary(base):
+    model = load_multimodal(base)
+    cfg = attach_encoder(model, "audio", AudioEncoderConfig(**TINY_WHISPER), "audio_ctc")
+    assert cfg.vocab_size == model.cfg.decoder.vocab_size and model.cfg.audio_adapter == cfg
+    assert model.audio_adapter.ctc.out_features == cfg.vocab_size + 1  # the tokens and a blank
+
+
 # ------------------------------------------------------------------------------------------------
 # two processes
 # ------------------------------------------------------------------------------------------------
@@ -166,6 +173,17 @@ def test_command_writes_an_adapter_that_loads_back(base, data, tmp_path, capsys)
     assert all(torch.equal(model.vision_adapter.state_dict()[k], v) for k, v in saved.items())
     image = next(iter(rows_of(data))).image
     assert model.generate(["what is this?"], images=[image])[0].tokens
+    # an adapter.json written before issue #18 (one flat adapter config for every kind) loads the same adapter
+    assert meta["adapter"] == {"kind": "mlp2x_gelu", "in_dim": 32, "out_dim": 64, "pool": 1, "grid": [4, 4],
+                               "norm": False, "pos_embed": False}
+    meta["adapter"].update(subsample=4, num_queries=16, qformer_layers=2, qformer_heads=4, n_encoder_layers=1,
+                           vocab_size=0, words=None, word_ids=None, position_weight=1.0, empty_weight=1.0,
+                           beam_width=8, lm_weight=0.3, length_bonus=1.5)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    old = load_multimodal(base)
+    attach_trained_adapter(old, out)
+    assert old.cfg.vision_adapter == model.cfg.vision_adapter
+    assert all(torch.equal(old.vision_adapter.state_dict()[k], v) for k, v in saved.items())
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,6 +1,7 @@
-"""Vision and audio adapters at tiny sizes: shapes, pooling, position embeddings, masks, batching."""
+"""Vision and audio adapters at tiny sizes: shapes, pooling, position embeddings, masks, batching; their configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 import transformers.models.whisper.modeling_whisper  # noqa: F401
 from PIL import Image
 
-from mmdiff.adapters import ADAPTERS, AdapterConfig, build_adapter
+from mmdiff.adapters import (ADAPTERS, AdapterConfig, CTCAdapterConfig, DualAdapterConfig, ProjectorConfig,
+                             adapter_config_from_dict, build_adapter)
 from mmdiff.encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from mmdiff.encoders.vision import build_vision_encoder, preset
 
@@ -21,22 +23,18 @@ VOCAB = 20  # audio_ctc: distributions over this many tokens
 
 def width(adapter) -> int:
     """Output width: decoder width, or the vocabulary for adapters that emit token distributions."""
-    return VOCAB if getattr(adapter, "emits", "embeddings") == "vocab" else OUT
+    return VOCAB if adapter.emits == "vocab" else OUT
+
+
+#: tiny sizes, each given to the kinds whose config has the field
+TINY = dict(num_queries=3, qformer_layers=1, qformer_heads=2, n_encoder_layers=2, vocab_size=VOCAB, pool=2,
+            grid=(4, 4), pos_embed=True)
 
 
 def tiny_adapter_cfg(kind: str, **kw) -> AdapterConfig:
-    base = dict(kind=kind, in_dim=IN, out_dim=OUT, num_queries=3, qformer_layers=1, qformer_heads=2,
-                n_encoder_layers=2, vocab_size=VOCAB)
-    if ADAPTERS.get(kind).modality == "image":
-        base.update(pool=2, grid=(4, 4), pos_embed=True)
-    if kind == "cell_words":  # 2 x 2 cells; classes and cell names as token-id spellings
-        base.update(pos_embed=False, word_ids=CELL_WORD_IDS)
-    return AdapterConfig(**{**base, **kw})
-
-
-#: cell_words at VOCAB tokens: two attributes (index 0 = empty cell), four cell names
-CELL_WORD_IDS = {"shape": [[[0]], [[1], [2]], [[3]]], "colour": [[[0]], [[4]], [[5], [6]]],
-                 "position": [[[7, 8]], [[7, 9]], [[10, 8]], [[10, 9]]]}
+    cls = ADAPTERS.get(kind).config_class
+    own = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{"kind": kind, "in_dim": IN, "out_dim": OUT, **{k: v for k, v in TINY.items() if k in own}, **kw})
 
 
 def audio_feats(lengths: list[int], *, n_layers: int = 2, seed: int = 0) -> AudioFeatures:
@@ -82,13 +80,13 @@ def test_expected_token_counts():
     assert build_adapter(tiny_adapter_cfg("audio_semantic", subsample=1)).num_tokens(7) == 7
     assert build_adapter(tiny_adapter_cfg("audio_acoustic")).num_tokens(125) == 3
     assert build_adapter(tiny_adapter_cfg("audio_dual")).num_tokens(125) == 35
-    assert build_adapter(AdapterConfig(kind="linear", in_dim=IN, out_dim=OUT)).num_tokens(81) == 81
+    assert build_adapter(ProjectorConfig(kind="linear", in_dim=IN, out_dim=OUT)).num_tokens(81) == 81
     with pytest.raises(ValueError, match="15 tokens do not form the 4x4 grid"):
         build_adapter(tiny_adapter_cfg("linear")).num_tokens(15)
 
 
 def test_pool_2x2_on_4x4_grid_matches_hand_computation():
-    adapter = build_adapter(AdapterConfig(kind="linear", in_dim=1, out_dim=1, pool=2, grid=(4, 4)))
+    adapter = build_adapter(ProjectorConfig(kind="linear", in_dim=1, out_dim=1, pool=2, grid=(4, 4)))
     tokens = torch.arange(16.0).reshape(1, 16, 1)  # row-major 4x4 grid: row r, column c -> 4r + c
     pooled = adapter.pool_grid(tokens)
     assert pooled.flatten().tolist() == [(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4,
@@ -98,7 +96,7 @@ def test_pool_2x2_on_4x4_grid_matches_hand_computation():
 
 
 def test_mlp2x_gelu_is_llava_projector():
-    adapter = build_adapter(AdapterConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT))
+    adapter = build_adapter(ProjectorConfig(kind="mlp2x_gelu", in_dim=IN, out_dim=OUT))
     assert sorted(adapter.state_dict()) == ["proj.0.bias", "proj.0.weight", "proj.2.bias", "proj.2.weight"]
     mm_projector = {"0.weight": torch.randn(OUT, IN), "0.bias": torch.randn(OUT),
                     "2.weight": torch.randn(OUT, OUT), "2.bias": torch.randn(OUT)}  # LLaDA-V names
@@ -111,7 +109,7 @@ def test_mlp2x_gelu_is_llava_projector():
 def test_pos_embed_differs_per_position():
     torch.manual_seed(0)
     cfg = dict(kind="mlp2x_gelu", in_dim=IN, out_dim=64, pool=3, grid=(9, 9))
-    with_pe, without = build_adapter(AdapterConfig(**cfg, pos_embed=True)), build_adapter(AdapterConfig(**cfg))
+    with_pe, without = build_adapter(ProjectorConfig(**cfg, pos_embed=True)), build_adapter(ProjectorConfig(**cfg))
     without.proj.load_state_dict(with_pe.proj.state_dict())
     same = torch.randn(1, 1, IN).expand(2, 81, IN)  # identical tokens at every position
     plain, embedded = without(same), with_pe(same)
@@ -125,7 +123,7 @@ def test_pos_embed_differs_per_position():
 def test_norm_fixes_the_token_scale_before_the_position_embedding():
     torch.manual_seed(0)
     cfg = dict(kind="mlp2x_gelu", in_dim=IN, out_dim=64, pool=3, grid=(9, 9), pos_embed=True)
-    normed, plain = build_adapter(AdapterConfig(**cfg, norm=True)), build_adapter(AdapterConfig(**cfg))
+    normed, plain = build_adapter(ProjectorConfig(**cfg, norm=True)), build_adapter(ProjectorConfig(**cfg))
     plain.load_state_dict(normed.state_dict(), strict=False)
     assert "norm.weight" in normed.state_dict() and "norm.weight" not in plain.state_dict()
     for scale in (1e-2, 1.0, 1e3):  # whatever the encoder's feature scale
@@ -180,9 +178,7 @@ def test_acoustic_fuses_layers_with_softmax_weights():
         adapter(AudioFeatures(last=feats.last, layers=feats.layers[:1], mask=feats.mask))
 
 
-def test_adapter_config_validation_and_round_trip():
-    cfg = tiny_adapter_cfg("mlp2x_gelu")
-    assert AdapterConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # grid list -> tuple
+def test_adapter_config_validation():
     errors = {
         "linear: grid .* is required when pool > 1": dict(kind="linear", pool=2),
         "linear: pool must be >= 1": dict(kind="linear", pool=0),
@@ -194,17 +190,69 @@ def test_adapter_config_validation_and_round_trip():
     }
     for message, fields in errors.items():
         with pytest.raises(ValueError, match=message):
-            build_adapter(AdapterConfig(**{"in_dim": 4, "out_dim": 4, **fields}))
-    with pytest.raises(ValueError, match=r"unknown AdapterConfig keys \['proj'\]"):
-        AdapterConfig.from_dict({"kind": "linear", "in_dim": 1, "out_dim": 1, "proj": "x"})
+            build_adapter(adapter_config_from_dict({"in_dim": 4, "out_dim": 4, **fields}))
+    with pytest.raises(ValueError, match=r"unknown ProjectorConfig keys \['proj'\]"):
+        adapter_config_from_dict({"kind": "linear", "in_dim": 1, "out_dim": 1, "proj": "x"})
     with pytest.raises(ValueError, match="Unknown adapter 'mlp3x'; known: audio_acoustic, audio_ctc, audio_dual"):
-        build_adapter(AdapterConfig(kind="mlp3x", in_dim=4, out_dim=4))
+        build_adapter(ProjectorConfig(kind="mlp3x", in_dim=4, out_dim=4))
+    with pytest.raises(TypeError, match="'audio_ctc' takes a CTCAdapterConfig, got a ProjectorConfig"):
+        build_adapter(ProjectorConfig(kind="audio_ctc", in_dim=4, out_dim=4))
+    with pytest.raises(TypeError, match="'audio_semantic' takes a SemanticAdapterConfig, got a DualAdapterConfig"):
+        build_adapter(DualAdapterConfig(kind="audio_semantic", in_dim=4, out_dim=4))
+    with pytest.raises(TypeError, match="AdapterConfig is the base of the per-kind configs"):
+        AdapterConfig(kind="linear", in_dim=4, out_dim=4)
+
+
+@pytest.mark.parametrize("kind", ADAPTERS.names())
+def test_every_adapter_declares_modality_output_and_config(kind):
+    cls = ADAPTERS.get(kind)
+    assert cls.modality in ("image", "audio") and cls.emits in ("embeddings", "vocab")
+    assert issubclass(cls.config_class, AdapterConfig) and cls.config_class is not AdapterConfig
+
+
+@pytest.mark.parametrize("kind", ADAPTERS.names())
+def test_adapter_config_round_trip(kind):
+    """A kind's config writes only its own fields and reads back (JSON lists -> tuples) as the same
+    class, which builds the same adapter."""
+    cfg = tiny_adapter_cfg(kind)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["kind"] == kind and set(data) == {f.name for f in dataclasses.fields(cfg)}
+    back = adapter_config_from_dict(data)
+    assert type(back) is type(cfg) and back == cfg
+    shapes = {k: v.shape for k, v in build_adapter(cfg).state_dict().items()}
+    assert {k: v.shape for k, v in build_adapter(back).state_dict().items()} == shapes
+
+
+#: an adapter section as every kind wrote it before issue #18: one config with all kinds' fields
+OLD_FLAT = {"kind": "audio_semantic", "in_dim": 4, "out_dim": 4, "pool": 1, "grid": None, "norm": False,
+            "pos_embed": False, "subsample": 2, "num_queries": 16, "qformer_layers": 2, "qformer_heads": 4,
+            "n_encoder_layers": 1, "vocab_size": 0, "words": None, "word_ids": None, "position_weight": 1.0,
+            "empty_weight": 1.0, "beam_width": 8, "lm_weight": 0.3, "length_bonus": 1.5}
+
+
+def test_old_flat_adapter_section_reads_as_the_kinds_own_config():
+    cfg = adapter_config_from_dict(OLD_FLAT)
+    assert cfg == tiny_adapter_cfg("audio_semantic", in_dim=4, out_dim=4, subsample=2)
+    assert cfg.to_dict() == {"kind": "audio_semantic", "in_dim": 4, "out_dim": 4, "subsample": 2}
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(pool=2), "src: pool=2 is not supported: the audio_semantic adapter has no such field .* old default pool=1"),
+    (dict(kind="linear", subsample=4, position_weight=3.0), "position_weight=3.0 is not supported: the linear adapter"),
+    (dict(kind="cell_words"), "src: adapter kind 'cell_words' is not supported: the lexical vision adapter was an "
+                              "experiment and was removed"),
+    (dict(kind="mlp3x"), "src: Unknown adapter 'mlp3x'; known: audio_acoustic, audio_ctc, audio_dual, "
+                         "audio_semantic, linear, mlp2x_gelu"),
+])
+def test_adapter_section_errors_name_the_field_or_kind(fields, message):
+    with pytest.raises(ValueError, match=message):
+        adapter_config_from_dict({**OLD_FLAT, **fields}, source="src")
 
 
 def test_shipped_scene_pipeline_gives_one_token_per_cell():
     """mmdiff-scenes: 64 px scene -> 9x9 patch grid -> 3x3 pooling -> 9 decoder tokens."""
     enc = build_vision_encoder(preset("mmdiff-scenes")).eval()
-    adapter = build_adapter(AdapterConfig(kind="mlp2x_gelu", in_dim=enc.out_dim, out_dim=32, pool=3,
+    adapter = build_adapter(ProjectorConfig(kind="mlp2x_gelu", in_dim=enc.out_dim, out_dim=32, pool=3,
                                           grid=enc.grid, pos_embed=True))
     with torch.no_grad():
         tokens = adapter(enc(enc.preprocess([Image.new("RGB", (64, 64), (10, 200, 30))] * 2)))
@@ -229,7 +277,7 @@ def test_ctc_adapter_drops_blanks_and_merges_repeats():
     """Frames labelled [blank, 5, 5, blank, 5, 7, 7, blank] compress to the tokens 5, 5, 7; padding frames
     never count; an all-blank clip keeps its least-blank frame."""
     V = 9
-    adapter = build_adapter(AdapterConfig(kind="audio_ctc", in_dim=V + 1, out_dim=OUT, vocab_size=V)).eval()
+    adapter = build_adapter(CTCAdapterConfig(kind="audio_ctc", in_dim=V + 1, out_dim=OUT, vocab_size=V)).eval()
     with torch.no_grad():
         adapter.ctc.weight.copy_(torch.eye(V + 1) * 20)
         adapter.ctc.bias.zero_()
@@ -251,57 +299,3 @@ def test_ctc_adapter_drops_blanks_and_merges_repeats():
         padded = torch.cat([one_hot, one_hot[:3]])[None]
         p_tok, p_mask = adapter(AudioFeatures(last=padded, layers=[padded], mask=torch.arange(11)[None] < 8))
     torch.testing.assert_close(p_tok[p_mask], tokens[0, :3])
-
-
-def test_cell_words_emits_the_bag_of_each_cells_words():
-    """Each cell's weights: the predicted class's spellings (averaged) per attribute, plus its
-    position's words; soft predictions mix the classes' bags."""
-    adapter = build_adapter(tiny_adapter_cfg("cell_words")).eval()
-    tokens = torch.randn(1, 16, IN)
-    with torch.no_grad():
-        for head, cls in ((adapter.heads["shape"], 1), (adapter.heads["colour"], 2)):  # confident: one class
-            head.weight.zero_()
-            head.bias.fill_(-30.0)
-            head.bias[cls] = 30.0
-        w = adapter(tokens)[0]  # (4 cells, VOCAB)
-    expected = torch.zeros(4, VOCAB)
-    expected[:, [1, 2]] += 0.5  # shape class 1: two spellings
-    expected[:, [5, 6]] += 0.5  # colour class 2: two spellings
-    for cell, ids in enumerate(CELL_WORD_IDS["position"]):
-        expected[cell, ids[0]] += 1.0
-    torch.testing.assert_close(w, expected)
-    logits = adapter.cell_logits(tokens)
-    assert logits["shape"].shape == (1, 4, 3) and logits["colour"].shape == (1, 4, 3)
-    with torch.no_grad():  # soft prediction: the weights of each attribute still sum to one
-        adapter.heads["shape"].bias.zero_()
-        w = adapter(tokens)[0]
-    torch.testing.assert_close(w.sum(-1), torch.full((4,), 2.0 + 2.0))
-
-
-def test_cell_words_config_errors():
-    with pytest.raises(ValueError, match="cell_words: vocab_size and word_ids must be set"):
-        build_adapter(AdapterConfig(kind="cell_words", in_dim=IN, out_dim=OUT, pool=2, grid=(4, 4)))
-    with pytest.raises(ValueError, match="cell_words: 3 position names for 4 cells"):
-        build_adapter(tiny_adapter_cfg("cell_words", word_ids={**CELL_WORD_IDS, "position": [[[1]]] * 3}))
-    with pytest.raises(ValueError, match="cell_words: grid .* is required"):
-        build_adapter(tiny_adapter_cfg("cell_words", grid=None))
-
-
-def test_cell_words_weights_and_learned_cell_embedding():
-    """position_weight scales the cell-name words, empty_weight the empty class's word; pos_embed
-    adds a learned per-cell vector that MultimodalDiffusionLM.adapt_image adds after embedding."""
-    adapter = build_adapter(tiny_adapter_cfg("cell_words", position_weight=3.0, empty_weight=0.25,
-                                             pos_embed=True)).eval()
-    with torch.no_grad():
-        for head in adapter.heads.values():  # every cell confidently empty (class 0)
-            head.weight.zero_()
-            head.bias.fill_(-30.0)
-            head.bias[0] = 30.0
-        w = adapter(torch.randn(1, 16, IN))[0]
-    expected = torch.zeros(4, VOCAB)
-    expected[:, 0] = 2 * 0.25  # the empty word of both attributes
-    for cell, ids in enumerate(CELL_WORD_IDS["position"]):
-        expected[cell, ids[0]] += 3.0
-    torch.testing.assert_close(w, expected)
-    assert adapter.pos_embed.shape == (4, OUT)
-    assert build_adapter(tiny_adapter_cfg("cell_words")).pos_embed is None

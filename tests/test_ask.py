@@ -23,14 +23,14 @@ ASK = SamplerConfig(gen_length=8)  # ask's default canvas
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
     from mmdiff import decoder
-    from mmdiff.adapters import AdapterConfig
+    from mmdiff.adapters import ProjectorConfig
     from mmdiff.encoders import vision
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 
     dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))  # 2 layers
     vis = vision.preset("tiny-test")
     torch.manual_seed(0)
-    return MultimodalDiffusionLM(ModelConfig(decoder=dec, vision=vis, vision_adapter=AdapterConfig(
+    return MultimodalDiffusionLM(ModelConfig(decoder=dec, vision=vis, vision_adapter=ProjectorConfig(
         kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model)), tiny_tokenizer).eval()
 
 

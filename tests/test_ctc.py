@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mmdiff.adapters import AdapterConfig, build_adapter
+from mmdiff.adapters import CTCAdapterConfig, build_adapter
 from mmdiff.sampling import DecodeConfig
 from mmdiff.adapters.ctc import EOS, TokenNGram, ctc_greedy, ctc_prefix_beam_search
 from mmdiff.encoders.audio import AudioFeatures
@@ -95,7 +95,7 @@ def test_adapter_decodes_with_the_lm_in_eval_mode_only():
     """Eval mode with an LM: one-hot rows of the beam transcript; the LM turns an ambiguous frame into
     the word the questions use. Train mode (or beam_width 0): the soft runs, as without an LM."""
     V = 4
-    adapter = build_adapter(AdapterConfig(kind="audio_ctc", in_dim=V + 1, out_dim=8, vocab_size=V))
+    adapter = build_adapter(CTCAdapterConfig(kind="audio_ctc", in_dim=V + 1, out_dim=8, vocab_size=V))
     with torch.no_grad():
         adapter.ctc.weight.copy_(torch.eye(V + 1))
         adapter.ctc.bias.zero_()

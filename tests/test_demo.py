@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmdiff.adapters import AdapterConfig
+from mmdiff.adapters import ProjectorConfig, SemanticAdapterConfig
 from mmdiff.sampling import DecodeConfig
 from mmdiff.commands.demo import load_demo_app
 from mmdiff.data.dataset import iter_examples
@@ -57,10 +57,10 @@ def make_tiny_model_dir(root: Path, tokenizer) -> Path:
     cfg = ModelConfig(
         decoder=decoder_preset("tiny-test", vocab_size=len(tokenizer)),
         vision=vision_preset("tiny-test"),
-        vision_adapter=AdapterConfig(kind="linear", in_dim=32, out_dim=32),
+        vision_adapter=ProjectorConfig(kind="linear", in_dim=32, out_dim=32),
         audio=AudioEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
                                  max_source_positions=150, max_seconds=3.0),
-        audio_adapter=AdapterConfig(kind="audio_semantic", in_dim=32, out_dim=32),
+        audio_adapter=SemanticAdapterConfig(kind="audio_semantic", in_dim=32, out_dim=32),
     )
     model_dir = root / "model"
     MultimodalDiffusionLM(cfg, tokenizer).save_pretrained(model_dir)

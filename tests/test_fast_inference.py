@@ -394,14 +394,14 @@ def test_flop_counter_watches_the_ar_baseline():
 @pytest.fixture(scope="module")
 def mm_model(tiny_tokenizer):
     from mmdiff import decoder
-    from mmdiff.adapters import AdapterConfig
+    from mmdiff.adapters import ProjectorConfig
     from mmdiff.encoders import vision
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 
     dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer), attn_mode="prefix")
     vis = vision.preset("tiny-test")
     cfg = ModelConfig(decoder=dec, vision=vis,
-                      vision_adapter=AdapterConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
+                      vision_adapter=ProjectorConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
     torch.manual_seed(0)
     return MultimodalDiffusionLM(cfg, tiny_tokenizer).eval()
 

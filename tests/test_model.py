@@ -1,6 +1,7 @@
-"""The multimodal model: placeholder merge, save/load, media bad input, two images + a clip in one prompt."""
-import dataclasses
+"""The multimodal model: placeholder merge, save/load (and configs saved before issue #18), media bad input,
+two images + a clip in one prompt."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ import torch
 from PIL import Image
 
 from mmdiff import decoder
+from mmdiff.adapters import CTCAdapterConfig, ProjectorConfig, SemanticAdapterConfig
 from mmdiff.sampling import DecodeConfig
-from mmdiff.adapters import AdapterConfig
 from mmdiff.encoders import AudioEncoderConfig, vision
 from mmdiff.model import AUDIO, IMAGE, TEXT, ModelConfig, MultimodalDiffusionLM
 from mmdiff.sampling import SamplerConfig
@@ -24,8 +25,9 @@ def model(tiny_tokenizer):
     aud = AudioEncoderConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
                              max_source_positions=200, max_seconds=4.0)
     cfg = ModelConfig(decoder=dec, vision=vis,
-                      vision_adapter=AdapterConfig(kind="mlp2x_gelu", in_dim=vis.embed_dim, out_dim=dec.d_model),
-                      audio=aud, audio_adapter=AdapterConfig(kind="audio_semantic", in_dim=32, out_dim=dec.d_model))
+                      vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=vis.embed_dim, out_dim=dec.d_model),
+                      audio=aud, audio_adapter=SemanticAdapterConfig(kind="audio_semantic", in_dim=32,
+                                                                     out_dim=dec.d_model))
     return MultimodalDiffusionLM(cfg, tiny_tokenizer).eval()
 
 
@@ -139,37 +141,139 @@ def test_missing_model_directory_and_config_section(tmp_path, model):
         MultimodalDiffusionLM.from_pretrained(tmp_path / "m")
 
 
-def test_cell_words_adapter_reads_images_as_words(world_tokenizer, tmp_path):
-    """cell_words: the model resolves the scene words with its tokenizer (every spelling of a
-    name), embeds the adapter's word weights with the decoder's own table, and keeps the ids
-    through save/load."""
-    from mmdiff.adapters.vision import scene_words
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ("mmdiff-tiny", "mmdiff-tiny-ar")
+#: checkpoints/mmdiff-tiny/config.json as shipped before issue #18: one flat adapter config for every kind
+OLD_SHIPPED_CONFIG = """\
+{
+  "model_type": "mmdiff",
+  "decoder": {
+    "vocab_size": 483,
+    "d_model": 192,
+    "n_layers": 6,
+    "n_heads": 6,
+    "n_kv_heads": 6,
+    "mlp_hidden": 512,
+    "rope_theta": 10000.0,
+    "norm_eps": 1e-05,
+    "qkv_bias": false,
+    "tie_embeddings": false,
+    "logit_shift": false,
+    "attn_mode": "prefix",
+    "max_seq_len": 512
+  },
+  "vision": {
+    "kind": "timm",
+    "name": "vit_tiny_patch16_224",
+    "img_size": 72,
+    "patch_size": 12,
+    "embed_dim": 128,
+    "depth": 4,
+    "num_heads": 4,
+    "layer": -1,
+    "weights": null
+  },
+  "vision_adapter": {
+    "kind": "mlp2x_gelu",
+    "in_dim": 128,
+    "out_dim": 192,
+    "pool": 2,
+    "grid": [
+      6,
+      6
+    ],
+    "norm": true,
+    "pos_embed": true,
+    "subsample": 4,
+    "num_queries": 16,
+    "qformer_layers": 2,
+    "qformer_heads": 4,
+    "n_encoder_layers": 1,
+    "vocab_size": 0,
+    "words": null,
+    "word_ids": null,
+    "position_weight": 1.0,
+    "empty_weight": 1.0,
+    "beam_width": 8,
+    "lm_weight": 0.3,
+    "length_bonus": 1.5
+  },
+  "audio": {
+    "kind": "whisper",
+    "d_model": 192,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 768,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+    "checkpoint": null,
+    "max_seconds": 30.0,
+    "output_layers": [
+      -1
+    ]
+  },
+  "audio_adapter": {
+    "kind": "audio_ctc",
+    "in_dim": 192,
+    "out_dim": 192,
+    "pool": 1,
+    "grid": null,
+    "norm": false,
+    "pos_embed": false,
+    "subsample": 4,
+    "num_queries": 16,
+    "qformer_layers": 2,
+    "qformer_heads": 4,
+    "n_encoder_layers": 1,
+    "vocab_size": 483,
+    "words": null,
+    "word_ids": null,
+    "position_weight": 1.0,
+    "empty_weight": 1.0,
+    "beam_width": 8,
+    "lm_weight": 0.3,
+    "length_bonus": 1.5
+  }
+}
+"""
 
-    torch.manual_seed(0)
-    dec = decoder.preset("tiny-test", vocab_size=len(world_tokenizer))
-    vis = dataclasses.replace(vision.preset("tiny-test"), img_size=48)  # 6 x 6 patches, 2 x 2 per cell
-    cfg = ModelConfig(decoder=dec, vision=vis, vision_adapter=AdapterConfig(
-        kind="cell_words", in_dim=vis.embed_dim, out_dim=dec.d_model, pool=2, grid=(6, 6)))
-    model = MultimodalDiffusionLM(cfg, world_tokenizer).eval()
-    ids = model.cfg.vision_adapter.word_ids
-    tok = world_tokenizer
-    red = {tuple(tok(w, add_special_tokens=False)["input_ids"]) for w in ("red", " red")}
-    assert {tuple(f) for f in ids["colour"][scene_words()["colour"].index("red")]} == red
-    assert len(ids["position"]) == 9 and len(ids["shape"]) == 5
-    image = Image.new("RGB", (64, 64), (240, 240, 240))
-    with torch.no_grad():
-        feats = model.vision(model.vision.preprocess([image]))
-        weights = model.vision_adapter(feats)  # (1, 9, V)
-        tokens = model.encode_image([image])  # (1, 9, D)
-    assert weights.shape == (1, 9, len(tok)) and tokens.shape == (1, 9, dec.d_model)
-    torch.testing.assert_close(tokens, weights @ model.decoder.embed_tokens.weight)
-    top_left = model.cfg.vision_adapter.word_ids["position"][0][0]  # "top left": its words weigh >= 1/3 each
-    assert all(weights[0, 0, t] >= 1 / 3 - 1e-6 for t in top_left)
-    model.save_pretrained(tmp_path)
-    again = MultimodalDiffusionLM.from_pretrained(tmp_path).eval()
-    assert again.cfg.vision_adapter.word_ids == ids
-    model.vision_adapter.pos_embed = torch.nn.Parameter(torch.ones(9, dec.d_model))  # added after embedding
-    with torch.no_grad():
-        torch.testing.assert_close(model.adapt_image(feats), tokens + 1.0)
-    with torch.no_grad():
-        torch.testing.assert_close(again.encode_image([image]), tokens)
+
+def test_old_flat_config_reads_as_the_per_kind_configs_the_shipped_ones_were_migrated_to():
+    cfg = ModelConfig.from_dict(json.loads(OLD_SHIPPED_CONFIG))
+    assert cfg.vision_adapter == ProjectorConfig(kind="mlp2x_gelu", in_dim=128, out_dim=192, pool=2, grid=(6, 6),
+                                                 norm=True, pos_embed=True)
+    assert cfg.audio_adapter == CTCAdapterConfig(kind="audio_ctc", in_dim=192, out_dim=192, vocab_size=483)
+    for name in SHIPPED:
+        assert json.loads((ROOT / "checkpoints" / name / "config.json").read_text()) == json.loads(
+            json.dumps(cfg.to_dict()))  # tuples as JSON lists
+
+
+def test_directory_with_an_old_flat_config_loads_the_same_model(tmp_path):
+    """The shipped weights under the pre-#18 config.json: the same configs and weights, so the same answers."""
+    shipped = ROOT / "checkpoints" / "mmdiff-tiny"
+    for f in shipped.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").write_text(OLD_SHIPPED_CONFIG)
+    old, new = MultimodalDiffusionLM.from_pretrained(tmp_path), MultimodalDiffusionLM.from_pretrained(shipped)
+    assert old.cfg == new.cfg and old.audio_adapter.lm.to_dict() == new.audio_adapter.lm.to_dict()
+    new_state = new.state_dict()
+    assert all(torch.equal(v, new_state[k]) for k, v in old.state_dict().items())
+
+
+@pytest.mark.parametrize("section, fields, message", [
+    ("vision_adapter", {"kind": "cell_words"}, "config.json vision_adapter: adapter kind 'cell_words' is not "
+                                               "supported: the lexical vision adapter was an experiment"),
+    ("audio", {"mean_norm": True}, "config.json audio: mean_norm=True is not supported: per-clip log-mel mean "
+                                   "normalisation was an experiment"),
+    ("audio_adapter", {"grid": [6, 6]}, r"config.json audio_adapter: grid=\[6, 6\] is not supported: the "
+                                        "audio_ctc adapter has no such field"),
+])
+def test_old_config_setting_a_removed_experiment_or_foreign_field_is_refused(section, fields, message):
+    data = json.loads(OLD_SHIPPED_CONFIG)
+    data[section].update(fields)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(data)
+    data[section] = json.loads(OLD_SHIPPED_CONFIG)[section]
+    data["audio"]["mean_norm"] = False  # the removed option, off: read as before
+    assert ModelConfig.from_dict(data) == ModelConfig.from_dict(json.loads(OLD_SHIPPED_CONFIG))

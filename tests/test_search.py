@@ -39,7 +39,7 @@ def tok(world_tokenizer):
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from mmdiff.adapters import AdapterConfig
+    from mmdiff.adapters import ProjectorConfig
     from mmdiff.decoder import preset
     from mmdiff.encoders.vision import preset as vision_preset
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
@@ -47,7 +47,7 @@ def model(tok):
     torch.manual_seed(0)
     cfg = ModelConfig(decoder=preset("tiny-test", vocab_size=len(tok), attn_mode="prefix"),
                       vision=vision_preset("tiny-test"),
-                      vision_adapter=AdapterConfig(kind="mlp2x_gelu", in_dim=32, out_dim=32))
+                      vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=32, out_dim=32))
     return MultimodalDiffusionLM(cfg, tok).eval()
 
 

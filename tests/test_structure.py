@@ -37,14 +37,14 @@ def tok(world_tokenizer):
 
 
 def tiny_model(tok, **decoder):
-    from mmdiff.adapters import AdapterConfig
+    from mmdiff.adapters import ProjectorConfig
     from mmdiff.decoder import preset
     from mmdiff.encoders.vision import preset as vision_preset
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
 
     torch.manual_seed(0)
     cfg = ModelConfig(decoder=preset("tiny-test", vocab_size=len(tok), **decoder), vision=vision_preset("tiny-test"),
-                      vision_adapter=AdapterConfig(kind="mlp2x_gelu", in_dim=32, out_dim=32))
+                      vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=32, out_dim=32))
     return MultimodalDiffusionLM(cfg, tok).eval()
 
 

@@ -27,6 +27,8 @@ in a batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -36,14 +38,55 @@ from ..encoders.audio import AudioFeatures
 from . import ADAPTERS, AdapterConfig
 from .ctc import TokenNGram, ctc_greedy, ctc_prefix_beam_search
 
+if TYPE_CHECKING:
+    from ..decoder import DecoderConfig
+
+
+@dataclass
+class SemanticAdapterConfig(AdapterConfig):
+    """``audio_semantic``'s sizes: ``in_dim`` encoder states -> ``out_dim`` tokens."""
+
+    subsample: int = 4  # frame subsampling, a power of 2 (one stride-2 conv per factor 2)
+
+
+@dataclass
+class AcousticAdapterConfig(AdapterConfig):
+    """``audio_acoustic``'s sizes: ``in_dim`` encoder states -> ``num_queries`` tokens of width ``out_dim``."""
+
+    num_queries: int = 16  # Q-Former queries = output tokens
+    qformer_layers: int = 2  # Q-Former blocks
+    qformer_heads: int = 4  # attention heads (must divide out_dim)
+    n_encoder_layers: int = 1  # encoder layers fused with softmax weights (AudioEncoderConfig.output_layers)
+
+
+@dataclass
+class DualAdapterConfig(SemanticAdapterConfig, AcousticAdapterConfig):
+    """``audio_dual``'s sizes: its semantic branch's and its acoustic branch's fields."""
+
+
+@dataclass
+class CTCAdapterConfig(AdapterConfig):
+    """``audio_ctc``'s sizes and its LM beam's settings (the beam runs at inference with a ``ctc_lm.json``)."""
+
+    vocab_size: int = 0  # the decoder's vocabulary size (0: the decoder's, filled in by resolve)
+    beam_width: int = 8  # prefix beam width (0 = soft best-path runs)
+    lm_weight: float = 0.3  # alpha, weight of the token n-gram LM in the beam (bench/ctc_lm_sweep.py)
+    length_bonus: float = 1.5  # beta, score bonus per emitted token in the beam
+
+    def resolve(self, decoder: DecoderConfig) -> "CTCAdapterConfig":
+        """CTC over the decoder's vocabulary: ``vocab_size`` 0 becomes the decoder's."""
+        return self if self.vocab_size else replace(self, vocab_size=decoder.vocab_size)
+
 
 @ADAPTERS.register("audio_semantic")
 class SemanticAdapter(nn.Module):
     """Stride-2 Conv1d(k=3) x log2(subsample), each with GELU, then Linear -> GELU -> Linear."""
 
     modality = "audio"
+    emits = "embeddings"
+    config_class = SemanticAdapterConfig
 
-    def __init__(self, cfg: AdapterConfig) -> None:
+    def __init__(self, cfg: SemanticAdapterConfig) -> None:
         super().__init__()
         if cfg.subsample < 1 or cfg.subsample & (cfg.subsample - 1):
             raise ValueError(f"{cfg.kind}: subsample must be a power of 2, got {cfg.subsample}")
@@ -93,8 +136,10 @@ class AcousticAdapter(nn.Module):
     """Q-Former over sum_i softmax(w)_i * layer_i of the selected encoder layers."""
 
     modality = "audio"
+    emits = "embeddings"
+    config_class = AcousticAdapterConfig
 
-    def __init__(self, cfg: AdapterConfig) -> None:
+    def __init__(self, cfg: AcousticAdapterConfig) -> None:
         super().__init__()
         if cfg.out_dim % cfg.qformer_heads:
             raise ValueError(f"{cfg.kind}: out_dim {cfg.out_dim} is not divisible by qformer_heads {cfg.qformer_heads}")
@@ -129,8 +174,10 @@ class DualAdapter(nn.Module):
     """DIFFA's dual adapter: semantic tokens then acoustic queries, packed per clip."""
 
     modality = "audio"
+    emits = "embeddings"
+    config_class = DualAdapterConfig
 
-    def __init__(self, cfg: AdapterConfig) -> None:
+    def __init__(self, cfg: DualAdapterConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.semantic = SemanticAdapter(cfg)
@@ -160,8 +207,9 @@ class CTCAdapter(nn.Module):
 
     modality = "audio"
     emits = "vocab"  # outputs are distributions over the decoder vocabulary, not embeddings
+    config_class = CTCAdapterConfig
 
-    def __init__(self, cfg: AdapterConfig) -> None:
+    def __init__(self, cfg: CTCAdapterConfig) -> None:
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError(f"{cfg.kind}: vocab_size (the decoder's vocabulary size) must be set, got {cfg.vocab_size}")

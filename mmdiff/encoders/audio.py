@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import WEIGHTS_NAME, config_from_dict, load_safetensors, load_state_checked, read_json
+from ..io import WEIGHTS_NAME, config_from_dict, drop_retired_keys, load_safetensors, load_state_checked, read_json
 from ..media import load_audio
 from ..registry import Registry
 
@@ -55,7 +55,6 @@ class AudioEncoderConfig:
     checkpoint: str | None = None  # local Whisper directory (config.json + model.safetensors); never downloaded
     max_seconds: float = 30.0  # longer clips are rejected by preprocess
     output_layers: tuple[int, ...] = (-1,)  # hidden states returned in AudioFeatures.layers (see AudioEncoder)
-    mean_norm: bool = False  # subtract each clip's mean log-mel per channel (CMN) before the convs; off for Whisper
 
     def __post_init__(self) -> None:
         self.output_layers = tuple(self.output_layers)  # JSON gives a list
@@ -77,6 +76,10 @@ class AudioEncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "audio encoder config") -> "AudioEncoderConfig":
+        """Read a saved config; ``mean_norm``, a removed experiment, is accepted only off (and dropped)."""
+        data = drop_retired_keys(data, {"mean_norm": False}, source=source,
+                                 why="per-clip log-mel mean normalisation was an experiment and was removed: it "
+                                     "did not help (bench/sweeps/asr-stage)")
         return config_from_dict(cls, data, source=source)
 
     @classmethod
@@ -123,20 +126,6 @@ def log_mel(samples: np.ndarray, *, n_mels: int = 80) -> torch.Tensor:
     log_spec = (mel_filters(n_mels) @ power).clamp(min=1e-10).log10()  # (n_mels, T)
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
-
-
-def mean_normalize(features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-    """Per-clip cepstral mean normalisation on log-mels: x[c, t] - mean_t x[c, t] over the clip's real
-    frames, padding kept at zero. A fixed spectral colouring (microphone, channel, part of a voice's
-    timbre) is an additive constant per channel in the log domain, so this removes it.
-
-    Args:
-        features: (B, n_mels, T) log-mels.
-        frame_mask: (B, T // 2) bool over encoder states (each covers two mel frames).
-    """
-    real = frame_mask.repeat_interleave(2, dim=1)[:, None, :].to(features.dtype)  # (B, 1, T)
-    mean = (features * real).sum(-1, keepdim=True) / real.sum(-1, keepdim=True).clamp_min(1.0)  # (B, n_mels, 1)
-    return (features - mean) * real
 
 
 @AUDIO_ENCODERS.register("whisper")
@@ -199,8 +188,6 @@ class AudioEncoder(nn.Module):
                              f"shape {(features.shape[0], T2)}, got {tuple(frame_mask.shape)}")
         if T2 > enc.config.max_source_positions:
             raise ValueError(f"{T2} encoder frames exceed max_source_positions {enc.config.max_source_positions}")
-        if self.cfg.mean_norm:
-            features = mean_normalize(features, frame_mask)
         x = F.gelu(enc.conv1(features))  # (B, D, T)
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T/2, D)
         x = x + enc.embed_positions.weight[:T2]

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..adapters import AdapterConfig, build_adapter
+from ..adapters import ADAPTERS, AdapterConfig, adapter_config_from_dict, build_adapter
 from ..data.dataset import Row, RowError, read_rows
 from ..encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from ..encoders.vision import VisionEncoderConfig, build_vision_encoder
@@ -70,31 +70,34 @@ def attach_encoder(model: MultimodalDiffusionLM, modality: str, encoder: VisionE
 
     Args:
         model: a model without an encoder for ``modality`` (e.g. a text-only LLaDA from
-            :func:`mmdiff.checkpoints.load_multimodal`).
+            :func:`mmdiff.load`).
         modality: ``image`` or ``audio``.
         encoder: the encoder's config (its weights come from its own ``weights`` / ``checkpoint``).
         adapter: an adapter config, or a kind whose sizes are taken from the encoder and the decoder
             (None: :data:`DEFAULT_ADAPTER`).
-        adapter_fields: further :class:`~mmdiff.adapters.AdapterConfig` fields for a kind (``pool``, ...).
+        adapter_fields: further fields of the kind's config (``pool``, ...).
 
     Returns:
-        The adapter's config.
+        The adapter's config, completed from the decoder (:meth:`~mmdiff.adapters.AdapterConfig.resolve`).
     """
     _check_modality(modality)
     enc_slot, adapter_slot = SLOTS[modality]
     if getattr(model, enc_slot) is not None:
         raise ValueError(f"the model already has a {modality} encoder ({enc_slot})")
+    kind = adapter.kind if isinstance(adapter, AdapterConfig) else adapter or DEFAULT_ADAPTER[modality]
+    entry = ADAPTERS.get(kind)
+    if entry.modality != modality:
+        raise ValueError(f"adapter {kind!r} is an {entry.modality} adapter, not an {modality} one")
     enc = build_vision_encoder(encoder) if modality == "image" else build_audio_encoder(encoder)
-    if adapter is None or isinstance(adapter, str):
+    if not isinstance(adapter, AdapterConfig):
         grid = {"grid": enc.grid} if modality == "image" else {}
-        adapter = AdapterConfig(kind=adapter or DEFAULT_ADAPTER[modality], in_dim=enc.out_dim,
-                                out_dim=model.cfg.decoder.d_model, **{**grid, **adapter_fields})
+        adapter = entry.config_class(kind=kind, in_dim=enc.out_dim, out_dim=model.cfg.decoder.d_model,
+                                     **{**grid, **adapter_fields})
     if (adapter.in_dim, adapter.out_dim) != (enc.out_dim, model.cfg.decoder.d_model):
         raise ValueError(f"adapter {adapter.kind} maps {adapter.in_dim} -> {adapter.out_dim}, but the encoder gives "
                          f"{enc.out_dim} and the decoder takes {model.cfg.decoder.d_model}")
+    adapter = adapter.resolve(model.cfg.decoder)
     module = build_adapter(adapter)
-    if module.modality != modality:
-        raise ValueError(f"adapter {adapter.kind!r} is an {module.modality} adapter, not an {modality} one")
     model.cfg = replace(model.cfg, **{enc_slot: encoder, adapter_slot: adapter})
     setattr(model, enc_slot, enc.to(model.device).eval())
     setattr(model, adapter_slot, module.to(model.device))
@@ -127,7 +130,7 @@ def attach_trained_adapter(model: MultimodalDiffusionLM, directory: str | Path) 
     enc_slot, adapter_slot = SLOTS[modality]
     enc_cls = VisionEncoderConfig if modality == "image" else AudioEncoderConfig
     encoder = enc_cls.from_dict(meta["encoder"], source=str(directory / ADAPTER_CONFIG))
-    adapter = AdapterConfig.from_dict(meta["adapter"], source=str(directory / ADAPTER_CONFIG))
+    adapter = adapter_config_from_dict(meta["adapter"], source=f"{directory / ADAPTER_CONFIG} adapter")
     if getattr(model, enc_slot) is None:
         attach_encoder(model, modality, encoder, adapter)
     elif (getattr(model.cfg, enc_slot), getattr(model.cfg, adapter_slot)) != (encoder, adapter):
@@ -341,7 +344,8 @@ def _read_dataset(path: str) -> list[Row]:
 
 def run(args: argparse.Namespace) -> int:
     """``mmdiff train-adapter``: load the base, attach the encoder, train the adapter, save it (rank 0)."""
-    from ..checkpoints import DTYPES, load_multimodal
+    from ..checkpoints import DTYPES
+    from ..loading import load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rank, world = dist_info()
@@ -349,9 +353,10 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     encoder = _encoder_from_args(args)
-    model = load_multimodal(args.base, dtype=DTYPES[args.dtype] if args.dtype else None, device=device)
+    model = load(args.base, dtype=DTYPES[args.dtype] if args.dtype else None, device=device)
     if encoder is not None:
-        attach_encoder(model, args.modality, encoder, args.adapter, pool=args.pool)
+        pool = {"pool": args.pool} if args.modality == "image" else {}  # --pool: image adapters only
+        attach_encoder(model, args.modality, encoder, args.adapter, **pool)
     elif getattr(model, SLOTS[args.modality][0]) is None:
         flag = "--vision" if args.modality == "image" else "--audio-encoder"
         raise ValueError(f"{args.base} has no {args.modality} encoder: give {flag}")
