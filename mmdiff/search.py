@@ -53,7 +53,7 @@ from .io import config_from_dict
 from .registry import Registry
 from .sampling import REMASKING, SampleOutput, SamplerConfig, StepEvent, StepState, Strategy, iter_sample
 from .sampling.denoisers import CACHES, build_denoiser
-from .training.losses import diffusion_loss
+from .losses import diffusion_loss
 
 if TYPE_CHECKING:
     from .model import MultimodalDiffusionLM
