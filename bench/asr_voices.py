@@ -47,7 +47,7 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.speech import HELDOUT_VOICES, espeak_available
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.training.trainer import word_error_rate
+    from mmdiff.evaluation.metrics import word_error_rate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)

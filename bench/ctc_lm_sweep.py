@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import sample_scene
     from mmdiff.data.speech import espeak_available, speak
+    from mmdiff.evaluation.metrics import word_error_rate
     from mmdiff.model import MultimodalDiffusionLM
-    from mmdiff.training.trainer import word_error_rate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)

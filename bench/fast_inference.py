@@ -185,17 +185,14 @@ def combine(results: list[Result], vanilla: Result, tolerance: float) -> Setting
 # ------------------------------------------------------------------------------------------------
 def is_correct(prediction: str, answers: list[str]) -> bool:
     """Normalised exact match; JSON answers are compared as parsed JSON."""
-    from mmdiff.evaluation.metrics import exact_match
+    from mmdiff.evaluation.metrics import exact_match, score_json_caption
 
     try:
         truth = [json.loads(a) for a in answers]
     except ValueError:
         return exact_match(prediction, answers) == 1.0
     if all(isinstance(t, (list, dict)) for t in truth):
-        try:
-            return json.loads(prediction) in truth
-        except ValueError:
-            return False
+        return any(score_json_caption(prediction, a).all_right for a in answers)
     return exact_match(prediction, answers) == 1.0
 
 

@@ -94,20 +94,13 @@ def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int
 
 
 def score(name: str, examples: list[dict], preds: list[str]) -> dict[str, float]:
-    from mmdiff.evaluation.metrics import exact_match
-    from mmdiff.training.trainer import word_error_rate
+    from mmdiff.evaluation.metrics import exact_match, score_json_caption, word_error_rate
 
     if name == "asr":
         return {"wer": word_error_rate([e["answer"] for e in examples], [p.lower().strip() for p in preds])}
     if name == "caption_json":
-        parsed = []
-        for p in preds:
-            try:
-                parsed.append(json.loads(p))
-            except json.JSONDecodeError:
-                parsed.append(None)
-        right = [p == json.loads(e["answer"]) for p, e in zip(parsed, examples)]
-        return {"parse": sum(p is not None for p in parsed) / len(preds), "all_right": sum(right) / len(preds)}
+        scores = [score_json_caption(p, e["answer"]) for p, e in zip(preds, examples)]
+        return {"parse": sum(s.parsed for s in scores) / len(preds), "all_right": sum(s.all_right for s in scores) / len(preds)}
     return {"accuracy": sum(exact_match(p, [e["answer"]]) for p, e in zip(preds, examples)) / len(preds)}
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import re
 from dataclasses import dataclass, field, replace
 
 from mmdiff import DEFAULT_MODEL_DIR
@@ -35,9 +33,6 @@ from mmdiff.commands.options import add_decode_arguments, decode_config_from_arg
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 CAPTION_TYPES = ("caption", "caption_json")
-_PHRASE_SEP = re.compile(r", | and ")
-_OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (?:at|in) the (.+)")  # caption_text's "a small red circle at the top left"
-FIELDS = ("size", "color", "shape", "position")
 
 DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))  # short answers
 
@@ -77,43 +72,11 @@ class Row:
         return sum(getattr(c, attr) for c in self.cells.values()) / max(n, 1)
 
 
-def parse_caption(text: str) -> list[dict[str, str] | None]:
-    """The objects of a caption in ``caption_text``'s or ``caption_json``'s form, one dict per phrase or
-    JSON item (None: unreadable; a JSON caption that does not parse counts as one unreadable object)."""
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            return [None]
-        items = items if isinstance(items, list) else [items]
-        return [{f: str(it.get(f)) for f in FIELDS} if isinstance(it, dict) else None for it in items]
-    out = []
-    for phrase in _PHRASE_SEP.split(text.strip().rstrip(".")):
-        m = _OBJECT.fullmatch(phrase.strip())
-        out.append(dict(zip(FIELDS, m.groups())) if m else None)
-    return out
-
-
-def caption_accuracy(prediction: str, truth: str) -> float:
-    """Field accuracy of a caption: objects matched by position, 4 fields each (size, colour, shape,
-    position); every predicted phrase without a true object at its position (or unreadable, or a
-    repeated position) adds 4 wrong fields."""
-    true = {o["position"]: o for o in parse_caption(truth) if o is not None}
-    seen, right, extra = set(), 0, 0
-    for obj in parse_caption(prediction):
-        if obj is None or obj["position"] not in true or obj["position"] in seen:
-            extra += 1
-            continue
-        seen.add(obj["position"])
-        right += sum(obj[f] == true[obj["position"]][f] for f in FIELDS)
-    return right / (len(FIELDS) * (len(true) + extra))
-
-
 def score_answer(prediction: str, answers: list[str], qtype: str) -> float:
     """Caption field accuracy for caption types, VQA exact match otherwise."""
-    from mmdiff.evaluation.metrics import exact_match
+    from mmdiff.evaluation.metrics import caption_field_accuracy, exact_match
 
-    return caption_accuracy(prediction, answers[0]) if qtype in CAPTION_TYPES else exact_match(prediction, answers)
+    return caption_field_accuracy(prediction, answers[0]) if qtype in CAPTION_TYPES else exact_match(prediction, answers)
 
 
 def questions(types: list[str], n: int, seed: int) -> list[tuple[object, object]]:

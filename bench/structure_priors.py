@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,8 +30,6 @@ from mmdiff.commands.options import add_decode_arguments, decode_config_from_arg
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-object JSON caption is about 49 tokens
-
-FIELDS = ("shape", "color", "size", "position")
 
 
 @dataclass
@@ -49,53 +46,27 @@ class Score:
     latency_s: float = 0.0
 
 
-def score_objects(pred: Any, truth: list[dict]) -> tuple[int, int]:
-    """(fields right, fields counted) with objects matched by position.
-
-    Args:
-        pred: the parsed prediction (anything; non-objects never match).
-        truth: the true objects, as in ``caption_json``.
-    """
-    by_position: dict[str, dict] = {}
-    extra = 0
-    for obj in pred if isinstance(pred, list) else []:
-        key = obj.get("position") if isinstance(obj, dict) else None
-        if isinstance(key, str) and key not in by_position:
-            by_position[key] = obj
-        else:
-            extra += 1
-    true_positions = {t["position"] for t in truth}
-    extra += sum(1 for k in by_position if k not in true_positions)
-    right = sum(sum(by_position[t["position"]].get(f) == t[f] for f in FIELDS)
-                for t in truth if t["position"] in by_position)
-    return right, len(FIELDS) * (len(truth) + extra)
-
-
 def evaluate(answer: Callable[[Any, Any], tuple[str, int]], examples: list, schema: dict) -> Score:
     """Run ``answer(scene, image) -> (text, nfe)`` on every (scene, image) and score it (after one untimed
     warm-up call, so the first method does not pay for one-time setup)."""
     from mmdiff.data.questions import caption_json
+    from mmdiff.evaluation.metrics import score_json_caption
     from mmdiff.sampling.schema import is_valid
 
     if examples:
         answer(*examples[0])
     s = Score()
     for scene, image in examples:
-        truth = json.loads(caption_json(scene))
         t0 = time.perf_counter()
         text, nfe = answer(scene, image)
         s.latency_s += time.perf_counter() - t0
         s.n, s.nfe = s.n + 1, s.nfe + nfe
-        try:
-            pred = json.loads(text)
-        except ValueError:
-            pred = None
-        else:
+        score = score_json_caption(text, caption_json(scene))
+        if score.parsed:
             s.parsed += 1
-            s.valid += is_valid(pred, schema)
-        right, total = score_objects(pred, truth)
-        s.fields_right, s.fields_total = s.fields_right + right, s.fields_total + total
-        s.all_right += pred == truth
+            s.valid += is_valid(score.value, schema)
+        s.fields_right, s.fields_total = s.fields_right + score.fields_right, s.fields_total + score.fields_total
+        s.all_right += score.all_right
     return s
 
 

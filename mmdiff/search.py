@@ -48,9 +48,10 @@ import torch
 
 from .flops import FlopCounter
 from .registry import Registry
-from .sampling import DecodeConfig, SampleOutput, SamplerConfig, SearchConfig, StepEvent, StepState, Strategy, iter_sample
+from .losses import diffusion_loss
+from .sampling import (DecodeConfig, SampleOutput, SamplerConfig, SearchConfig, StepEvent, StepState, Strategy,
+                       iter_sample)
 from .tasks.prompts import NO, YES, verification_question
-from .training.losses import diffusion_loss
 
 if TYPE_CHECKING:
     from .model import GenerationResult, MultimodalDiffusionLM

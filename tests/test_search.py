@@ -275,9 +275,9 @@ def toy():
     questions ("name an even digit. answer: 3. is that right?" -> no). (Verifying "is 3 even?
     answer: yes." needs the XOR of two facts, which a model this small does not learn in 300 steps.)"""
     from mmdiff.decoder import preset
+    from mmdiff.losses import diffusion_loss, forward_mask
     from mmdiff.model import ModelConfig, MultimodalDiffusionLM
     from mmdiff.tokenizer import train_tokenizer
-    from mmdiff.training.losses import diffusion_loss, forward_mask
 
     parity = [(f"is {n} even?", YES if n % 2 == 0 else NO) for n in range(10)]
     data = (parity + [(NAME_EVEN, d) for d in EVEN]
@@ -421,9 +421,4 @@ def test_benchmark_script_runs_on_a_tiny_model(model, tmp_path, capsys, monkeypa
     assert "| method | N | T | NFE | count | caption | mean acc | oracle acc | latency ms |" in out
     assert sum(line.startswith("| hierarchical |") for line in out.splitlines()) == 2
     assert "target 1:" in out and "target 2: hardest type" in out
-    truth = "a small red circle at the top left, a large blue square in the center and a small red cross at the top"
-    assert bench.caption_accuracy(truth, truth) == 1.0
-    two = "a small red circle at the top left and a small blue square in the center"
-    assert bench.caption_accuracy(two, truth) == 7 / 12
-    assert bench.caption_accuracy("a small red circle at the top left, nonsense", truth) == 4 / 16
     assert bench.score_answer("Three", ["3"], "count") == 1.0

@@ -1,4 +1,5 @@
-"""VQA answer normalisation, exact match, VQAv2 soft accuracy and the summary of an evaluation run.
+"""VQA answer normalisation, exact match, VQAv2 soft accuracy, the summary of an evaluation run, word
+error rate, and scene-caption scores (field accuracy, JSON parse rate, all objects right).
 
 The normalisation is the one of the VQAv2 evaluation script as run by EvalAI (Antol et al. 2015;
 Goyal et al. 2017, "Making the V in VQA Matter"): lower-case, drop commas and question marks,
@@ -8,9 +9,11 @@ contractions ("isnt" -> "isn't"). Both the prediction and every reference answer
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 from statistics import mean, median
 from typing import Any
@@ -151,3 +154,129 @@ def summarize(predictions: Sequence[Mapping[str, Any]], *, errors: int) -> dict[
         "nfe": stats(p["nfe"] for p in predictions),
         "latency_s": stats(p["latency_s"] for p in predictions),
     }
+
+
+def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Word error rate: the word-level Levenshtein distances (substitutions, insertions, deletions)
+    of every hypothesis to its reference, summed, over the total number of reference words.
+
+    Args:
+        refs: reference transcripts (split on whitespace; no other normalisation).
+        hyps: the hypotheses, one per reference.
+    """
+    errors = words = 0
+    for ref, hyp in zip(refs, hyps):
+        r, h = ref.split(), hyp.split()
+        d = list(range(len(h) + 1))
+        for i in range(1, len(r) + 1):
+            prev, d[0] = d[0], i
+            for j in range(1, len(h) + 1):
+                prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+        errors += d[len(h)]
+        words += len(r)
+    return errors / max(1, words)
+
+
+# ------------------------------------------------------------------------------------------------
+# scene captions: "describe the image." (caption_text) and "describe the image in json." (caption_json)
+# ------------------------------------------------------------------------------------------------
+#: the fields of one captioned object (the keys of :func:`mmdiff.data.questions.caption_json`'s items)
+CAPTION_FIELDS = ("size", "color", "shape", "position")
+_PHRASE_SEP = re.compile(r", | and ")
+_OBJECT = re.compile(r"an? (\w+) (\w+) (\w+) (?:at|in) the (.+)")  # caption_text's "a small red circle at the top left"
+
+CaptionObject = dict[str, Any]  # CAPTION_FIELDS -> value (None: the field is missing)
+
+
+def _json_objects(value: Any) -> list[CaptionObject | None]:
+    """The objects of a parsed JSON caption, one per list item (None: the item is not an object);
+    a value that is not a list holds none."""
+    if not isinstance(value, list):
+        return []
+    return [{f: item.get(f) for f in CAPTION_FIELDS} if isinstance(item, dict) else None for item in value]
+
+
+def _caption_objects(text: str) -> list[CaptionObject | None]:
+    """The objects of a caption in ``caption_text``'s or ``caption_json``'s form (JSON when it starts
+    with "["): one per phrase or JSON item, None when unreadable (a JSON caption that does not parse
+    is one unreadable object)."""
+    if text.lstrip().startswith("["):
+        try:
+            return _json_objects(json.loads(text))
+        except json.JSONDecodeError:
+            return [None]
+    out: list[CaptionObject | None] = []
+    for phrase in _PHRASE_SEP.split(text.strip().rstrip(".")):
+        m = _OBJECT.fullmatch(phrase.strip())
+        out.append(dict(zip(CAPTION_FIELDS, m.groups())) if m else None)
+    return out
+
+
+def _field_counts(predicted: Sequence[CaptionObject | None], true: Sequence[CaptionObject]) -> tuple[int, int]:
+    """(fields right, fields counted) with objects matched by position: every true object counts its
+    fields; every predicted object that is unreadable, has no string position, has no true object
+    at its position, or repeats a position adds as many wrong fields."""
+    by_position = {t["position"]: t for t in true if isinstance(t["position"], str)}
+    seen: set[str] = set()
+    right = extra = 0
+    for obj in predicted:
+        position = None if obj is None else obj["position"]
+        if not isinstance(position, str) or position not in by_position or position in seen:
+            extra += 1
+            continue
+        seen.add(position)
+        right += sum(obj[f] == by_position[position][f] for f in CAPTION_FIELDS)
+    return right, len(CAPTION_FIELDS) * (len(true) + extra)
+
+
+def caption_field_accuracy(prediction: str, truth: str) -> float:
+    """Field accuracy of a text or JSON scene caption.
+
+    Objects are matched by position and each true object has 4 fields (size, colour, shape,
+    position); every predicted phrase or item without a true object at its position, unreadable, or
+    repeating a position adds 4 wrong fields; a JSON caption that does not parse is one unreadable
+    object. Text captions are read in :func:`mmdiff.data.questions.caption_text`'s form ("a small
+    red circle at the top left, ... and ..."), JSON ones (starting with "[") in
+    :func:`~mmdiff.data.questions.caption_json`'s.
+
+    Args:
+        prediction: the model's caption.
+        truth: the true caption, in the same form.
+
+    Returns:
+        fields right / fields counted.
+    """
+    true = [o for o in _caption_objects(truth) if o is not None]
+    right, total = _field_counts(_caption_objects(prediction), true)
+    return right / total
+
+
+@dataclass(frozen=True)
+class JsonCaptionScore:
+    """One JSON scene caption scored against the true one (see :func:`score_json_caption`)."""
+
+    parsed: bool  # ``json.loads`` succeeds
+    value: Any  # the parsed prediction (None when it does not parse)
+    all_right: bool  # the parsed prediction equals the true caption: every object right, none extra
+    fields_right: int  # fields of true objects the prediction gets right (objects matched by position)
+    fields_total: int  # fields counted: 4 per true object and 4 per extra predicted item
+
+
+def score_json_caption(prediction: str, truth: str) -> JsonCaptionScore:
+    """Score a JSON caption ("describe the image in json.") against the true one.
+
+    Field counts match objects by position as :func:`caption_field_accuracy` does, except that a
+    prediction that does not parse, or is not a list, holds no objects (it shows in ``parsed``).
+
+    Args:
+        prediction: the model's answer.
+        truth: the true caption (:func:`mmdiff.data.questions.caption_json`).
+    """
+    true = json.loads(truth)
+    try:
+        value, parsed = json.loads(prediction), True
+    except ValueError:
+        value, parsed = None, False
+    right, total = _field_counts(_json_objects(value), [o for o in _json_objects(true) if o is not None])
+    return JsonCaptionScore(parsed=parsed, value=value, all_right=parsed and value == true, fields_right=right,
+                            fields_total=total)

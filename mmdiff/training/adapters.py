@@ -4,7 +4,7 @@ DIFFA (Zhou et al. 2025, "DIFFA: Large Language Diffusion Models Can Listen") te
 diffusion LLM (LLaDA) a new modality by training only the adapter between a frozen encoder and the
 frozen LLM; LLaVA's stage-1 projector pretraining is the same for images. Here every parameter but
 the chosen adapter is frozen and the loss is the masked-diffusion ELBO on the response (LLaDA SFT,
-Nie et al. 2025, Eq. 5; :mod:`mmdiff.training.losses`):
+Nie et al. 2025, Eq. 5; :mod:`mmdiff.losses`):
 
     L = E_t [ (1/t) * sum_{i masked} -log p(x_i | prompt, x_t) ] / L_response,
 
@@ -16,7 +16,7 @@ Rows come from mmdiff's JSONL format (:func:`mmdiff.data.dataset.read_rows`):
 * ``audio``: prompt = ``<audio>`` (+ ``<image>`` when the model has a vision encoder, which stays
   frozen) + text, the text being the instruction on ASR rows and empty on spoken-question rows.
 
-Data parallel under ``torchrun`` (gloo on CPU, nccl on GPU, :func:`~mmdiff.training.trainer.dist_info`):
+Data parallel under ``torchrun`` (gloo on CPU, nccl on GPU, :func:`~mmdiff.training.distributed.dist_info`):
 each rank draws its own batches, rank 0's adapter is broadcast first and gradients are averaged with
 one all-reduce per step, so every rank holds the same adapter.
 
@@ -38,13 +38,15 @@ import torch
 import torch.nn as nn
 
 from ..adapters import ADAPTERS, AdapterConfig, adapter_config_from_dict, build_adapter
+from ..checkpoints import DTYPES
 from ..data.dataset import Row, RowError, read_rows
 from ..encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
-from ..encoders.vision import VisionEncoderConfig, build_vision_encoder
+from ..encoders.vision import PRESETS, VisionEncoderConfig, build_vision_encoder, preset
 from ..io import load_safetensors, load_state_checked, read_json, save_weights, write_json
+from ..loading import load
+from ..losses import diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
-from .losses import diffusion_loss, forward_mask
-from .trainer import allreduce_grads, dist_info, sync_params
+from .distributed import allreduce_grads, dist_info, sync_params
 
 log = logging.getLogger("mmdiff")
 
@@ -281,8 +283,6 @@ def train_adapter(model: MultimodalDiffusionLM, rows: Sequence[Row], *, modality
 # ------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``mmdiff train-adapter``."""
-    from ..checkpoints import DTYPES
-
     p.add_argument("--base", required=True, help="LLaDA / Dream / LLaDA-V directory (with its tokenizer), "
                                                  "or an mmdiff model directory")
     p.add_argument("--data", required=True, help="dataset JSONL (mmdiff data format)")
@@ -311,8 +311,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _encoder_from_args(args: argparse.Namespace) -> VisionEncoderConfig | AudioEncoderConfig | None:
     """The encoder config the flags describe, or None when they describe none."""
-    from ..encoders.vision import PRESETS, preset
-
     wrong = "--audio-encoder" if args.modality == "image" and args.audio_encoder else \
         "--vision/--vision-weights" if args.modality == "audio" and (args.vision or args.vision_weights) else None
     if wrong:
@@ -344,8 +342,6 @@ def _read_dataset(path: str) -> list[Row]:
 
 def run(args: argparse.Namespace) -> int:
     """``mmdiff train-adapter``: load the base, attach the encoder, train the adapter, save it (rank 0)."""
-    from ..checkpoints import DTYPES
-    from ..loading import load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rank, world = dist_info()

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .recipe import TrainConfig
+from .trainer import Trainer
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training recipe JSON (e.g. configs/mmdiff-tiny.json)")
@@ -15,9 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .recipe import TrainConfig
-    from .trainer import Trainer
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig.from_file(args.config)
     if args.out:

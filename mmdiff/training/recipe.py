@@ -58,7 +58,6 @@ class TrainConfig:
     speech_clips: int = 0  # spoken questions synthesised for training (0 = no audio path)
     speech_val_clips: int = 100  # spoken questions for validation
     spec_augment: bool = False  # SpecAugment frequency / time masking in the ASR stage
-    vtlp: float = 0.0  # ASR stage: largest relative frequency warp of vocal tract length perturbation (0 = off)
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ctc_lm_order: int = 0  # n of the token n-gram LM saved as ctc_lm.json for the CTC beam at inference (0 = none)
     ctc_lm_texts: int = 20000  # training-split questions of the spoken families it is fitted on

@@ -1,0 +1,119 @@
+"""What training draws from the synthetic world once: rendered scenes and spoken questions.
+
+Scenes are rendered and preprocessed once, and encoded once by the frozen vision encoder after the
+grounding stage; spoken questions are synthesised once (espeak-ng), their log-mels kept, and their
+frozen speech-encoder states cached after the ASR stage.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.dataset import SPOKEN_TYPES
+from ..data.questions import ask
+from ..data.scenes import cell_labels, render, sample_scene
+from ..data.speech import speak
+from ..encoders.audio import AudioFeatures, log_mel
+from ..media import load_audio
+from ..model import MultimodalDiffusionLM
+
+
+@dataclass
+class SceneBank:
+    """Scenes with preprocessed pixels, per-cell labels and (later) frozen encoder features."""
+
+    scenes: list
+    pixels: torch.Tensor  # (N, 3, H, W) float16
+    labels: dict[str, torch.Tensor]  # name -> (N, 9) long
+    features: torch.Tensor | None = None  # (N, n_patches, C) float16
+
+    @classmethod
+    def build(cls, model: MultimodalDiffusionLM, *, split: str, n: int, seed: int, desc: str,
+              progress: bool = True) -> "SceneBank":
+        """Render ``n`` scenes of ``split`` and preprocess them for ``model``'s vision encoder."""
+        rng = random.Random(f"{split}-{seed}")
+        scenes, pixels, labels = [], [], {"shape": [], "colour": [], "size": []}
+        chunk = 256
+        bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress)
+        for start in range(0, n, chunk):
+            batch = [sample_scene(rng, split) for _ in range(min(chunk, n - start))]
+            bar.update(len(batch))
+            images = [render(s, rng) for s in batch]
+            pixels.append(model.vision.preprocess(images).half())
+            for s in batch:
+                lab = cell_labels(s)
+                for k in labels:
+                    labels[k].append(lab[k])
+            scenes += batch
+        return cls(scenes, torch.cat(pixels), {k: torch.tensor(v) for k, v in labels.items()})
+
+    @torch.no_grad()
+    def encode(self, model: MultimodalDiffusionLM, batch_size: int = 256) -> None:
+        """Run the (frozen) vision encoder once over every image."""
+        model.vision.eval()
+        self.features = torch.cat([model.vision(self.pixels[i:i + batch_size].float()).half()
+                                   for i in range(0, len(self.scenes), batch_size)])
+
+
+@dataclass
+class SpeechBank:
+    """Spoken questions about bank scenes (the question text is the transcript)."""
+
+    scene: list[int]  # bank scene each question is about
+    qas: list  # QA whose question was spoken
+    mels: list[torch.Tensor]  # (n_mels, T_i) float16 log-mels
+    features: list[torch.Tensor] | None = None  # (T'_i, D) float16 frozen encoder states
+
+    def __len__(self) -> int:
+        return len(self.qas)
+
+    @classmethod
+    def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
+              workers: int = 2, progress: bool = True) -> "SpeechBank":
+        """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
+        thread pool: the work is in the subprocess) and compute log-mels."""
+        rng = random.Random(f"speech-{split}-{seed}")
+        items = []
+        while len(items) < n:
+            i = rng.randrange(len(bank.scenes))
+            qa = ask(bank.scenes[i], rng, rng.choice(SPOKEN_TYPES))
+            if qa is not None:
+                items.append((i, qa, rng.getrandbits(32)))
+        n_mels = model.cfg.audio.num_mel_bins
+        with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp:
+            def one(k: int) -> torch.Tensor:
+                _, qa, s = items[k]
+                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s))
+                mel = log_mel(load_audio(path), n_mels=n_mels).half()
+                path.unlink()
+                return mel
+
+            with ThreadPoolExecutor(workers) as ex:
+                mels = list(tqdm(ex.map(one, range(n)), total=n, desc=desc, unit="clip", leave=False,
+                                 disable=not progress))
+        return cls([i for i, _, _ in items], [qa for _, qa, _ in items], mels)
+
+    @torch.no_grad()
+    def encode(self, model: MultimodalDiffusionLM, batch_size: int = 64) -> None:
+        """Run the (frozen) speech encoder once over every clip."""
+        model.audio.eval()
+        self.features = []
+        for i in range(0, len(self), batch_size):
+            feats, mask = model.audio.batch_mels(self.mels[i:i + batch_size])
+            out = model.audio(feats, mask)
+            self.features += [h[m].half() for h, m in zip(out.last, out.mask)]
+
+
+def audio_batch(features: list[torch.Tensor]) -> AudioFeatures:
+    """Pad cached encoder states into an :class:`AudioFeatures` batch for the adapter."""
+    T = max(f.shape[0] for f in features)
+    last = torch.stack([F.pad(f.float(), (0, 0, 0, T - f.shape[0])) for f in features])  # (B, T, D)
+    mask = torch.arange(T)[None, :] < torch.tensor([f.shape[0] for f in features])[:, None]  # (B, T)
+    return AudioFeatures(last=last, layers=[last], mask=mask)

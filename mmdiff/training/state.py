@@ -1,0 +1,70 @@
+"""Resumable training state: the model, AdamW's moments and ``train_state.json`` (stage, step),
+written to a temporary directory and then renamed, so a crash never leaves a torn checkpoint."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..io import load_safetensors, write_json
+from ..model import MultimodalDiffusionLM
+
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "train_state.json"
+
+
+def save_state(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer | None, state: dict) -> None:
+    """Write ``model``, the AdamW moments of its parameters in ``opt`` (training-only heads are not
+    checkpointed) and ``state`` to ``path`` atomically.
+
+    Args:
+        path: the checkpoint directory (replaced).
+        model: the model being trained.
+        opt: its AdamW optimizer (None: the model and the state only, as at a stage's end).
+        state: ``{"stage": index, "step": steps done}``; the moments' step counts are added.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if opt is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors, steps = {}, {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                s = opt.state.get(p)
+                if s and id(p) in names:  # training-only heads are not checkpointed
+                    n = names[id(p)]
+                    tensors[f"{n}::exp_avg"] = s["exp_avg"].contiguous()
+                    tensors[f"{n}::exp_avg_sq"] = s["exp_avg_sq"].contiguous()
+                    steps[n] = float(s["step"])
+        save_file(tensors, str(tmp / OPTIMIZER_NAME))
+        state = {**state, "adam_steps": steps}
+    write_json(tmp / STATE_NAME, state)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_optimizer(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer, steps: dict) -> None:
+    """Restore the AdamW moments :func:`save_state` wrote to ``path`` into ``opt`` (none when absent).
+
+    Args:
+        path: the checkpoint directory.
+        model: the model, whose parameter names key the moments.
+        opt: the optimizer over its parameters.
+        steps: parameter name -> AdamW step count (``train_state.json``'s ``adam_steps``).
+    """
+    f = path / OPTIMIZER_NAME
+    if not f.exists():
+        return
+    tensors = load_safetensors(f)
+    for n, p in model.named_parameters():
+        if n in steps:
+            opt.state[p] = {"step": torch.tensor(steps[n]), "exp_avg": tensors[f"{n}::exp_avg"],
+                            "exp_avg_sq": tensors[f"{n}::exp_avg_sq"]}
