@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..encoders.audio import AudioFeatures
-from . import ADAPTERS, AdapterConfig
+from .base import ADAPTERS, AdapterConfig
 from .ctc import TokenNGram, ctc_greedy, ctc_prefix_beam_search
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ADAPTERS, AdapterConfig
+from .base import ADAPTERS, AdapterConfig
 
 POS_EMBED_SCALE = 0.5  # std of the initial position embedding: large enough to tell positions apart
 
