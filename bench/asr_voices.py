@@ -46,8 +46,8 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
 
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.speech import HELDOUT_VOICES, espeak_available
-    from mmdiff.model import MultimodalDiffusionLM
     from mmdiff.evaluation.metrics import word_error_rate
+    from mmdiff.model import MultimodalDiffusionLM
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL_DIR)

@@ -42,9 +42,9 @@ from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
+from mmdiff.search import SearchResult, search
 from mmdiff.tasks.captioning import CaptionResult, caption
 from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION, COUNT_QUESTION
-from mmdiff.search import SearchResult, search
 
 log = logging.getLogger("mmdiff.demo")
 R = TypeVar("R")

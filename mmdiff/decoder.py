@@ -19,21 +19,21 @@ DivPrune, VTW) or skip the layer. The decoder reports the shapes it actually ran
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import config_from_dict
+from .io import JsonConfig
 
 AttnMode = Literal["bidirectional", "causal", "prefix"]
 ATTN_MODES: tuple[str, ...] = ("bidirectional", "causal", "prefix")
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(JsonConfig):
     """Shape and conventions of a decoder. Saved as JSON beside the weights."""
 
     vocab_size: int = 512  # rows of the embedding and of the output head
@@ -64,12 +64,7 @@ class DecoderConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict, *, source: str = "decoder config") -> "DecoderConfig":
-        return config_from_dict(cls, data, source=source)
 
 
 #: Named presets (data, not code). ``llada-8b`` / ``dream-7b`` are the released shapes.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -40,6 +40,18 @@ def drop_retired_keys(data: Mapping[str, Any], retired: Mapping[str, Any], *, so
             raise ValueError(f"{source}: {key}={data[key]!r} is not supported: {why}. Only the old default "
                              f"{key}={default!r} is read (and ignored).")
     return {k: v for k, v in data.items() if k not in retired}
+
+
+class JsonConfig:
+    """Base of the dataclass configs of plain values: :meth:`to_dict` for ``config.json`` and the run
+    records, :meth:`from_dict` to read one back (unknown keys refused by name)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], *, source: str | None = None) -> C:
+        return config_from_dict(cls, data, source=source or cls.__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (SPECIAL_TOKENS_NAME, ReleasedTokenizer, open_checkpoint, require_tokenizer, is_llada_v,
-                          load_llada_v, load_pretrained)
+from .checkpoints import (
+    SPECIAL_TOKENS_NAME,
+    ReleasedTokenizer,
+    is_llada_v,
+    load_llada_v,
+    load_pretrained,
+    open_checkpoint,
+    require_tokenizer,
+)
 from .model import MODEL_TYPE, ModelConfig, MultimodalDiffusionLM
 
 

@@ -47,10 +47,18 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from .flops import FlopCounter
-from .registry import Registry
 from .losses import diffusion_loss
-from .sampling import (DecodeConfig, SampleOutput, SamplerConfig, SearchConfig, StepEvent, StepState, Strategy,
-                       iter_sample)
+from .registry import Registry
+from .sampling import (
+    DecodeConfig,
+    SampleOutput,
+    SamplerConfig,
+    SearchConfig,
+    StepEvent,
+    StepState,
+    Strategy,
+    iter_sample,
+)
 from .tasks.prompts import NO, YES, verification_question
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ from typing import Iterable
 
 from . import special_tokens as st
 
-
 #: a JSON string value following ``": "`` (lower-case words), isolated as its own pre-token
 JSON_VALUE = r'(?<=: ")[a-z0-9]+(?: [a-z0-9]+)*(?=")'
 #: GPT-2's word pattern: a word with its leading space, a number, a punctuation run, spaces

@@ -13,13 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmdiff.loading import load as load_multimodal
 from mmdiff.data.dataset import Row, read_rows, write_split
 from mmdiff.encoders.audio import AudioEncoderConfig
 from mmdiff.encoders.vision import VisionEncoderConfig, preset
+from mmdiff.loading import load as load_multimodal
 from mmdiff.training import adapters
-from mmdiff.training.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_encoder, attach_trained_adapter,
-                                      train_adapter, usable_rows)
+from mmdiff.training.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    attach_encoder,
+    attach_trained_adapter,
+    train_adapter,
+    usable_rows,
+)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY_WHISPER = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)

@@ -12,8 +12,15 @@ import torch.nn.functional as F
 import transformers.models.whisper.modeling_whisper  # noqa: F401
 from PIL import Image
 
-from mmdiff.adapters import (ADAPTERS, AdapterConfig, CTCAdapterConfig, DualAdapterConfig, ProjectorConfig,
-                             adapter_config_from_dict, build_adapter)
+from mmdiff.adapters import (
+    ADAPTERS,
+    AdapterConfig,
+    CTCAdapterConfig,
+    DualAdapterConfig,
+    ProjectorConfig,
+    adapter_config_from_dict,
+    build_adapter,
+)
 from mmdiff.encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from mmdiff.encoders.vision import build_vision_encoder, preset
 

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from mmdiff import cli
-from mmdiff.sampling import DecodeConfig
-from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 from mmdiff.sampling.pruning import PruningConfig
 from mmdiff.search import SearchConfig, search
 

@@ -15,10 +15,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmdiff.checkpoints import (DECODER_NAMES, FORMATS, SPECIAL_TOKENS_NAME,
-                                assert_materialised, detect_format, dream_decoder_config, expand_names,
-                                llada_decoder_config, load_checkpoint, load_pretrained, load_tokenizer_if_present,
-                                save_decoder, special_ids_from_configs)
+from mmdiff.checkpoints import (
+    DECODER_NAMES,
+    FORMATS,
+    SPECIAL_TOKENS_NAME,
+    assert_materialised,
+    detect_format,
+    dream_decoder_config,
+    expand_names,
+    llada_decoder_config,
+    load_checkpoint,
+    load_pretrained,
+    load_tokenizer_if_present,
+    save_decoder,
+    special_ids_from_configs,
+)
 from mmdiff.cli import main as cli_main
 from mmdiff.decoder import Decoder, DecoderConfig, preset
 from mmdiff.sampling import FullRecompute, SamplerConfig, sample

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mmdiff.adapters import CTCAdapterConfig, build_adapter
-from mmdiff.sampling import DecodeConfig
 from mmdiff.adapters.ctc import EOS, TokenNGram, ctc_greedy, ctc_prefix_beam_search
 from mmdiff.encoders.audio import AudioFeatures
+from mmdiff.sampling import DecodeConfig
 
 SENTENCES = [[0, 1, 2], [0, 1, 1, 2], [0, 2], [1, 2, 2], [0, 1, 2]]
 

@@ -19,8 +19,20 @@ from mmdiff.data import cli as data_cli
 from mmdiff.data import dataset, speech
 from mmdiff.data.dataset import Row, RowError, iter_examples, read_rows, write_split
 from mmdiff.data.questions import QUESTION_TYPES, ask, caption_json, caption_text, questions_for
-from mmdiff.data.scenes import (CELL_PX, COLOURS, GRID, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Obj, Scene,
-                                cell_labels, render, sample_scene)
+from mmdiff.data.scenes import (
+    CELL_PX,
+    COLOURS,
+    GRID,
+    IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    cell_labels,
+    render,
+    sample_scene,
+)
 
 
 def scenes(n: int, split: str = "train", seed: int = 0) -> list[Scene]:

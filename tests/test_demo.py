@@ -17,20 +17,18 @@ import soundfile as sf
 import torch
 
 from mmdiff.adapters import ProjectorConfig, SemanticAdapterConfig
-from mmdiff.sampling import DecodeConfig
 from mmdiff.commands.demo import load_demo_app
 from mmdiff.data.dataset import iter_examples
+from mmdiff.data.scenes import scene_schema
 from mmdiff.decoder import preset as decoder_preset
 from mmdiff.encoders import AudioEncoderConfig
 from mmdiff.encoders.vision import preset as vision_preset
 from mmdiff.model import ModelConfig, MultimodalDiffusionLM
-from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig
 from mmdiff.sampling.pruning import PruningConfig
-from mmdiff.data.scenes import scene_schema
 from mmdiff.sampling.schema import validate
-from mmdiff.tasks.captioning import caption
-from mmdiff.sampling import SearchConfig
 from mmdiff.search import search
+from mmdiff.tasks.captioning import caption
 
 gradio_client = pytest.importorskip("gradio_client")
 app_module = load_demo_app()

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_demo import SHIPPED, Served, app_module, make_tiny_model_dir
 
 from mmdiff.model import MultimodalDiffusionLM
-from test_demo import SHIPPED, Served, app_module, make_tiny_model_dir
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -18,8 +18,7 @@ from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmdiff.encoders.audio import AUDIO_ENCODERS, SHAPE_FIELDS, AudioEncoderConfig, build_audio_encoder, log_mel
-from mmdiff.encoders.vision import (VISION_ENCODERS, VisionEncoderConfig, build_vision_encoder, pad_to_square,
-                                    preset)
+from mmdiff.encoders.vision import VISION_ENCODERS, VisionEncoderConfig, build_vision_encoder, pad_to_square, preset
 from mmdiff.media import load_audio, load_image
 
 TINY_CLIP = "mmdiff-test-tiny-clip"

@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmdiff import cli
-from mmdiff.sampling import DecodeConfig
 from mmdiff.data import write_split
 from mmdiff.evaluation import Shard, exact_match, merge_shards, normalize_answer, stats, summarize, vqa_accuracy
-from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 GEN = ["--gen-length", "4"]  # every run in this file; short canvases keep the tiny model fast
 TIMING = {"latency_s", "merged_shards"}

@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
-from mmdiff.sampling import DecodeConfig
 from mmdiff.decoder import Decoder, LayerPlan, LayerShape, preset, rope_cos_sin
 from mmdiff.flops import FlopCounter, forward_flops
-from mmdiff.sampling import FullRecompute, PrefixCache, SamplerConfig, StepState, sample
+from mmdiff.sampling import DecodeConfig, FullRecompute, PrefixCache, SamplerConfig, StepState, sample
 from mmdiff.sampling.autoregressive import ar_generate
 from mmdiff.sampling.denoisers import CACHES, BlockCache, build_denoiser
-from mmdiff.sampling.pruning import (LayerPlanner, PruningConfig, StepPlan, divprune_order, keep_mask)
+from mmdiff.sampling.pruning import LayerPlanner, PruningConfig, StepPlan, divprune_order, keep_mask
 
 MASK = 0
 P, L = 12, 8  # prompt and canvas lengths of the decoder-level tests

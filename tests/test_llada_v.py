@@ -23,13 +23,20 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mmdiff import special_tokens as st
-from mmdiff.sampling import DecodeConfig
-from mmdiff.checkpoints import (LLADA_MASK_TOKEN, LLADA_V_SYSTEM_PROMPT, LLADA_V_UNUSED, ReleasedTokenizer,
-                                detect_format, llada_v_model_config, load_llada_v, tokenizer_files)
-from mmdiff.loading import load as load_multimodal
+from mmdiff.checkpoints import (
+    LLADA_MASK_TOKEN,
+    LLADA_V_SYSTEM_PROMPT,
+    LLADA_V_UNUSED,
+    ReleasedTokenizer,
+    detect_format,
+    llada_v_model_config,
+    load_llada_v,
+    tokenizer_files,
+)
 from mmdiff.decoder import Decoder, DecoderConfig
 from mmdiff.encoders.vision import SIGLIP_TOWERS
-from mmdiff.sampling import SamplerConfig
+from mmdiff.loading import load as load_multimodal
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 from mmdiff.special_tokens import SpecialIds
 
 LLM = dict(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,

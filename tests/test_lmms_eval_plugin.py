@@ -11,13 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mmdiff.data import write_split
-from mmdiff.sampling import DecodeConfig
 from mmdiff.evaluation import lmms_eval_plugin as plugin
-from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 TASK, SPLIT = "tiny_vqa", "test"
 

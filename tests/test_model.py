@@ -11,10 +11,9 @@ from PIL import Image
 
 from mmdiff import decoder
 from mmdiff.adapters import CTCAdapterConfig, ProjectorConfig, SemanticAdapterConfig
-from mmdiff.sampling import DecodeConfig
 from mmdiff.encoders import AudioEncoderConfig, vision
 from mmdiff.model import AUDIO, IMAGE, TEXT, ModelConfig, MultimodalDiffusionLM
-from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 
 @pytest.fixture(scope="module")

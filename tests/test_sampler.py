@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from mmdiff.decoder import Decoder, preset
-from mmdiff.sampling import (REMASKING, SCHEDULES, TRANSFER, FullRecompute, PrefixCache, SamplerConfig, Strategy,
-                             iter_sample, num_transfer, sample)
+from mmdiff.sampling import (
+    REMASKING,
+    SCHEDULES,
+    TRANSFER,
+    FullRecompute,
+    PrefixCache,
+    SamplerConfig,
+    Strategy,
+    iter_sample,
+    num_transfer,
+    sample,
+)
 from mmdiff.sampling.autoregressive import ar_generate
 
 MASK, EOS, PAD = 0, 1, 2

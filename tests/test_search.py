@@ -14,16 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdiff.data.questions import ask
-from mmdiff.sampling import DecodeConfig
-from mmdiff.data.scenes import render, sample_scene
-from mmdiff.sampling import SamplerConfig, iter_sample
-from mmdiff.sampling.denoisers import build_denoiser
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
-from mmdiff.sampling import SearchConfig
-from mmdiff.search import (ConfidenceTrace, SearchRun, checkpoint_step, elbo_masks, elbo_score, elbo_yes_score,
-                           exploration_configs, remask_least_confident, resume_config, search, yes_no_ids,
-                           yes_probability)
+from mmdiff.data.questions import ask
+from mmdiff.data.scenes import render, sample_scene
+from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, iter_sample
+from mmdiff.sampling.denoisers import build_denoiser
+from mmdiff.search import (
+    ConfidenceTrace,
+    SearchRun,
+    checkpoint_step,
+    elbo_masks,
+    elbo_score,
+    elbo_yes_score,
+    exploration_configs,
+    remask_least_confident,
+    resume_config,
+    search,
+    yes_no_ids,
+    yes_probability,
+)
 from mmdiff.tasks.prompts import NO, YES, verification_question
 
 ROOT = Path(__file__).resolve().parents[1]

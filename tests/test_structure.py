@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdiff.data.questions import Filter, ask, caption_json
-from mmdiff.sampling import DecodeConfig
+from mmdiff.data.questions import Filter, caption_json
 from mmdiff.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES, render, sample_scene, scene_schema
-from mmdiff.sampling import SamplerConfig
+from mmdiff.sampling import DecodeConfig, SamplerConfig
 from mmdiff.sampling.schema import is_valid, schema_to_template, validate
 from mmdiff.sampling.structure import Slot, StructurePrior, Template
+from mmdiff.special_tokens import SpecialIds
 from mmdiff.tasks.captioning import caption
 from mmdiff.tasks.prompts import COUNT_QUESTION
-from mmdiff.special_tokens import SpecialIds
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE_FIELDS = {"shape": SHAPES, "color": COLOURS, "size": SIZES, "position": POSITIONS}

@@ -66,8 +66,9 @@ def test_every_stage_runs_and_model_answers(tmp_path):
     model = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
     ar = MultimodalDiffusionLM.from_pretrained(tmp_path / "ar")  # the phase-1 checkpoint is kept
     assert not torch.equal(ar.decoder.lm_head.weight, model.decoder.lm_head.weight)
-    from mmdiff.data.scenes import render, sample_scene
     import random
+
+    from mmdiff.data.scenes import render, sample_scene
 
     img = render(sample_scene(random.Random(0), "test"))
     res = model.generate(["how many circles are there?"], images=[img])[0]

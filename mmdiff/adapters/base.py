@@ -1,12 +1,12 @@
 """The adapter registry and the config fields every adapter shares (see :mod:`mmdiff.adapters`)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch.nn as nn
 
-from ..io import config_from_dict, drop_retired_keys
+from ..io import JsonConfig, config_from_dict, drop_retired_keys
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ RETIRED_KINDS: dict[str, str] = {
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(JsonConfig):
     """The fields every adapter has; each kind's config (its adapter's ``config_class``) adds its own.
 
     Saved as JSON with the model; read back with :func:`adapter_config_from_dict`.
@@ -49,8 +49,6 @@ class AdapterConfig:
         """This config with the fields that depend on the decoder it feeds filled in (none by default)."""
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def adapter_config_from_dict(data: Mapping[str, Any], *, source: str = "adapter config") -> AdapterConfig:

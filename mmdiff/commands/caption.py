@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.scenes import scene_schema
     from ..io import read_json
     from ..model import MultimodalDiffusionLM
-    from ..data.scenes import scene_schema
     from ..sampling.schema import check_schema
     from ..tasks.captioning import caption
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import WEIGHTS_NAME, config_from_dict, drop_retired_keys, load_safetensors, load_state_checked, read_json
+from ..io import (
+    WEIGHTS_NAME,
+    JsonConfig,
+    config_from_dict,
+    drop_retired_keys,
+    load_safetensors,
+    load_state_checked,
+    read_json,
+)
 from ..media import load_audio
 from ..registry import Registry
 
@@ -42,7 +50,7 @@ SHAPE_FIELDS: tuple[str, ...] = ("d_model", "encoder_layers", "encoder_attention
 
 
 @dataclass
-class AudioEncoderConfig:
+class AudioEncoderConfig(JsonConfig):
     """A Whisper encoder's shape (defaults: Whisper-tiny) and what it returns. Saved as JSON."""
 
     kind: str = "whisper"  # registry name
@@ -71,8 +79,6 @@ class AudioEncoderConfig:
             raise ValueError(f"output_layers {self.output_layers} must be non-empty indices into the "
                              f"{n_states} hidden states (embeddings + {self.encoder_layers} layers)")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "audio encoder config") -> "AudioEncoderConfig":

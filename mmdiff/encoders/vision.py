@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ..io import config_from_dict
+from ..io import JsonConfig
 from ..media import load_image
 from ..registry import Registry
 
@@ -40,7 +40,7 @@ VISION_ENCODERS: Registry[type["VisionEncoder"]] = Registry("vision encoder")
 
 
 @dataclass
-class VisionEncoderConfig:
+class VisionEncoderConfig(JsonConfig):
     """Which backbone, at which size, read from which layer. Saved as JSON with the model."""
 
     kind: str = "timm"  # backend: timm | open_clip | siglip
@@ -59,12 +59,7 @@ class VisionEncoderConfig:
                      depth=self.depth, num_heads=self.num_heads)
         return {k: v for k, v in sizes.items() if v is not None}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict, *, source: str = "vision encoder config") -> "VisionEncoderConfig":
-        return config_from_dict(cls, data, source=source)
 
 
 #: Named presets (data). ``mmdiff-scenes`` reads 64 px scenes at 72 px as a 9x9 patch grid.

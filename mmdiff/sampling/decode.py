@@ -9,10 +9,10 @@ field. Values are checked on construction.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..io import config_from_dict
+from ..io import JsonConfig
 from ..options import Option, check_settings, options_of, setting
 from .denoisers import CACHES
 from .pruning import PruningConfig
@@ -26,7 +26,7 @@ VERIFIER_NAMES: tuple[str, ...] = ("elbo", "elbo_yesno", "yesno")
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(JsonConfig):
     """Every knob of the test-time search (:mod:`mmdiff.search`, dMLLM-TTS). Saved with evaluation
     results next to the sampler's."""
 
@@ -67,12 +67,7 @@ class SearchConfig:
         """Whether a search runs (strategy other than ``none``)."""
         return self.strategy != "none"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "SearchConfig":
-        return config_from_dict(cls, data, source="search config")
 
 
 @dataclass(frozen=True)

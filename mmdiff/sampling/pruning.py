@@ -18,14 +18,13 @@ decays linearly from 1 to ``keep_ratio`` over the remaining steps. Layer skippin
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..decoder import LayerPlan
-from ..io import config_from_dict
+from ..io import JsonConfig
 from ..options import check_settings, setting
 from ..registry import Registry
 
@@ -34,7 +33,7 @@ PRUNE_SCHEDULES: tuple[str, ...] = ("constant", "progressive")
 
 
 @dataclass(frozen=True)
-class PruningConfig:
+class PruningConfig(JsonConfig):
     """Token pruning and layer skipping settings. Saved with evaluation results; each field carries
     its help, choices and range (:func:`~mmdiff.options.setting`)."""
 
@@ -73,12 +72,7 @@ class PruningConfig:
         """Whether anything is pruned or skipped at some step."""
         return self.prunes or bool(self.skip_layers)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "PruningConfig":
-        return config_from_dict(cls, data, source="pruning config")
 
 
 # ------------------------------------------------------------------------------------------------

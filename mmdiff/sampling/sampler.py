@@ -15,19 +15,19 @@ Everything that varies between methods is a small object plugged into this loop:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from ..io import config_from_dict
+from ..io import JsonConfig
 from ..options import check_settings, setting
 from .rules import REMASKING, TRANSFER
 from .schedules import SCHEDULES, num_transfer
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(JsonConfig):
     """Every knob of the sampler. Saved with evaluation results so a run is reproducible; each field
     carries its help, choices and range (:func:`~mmdiff.options.setting`), checked on construction."""
 
@@ -64,12 +64,7 @@ class SamplerConfig:
         """Denoising steps planned per block (at least one)."""
         return max(1, (self.steps or self.gen_length) // self.n_blocks)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "SamplerConfig":
-        return config_from_dict(cls, data, source="sampler config")
 
 
 @dataclass

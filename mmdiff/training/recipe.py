@@ -1,16 +1,16 @@
 """The training recipe as data: a committed JSON file read into :class:`TrainConfig`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import config_from_dict, read_json
+from ..io import JsonConfig, config_from_dict, read_json
 
 STAGE_KINDS = ("cells", "asr", "ar", "diffusion")
 
 
 @dataclass
-class StageConfig:
+class StageConfig(JsonConfig):
     """One training stage.
 
     ``cells`` pretrains the vision encoder on the scene generator's per-cell labels (the grounding
@@ -40,7 +40,7 @@ class StageConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything a training run needs; see ``configs/mmdiff-tiny.json``."""
 
     out: str  # output model directory
@@ -80,5 +80,3 @@ class TrainConfig:
         data["stages"] = [config_from_dict(StageConfig, s, source=f"{path}: stage") for s in data.get("stages", [])]
         return config_from_dict(cls, data, source=str(path))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
