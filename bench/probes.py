@@ -36,9 +36,7 @@ def _states(model, questions: list[str], images: list) -> tuple[torch.Tensor, to
     embeds, valid, kinds = model.prepare(questions, images=images)
     P = embeds.shape[1]
     response = torch.full((len(questions), 8), model.special.mask)
-    x = torch.cat([embeds, model.decoder.embed(response)], 1)
-    out = model.decoder(inputs_embeds=x, valid=torch.cat([valid, torch.ones_like(response, dtype=torch.bool)], 1),
-                        attn_mode="prefix", prefix_len=P, output_hidden_states=True)
+    _, out = model.decoder.forward_response(embeds, valid, response, attn_mode="prefix", output_hidden_states=True)
     return torch.stack(out.hidden_states), kinds, P
 
 

@@ -472,7 +472,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None,
     """The :class:`Decoder` of a LLaDA / Dream / mmdiff-decoder directory (see :func:`load_pretrained`).
 
     ``model(ids).logits`` are raw per-position logits; Dream's one-position shift is applied by
-    :meth:`Decoder.aligned_logits` in the sampler.
+    :meth:`Decoder.shifted` in the sampler.
     """
     return load_pretrained(path, dtype=dtype, device=device, tokenizer=False).decoder
 

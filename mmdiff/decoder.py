@@ -427,7 +427,7 @@ class _Pruned:
 class DecoderOutput:
     """What a forward pass returns: logits plus the optional extras that were asked for."""
 
-    logits: torch.Tensor  # (B, T, V), raw: position i's own output (see Decoder.aligned_logits)
+    logits: torch.Tensor  # (B, T, V), raw: position i's own output (see Decoder.shifted)
     hidden_states: list[torch.Tensor] | None = None  # n_layers + 1 tensors (B, T, D) when requested
     attn_received: dict[int, torch.Tensor] | None = None  # probed layer -> (B, Tc+T) attention received
     cache: KVCache | None = None
@@ -464,11 +464,29 @@ class Decoder(nn.Module):
         h = self.norm(h)
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
-    def aligned_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits whose position i predicts token i (undoes Dream's one-position shift)."""
-        if not self.cfg.logit_shift:
-            return logits
-        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    def shifted(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, 1+L, V) raw logits of the position before a span and of the span -> (B, L, V) logits
+        whose position i predicts span token i: Dream reads token i's prediction at position i-1
+        (``logit_shift``), LLaDA at position i."""
+        return raw[:, :-1] if self.cfg.logit_shift else raw[:, 1:]
+
+    def forward_response(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor,
+                         **kwargs) -> tuple[torch.Tensor, DecoderOutput]:
+        """Prompt and response in one forward: (B, L, V) response logits (position i predicts
+        response token i, :meth:`shifted`) and the whole output.
+
+        Args:
+            prompt_embeds: (B, P, D) prompt embeddings, left padded.
+            prompt_valid: (B, P) bool, False at padding.
+            response: (B, L) response token ids (the mask id where undecided).
+            **kwargs: further :meth:`forward` arguments (``attn_mode``, ``plan``, ``store_cache``,
+                ``output_hidden_states``).
+        """
+        P = prompt_embeds.shape[1]
+        x = torch.cat([prompt_embeds, self.embed(response)], dim=1)  # (B, P+L, D)
+        valid = torch.cat([prompt_valid, torch.ones_like(response, dtype=torch.bool)], dim=1)  # (B, P+L)
+        out = self(inputs_embeds=x, valid=valid, prefix_len=P, **kwargs)
+        return self.shifted(out.logits[:, P - 1:]), out
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attn_mode: str | None = None, valid: torch.Tensor | None = None,

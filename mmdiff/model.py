@@ -225,11 +225,7 @@ class MultimodalDiffusionLM(nn.Module):
         Meant for the bidirectional / prefix masks of masked diffusion; the causal AR phase reads
         next-token logits from the decoder directly (``training.losses.ar_loss``).
         """
-        P = prompt_embeds.shape[1]
-        x = torch.cat([prompt_embeds, self.decoder.embed(response)], dim=1)  # (B, P+L, D)
-        valid = torch.cat([prompt_valid, torch.ones_like(response, dtype=torch.bool)], dim=1)
-        out = self.decoder(inputs_embeds=x, valid=valid, attn_mode=attn_mode, prefix_len=P)
-        return self.decoder.aligned_logits(out.logits)[:, P:]
+        return self.decoder.forward_response(prompt_embeds, prompt_valid, response, attn_mode=attn_mode)[0]
 
     # -- prompts ----------------------------------------------------------------------------------
     def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0) -> list[int]:

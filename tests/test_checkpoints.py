@@ -85,15 +85,15 @@ def test_logits_match_reference(kind):
     assert rel_err(logits_of(model, ids), ref) < 1e-4  # Dream: raw, before the shift
 
 
-def test_dream_aligned_logits_shift_by_one_and_llada_does_not_shift():
+def test_dream_logits_shift_by_one_and_llada_does_not_shift():
     ids, ref = expected("dream-tiny")
     dream = load_checkpoint(fixture("dream-tiny"))
-    aligned = dream.aligned_logits(logits_of(dream, ids))
-    assert rel_err(aligned, torch.cat([ref[:, :1], ref[:, :-1]], dim=1)) < 1e-4
+    aligned = dream.shifted(logits_of(dream, ids))  # position i predicts token i + 1
+    assert rel_err(aligned, ref[:, :-1]) < 1e-4
     llada_ids, _ = expected("llada-tiny")
     llada = load_checkpoint(fixture("llada-tiny"))
     raw = logits_of(llada, llada_ids)
-    assert torch.equal(llada.aligned_logits(raw), raw)
+    assert torch.equal(llada.shifted(raw), raw[:, 1:])
 
 
 def test_config_mapping_follows_the_released_configs():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..decoder import Decoder, DecoderOutput, KVCache
+from ..decoder import Decoder, DecoderOutput, KVCache, LayerPlan
 from ..registry import Registry
 from .sampler import Denoiser, StepState
 
@@ -38,13 +38,26 @@ class _Denoiser:
     planner: LayerPlanner | None
     counter: FlopCounter | None
 
-    def _forward(self, step: int, queries: torch.Tensor, *, n_cached: int, **kwargs) -> DecoderOutput:
-        """Run the decoder with the plan of ``step``; ``queries`` (B, T) marks the response tokens."""
-        plan = None if self.planner is None else self.planner.plan(step, n_cached=n_cached, queries=queries)
-        out = self.decoder(plan=plan, **kwargs)
+    def _plan(self, step: int, queries: torch.Tensor, *, n_cached: int) -> LayerPlan | None:
+        """The plan of a decoder call at ``step``; ``queries`` (B, T) marks the call's response tokens."""
+        return None if self.planner is None else self.planner.plan(step, n_cached=n_cached, queries=queries)
+
+    def _count(self, out: DecoderOutput) -> DecoderOutput:
         if self.counter is not None:
             self.counter.add(out)
         return out
+
+    def _forward(self, step: int, queries: torch.Tensor, *, n_cached: int, **kwargs) -> DecoderOutput:
+        """Run the decoder with the plan of ``step``, counted."""
+        return self._count(self.decoder(plan=self._plan(step, queries, n_cached=n_cached), **kwargs))
+
+    def _forward_response(self, step: int, canvas: torch.Tensor, **kwargs) -> tuple[torch.Tensor, DecoderOutput]:
+        """Prompt + canvas in one forward with the plan of ``step``, counted: (B, L, V) logits and the output."""
+        queries = torch.cat([torch.zeros_like(self.prompt_valid, dtype=torch.float),
+                             torch.ones_like(canvas, dtype=torch.float)], dim=1)  # (B, P+L): the response rows
+        logits, out = self.decoder.forward_response(self.prompt_embeds, self.prompt_valid, canvas,
+                                                    plan=self._plan(step, queries, n_cached=0), **kwargs)
+        return logits, self._count(out)
 
 
 class FullRecompute(_Denoiser):
@@ -57,26 +70,17 @@ class FullRecompute(_Denoiser):
         attn_mode: attention mask kind for the whole sequence.
         planner: per-step token pruning / layer skipping.
         counter: FLOP counter to update.
-        forward_kwargs: extra decoder arguments (layer skipping, ...).
     """
 
     def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
                  attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
-                 counter: FlopCounter | None = None, **forward_kwargs) -> None:
+                 counter: FlopCounter | None = None) -> None:
         self.decoder, self.prompt_embeds, self.prompt_valid = decoder, prompt_embeds, prompt_valid
-        self.attn_mode, self.forward_kwargs = attn_mode, forward_kwargs
-        self.planner, self.counter = planner, counter
+        self.attn_mode, self.planner, self.counter = attn_mode, planner, counter
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
-        P = self.prompt_embeds.shape[1]
-        x = torch.cat([self.prompt_embeds, self.decoder.embed(state.canvas)], dim=1)  # (B, P+L, D)
-        valid = torch.cat([self.prompt_valid, torch.ones_like(state.canvas, dtype=torch.bool)], dim=1)
-        queries = valid.float()
-        queries[:, :P] = 0  # the response rows
-        out = self._forward(state.step, queries, n_cached=0, inputs_embeds=x, valid=valid, attn_mode=self.attn_mode,
-                            prefix_len=P, **self.forward_kwargs)
-        return self.decoder.aligned_logits(out.logits)[:, P:]  # (B, L, V)
+        return self._forward_response(state.step, state.canvas, attn_mode=self.attn_mode)[0]  # (B, L, V)
 
 
 class PrefixCache(_Denoiser):
@@ -88,15 +92,13 @@ class PrefixCache(_Denoiser):
     """
 
     def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
-                 planner: LayerPlanner | None = None, counter: FlopCounter | None = None, **forward_kwargs) -> None:
-        self.decoder, self.prompt_valid, self.forward_kwargs = decoder, prompt_valid, forward_kwargs
+                 planner: LayerPlanner | None = None, counter: FlopCounter | None = None) -> None:
+        self.decoder, self.prompt_valid = decoder, prompt_valid
         self.planner, self.counter = planner, counter
         self.P = prompt_embeds.shape[1]
         with torch.no_grad():
-            out = decoder(inputs_embeds=prompt_embeds, valid=prompt_valid, attn_mode="prefix",
-                          prefix_len=self.P, store_cache=True, **forward_kwargs)
-        if counter is not None:
-            counter.add(out)
+            out = self._count(decoder(inputs_embeds=prompt_embeds, valid=prompt_valid, attn_mode="prefix",
+                                      prefix_len=self.P, store_cache=True))
         self.cache: KVCache = out.cache
         self.last_prompt_logits = out.logits[:, -1:]  # (B, 1, V): Dream-style shift reads it
 
@@ -105,11 +107,8 @@ class PrefixCache(_Denoiser):
         valid = torch.cat([self.prompt_valid, torch.ones_like(state.canvas, dtype=torch.bool)], dim=1)
         out = self._forward(state.step, torch.ones_like(state.canvas, dtype=torch.float), n_cached=self.P,
                             input_ids=state.canvas, valid=valid, attn_mode="prefix", prefix_len=self.P,
-                            cache=self.cache, **self.forward_kwargs)
-        logits = out.logits  # (B, L, V)
-        if self.decoder.cfg.logit_shift:
-            logits = torch.cat([self.last_prompt_logits, logits[:, :-1]], dim=1)
-        return logits
+                            cache=self.cache)
+        return self.decoder.shifted(torch.cat([self.last_prompt_logits, out.logits], dim=1))  # (B, L, V)
 
 
 class BlockCache(_Denoiser):
@@ -152,8 +151,6 @@ class BlockCache(_Denoiser):
         self.block: int | None = None
         self.raw: torch.Tensor | None = None  # (B, 1+L, V) raw logits of the last prompt row and the canvas
 
-    def _aligned(self) -> torch.Tensor:
-        return self.raw[:, :-1] if self.decoder.cfg.logit_shift else self.raw[:, 1:]  # (B, L, V)
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
@@ -161,15 +158,11 @@ class BlockCache(_Denoiser):
         B, L = canvas.shape
         ones = torch.ones(B, L, dtype=torch.bool, device=canvas.device)
         if state.block != self.block:  # block start: full forward, refresh the cache
-            x = torch.cat([self.prompt_embeds, self.decoder.embed(canvas)], dim=1)  # (B, P+L, D)
-            queries = torch.cat([torch.zeros_like(self.prompt_valid), ones], dim=1).float()
-            out = self._forward(state.step, queries, n_cached=0, inputs_embeds=x,
-                                valid=torch.cat([self.prompt_valid, ones], dim=1), attn_mode=self.attn_mode,
-                                prefix_len=P, store_cache=True)
+            logits, out = self._forward_response(state.step, canvas, attn_mode=self.attn_mode, store_cache=True)
             self.cache, self.block, self.raw = out.cache, state.block, out.logits[:, P - 1:].clone()
             if not self.dual:
                 self.cache.crop(P + blk.start)
-            return self._aligned()
+            return logits
         if self.dual:  # the block against prompt + canvas slots, the block's own (stale) slots masked
             run = slice(blk.start, blk.stop)
             stale = ones.clone()
@@ -183,7 +176,7 @@ class BlockCache(_Denoiser):
                             valid=valid, attn_mode=self.attn_mode, prefix_len=P, position_ids=positions,
                             cache=self.cache)
         self.raw[:, 1 + run.start:1 + run.stop] = out.logits
-        return self._aligned()
+        return self.decoder.shifted(self.raw)  # (B, L, V)
 
 
 # ------------------------------------------------------------------------------------------------

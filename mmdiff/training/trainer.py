@@ -251,14 +251,12 @@ class Trainer:
                 items = items + items
             noisy = targets.masked_fill(masked, model.special.mask)
             mode = stage.attn_mode
-        out = model.decoder(inputs_embeds=torch.cat([embeds, model.decoder.embed(noisy)], 1),
-                            valid=torch.cat([valid, torch.ones_like(noisy, dtype=torch.bool)], 1),
-                            attn_mode=mode, prefix_len=P, output_hidden_states=head is not None)
+        logits, out = model.decoder.forward_response(embeds, valid, noisy, attn_mode=mode,
+                                                     output_hidden_states=head is not None)  # (B, L, V)
         n_tokens = int(valid.sum()) + noisy.numel()
         if stage.kind == "ar":
             loss = ar_loss(out.logits, targets.masked_fill(~batch["loss_mask"].to(targets.device), -100), P)
         else:
-            logits = model.decoder.aligned_logits(out.logits)[:, P:]  # (B, L, V)
             loss = diffusion_loss(logits, targets, masked, t)
         self.parts = {"answer": loss.item()}
         if head is not None:
