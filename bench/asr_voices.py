@@ -12,14 +12,11 @@ Models are compared on the same clips (``--compare``).
 """
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 from pathlib import Path
 
-import torch
-
-from mmdiff import DEFAULT_MODEL_DIR
+import common
 
 FAMILIES = ("count", "attribute", "relation", "comparison", "position")
 
@@ -45,22 +42,16 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmdiff.data.speech import HELDOUT_VOICES, espeak_available
+    from mmdiff.data.speech import HELDOUT_VOICES
     from mmdiff.evaluation.metrics import word_error_rate
     from mmdiff.model import MultimodalDiffusionLM
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p = common.parser(__doc__, seed=True)
     p.add_argument("--compare", help="a second model directory, scored on the same clips")
     p.add_argument("--per-voice", type=int, default=30, help="clips per voice")
     p.add_argument("--voices", default="en-us,en-gb+f2", help="training voices to list beside the held-out ones ('' for none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = p.parse_args(argv)
-    if not espeak_available():
-        p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.start(p, args, speech=True)
     voices = list(HELDOUT_VOICES) + [v for v in args.voices.split(",") if v]
     with tempfile.TemporaryDirectory(prefix="mmdiff-asr-voices-") as tmp:
         data = clips(voices, args.per_voice, args.seed, Path(tmp))

@@ -11,14 +11,13 @@ One table: WER and exact transcripts per setting, the best marked.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 from pathlib import Path
 
 import torch
 
-from mmdiff import DEFAULT_MODEL_DIR
+import common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,23 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.dataset import SPOKEN_TYPES
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import sample_scene
-    from mmdiff.data.speech import espeak_available, speak
+    from mmdiff.data.speech import speak
     from mmdiff.evaluation.metrics import word_error_rate
     from mmdiff.model import MultimodalDiffusionLM
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p = common.parser(__doc__, seed=True)
     p.add_argument("--clips", type=int, default=150, help="validation clips (training voices)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.8, 1.2])
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.5, 2.5])
     p.add_argument("--beam", type=int, default=8, help="beam width")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = p.parse_args(argv)
-    if not espeak_available():
-        p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.start(p, args, speech=True)
     model = MultimodalDiffusionLM.from_pretrained(args.model)
     adapter = model.audio_adapter
     if getattr(adapter, "lm", None) is None:

@@ -31,7 +31,6 @@ large fp32 matmul and the GFLOP/s of one bare decoder forward of the vanilla sha
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from mmdiff import DEFAULT_MODEL_DIR
+import common
 
 DEFAULT_AR_MODEL = "checkpoints/mmdiff-tiny-ar"
 LONG_TYPES = ("caption_json",)
@@ -296,9 +295,7 @@ def format_table(rows: list[tuple[str, Result]], ar: dict[str, Result], machine:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR,
-                   help=f"diffusion model directory (default: {DEFAULT_MODEL_DIR})")
+    p = common.parser(__doc__, threads=1)
     p.add_argument("--ar-model", default=DEFAULT_AR_MODEL,
                    help=f"phase-1 AR checkpoint for the baseline; 'none' to leave it out (default: {DEFAULT_AR_MODEL})")
     p.add_argument("--data", help="JSONL dataset instead of the in-memory test split")
@@ -309,14 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-length", type=int, default=64, help="long-answer canvas (default: 64)")
     p.add_argument("--workloads", default="short,long", help="comma-separated: short, long (default: both)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of every example (default: 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every measurement (default: 1)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="best combination: accuracy drop allowed per family vs vanilla (default: 0.02)")
     args = p.parse_args(argv)
 
     from mmdiff.model import MultimodalDiffusionLM
 
-    torch.set_num_threads(args.threads)
+    common.start(p, args)
     torch.manual_seed(0)
     model = MultimodalDiffusionLM.from_pretrained(args.model)
     ar_model = None if args.ar_model == "none" else MultimodalDiffusionLM.from_pretrained(args.ar_model)

@@ -21,13 +21,12 @@ to the orders): operands readable but the word gone means the answer cannot be c
 """
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 import torch.nn.functional as F
 
-from mmdiff import DEFAULT_MODEL_DIR
+import common
 
 
 def _states(model, questions: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -128,15 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.scenes import COLOURS
     from mmdiff.model import MultimodalDiffusionLM
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p = common.parser(__doc__, seed=True)
     p.add_argument("--compare", help="a second model directory, probed the same way")
     p.add_argument("--n", type=int, default=600, help="questions per probe (75%% fit the probe, 25%% score it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.start(p, args)
     colour, scales, pairs = [], [], []
     for path in [args.model] + ([args.compare] if args.compare else []):
         model = MultimodalDiffusionLM.from_pretrained(path).eval()

@@ -19,7 +19,6 @@ model (``ctc_lm.json``), spoken questions and CTC transcripts are also scored wi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -28,9 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-from mmdiff import DEFAULT_MODEL_DIR
+import common
 
 ASR_LENGTH = 24  # canvas for "transcribe the audio." answers (the longest question is under 20 tokens)
 
@@ -105,8 +102,7 @@ def score(name: str, examples: list[dict], preds: list[str]) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    p = common.parser(__doc__, seed=True)
     p.add_argument("--ar-model", default="checkpoints/mmdiff-tiny-ar", help="phase-1 AR checkpoint ('none' to skip)")
     p.add_argument("--diffusion-only", help="a model trained without phase 1 on the same compute")
     p.add_argument("--per-type", type=int, default=100, help="typed questions per family")
@@ -115,12 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-block", type=int, help="decode captions in semi-autoregressive blocks of this many "
                    "tokens (LLaDA's long-answer setting; default: one block over the 152-token canvas)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.start(p, args)
     from mmdiff.model import MultimodalDiffusionLM
 
     work = build_examples(args)

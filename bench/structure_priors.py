@@ -19,13 +19,12 @@ list equals ``caption_json``), mean NFE and mean latency per image (count questi
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mmdiff import DEFAULT_MODEL_DIR
+import common
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
@@ -83,17 +82,12 @@ def format_table(rows: dict[str, Score]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    p = common.parser(__doc__)
     p.add_argument("--n", type=int, default=100, help="test images (default: 100)")
     p.add_argument("--data-seed", type=int, default=0, help="test-split stream seed (default: 0)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_decode_arguments(p, DEFAULTS, search=False)
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    common.start(p, args)
 
     from mmdiff.data import iter_examples
     from mmdiff.data.scenes import scene_schema

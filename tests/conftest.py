@@ -1,9 +1,13 @@
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# the bench scripts import their shared module as ``common``, as ``python bench/<name>.py`` finds it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 @pytest.fixture(autouse=True)

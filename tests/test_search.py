@@ -429,5 +429,5 @@ def test_benchmark_script_runs_on_a_tiny_model(model, tmp_path, capsys, monkeypa
     out = capsys.readouterr().out
     assert "| method | N | T | NFE | count | caption | mean acc | oracle acc | latency ms |" in out
     assert sum(line.startswith("| hierarchical |") for line in out.splitlines()) == 2
-    assert "target 1:" in out and "target 2: hardest type" in out
+    assert "best-of-2: mean acc" in out and "hardest type '" in out
     assert bench.score_answer("Three", ["3"], "count") == 1.0

@@ -1,0 +1,41 @@
+"""What every bench script shares: its parser's common flags and their effect.
+
+Bench scripts run as ``python bench/<name>.py`` (this folder is then on ``sys.path``) and import
+this module as ``common``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mmdiff import DEFAULT_MODEL_DIR
+
+
+def parser(doc: str, *, threads: int = 0, seed: bool = False) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of ``doc`` with ``--model`` and ``--threads``
+    (and ``--seed``).
+
+    Args:
+        doc: the script's module docstring.
+        threads: default torch CPU threads (0: torch's choice).
+        seed: add ``--seed`` (default 0), the generation seed of the script's test data.
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--threads", type=int, default=threads,
+                   help=f"torch CPU threads, 0 = torch's choice (default: {threads})")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="test data seed (default: 0)")
+    return p
+
+
+def start(p: argparse.ArgumentParser, args: argparse.Namespace, *, speech: bool = False) -> None:
+    """Apply the common flags; with ``speech``, stop with the parser's error when no synthesiser exists."""
+    if speech:
+        from mmdiff.data.speech import espeak_available
+
+        if not espeak_available():
+            p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
