@@ -82,9 +82,7 @@ class CTCAdapterConfig(AdapterConfig):
 class SemanticAdapter(nn.Module):
     """Stride-2 Conv1d(k=3) x log2(subsample), each with GELU, then Linear -> GELU -> Linear."""
 
-    modality = "audio"
-    emits = "embeddings"
-    config_class = SemanticAdapterConfig
+    modality, emits, config_class = "audio", "embeddings", SemanticAdapterConfig
 
     def __init__(self, cfg: SemanticAdapterConfig) -> None:
         super().__init__()
@@ -135,9 +133,7 @@ class QFormerLayer(nn.Module):
 class AcousticAdapter(nn.Module):
     """Q-Former over sum_i softmax(w)_i * layer_i of the selected encoder layers."""
 
-    modality = "audio"
-    emits = "embeddings"
-    config_class = AcousticAdapterConfig
+    modality, emits, config_class = "audio", "embeddings", AcousticAdapterConfig
 
     def __init__(self, cfg: AcousticAdapterConfig) -> None:
         super().__init__()
@@ -173,9 +169,7 @@ class AcousticAdapter(nn.Module):
 class DualAdapter(nn.Module):
     """DIFFA's dual adapter: semantic tokens then acoustic queries, packed per clip."""
 
-    modality = "audio"
-    emits = "embeddings"
-    config_class = DualAdapterConfig
+    modality, emits, config_class = "audio", "embeddings", DualAdapterConfig
 
     def __init__(self, cfg: DualAdapterConfig) -> None:
         super().__init__()
@@ -205,9 +199,8 @@ class CTCAdapter(nn.Module):
     returns the one-hot tokens of :meth:`transcribe_ids` instead.
     """
 
-    modality = "audio"
-    emits = "vocab"  # outputs are distributions over the decoder vocabulary, not embeddings
-    config_class = CTCAdapterConfig
+    # outputs are distributions over the decoder vocabulary, not embeddings
+    modality, emits, config_class = "audio", "vocab", CTCAdapterConfig
 
     def __init__(self, cfg: CTCAdapterConfig) -> None:
         super().__init__()

@@ -44,9 +44,7 @@ class VisionAdapter(nn.Module):
         proj: maps (..., in_dim) -> (..., out_dim).
     """
 
-    modality = "image"
-    emits = "embeddings"
-    config_class = ProjectorConfig
+    modality, emits, config_class = "image", "embeddings", ProjectorConfig
 
     def __init__(self, cfg: ProjectorConfig, proj: nn.Module) -> None:
         super().__init__()
