@@ -39,8 +39,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import torch
 
 from . import special_tokens as st
+from .adapters import ProjectorConfig
 from .decoder import Decoder, DecoderConfig
+from .encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
 from .io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json, save_weights, write_json
+from .model import ModelConfig, MultimodalDiffusionLM
 from .registry import Registry
 from .special_tokens import SpecialIds
 
@@ -622,9 +625,6 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
     last path component of ``mm_vision_tower`` in :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` and
     read at block -2 (LLaVA's ``SigLipVisionTower`` drops the last block and reads the new last one).
     """
-    from .adapters import ProjectorConfig
-    from .encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
-    from .model import ModelConfig
 
     c = _read_config(config, defaults=LLADA_V_DEFAULTS, required=LLADA_V_REQUIRED, options=LLADA_V_OPTIONS,
                      kind="LLaDA-V", source=source)
@@ -684,7 +684,6 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
         dtype: parameter dtype; None keeps the checkpoint's own.
         device: where the parameters live.
     """
-    from .model import MultimodalDiffusionLM
 
     directory, config = open_checkpoint(path)
     cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))

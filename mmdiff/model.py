@@ -21,13 +21,18 @@ import torch
 import torch.nn as nn
 
 from . import special_tokens as st
+from .adapters import adapter_config_from_dict
+from .adapters.ctc import LM_NAME, TokenNGram
 from .decoder import Decoder, DecoderConfig
+from .encoders import AudioEncoderConfig, VisionEncoderConfig
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
 from .sampling import DecodeConfig, Denoiser, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
+from .sampling.autoregressive import ar_generate
 from .sampling.denoisers import build_denoiser
 from .sampling.pruning import LayerPlanner
 from .special_tokens import SpecialIds
+from .tokenizer import load_tokenizer, save_tokenizer
 
 log = logging.getLogger("mmdiff")
 
@@ -52,9 +57,6 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config.json") -> "ModelConfig":
-        from .adapters import adapter_config_from_dict
-        from .encoders import AudioEncoderConfig, VisionEncoderConfig
-
         data = dict(data)
         if data.pop("model_type", None) != MODEL_TYPE:
             raise ValueError(f"{source}: not an mmdiff multimodal model config (model_type != {MODEL_TYPE!r})")
@@ -285,7 +287,6 @@ class MultimodalDiffusionLM(nn.Module):
                     audios: Sequence | None = None, max_new_tokens: int = 8) -> list[GenerationResult]:
         """Answer left to right with KV-cached greedy AR decoding (for a causal, phase-1 checkpoint:
         the same-size autoregressive baseline). Arguments as in :meth:`generate`."""
-        from .sampling.autoregressive import ar_generate
 
         t0 = time.perf_counter()
         embeds, valid, _ = self.prepare(questions, images=images, audios=audios)
@@ -363,8 +364,6 @@ class MultimodalDiffusionLM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json``, ``model.safetensors``, ``tokenizer.json`` and, when the audio
         adapter has a CTC language model, ``ctc_lm.json`` into ``directory``."""
-        from .adapters.ctc import LM_NAME
-        from .tokenizer import save_tokenizer
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -378,8 +377,6 @@ class MultimodalDiffusionLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> "MultimodalDiffusionLM":
         """Load a directory written by :meth:`save_pretrained`; errors name the missing/bad part."""
-        from .adapters.ctc import LM_NAME, TokenNGram
-        from .tokenizer import load_tokenizer
 
         directory = Path(directory)
         if not directory.is_dir():

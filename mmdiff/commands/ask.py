@@ -7,7 +7,9 @@ import json
 import sys
 
 from .. import DEFAULT_MODEL_DIR
+from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
+from ..search import SearchResult, answer
 from .options import add_decode_arguments, add_speech_arguments, apply_speech_arguments, decode_config_from_args
 
 #: short answers: the canvas mmdiff-tiny is trained on
@@ -28,9 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import MultimodalDiffusionLM
-    from ..search import SearchResult, answer
-
     if not args.question.strip() and not args.audio:
         raise ValueError("give a question, --audio, or both")
     decode = decode_config_from_args(args, DEFAULTS)  # checked before the model loads

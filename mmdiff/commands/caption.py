@@ -9,7 +9,12 @@ import argparse
 import sys
 
 from .. import DEFAULT_MODEL_DIR
+from ..data.scenes import scene_schema
+from ..io import read_json
+from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
+from ..sampling.schema import check_schema
+from ..tasks.captioning import caption
 from .options import add_decode_arguments, decode_config_from_args
 
 #: a 6-object JSON caption is about 49 tokens
@@ -31,12 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.scenes import scene_schema
-    from ..io import read_json
-    from ..model import MultimodalDiffusionLM
-    from ..sampling.schema import check_schema
-    from ..tasks.captioning import caption
-
     if args.format == "text" and args.schema:
         raise ValueError("--schema applies to --format json")
     if args.format == "json" and args.length is not None:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 from ..registry import Registry
 from ..tasks.prompts import CAPTION_JSON_QUESTION, CAPTION_QUESTION, NO, YES, verification_question
-from .scenes import COLOURS, GRID, POSITIONS, SHAPES, SIZES, Obj, Scene
+from .scenes import COLOURS, GRID, POSITIONS, SHAPES, SIZES, Obj, Scene, sample_scene
 
 T = TypeVar("T")
 
@@ -471,7 +471,6 @@ def world_texts(n: int, *, seed: int | str = 0, split: str = "train", types: Seq
         types: question families asked of every scene.
         answers: also list each question's first answer, after it.
     """
-    from .scenes import sample_scene
 
     rng = random.Random(f"world-texts-{seed}")
     texts: list[str] = []

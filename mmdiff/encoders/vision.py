@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ..io import JsonConfig
+from ..io import JsonConfig, load_safetensors, load_state_checked
 from ..media import load_image
 from ..registry import Registry
 
@@ -366,7 +366,6 @@ class SiglipVisionEncoder(VisionEncoder):
 
     def _load_file(self, path: Path) -> None:
         """Load the vision tensors of ``path``, minus those of the parts not built."""
-        from ..io import load_safetensors, load_state_checked
 
         state = load_safetensors(path)
         prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""

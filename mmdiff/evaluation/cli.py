@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import DEFAULT_MODEL_DIR
 from ..commands.options import add_decode_arguments, decode_config_from_args
 from ..sampling import DecodeConfig, SamplerConfig
+from .runner import METRICS_FILE, Shard, evaluate, merge_shards
 
 #: short answers: the canvas mmdiff-tiny is trained on
 DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))
@@ -66,7 +67,6 @@ def _report(metrics: dict, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate (one process, one shard, or a torchrun rank), or merge shards."""
-    from .runner import METRICS_FILE, Shard, evaluate, merge_shards
 
     if args.merge is not None:
         metrics = merge_shards(args.merge)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import DEFAULT_MODEL_DIR
+from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig
 from .runner import answer_batch
 
@@ -97,7 +98,6 @@ class MMDiffLMMS(_LMMSBase):
         super().__init__()
         import torch
 
-        from ..model import MultimodalDiffusionLM
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("the mmdiff lmms-eval plugin runs in one process; "
