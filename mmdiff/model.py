@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 from . import special_tokens as st
-from .adapters import adapter_config_from_dict
+from .adapters import adapter_config_from_dict, build_adapter
 from .adapters.ctc import LM_NAME, TokenNGram
 from .decoder import Decoder, DecoderConfig
-from .encoders import AudioEncoderConfig, VisionEncoderConfig
+from .encoders import AudioEncoderConfig, VisionEncoderConfig, build_audio_encoder, build_vision_encoder
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
 from .sampling import DecodeConfig, Denoiser, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
@@ -99,15 +99,9 @@ class MultimodalDiffusionLM(nn.Module):
         self.decoder = Decoder(cfg.decoder)
         self.vision = self.vision_adapter = self.audio = self.audio_adapter = None
         if cfg.vision is not None:
-            from .adapters import build_adapter
-            from .encoders import build_vision_encoder
-
             self.vision = build_vision_encoder(cfg.vision)
             self.vision_adapter = build_adapter(cfg.vision_adapter)
         if cfg.audio is not None:
-            from .adapters import build_adapter
-            from .encoders import build_audio_encoder
-
             self.audio = build_audio_encoder(cfg.audio)
             self.audio_adapter = build_adapter(cfg.audio_adapter)
 

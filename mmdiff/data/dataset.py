@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..io import atomic_write_bytes
 from .questions import QA, QUESTION_TYPES, questions_for
 from .scenes import Scene, check_split, render, sample_scene
+from .speech import speak
 
 DATA_FILE = "data.jsonl"
 ASR_QUESTION = "transcribe the audio."
@@ -81,8 +82,6 @@ def write_split(out_dir: str | Path, *, split: str, n: int, seed: int, audio: bo
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if audio:
-        from .speech import speak
-
         (out / "audio").mkdir(exist_ok=True)
     pick = random.Random(f"mmdiff-rows:{split}:{seed}")  # row choice, apart from the scene stream
     rows: list[dict[str, Any]] = []

@@ -29,6 +29,7 @@ from typing import IO, Any
 from ..adapters.ctc import LM_NAME
 from ..data.dataset import Row, RowError, read_rows
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
+from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig
 from ..search import SearchResult, answer
 from .metrics import exact_match, summarize, vqa_accuracy
@@ -341,8 +342,6 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
             tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="row", disable=not progress) as bar:
         pending = [it for it in todo if isinstance(it.entry, Row)]
         if pending:
-            from ..model import MultimodalDiffusionLM
-
             model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
             last_write = time.monotonic()
             for batch in _batches(pending, 1 if searching else batch_size):  # a searched row is saved at once
