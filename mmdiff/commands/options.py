@@ -92,7 +92,7 @@ def apply_speech_arguments(model, args: argparse.Namespace) -> None:
     if not given:
         return
     adapter = getattr(model, "audio_adapter", None)
-    if not hasattr(adapter, "transcribe_ids"):  # every AdapterConfig has the fields; only audio_ctc reads them
+    if not hasattr(adapter, "transcribe_ids"):  # only the audio_ctc adapter decodes with a beam
         raise ValueError("--asr-* flags need a model with an audio adapter of kind audio_ctc")
     for k, v in given.items():
         setattr(adapter.cfg, k, v)
