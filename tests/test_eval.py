@@ -403,7 +403,7 @@ def test_each_type_is_answered_on_its_own_canvas_and_says_so(tmp_path: Path, typ
     assert canvases["count"] == 8 and canvases["caption"] > 8
     err = capsys.readouterr().err
     for qtype, length in canvases.items():
-        assert f"mmdiff eval: {qtype}: {length}-token canvas (longest answer of its 3 rows:" in err
+        assert f"mmdiff eval: {qtype}: {length}-token canvas (longest answer in its 3 rows:" in err
     preds = jsonl(out / "predictions.jsonl")
     assert [p["index"] for p in preds] == list(range(6))  # data order, though batched by canvas
     assert all(p["canvas"] == canvases[p["type"]] for p in preds)

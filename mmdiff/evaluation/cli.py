@@ -67,8 +67,9 @@ def _device(name: str) -> str:
 def _say_canvases(canvases: dict[str, Canvas]) -> None:
     """One line per question type on stderr: its canvas and why."""
     for qtype, c in canvases.items():
-        print(f"mmdiff eval: {qtype}: {c.length}-token canvas (longest answer of its {c.rows} rows: {c.longest} "
-              "tokens + EOS; --gen-length N overrides)", file=sys.stderr)
+        rows, tokens = f"{c.rows} row{'s' * (c.rows != 1)}", f"{c.longest} token{'s' * (c.longest != 1)}"
+        print(f"mmdiff eval: {qtype}: {c.length}-token canvas (longest answer in its {rows}: {tokens} + EOS; "
+              "--gen-length N overrides)", file=sys.stderr)
 
 
 def _report(metrics: dict, out: Path) -> None:
