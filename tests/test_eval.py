@@ -14,7 +14,16 @@ import pytest
 
 from mmdiff import cli
 from mmdiff.data import write_split
-from mmdiff.evaluation import Shard, exact_match, merge_shards, normalize_answer, stats, summarize, vqa_accuracy
+from mmdiff.evaluation import (
+    Shard,
+    evaluate,
+    exact_match,
+    merge_shards,
+    normalize_answer,
+    stats,
+    summarize,
+    vqa_accuracy,
+)
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 GEN = ["--gen-length", "4"]  # every run in this file; short canvases keep the tiny model fast
@@ -412,6 +421,9 @@ def test_each_type_is_answered_on_its_own_canvas_and_says_so(tmp_path: Path, typ
     # the canvases are part of the run's identity: one canvas for all is another run
     assert eval_per_type("--data", typed_data, "--out", out, "--gen-length", 8, model=model_dir) == 2
     assert "sampler gen_length None -> 8" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"no canvas for question type\(s\) \['caption'\]"):
+        evaluate(typed_data, tmp_path / "partial", model_dir=model_dir, canvases={"count": 8})
+    assert not (tmp_path / "partial").exists()
 
 
 def test_a_per_type_run_resumed_equals_an_uninterrupted_one(tmp_path: Path, typed_data: Path,

@@ -136,8 +136,8 @@ def _sha256(paths: Iterable[Path]) -> str:
 def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig,
                  canvases: Mapping[str, int] | None = None) -> dict[str, Any]:
     """What makes two evaluations comparable: model and data (path and content), sampler, cache,
-    pruning and test-time search settings, and the canvas of each question type (``canvas``; None
-    when every row takes the sampler's ``gen_length``, which is None when each type has its own)."""
+    pruning and test-time search settings, and ``canvas``: {question type: canvas length}, or None
+    when every row takes the sampler's ``gen_length`` (set to None when the types have their own)."""
     model_dir, data = Path(model_dir), Path(data)
     model_files = [model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]
     if (model_dir / LM_NAME).is_file():  # the CTC beam's LM changes spoken answers
@@ -281,7 +281,7 @@ def _batches(items: Sequence[Item], size: int, canvas_of: Mapping[str, int] | No
     group), then cut into batches of ``size``."""
     groups: dict[int, list[Item]] = {}
     for it in items:
-        groups.setdefault((canvas_of or {}).get(it.entry.type, default), []).append(it)
+        groups.setdefault(default if canvas_of is None else canvas_of[it.entry.type], []).append(it)
     for length, group in sorted(groups.items()):
         for start in range(0, len(group), size):
             yield length, group[start:start + size]
@@ -307,8 +307,9 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         model_dir: an mmdiff model directory (``save_pretrained``).
         decode: sampler, cache, pruning and search settings; with a test-time search rows are
             answered one by one (``batch_size`` does not apply).
-        canvases: question type -> response canvas length (:func:`~mmdiff.evaluation.canvas.choose_canvases`);
-            None: ``decode.sampler.gen_length`` for every row, as for a type missing here.
+        canvases: question type -> response canvas length, for every type of the data
+            (:func:`~mmdiff.evaluation.canvas.choose_canvases`); None: ``decode.sampler.gen_length``
+            for every row.
         batch_size: rows per ``generate`` call.
         limit: evaluate only the first ``limit`` rows of the file (before sharding).
         shard: evaluate only this shard.
@@ -321,7 +322,8 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
     Raises:
         FileNotFoundError: the data file or model directory does not exist.
         FileExistsError, NotADirectoryError, PermissionError: ``out`` cannot be written (checked first).
-        ValueError: ``out`` holds a different run (model, data, sampler, pruning, search settings or canvases).
+        ValueError: ``out`` holds a different run (model, data, sampler, pruning, search settings or
+            canvases), or ``canvases`` lacks a type of the data.
     """
     from tqdm import tqdm
 
@@ -334,6 +336,9 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     out = check_output_dir(Path(out) / shard.dirname if shard is not None else Path(out))
     items = load_items(data, limit=limit, shard=shard)
+    uncovered = sorted({it.entry.type for it in items if isinstance(it.entry, Row)} - set(canvases or {}))
+    if canvases is not None and uncovered:
+        raise ValueError(f"no canvas for question type(s) {uncovered}: give one per type of the data")
     identity = run_identity(model_dir, data, decode, canvases)
     out.mkdir(parents=True, exist_ok=True)
     check_identity(out, identity)
