@@ -157,6 +157,18 @@ def test_convert_on_a_missing_gpu_is_one_line(tmp_path: Path, capsys) -> None:
     assert line == "mmdiff convert: error: --device cuda: not available on this machine; available: cpu"
 
 
+def test_devices_are_checked_against_what_torch_sees(monkeypatch) -> None:
+    """The GPU branch, on a machine that may have none: torch is told there is one CUDA device."""
+    from mmdiff.io import available_devices, check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert available_devices()[:2] == ["cpu", "cuda:0"]
+    assert [check_device(d) for d in ("cpu", "cuda", "cuda:0")] == ["cpu", "cuda", "cuda:0"]
+    with pytest.raises(ValueError, match=r"^--device cuda:1: not available on this machine; available: cpu, cuda:0"):
+        check_device("cuda:1")
+
+
 def test_the_demo_refuses_a_port_in_use(capsys) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
