@@ -5,9 +5,15 @@ modules that need them; ``import mmdiff`` stays light.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 __version__ = "0.1.0"
 
-DEFAULT_MODEL_DIR = "checkpoints/mmdiff-tiny"
+#: the shipped model, ``checkpoints/mmdiff-tiny`` of the source checkout this package runs from, so that
+#: every command finds it from any directory (relative to the working directory when the package was
+#: installed without the checkout)
+_SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "mmdiff-tiny"
+DEFAULT_MODEL_DIR = str(_SHIPPED) if _SHIPPED.is_dir() else "checkpoints/mmdiff-tiny"
 
 
 def load(path: str, **kwargs):

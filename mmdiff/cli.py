@@ -6,8 +6,10 @@ Each subcommand lives in the module that owns its feature and exposes ``add_argu
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+import typing
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -15,11 +17,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mmdiff.data.cli", "generate a synthetic scene dataset (JSONL + images [+ speech])"),
     "train": ("mmdiff.training.cli", "train a model from a committed config file"),
     "train-adapter": ("mmdiff.training.adapters", "train only an image or audio adapter against a frozen LLaDA / Dream / LLaDA-V (DIFFA recipe)"),
-    "convert": ("mmdiff.checkpoints", "convert a LLaDA / Dream checkpoint to mmdiff format"),
+    "convert": ("mmdiff.checkpoints", "write a text-only LLaDA / Dream checkpoint in the mmdiff-decoder format "
+                                      "(optional: mmdiff.load reads them as they are)"),
     "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),
     "demo": ("mmdiff.commands.demo", "start the Gradio demo (image/audio Q&A with live denoising)"),
     "eval": ("mmdiff.evaluation.cli", "batch VQA evaluation with resumable predictions"),
 }
+
+
+#: what a user can get wrong about a path: shown as one line, like ValueError and FileNotFoundError
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+#: errno of other OSErrors a user can fix: a read-only file system, a full disk, a name too long, a
+#: symlink loop, a port in use or an address this machine does not have
+USER_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP,
+                         errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A subcommand's parser whose errors are one line (``mmdiff ask: error: ...``) and exit 2, like the
+    errors of ``run``; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def user_error(e: Exception) -> str | None:
+    """The one line for an error the user can fix (a bad value, a missing or unwritable path), or
+    None for anything else: a real bug keeps its traceback."""
+    if isinstance(e, ValueError) or (isinstance(e, PATH_ERRORS) and not e.filename):
+        return str(e)
+    if isinstance(e, PATH_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS):
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     name = argv[0]
     module = importlib.import_module(COMMANDS[name][0])
-    sp = argparse.ArgumentParser(prog=f"mmdiff {name}", description=COMMANDS[name][1])
+    sp = OneLineParser(prog=f"mmdiff {name}", description=COMMANDS[name][1])
     module.add_arguments(sp)
     args = sp.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mmdiff {name}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        line = user_error(e)
+        if line is None:
+            raise
+        print(f"mmdiff {name}: error: {line}", file=sys.stderr)
         return 2
 
 

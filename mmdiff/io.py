@@ -1,9 +1,13 @@
-"""Checkpoint file helpers: safetensors only (never pickle), with errors that name the problem."""
+"""Where things are read from and written to: safetensors only (never pickle), JSON configs whose
+values are checked against their fields' types, atomic writes that honour the umask, output folders
+and devices checked before any work starts; errors name the problem."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import types
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -17,12 +21,78 @@ C = TypeVar("C")
 
 
 def config_from_dict(cls: type[C], data: Mapping[str, Any], *, source: str = "config") -> C:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys by name."""
+    """Build dataclass ``cls`` from ``data`` (a JSON object), rejecting unknown keys by name and values
+    whose type does not fit the field's annotation (:func:`check_field_types`)."""
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} keys {unknown}; known: {sorted(names)}")
+    check_field_types(cls, data, source=source)
     return cls(**data)
+
+
+def check_field_types(cls: type, data: Mapping[str, Any], *, source: str) -> None:
+    """Check each value of ``data`` against the annotation of ``cls``'s field of that name, as JSON
+    delivers values: an int is not a bool (nor a bool an int), an int is fine for a float, a tuple
+    arrives as a list, ``X | None`` takes null.
+
+    Raises:
+        ValueError: ``"{source}: d_model must be an int, got '192'"``.
+    """
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise ValueError(f"{source}: {name} must be {_describe(hints[name])}, got {value!r}")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits annotation ``tp`` (unknown typing constructs pass)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(_fits(k, args[0]) and _fits(v, args[1])
+                                                            for k, v in value.items()))
+    if origin is typing.Literal:
+        return value in args
+    return isinstance(value, origin or tp) if isinstance(origin or tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    """``int`` -> "an int", ``tuple[int, ...] | None`` -> "a list of ints or null", ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {type(None): "null", bool: "a bool (true or false)", int: "an int", float: "a number",
+             str: "a string", dict: "an object", list: "a list", tuple: "a list"}
+    plural = {bool: "bools", int: "ints", float: "numbers", str: "strings"}
+    if tp in names:
+        return names[tp]
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} " + (plural[args[0]] if len(set(args)) == 1 and args[0] in plural else "values")
+        return "a list" + (f" of {plural[args[0]]}" if args and args[0] in plural else "")
+    if origin is dict:
+        return "an object"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return f"a {getattr(tp, '__name__', tp)}"
 
 
 def drop_retired_keys(data: Mapping[str, Any], retired: Mapping[str, Any], *, source: str, why: str) -> dict:
@@ -55,11 +125,15 @@ class JsonConfig:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename. The file gets the mode
+    of the file it replaces, or the one ``open()`` would give a new file (0666 less the umask): the
+    temporary file's private 0600 does not leak into results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -67,6 +141,63 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_dir(path: str | Path, *, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be written: an existing file where the
+    folder should be, a file among its parents, or a read-only or unwritable folder. Nothing is created.
+
+    Args:
+        path: the folder to be written (it may not exist yet).
+        flag: how the user named it, for the message.
+
+    Raises:
+        FileExistsError, NotADirectoryError, PermissionError: one line naming the path and the problem.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is an existing file, not a folder: give a folder path "
+                              "(the file is left as it is)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise PermissionError(f"{flag} {path}: {existing} is on a read-only file system")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {existing} is not writable (permission denied)")
+    return path
+
+
+def check_device(name: str, *, flag: str = "--device") -> str:
+    """Refuse a device this machine does not have, naming the ones it has.
+
+    Raises:
+        ValueError: ``"--device cuda: not available on this machine; available: cpu"``.
+    """
+    available = available_devices()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r} is not a device name; available: {', '.join(available)}") from None
+    kinds = {a.partition(":")[0] for a in available}
+    if str(device) in available or (device.index is None and device.type in kinds):
+        return name
+    raise ValueError(f"{flag} {name}: not available on this machine; available: {', '.join(available)}")
+
+
+def available_devices() -> list[str]:
+    """``cpu``, then every CUDA device (``cuda:0``, ...) and ``mps`` that torch can use here."""
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["cpu", *cuda, *(["mps"] if torch.backends.mps.is_available() else [])]
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -5,9 +5,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmdiff.data.speech import espeak_available
+
 torch.set_num_threads(1)
 # the bench scripts import their shared module as ``common``, as ``python bench/<name>.py`` finds it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+#: the one reason every speech-synthesis test gives when it skips
+NO_ESPEAK = "espeak-ng is not on PATH: tests that synthesise speech skip (apt-get install -y espeak-ng)"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_espeak: synthesises speech with espeak-ng; skipped without it "
+                                       "(checked when the test starts)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_espeak") is not None and not espeak_available():
+        pytest.skip(NO_ESPEAK)
 
 
 @pytest.fixture(autouse=True)

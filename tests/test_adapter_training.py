@@ -84,6 +84,7 @@ def test_attached_encoder_and_adapter_shapes(base):
         attach_encoder(model, "image", preset("tiny-test"))
 
 
+@pytest.mark.needs_espeak
 def test_audio_adapter_learns_with_a_frozen_image_path(base, tmp_path):
     path = write_split(tmp_path / "spoken", split="train", n=4, seed=1, audio=True, progress=False)
     rows = rows_of(path)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from mmdiff.data.speech import espeak_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +79,7 @@ def test_pair_probe_labels_follow_the_scene(tiny_model_dir):
         assert a == int((r - 1 if dr else c - 1) == (dr or dc))
 
 
-@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+@pytest.mark.needs_espeak
 def test_asr_voices_table(tmp_path, tiny_tokenizer, capsys):
     """bench/asr_voices.py speaks real clips per voice and prints one WER row per voice and model."""
     from mmdiff.data.speech import HELDOUT_VOICES

@@ -193,7 +193,7 @@ def test_ask_speech_flags_reach_the_adapter(tmp_path, ctc_model, capsys):
     assert "--asr-* flags need a model with an audio adapter" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not __import__("shutil").which("espeak-ng"), reason="espeak-ng not installed")
+@pytest.mark.needs_espeak
 def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys):
     """bench/ctc_lm_sweep.py speaks real validation clips and decodes them once per (alpha, beta)."""
     import importlib.util

@@ -353,7 +353,7 @@ def test_read_rows_missing_file_names_the_path(tmp_path: Path) -> None:
 
 # --- speech ---------------------------------------------------------------------------------------
 
-needs_espeak = pytest.mark.skipif(not speech.espeak_available(), reason="espeak-ng is not installed")
+needs_espeak = pytest.mark.needs_espeak  # tests/conftest.py skips these without espeak-ng
 
 
 def test_voice_pools_are_disjoint_and_test_uses_heldout_voices() -> None:

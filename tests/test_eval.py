@@ -14,7 +14,16 @@ import pytest
 
 from mmdiff import cli
 from mmdiff.data import write_split
-from mmdiff.evaluation import Shard, exact_match, merge_shards, normalize_answer, stats, summarize, vqa_accuracy
+from mmdiff.evaluation import (
+    Shard,
+    evaluate,
+    exact_match,
+    merge_shards,
+    normalize_answer,
+    stats,
+    summarize,
+    vqa_accuracy,
+)
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 GEN = ["--gen-length", "4"]  # every run in this file; short canvases keep the tiny model fast
@@ -45,10 +54,19 @@ def test_vqa_accuracy_is_the_vqav2_soft_score() -> None:
     assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10)
     assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
     assert vqa_accuracy("4", ["2"] * 10) == 0.0
-    # fewer answers: min(matches / 3, 1) over all of them
+    # 3 to 9 answers: min(matches / 3, 1) over all of them
     assert vqa_accuracy("dog", ["dog", "the dog", "cat"]) == pytest.approx(2 / 3)
-    assert vqa_accuracy("Yes", ["yes"]) == pytest.approx(1 / 3)
-    assert vqa_accuracy("no", ["yes"]) == 0.0
+    assert vqa_accuracy("dog", ["dog", "dog", "dog", "cat"]) == 1.0
+
+
+@pytest.mark.parametrize("prediction, answers, score", [
+    ("Yes", ["yes"], 1.0), ("no", ["yes"], 0.0), ("Two", ["2", "two objects"], 1.0),
+    ("two objects", ["2", "two objects"], 1.0), ("3", ["2", "two objects"], 0.0),
+])
+def test_vqa_accuracy_is_exact_match_below_three_references(prediction: str, answers: list[str],
+                                                             score: float) -> None:
+    """One or two references are no annotator pool: a right answer is right (1, not 1/3)."""
+    assert vqa_accuracy(prediction, answers) == exact_match(prediction, answers) == score
 
 
 def test_stats_mean_median_p90() -> None:
@@ -151,7 +169,7 @@ def test_metrics_on_known_answers(tmp_path: Path, mixed_data: Path, model_dir: P
     rows = jsonl(mixed_data.parent / "data.jsonl")[:4]
     model = MultimodalDiffusionLM.from_pretrained(model_dir)
     said = [r.text for r in model.generate([r["question"] for r in rows], images=[mixed_data.parent / r["image"] for r in rows], decode=DecodeConfig(sampler=SamplerConfig(gen_length=4)))]
-    answers = [[said[0].upper() + "."],  # right after normalisation, 1 annotator -> vqa 1/3
+    answers = [[said[0].upper() + "."],  # right after normalisation, 1 reference -> exact match, vqa 1
                [said[1]] * 2 + ["zzz"] * 8,  # 2 of 10 annotators -> vqa 0.6
                ["zzz"],  # wrong
                [said[3]] * 3]  # 3 annotators -> vqa 1
@@ -164,12 +182,12 @@ def test_metrics_on_known_answers(tmp_path: Path, mixed_data: Path, model_dir: P
     assert [p["prediction"] for p in jsonl(tmp_path / "out" / "predictions.jsonl")] == said
     assert m["n"] == 4 and m["errors"] == 0 and m["complete"] and m["rows"] == 4
     assert m["accuracy"] == 0.75
-    assert m["vqa_accuracy"] == pytest.approx((1 / 3 + 0.6 + 0 + 1) / 4)
+    assert m["vqa_accuracy"] == pytest.approx((1 + 0.6 + 0 + 1) / 4)
     assert m["by_type"] == {"color": {"n": 2, "accuracy": 0.5, "vqa_accuracy": 0.5},
-                            "count": {"n": 2, "accuracy": 1.0, "vqa_accuracy": pytest.approx((1 / 3 + 0.6) / 2)}}
+                            "count": {"n": 2, "accuracy": 1.0, "vqa_accuracy": pytest.approx((1 + 0.6) / 2)}}
     assert m["nfe"] == {"mean": 4, "median": 4, "p90": 4}
     assert set(m["latency_s"]) == {"mean", "median", "p90"} and m["latency_s"]["mean"] > 0
-    assert m["sampler"] == SamplerConfig(gen_length=4).to_dict() and m["cache"] == "none"
+    assert m["sampler"] == SamplerConfig(gen_length=4).to_dict() and m["cache"] == "none" and m["canvas"] is None
     assert m["search"]["strategy"] == "none" and "candidates" not in jsonl(tmp_path / "out" / "predictions.jsonl")[0]
     assert m["model"] == str(model_dir.resolve()) and m["data"] == str(data.resolve())
 
@@ -343,3 +361,138 @@ def test_torchrun_shards_by_rank_and_merges(tmp_path: Path, single_run: Path, mi
     assert (out / "shard-0-of-2").is_dir() and (out / "shard-1-of-2").is_dir()
     assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
     assert untimed(metrics_of(out)) == untimed(metrics_of(single_run))
+
+
+# --- a canvas per question type -------------------------------------------------------------------
+
+LONG = "a small red circle at the top left and a large blue square at the center"
+
+
+def test_canvas_per_type_holds_the_longest_answer_of_the_type(tiny_tokenizer) -> None:
+    from mmdiff.data.dataset import Row
+    from mmdiff.evaluation.canvas import Canvas, canvas_per_type
+
+    def row(i: int, qtype: str, *answers: str) -> Row:
+        return Row(id=str(i), image=None, question="q", answers=list(answers), type=qtype, audio=None, line_no=i)
+
+    n_tokens = lambda text: len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    rows = [row(0, "count", "3"), row(1, "caption", LONG[:12]), row(2, "caption", "x", LONG), row(3, "count", "2")]
+    canvases = canvas_per_type(rows, tiny_tokenizer)
+    longest = n_tokens(LONG)
+    assert canvases == {"caption": Canvas(8 * -(-(longest + 1) // 8), longest, 2), "count": Canvas(8, 1, 2)}
+    assert canvases["caption"].length >= longest + 1 and canvases["caption"].length % 8 == 0
+    # a property of the type, not of the row: the short caption gets the long caption's canvas, in any order
+    assert canvas_per_type(rows[::-1], tiny_tokenizer) == canvases
+    assert canvas_per_type(rows, tiny_tokenizer, multiple=24)["count"].length == 24
+
+
+@pytest.fixture(scope="module")
+def typed_data(mixed_data: Path) -> Path:
+    """6 real rows (images of ``mixed_data``): counts answered "1", captions of different lengths."""
+    rows = jsonl(mixed_data.parent / "data.jsonl")[:6]
+    for i, r in enumerate(rows):
+        r["type"], r["answers"] = ("caption", [LONG[:15 + 10 * i]]) if i % 2 else ("count", ["1"])
+    path = mixed_data.parent / "typed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def eval_per_type(*args, model: Path) -> int:
+    """``mmdiff eval`` without --gen-length (2 steps keep the long canvases fast)."""
+    return cli.main(["eval", "--model", str(model), "--quiet", "--steps", "2", *map(str, args)])
+
+
+def test_each_type_is_answered_on_its_own_canvas_and_says_so(tmp_path: Path, typed_data: Path, model_dir: Path,
+                                                              capsys) -> None:
+    from mmdiff.evaluation.canvas import choose_canvases
+
+    out = tmp_path / "out"
+    assert eval_per_type("--data", typed_data, "--out", out, "--batch-size", 2, model=model_dir) == 0
+    canvases = {t: c.length for t, c in choose_canvases(typed_data, model_dir, DecodeConfig()).items()}
+    assert canvases["count"] == 8 and canvases["caption"] > 8
+    err = capsys.readouterr().err
+    for qtype, length in canvases.items():
+        assert f"mmdiff eval: {qtype}: {length}-token canvas (longest answer in its 3 rows:" in err
+    preds = jsonl(out / "predictions.jsonl")
+    assert [p["index"] for p in preds] == list(range(6))  # data order, though batched by canvas
+    assert all(p["canvas"] == canvases[p["type"]] for p in preds)
+    run, m = json.loads((out / "run.json").read_text()), metrics_of(out)
+    assert run["canvas"] == m["canvas"] == canvases and run["sampler"]["gen_length"] is None
+    # the canvases are part of the run's identity: one canvas for all is another run
+    assert eval_per_type("--data", typed_data, "--out", out, "--gen-length", 8, model=model_dir) == 2
+    assert "sampler gen_length None -> 8" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"no canvas for question type\(s\) \['caption'\]"):
+        evaluate(typed_data, tmp_path / "partial", model_dir=model_dir, canvases={"count": 8})
+    assert not (tmp_path / "partial").exists()
+
+
+def test_a_per_type_run_resumed_equals_an_uninterrupted_one(tmp_path: Path, typed_data: Path,
+                                                            model_dir: Path) -> None:
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert eval_per_type("--data", typed_data, "--out", whole, "--batch-size", 4, model=model_dir) == 0
+    assert eval_per_type("--data", typed_data, "--out", parts, "--batch-size", 4, "--limit", 3, model=model_dir) == 0
+    assert json.loads((parts / "run.json").read_text())["canvas"] == metrics_of(whole)["canvas"]  # from every row
+    assert eval_per_type("--data", typed_data, "--out", parts, "--batch-size", 4, model=model_dir) == 0
+    assert untimed(jsonl(parts / "predictions.jsonl")) == untimed(jsonl(whole / "predictions.jsonl"))
+    assert untimed(metrics_of(parts)) == untimed(metrics_of(whole))
+
+
+# --- output folders and devices -------------------------------------------------------------------
+
+def test_an_output_path_that_cannot_be_a_folder_is_refused_untouched(tmp_path: Path, mixed_data: Path,
+                                                                     model_dir: Path, capsys) -> None:
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    assert mmdiff_eval("--data", mixed_data, "--out", taken, model=model_dir) == 2
+    assert capsys.readouterr().err == (f"mmdiff eval: error: --out {taken} is an existing file, not a folder: give a "
+                                       "folder path (the file is left as it is)\n")
+    assert mmdiff_eval("--data", mixed_data, "--out", taken / "run", model=model_dir) == 2
+    assert f"--out {taken / 'run'}: {taken} is a file, so no folder can be made under it" in capsys.readouterr().err
+    assert cli.main(["eval", "--merge", str(taken)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert taken.read_text() == "keep me"
+
+
+def test_a_read_only_output_folder_is_refused_and_results_stay(single_run: Path, tmp_path: Path, mixed_data: Path,
+                                                               model_dir: Path, monkeypatch, capsys) -> None:
+    import os
+
+    before = {p.name: p.read_bytes() for p in single_run.iterdir()}
+    real = os.statvfs
+
+    class ReadOnly:  # what statvfs says of a read-only mount (tests run as root: chmod would not stop writes)
+        def __init__(self, path):
+            self.f_flag = real(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", ReadOnly)
+    assert mmdiff_eval("--data", mixed_data, "--out", single_run, model=model_dir) == 2
+    assert capsys.readouterr().err == f"mmdiff eval: error: --out {single_run}: {single_run} is on a read-only file system\n"
+    assert {p.name: p.read_bytes() for p in single_run.iterdir()} == before
+
+
+def test_a_missing_device_is_one_line(tmp_path: Path, mixed_data: Path, model_dir: Path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is available")
+    assert mmdiff_eval("--data", mixed_data, "--out", tmp_path / "out", "--device", "cuda", model=model_dir) == 2
+    assert capsys.readouterr().err == ("mmdiff eval: error: --device cuda: not available on this machine; "
+                                       "available: cpu\n")
+    assert mmdiff_eval("--data", mixed_data, "--out", tmp_path / "out", "--device", "gpu0", model=model_dir) == 2
+    assert "--device 'gpu0' is not a device name; available: cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_result_files_honour_the_umask(single_run: Path, tmp_path: Path, mixed_data: Path, model_dir: Path) -> None:
+    import os
+
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "out"
+        assert mmdiff_eval("--data", mixed_data, "--out", out, "--limit", 2, model=model_dir) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(["run.json", "metrics.json", "predictions.jsonl", "errors.jsonl"], 0o640)
+    assert {p.name: p.stat().st_mode & 0o777 for p in single_run.iterdir()} == \
+        dict.fromkeys(modes, 0o666 & ~old)  # the session's umask (0644 under the usual 022)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mmdiff.adapters.ctc import ctc_greedy
-from mmdiff.data.speech import espeak_available
 from mmdiff.losses import diffusion_loss, forward_mask
 from mmdiff.model import MultimodalDiffusionLM
 from mmdiff.training.batches import Example
@@ -79,7 +78,7 @@ def test_every_stage_runs_and_model_answers(tmp_path):
     assert all(r["readout"] > 0 and "relate" in r for r in log if r["stage"] in ("ar", "diffusion") and "loss" in r)  # probes trained
 
 
-@pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
+@pytest.mark.needs_espeak
 def test_speech_stages_run(tmp_path):
     cfg = TrainConfig.from_file(write(tmp_path, tiny_config(tmp_path, audio=True, steps=2)))
     Trainer(cfg, progress=False).run()
@@ -88,7 +87,7 @@ def test_speech_stages_run(tmp_path):
     assert any("spoken" in r.get("val_acc", {}) for r in log)
 
 
-@pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed (apt-get install espeak-ng)")
+@pytest.mark.needs_espeak
 def test_ctc_adapter_is_trained_by_the_asr_stage_and_kept(tmp_path):
     """With audio_ctc the ASR stage trains the adapter's own CTC head (saved with the model), and
     spoken questions reach the decoder as mixtures of its token embeddings."""

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +36,32 @@ def load_demo_app() -> ModuleType:
     return importlib.import_module("demo.app")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before gradio loads, a port that cannot be served: out of range, in use, or a host this
+    machine does not have (a probe bind, with SO_REUSEADDR as servers use it).
+
+    Raises:
+        ValueError: one line naming host, port and the problem.
+    """
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: a TCP port is 1-65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            why = {errno.EADDRINUSE: "is already in use (another demo?): choose another --port",
+                   errno.EACCES: "needs privileges (a port below 1024): choose one above 1024 with --port",
+                   errno.EADDRNOTAVAIL: "is not an address of this machine: use --host 127.0.0.1 or 0.0.0.0"}
+            raise ValueError(f"{host}:{port} {why.get(e.errno, f'cannot be served: {e.strerror}')}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_port(args.host, args.port)
     load_demo_app().main(args.model, host=args.host, port=args.port)
     return 0

@@ -4,6 +4,8 @@ own help, choices and ranges, so a new field is a new flag everywhere."""
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Mapping
 
 from ..options import Option
 from ..sampling import DecodeConfig
@@ -30,7 +32,7 @@ def _shown(value) -> str:
 
 
 def add_decode_arguments(p: argparse.ArgumentParser, defaults: DecodeConfig | None = None, *,
-                         search: bool = True) -> None:
+                         search: bool = True, chosen_later: Mapping[str, str] | None = None) -> None:
     """Add one flag per :meth:`DecodeConfig.options` entry (``--gen-length``, ``--cache``, ``--prune``,
     ``--search``, ...), grouped by section, defaults from ``defaults``.
 
@@ -38,16 +40,20 @@ def add_decode_arguments(p: argparse.ArgumentParser, defaults: DecodeConfig | No
         p: the parser.
         defaults: the command's defaults (e.g. an 8-token canvas for ``ask``).
         search: include the test-time search flags.
+        chosen_later: options whose value the command picks when the flag is not given (key -> how,
+            shown as the default in ``--help``); such a flag reads None when not given.
     """
     defaults = defaults or DecodeConfig()
-    values = defaults.values()
+    chosen_later = chosen_later or {}
+    values = {**defaults.values(), **dict.fromkeys(chosen_later)}
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in DecodeConfig.options():
         if opt.section == "search" and not search:
             continue
         g = groups.get(opt.section) or groups.setdefault(opt.section, p.add_argument_group(GROUPS[opt.section]))
         default = values[opt.key]
-        shown = [] if default is None else [f"default: {_shown(default)}"]
+        shown = [f"default: {chosen_later[opt.key]}"] if opt.key in chosen_later else \
+            [] if default is None else [f"default: {_shown(default)}"]
         shown += [opt.describe_range()] if opt.describe_range() else []
         if opt.kind is bool:
             if default:  # on by default: the flag turns it off
@@ -63,11 +69,12 @@ def add_decode_arguments(p: argparse.ArgumentParser, defaults: DecodeConfig | No
 
 def decode_config_from_args(args: argparse.Namespace, defaults: DecodeConfig | None = None) -> DecodeConfig:
     """The :class:`DecodeConfig` of the flags added by :func:`add_decode_arguments` (values checked:
-    a bad combination raises ValueError naming it)."""
+    a bad combination raises ValueError naming it); a ``chosen_later`` flag not given keeps ``defaults``'
+    value."""
     defaults = defaults or DecodeConfig()
     given = {}
     for o in DecodeConfig.options():
-        if hasattr(args, o.key):
+        if hasattr(args, o.key) and (getattr(args, o.key) is not None or o.optional):
             value = getattr(args, o.key)
             if o.many and isinstance(value, list):  # nargs="+": each word parsed to a tuple ("3,4" or 3 4)
                 value = tuple(x for part in value for x in part)
@@ -75,14 +82,34 @@ def decode_config_from_args(args: argparse.Namespace, defaults: DecodeConfig | N
     return defaults.with_values(given)
 
 
+def _number(kind: type, *, low: float | None = None):
+    """An argparse type: a finite ``kind`` (int or float), at least ``low`` when given."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and value < low):
+            bound = "" if low is None else f" >= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def add_speech_arguments(p: argparse.ArgumentParser) -> None:
     """``--asr-beam`` / ``--asr-lm-weight`` / ``--asr-length-bonus``: how the ``audio_ctc`` adapter turns
-    a spoken question into tokens (defaults: the model's ``config.json``)."""
+    a spoken question into tokens (defaults: the model's ``config.json``). Values are checked as the
+    flags are read: a beam width >= 0, an LM weight >= 0, a finite length bonus."""
     g = p.add_argument_group("spoken questions (audio_ctc models with a ctc_lm.json)")
-    g.add_argument("--asr-beam", type=int, default=None,
-                   help="prefix beam width of the CTC + n-gram LM decoder; 0 = soft best-path runs, no LM")
-    g.add_argument("--asr-lm-weight", type=float, default=None, help="alpha, weight of the LM in the beam")
-    g.add_argument("--asr-length-bonus", type=float, default=None, help="beta, score bonus per emitted token")
+    g.add_argument("--asr-beam", type=_number(int, low=0), default=None,
+                   help="prefix beam width of the CTC + n-gram LM decoder, >= 0; 0 = soft best-path runs, no LM")
+    g.add_argument("--asr-lm-weight", type=_number(float, low=0), default=None,
+                   help="alpha, weight of the LM in the beam, >= 0")
+    g.add_argument("--asr-length-bonus", type=_number(float), default=None,
+                   help="beta, score bonus per emitted token (negative: a penalty)")
 
 
 def apply_speech_arguments(model, args: argparse.Namespace) -> None:

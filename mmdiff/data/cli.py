@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..io import check_output_dir
 from .dataset import RowError, read_rows, write_split
 from .scenes import SPLITS
 from .speech import ESPEAK, espeak_available
@@ -17,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    parser.add_argument("--out", type=Path, required=True, help="output folder (data.jsonl, images/, audio/)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (data.jsonl, images/, audio/); an existing data.jsonl is replaced")
     parser.add_argument("--split", choices=SPLITS, default="train", help="which split's scenes to draw")
     parser.add_argument("--n", type=int, default=1000, help="number of rows (several rows per image)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
@@ -32,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
         args: parsed ``mmdiff data`` arguments.
     """
     if args.audio and not espeak_available():
-        print(f"mmdiff data: error: --audio needs {ESPEAK} on PATH (apt-get install -y {ESPEAK})", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"--audio needs {ESPEAK} on PATH (apt-get install -y {ESPEAK})")
+    check_output_dir(args.out)
     path = write_split(args.out, split=args.split, n=args.n, seed=args.seed, audio=args.audio,
                        progress=not args.quiet)
     rows = list(read_rows(path))

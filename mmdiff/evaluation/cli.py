@@ -4,8 +4,11 @@ Single process::
 
     mmdiff eval --data data/test/data.jsonl --out runs/test [--batch-size 16] [sampler flags]
 
-Rerunning the same command resumes. ``--search best_of_n|hierarchical`` answers each row through
-the test-time search (row by row; the search settings are part of the run's identity).
+Rerunning the same command resumes. Each question type is answered on a canvas long enough for the
+type's longest reference answer (:mod:`mmdiff.evaluation.canvas`; one line per type on stderr, and
+``canvas`` in run.json / metrics.json) unless ``--gen-length N`` sets one canvas for every row.
+``--search best_of_n|hierarchical`` answers each row through the test-time search (row by row; the
+search settings are part of the run's identity).
 Scaled out by hand (any machines sharing the folder)::
 
     mmdiff eval --data ... --out runs/test --shard 0/2      # and --shard 1/2 elsewhere
@@ -19,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR
 from ..commands.options import add_decode_arguments, decode_config_from_args
-from ..sampling import DecodeConfig, SamplerConfig
+from ..io import check_device, check_output_dir
+from .canvas import CANVAS_MULTIPLE, Canvas, choose_canvases
 from .runner import METRICS_FILE, Shard, evaluate, merge_shards
 
-#: short answers: the canvas mmdiff-tiny is trained on
-DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))
 #: how long torchrun ranks wait for the slowest shard before the merge
 BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -47,15 +50,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default: auto = the rank's GPU if any, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_decode_arguments(p, DEFAULTS)
+    add_decode_arguments(p, chosen_later={
+        "gen_length": f"per question type, the type's longest reference answer in --data + EOS, rounded up to "
+                      f"a multiple of {CANVAS_MULTIPLE}"})
 
 
 def _device(name: str) -> str:
+    """``--device``, ``auto`` resolved; a device this machine lacks is refused."""
     if name != "auto":
-        return name
+        return check_device(name)
     import torch
 
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def _say_canvases(canvases: dict[str, Canvas]) -> None:
+    """One line per question type on stderr: its canvas and why."""
+    for qtype, c in canvases.items():
+        rows, tokens = f"{c.rows} row{'s' * (c.rows != 1)}", f"{c.longest} token{'s' * (c.longest != 1)}"
+        print(f"mmdiff eval: {qtype}: {c.length}-token canvas (longest answer in its {rows}: {tokens} + EOS; "
+              "--gen-length N overrides)", file=sys.stderr)
 
 
 def _report(metrics: dict, out: Path) -> None:
@@ -74,13 +88,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None or args.out is None:
         raise ValueError("--data and --out are required (or --merge DIR)")
+    check_output_dir(args.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shard = Shard.parse(args.shard) if args.shard else None
     if world > 1 and shard is not None:
         raise ValueError(f"--shard cannot be combined with torchrun (WORLD_SIZE={world} shards by rank)")
     if world > 1:
         shard = Shard(int(os.environ["RANK"]), world)
-    kwargs = dict(model_dir=args.model, decode=decode_config_from_args(args, DEFAULTS), batch_size=args.batch_size, limit=args.limit, device=_device(args.device), progress=not args.quiet)
+    decode = decode_config_from_args(args)
+    device = _device(args.device)
+    canvases = None
+    if args.gen_length is None:
+        chosen = choose_canvases(args.data, args.model, decode)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _say_canvases(chosen)
+        canvases = {t: c.length for t, c in chosen.items()}
+    kwargs = dict(model_dir=args.model, decode=decode, canvases=canvases, batch_size=args.batch_size,
+                  limit=args.limit, device=device, progress=not args.quiet)
     if world == 1:
         metrics = evaluate(args.data, args.out, shard=shard, **kwargs)
         _report(metrics, args.out / (shard.dirname if shard else "") / METRICS_FILE)

@@ -99,17 +99,26 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(pred == normalize_answer(a) for a in answers))
 
 
+#: the VQAv2 rule needs this many annotators: an answer given by 3 of them is fully right
+VQA_ANNOTATORS_FOR_SOFT = 3
+
+
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 soft accuracy: min(#annotators who gave the prediction / 3, 1).
+    """VQAv2 soft accuracy, min(#annotators who gave the prediction / 3, 1), where a row has the
+    annotators it assumes; exact match otherwise.
 
     With the standard 10 answers it is averaged over the 10 subsets of 9 answers (leave one
-    annotator out), as in the official evaluation; with another number of answers it is
-    min(matches / 3, 1) over all of them.
+    annotator out), as in the official evaluation; with 3 to 9 or more than 10 answers it is
+    min(matches / 3, 1) over all of them. With 1 or 2 reference answers (a generated dataset's
+    canonical answer and its variants) there are no annotators to count: it is :func:`exact_match`,
+    so a right answer scores 1, not 1/3.
 
     Args:
         prediction: the model's answer.
         answers: the reference answers, one per annotator (repeats count).
     """
+    if len(answers) < VQA_ANNOTATORS_FOR_SOFT:
+        return exact_match(prediction, answers)
     pred = normalize_answer(prediction)
     hits = [normalize_answer(a) == pred for a in answers]
     if len(hits) != 10:

@@ -2,7 +2,8 @@
 
 An output folder (one per run; one per shard under ``shard-i-of-n/``) holds::
 
-    run.json            what is evaluated: model, data, sampler, cache, pruning and search (checked on every resume)
+    run.json            what is evaluated: model, data, sampler, cache, pruning, search and the canvas of
+                        each question type (checked on every resume)
     predictions.jsonl   one record per answered row, appended and fsync'd after each batch
     errors.jsonl        one record per bad row: index, line, id, reason
     metrics.json        :func:`~mmdiff.evaluation.metrics.summarize` + the run's settings (atomic)
@@ -10,25 +11,29 @@ An output folder (one per run; one per shard under ``shard-i-of-n/``) holds::
 Rows are numbered by their position among the non-blank lines of the data file (``index``); shard
 i/n takes the rows with ``index % n == i``. A rerun into the same folder skips every row already
 in predictions.jsonl (by id) or errors.jsonl (by index), so an interrupted run finishes where it
-stopped. Sampling goes through :meth:`MultimodalDiffusionLM.generate` (batched), or row by row through
+stopped. Rows are batched by canvas length (one canvas per question type,
+:mod:`~mmdiff.evaluation.canvas`, or the sampler's ``gen_length`` for all); when a run ends, both
+JSONL files are rewritten in data order, so a resumed run's files equal an uninterrupted run's.
+Sampling goes through :meth:`MultimodalDiffusionLM.generate` (batched), or row by row through
 :func:`mmdiff.search.search` when a test-time search is set; nothing here samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from ..adapters.ctc import LM_NAME
 from ..data.dataset import Row, RowError, read_rows
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_json, write_json
+from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_output_dir, read_json, write_json
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig
 from ..search import SearchResult, answer
@@ -128,9 +133,11 @@ def _sha256(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig) -> dict[str, Any]:
+def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig,
+                 canvases: Mapping[str, int] | None = None) -> dict[str, Any]:
     """What makes two evaluations comparable: model and data (path and content), sampler, cache,
-    pruning and test-time search settings."""
+    pruning and test-time search settings, and ``canvas``: {question type: canvas length}, or None
+    when every row takes the sampler's ``gen_length`` (set to None when the types have their own)."""
     model_dir, data = Path(model_dir), Path(data)
     model_files = [model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]
     if (model_dir / LM_NAME).is_file():  # the CTC beam's LM changes spoken answers
@@ -138,6 +145,9 @@ def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig) 
     identity = {"model": str(model_dir.resolve()),
                 "model_sha256": _sha256(model_files),
                 "data": str(data.resolve()), "data_sha256": _sha256([data]), **decode.to_dict()}
+    identity["canvas"] = None if canvases is None else dict(sorted(canvases.items()))
+    if canvases is not None:
+        identity["sampler"]["gen_length"] = None
     return json.loads(json.dumps(identity))  # as read back from run.json (tuples -> lists)
 
 
@@ -147,7 +157,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         before = old.get(key)
         if before == value:
             continue
-        if key in ("sampler", "pruning", "search") and isinstance(before, dict):
+        if key in ("sampler", "pruning", "search", "canvas") and isinstance(before, dict) and isinstance(value, dict):
             out += [f"{key} {k} {before.get(k)!r} -> {v!r}" for k, v in value.items() if before.get(k) != v]
         elif key.endswith("_sha256"):
             out.append(f"{key.removesuffix('_sha256')} content changed")
@@ -245,15 +255,15 @@ def answer_batch(model, questions: Sequence[str], *, images: Sequence, audios: S
     return results
 
 
-def prediction_record(item: Item, result) -> dict[str, Any]:
-    """One line of predictions.jsonl. ``latency_s`` is the wall time of the generate call that
-    answered the row (shared by its batch), or of the row's search; a searched row also lists its
-    scored candidates, best first."""
+def prediction_record(item: Item, result, *, canvas: int) -> dict[str, Any]:
+    """One line of predictions.jsonl. ``canvas`` is the response length the row was answered on;
+    ``latency_s`` is the wall time of the generate call that answered the row (shared by its batch),
+    or of the row's search; a searched row also lists its scored candidates, best first."""
     row = item.entry
     record = {"index": item.index, "line": row.line_no, "id": row.id, "type": row.type, "question": row.question,
               "answers": row.answers, "prediction": result.text,
               "exact_match": exact_match(result.text, row.answers),
-              "vqa_accuracy": vqa_accuracy(result.text, row.answers), "nfe": result.nfe,
+              "vqa_accuracy": vqa_accuracy(result.text, row.answers), "canvas": canvas, "nfe": result.nfe,
               "latency_s": round(result.latency_s, 6)}
     if isinstance(result, SearchResult):
         record["candidates"] = [{"text": text, "score": score} for text, score in result.candidates]
@@ -265,9 +275,16 @@ def error_record(item: Item, reason: str) -> dict[str, Any]:
     return {"index": item.index, "line": item.entry.line_no, "id": item.entry.id, "reason": reason}
 
 
-def _batches(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _batches(items: Sequence[Item], size: int, canvas_of: Mapping[str, int] | None,
+             default: int) -> Iterator[tuple[int, Sequence[Item]]]:
+    """(canvas length, batch) pairs: the rows grouped by the canvas of their type (data order within a
+    group), then cut into batches of ``size``."""
+    groups: dict[int, list[Item]] = {}
+    for it in items:
+        groups.setdefault(default if canvas_of is None else canvas_of[it.entry.type], []).append(it)
+    for length, group in sorted(groups.items()):
+        for start in range(0, len(group), size):
+            yield length, group[start:start + size]
 
 
 def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: dict[str, Any], rows: int,
@@ -275,13 +292,13 @@ def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: d
     return {**summarize(predictions, errors=len(errors)), "rows": rows,
             "complete": len(predictions) + len(errors) == rows, "limit": limit,
             "shard": None if shard is None else str(shard), "model": identity["model"], "data": identity["data"],
-            "sampler": identity["sampler"], "cache": identity["cache"], "pruning": identity["pruning"],
-            "search": identity["search"]}
+            "sampler": identity["sampler"], "canvas": identity.get("canvas"), "cache": identity["cache"],
+            "pruning": identity["pruning"], "search": identity["search"]}
 
 
 def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode: DecodeConfig | None = None,
-             batch_size: int = 8, limit: int | None = None, shard: Shard | None = None, device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             canvases: Mapping[str, int] | None = None, batch_size: int = 8, limit: int | None = None,
+             shard: Shard | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
 
     Args:
@@ -290,6 +307,9 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         model_dir: an mmdiff model directory (``save_pretrained``).
         decode: sampler, cache, pruning and search settings; with a test-time search rows are
             answered one by one (``batch_size`` does not apply).
+        canvases: question type -> response canvas length, for every type of the data
+            (:func:`~mmdiff.evaluation.canvas.choose_canvases`); None: ``decode.sampler.gen_length``
+            for every row.
         batch_size: rows per ``generate`` call.
         limit: evaluate only the first ``limit`` rows of the file (before sharding).
         shard: evaluate only this shard.
@@ -301,7 +321,9 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
 
     Raises:
         FileNotFoundError: the data file or model directory does not exist.
-        ValueError: ``out`` holds a different run (model, data, sampler, pruning or search settings).
+        FileExistsError, NotADirectoryError, PermissionError: ``out`` cannot be written (checked first).
+        ValueError: ``out`` holds a different run (model, data, sampler, pruning, search settings or
+            canvases), or ``canvases`` lacks a type of the data.
     """
     from tqdm import tqdm
 
@@ -312,9 +334,12 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    out = check_output_dir(Path(out) / shard.dirname if shard is not None else Path(out))
     items = load_items(data, limit=limit, shard=shard)
-    identity = run_identity(model_dir, data, decode)
-    out = Path(out) / shard.dirname if shard is not None else Path(out)
+    uncovered = sorted({it.entry.type for it in items if isinstance(it.entry, Row)} - set(canvases or {}))
+    if canvases is not None and uncovered:
+        raise ValueError(f"no canvas for question type(s) {uncovered}: give one per type of the data")
+    identity = run_identity(model_dir, data, decode, canvases)
     out.mkdir(parents=True, exist_ok=True)
     check_identity(out, identity)
     predictions, errors = read_jsonl(out / PREDICTIONS_FILE), read_jsonl(out / ERRORS_FILE)
@@ -329,28 +354,27 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         write_json(out / METRICS_FILE, metrics)
         return metrics
 
-    bad = [it for it in todo if isinstance(it.entry, RowError)]  # reported in data order, among the batches
-
-    def unusable_up_to(index: float) -> list[dict[str, Any]]:
-        done = [it for it in bad if it.index <= index]
-        del bad[:len(done)]
-        return [error_record(it, it.entry.reason) for it in done]
-
     desc = "mmdiff eval" + ("" if shard is None else f" shard {shard}")
     with (out / PREDICTIONS_FILE).open("a", encoding="utf-8") as pf, \
             (out / ERRORS_FILE).open("a", encoding="utf-8") as ef, \
             tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="row", disable=not progress) as bar:
+        unusable = [error_record(it, it.entry.reason) for it in todo if isinstance(it.entry, RowError)]
+        _append(ef, unusable)
+        errors += unusable
+        bar.update(len(unusable))
         pending = [it for it in todo if isinstance(it.entry, Row)]
         if pending:
             model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
             last_write = time.monotonic()
-            for batch in _batches(pending, 1 if searching else batch_size):  # a searched row is saved at once
+            size = 1 if searching else batch_size  # a searched row is saved at once
+            for length, batch in _batches(pending, size, canvases, decode.sampler.gen_length):
                 rows = [it.entry for it in batch]
                 media = dict(images=[r.image for r in rows], audios=[r.audio for r in rows])
-                results = answer_batch(model, [r.question or "" for r in rows], **media, decode=decode)
-                new_p = [prediction_record(it, r) for it, r in zip(batch, results) if not isinstance(r, Exception)]
+                on_canvas = decode.replace(sampler=dataclasses.replace(decode.sampler, gen_length=length))
+                results = answer_batch(model, [r.question or "" for r in rows], **media, decode=on_canvas)
+                new_p = [prediction_record(it, r, canvas=length) for it, r in zip(batch, results)
+                         if not isinstance(r, Exception)]
                 new_e = [error_record(it, str(r)) for it, r in zip(batch, results) if isinstance(r, Exception)]
-                new_e = sorted(new_e + unusable_up_to(batch[-1].index), key=lambda e: e["index"])
                 _append(pf, new_p)
                 _append(ef, new_e)
                 predictions += new_p
@@ -359,11 +383,17 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
                 if time.monotonic() - last_write >= METRICS_EVERY_S:
                     write_metrics()
                     last_write = time.monotonic()
-        rest = unusable_up_to(float("inf"))
-        _append(ef, rest)
-        errors += rest
-        bar.update(len(rest))
+    _in_data_order(out / PREDICTIONS_FILE, predictions)
+    _in_data_order(out / ERRORS_FILE, errors)
     return write_metrics()
+
+
+def _in_data_order(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite a finished run's JSONL file in data order (atomically; only when out of order)."""
+    ordered = sorted(records, key=lambda r: r["index"])
+    if ordered != records:
+        atomic_write_bytes(path, _jsonl_bytes(ordered))
+        records[:] = ordered
 
 
 def merge_shards(out: str | Path) -> dict[str, Any]:
@@ -376,7 +406,7 @@ def merge_shards(out: str | Path) -> dict[str, Any]:
         ValueError: shards missing, incomplete, of different runs, or ``out`` holds a
             single-process run.
     """
-    out = Path(out)
+    out = check_output_dir(out, flag="--merge")
     found = {}
     for d in sorted(out.glob("shard-*-of-*")):
         match = SHARD_DIR.fullmatch(d.name)

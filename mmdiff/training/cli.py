@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from ..data.speech import ESPEAK, espeak_available
+from ..io import check_output_dir
 from .recipe import TrainConfig
 from .trainer import Trainer
 
@@ -24,5 +27,20 @@ def run(args: argparse.Namespace) -> int:
         cfg.out = args.out
     if args.eval_every is not None:
         cfg.eval_every = args.eval_every
+    check_writable(cfg, flag="--out" if args.out else f"{args.config}: out")
+    if cfg.speech_clips > 0 and not espeak_available():
+        raise FileNotFoundError(f"{args.config} trains on spoken questions (speech_clips {cfg.speech_clips}): "
+                                f"it needs {ESPEAK} on PATH (apt-get install -y {ESPEAK})")
     Trainer(cfg, resume=not args.fresh, progress=not args.no_progress).run()
     return 0
+
+
+def check_writable(cfg: TrainConfig, *, flag: str) -> None:
+    """Refuse, before the first step, outputs that cannot be written: the model folder, the resumable
+    state and log beside it, and the stages' ``save_as`` exports."""
+    out = Path(cfg.out)
+    check_output_dir(out, flag=flag)
+    check_output_dir(out.with_name(out.name + ".train_state"), flag=flag)
+    for stage in cfg.stages:
+        if stage.save_as:
+            check_output_dir(stage.save_as, flag=f"stage {stage.name!r} save_as")

@@ -1,0 +1,65 @@
+"""The response canvas of each question type in ``mmdiff eval``, chosen from the dataset.
+
+A masked-diffusion model answers on a canvas of a fixed number of tokens: an answer longer than the
+canvas is cut, silently. Short answers fit the 8 tokens mmdiff-tiny is trained on, captions need ~50
+and JSON captions ~150. So each question type gets the canvas its longest reference answer in the
+dataset needs: its length in the model's tokens, plus one for EOS, rounded up to a multiple of
+:data:`CANVAS_MULTIPLE` (and of the block length). The length is a property of the type, taken over
+all its rows: a canvas cut to each row's own reference would tell the model its answer's length.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.dataset import Row, read_rows
+from ..sampling import DecodeConfig
+from ..tokenizer import load_tokenizer
+
+#: canvases are rounded up to a multiple of this many tokens
+CANVAS_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The canvas of one question type and why."""
+
+    length: int  # tokens of the response canvas
+    longest: int  # tokens of the type's longest reference answer (EOS not counted)
+    rows: int  # rows of the type in the dataset
+
+
+def canvas_per_type(rows: Iterable[Row], tokenizer, *, multiple: int = CANVAS_MULTIPLE) -> dict[str, Canvas]:
+    """Per question type, a canvas that holds every reference answer of the type, with its EOS.
+
+    Args:
+        rows: the dataset's valid rows (all of them: shards and ``--limit`` must agree on the canvas).
+        tokenizer: the model's tokenizer (answers are measured in its tokens).
+        multiple: lengths are rounded up to a multiple of this.
+
+    Returns:
+        ``{type: Canvas}``, types sorted by name.
+    """
+    longest: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for row in rows:
+        n = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in row.answers)
+        longest[row.type] = max(longest.get(row.type, 0), n)
+        count[row.type] = count.get(row.type, 0) + 1
+    return {t: Canvas(multiple * math.ceil((longest[t] + 1) / multiple), longest[t], count[t]) for t in sorted(longest)}
+
+
+def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfig) -> dict[str, Canvas]:
+    """:func:`canvas_per_type` of a JSONL dataset for a model directory, rounded to a multiple of
+    :data:`CANVAS_MULTIPLE` and of ``decode``'s block length (which must divide the canvas).
+
+    Raises:
+        FileNotFoundError: the data file or the model directory does not exist.
+    """
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    rows = [r for r in read_rows(data) if isinstance(r, Row)]
+    multiple = math.lcm(CANVAS_MULTIPLE, decode.sampler.block_length or 1)
+    return canvas_per_type(rows, load_tokenizer(model_dir), multiple=multiple)
