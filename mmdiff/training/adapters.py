@@ -42,7 +42,8 @@ from ..checkpoints import DTYPES
 from ..data.dataset import Row, RowError, read_rows
 from ..encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from ..encoders.vision import PRESETS, VisionEncoderConfig, build_vision_encoder, preset
-from ..io import load_safetensors, load_state_checked, read_json, save_weights, write_json
+from ..io import (check_device, check_output_dir, load_safetensors, load_state_checked, read_json, save_weights,
+                  write_json)
 from ..loading import load
 from ..losses import diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
@@ -342,7 +343,8 @@ def _read_dataset(path: str) -> list[Row]:
 
 def run(args: argparse.Namespace) -> int:
     """``mmdiff train-adapter``: load the base, attach the encoder, train the adapter, save it (rank 0)."""
-
+    check_device(args.device)
+    check_output_dir(args.out)  # before training, not at save time
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rank, world = dist_info()
     device = args.device
