@@ -49,7 +49,7 @@ from mmdiff.data.dataset import SPOKEN_TYPES
 from mmdiff.data.questions import QUESTION_TYPES, ask as ask_family
 from mmdiff.data.scenes import COLOURS, GRID, IMAGE_SIZE, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, sample_scene, scene_schema
 from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
-from mmdiff.media import MAX_QUESTION_CHARS
+from mmdiff.media import MAX_QUESTION_CHARS, read_question
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
@@ -519,6 +519,7 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
         try:
             if not question_in.strip() and clip is None:
                 raise ValueError(NO_QUESTION)
+            read_question(question_in)  # UTF-8, control characters, length (as mmdiff ask)
             chosen = read_settings(list(settings), values, base=ASK_DEFAULTS)
             config, image_path, audio_path = chosen.sampler, img and img.path, clip and clip.path
             if chosen.search.active:

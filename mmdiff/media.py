@@ -29,7 +29,8 @@ checked from the file's header before the samples are read. A clip recorded belo
 nothing above its Nyquist frequency; :func:`fill_empty_band` can fill that band with noise (see there).
 
 Text (:func:`read_question`): valid UTF-8, no control characters but tab / newline / carriage
-return, at most :data:`MAX_QUESTION_CHARS` characters.
+return and, at the edges a person types into (``mmdiff ask``, the demo), at most
+:data:`MAX_QUESTION_CHARS` characters (a data set's prompts, e.g. lmms-eval's, may be longer).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ MIN_SAMPLE_RATE = 8000
 #: Longest clip read at all (the audio encoder's own limit, 30 s for Whisper, is usually lower).
 MAX_AUDIO_SECONDS = 600.0
 
-#: Longest question, in characters.
+#: Longest typed question (mmdiff ask, the demo), in characters.
 MAX_QUESTION_CHARS = 400
 #: The only control characters a question may contain.
 ALLOWED_CONTROLS = frozenset("\t\n\r")
@@ -318,13 +319,13 @@ def _as_float(samples: np.ndarray, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # text
 # ------------------------------------------------------------------------------------------------
-def read_question(text: str | bytes, *, max_chars: int = MAX_QUESTION_CHARS) -> str:
+def read_question(text: str | bytes, *, max_chars: int | None = MAX_QUESTION_CHARS) -> str:
     """A question as text the tokenizer can read, or refused with the reason.
 
     Args:
         text: a ``str`` (a command line's undecodable bytes arrive as lone surrogates, Python's
             ``surrogateescape``), or ``bytes`` in UTF-8.
-        max_chars: the length limit.
+        max_chars: the length limit (None: none).
 
     Raises:
         ValueError: not valid UTF-8, a control character other than tab / newline / carriage
@@ -344,7 +345,7 @@ def read_question(text: str | bytes, *, max_chars: int = MAX_QUESTION_CHARS) -> 
     if bad is not None:
         raise ValueError(f"the question contains the control character U+{ord(bad):04X}; "
                          "only tab, newline and carriage return are allowed")
-    if len(text) > max_chars:
+    if max_chars is not None and len(text) > max_chars:
         raise ValueError(f"the question is {len(text)} characters long; the limit is {max_chars}")
     return text
 

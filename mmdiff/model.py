@@ -260,7 +260,8 @@ class MultimodalDiffusionLM(nn.Module):
         """Refuse what this model cannot answer, with the reason; returns the questions as text.
 
         A question must be valid text (:func:`mmdiff.media.read_question`: UTF-8, no control
-        characters, length) and, without a spoken question, not empty. A model with a vision
+        characters; the length limit is the CLI's and the demo's, not a data set's) and, without a
+        spoken question, not empty. A model with a vision
         encoder answers questions about an image, so a typed or spoken question needs one; only a
         typed question about a clip (e.g. "transcribe the audio.") may come without.
 
@@ -278,7 +279,7 @@ class MultimodalDiffusionLM(nn.Module):
         for b, (question, image, audio) in enumerate(zip(questions, images, audios)):
             where = f"sample {b}: " if len(questions) > 1 else ""
             try:
-                question = read_question(question)
+                question = read_question(question, max_chars=None)
             except ValueError as e:
                 raise ValueError(f"{where}{e}") from None
             typed = bool(question.strip())

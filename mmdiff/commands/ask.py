@@ -11,7 +11,7 @@ import json
 import sys
 
 from .. import DEFAULT_MODEL_DIR
-from ..media import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS
+from ..media import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, read_question
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..search import SearchResult, answer
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip() and not args.audio:
         raise ValueError("give a question, --audio, or both")
+    read_question(args.question)  # UTF-8, control characters, length: before the model loads
     decode = decode_config_from_args(args, DEFAULTS)  # checked before the model loads
     model = MultimodalDiffusionLM.from_pretrained(args.model)
     apply_speech_arguments(model, args)
