@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 log = logging.getLogger("mmdiff")
 
@@ -80,8 +80,8 @@ def load_image(src: str | Path | Image.Image) -> Image.Image:
             checked, it is already decoded).
 
     Raises:
-        ValueError: the file is missing, not an image, too large, truncated or corrupt, or of a
-            mode that cannot be read as RGB; the message names the file and the problem.
+        ValueError: the file is missing, not an image, too large, truncated or corrupt, or its
+            pixel values are out of range; the message names the file and the problem.
     """
     if isinstance(src, Image.Image):
         return to_rgb(src, name=getattr(src, "filename", "") or "<PIL image>")
@@ -98,8 +98,6 @@ def load_image(src: str | Path | Image.Image) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()  # decodes every byte: truncation surfaces as OSError here
-    except UnidentifiedImageError:
-        raise ValueError(f"cannot read image {path}: not an image file (unknown format)") from None
     except Image.DecompressionBombError as e:  # PIL's MAX_IMAGE_PIXELS set below ours, or a frame larger than the image
         raise ValueError(f"cannot read image {path}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL raises these for damaged data
@@ -155,22 +153,22 @@ def to_rgb(img: Image.Image, *, name: str | Path) -> Image.Image:
     """A decoded image of any PIL mode as 8-bit RGB (the rules are in the module docstring).
 
     Raises:
-        ValueError: pixel values out of the mode's range, or a mode PIL cannot convert.
+        ValueError: 32-bit integer or float pixel values out of the range they can be read in.
     """
     if getattr(img, "is_animated", False):
         log.warning("image %s is animated (%d frames): reading the first frame", name, img.n_frames)
-    img = ImageOps.exif_transpose(img)  # a copy, turned upright
+    try:
+        img = ImageOps.exif_transpose(img)  # a copy, turned upright
+    except (OSError, SyntaxError, ValueError, KeyError, struct.error) as e:  # a damaged EXIF block
+        log.warning("image %s: unreadable EXIF data (%s): its orientation is not applied", name, e)
     if img.mode in SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
-        img = Image.fromarray(_levels_to_8bit(np.asarray(img), img.mode, name), mode="L")
+        img = Image.fromarray(_levels_to_8bit(np.asarray(img), img.mode, name))  # (H, W) uint8: mode L
     if img.mode == "La":
         img = img.convert("LA")  # the one conversion PIL has from premultiplied grey
     if img.mode in ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*IMAGE_BACKGROUND, 255)), rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except ValueError as e:
-        raise ValueError(f"cannot read image {name}: mode {img.mode} cannot be converted to RGB ({e})") from None
+    return img.convert("RGB")  # PIL converts each of its other modes (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX) to RGB
 
 
 def _levels_to_8bit(levels: np.ndarray, mode: str, name: str | Path) -> np.ndarray:

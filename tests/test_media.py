@@ -15,7 +15,7 @@ import torchaudio.functional as AF
 from PIL import Image
 
 from mmdiff import media
-from mmdiff.media import MAX_QUESTION_CHARS, fill_empty_band, load_audio, load_image, read_question
+from mmdiff.media import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, fill_empty_band, load_audio, load_image, read_question
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "mmdiff-tiny"
 RED = (200, 30, 30)
@@ -119,7 +119,8 @@ def test_a_16_bit_png_is_read_like_its_8_bit_original(tmp_path):
     grey = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint16)
     Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "8.png")
     Image.fromarray(grey * 257).save(tmp_path / "16.png")
-    assert Image.open(tmp_path / "16.png").mode == "I;16"
+    with Image.open(tmp_path / "16.png") as img:
+        assert img.mode == "I;16"
     assert np.array_equal(np.asarray(load_image(tmp_path / "16.png")), np.asarray(load_image(tmp_path / "8.png")))
 
 
@@ -131,6 +132,14 @@ def test_exif_orientation_is_applied(tmp_path):
     img.save(tmp_path / "turned.png", exif=exif)
     upright = load_image(tmp_path / "turned.png")
     assert upright.size == (2, 4) and upright.getpixel((0, 0)) == RED and upright.getpixel((0, 3)) == (0, 0, 255)
+
+
+def test_a_damaged_exif_block_leaves_the_image_unturned_and_says_so(tmp_path, caplog):
+    Image.new("RGB", (4, 2), RED).save(tmp_path / "exif.png", exif=b"garbage")
+    with caplog.at_level(logging.WARNING, logger="mmdiff"):
+        img = load_image(tmp_path / "exif.png")
+    assert img.size == (4, 2) and img.getpixel((0, 0)) == RED
+    assert "exif.png: unreadable EXIF data" in caplog.text
 
 
 def test_an_animated_image_reads_its_first_frame_and_says_so(tmp_path, caplog):
@@ -165,8 +174,11 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, mode, size):
 
 def test_a_lower_pil_limit_applies(tmp_path, monkeypatch):
     Image.new("L", (100, 100)).save(tmp_path / "small.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
-    with pytest.raises(ValueError, match=r"small\.png: 100 x 100 pixels \(0\.01 MP\) is over the 0\.005 MP limit"):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    with pytest.raises(ValueError, match=r"small\.png: 100 x 100 pixels \(0\.01 MP\) is over the 0\.002 MP limit"):
+        load_image(tmp_path / "small.png")
+    monkeypatch.setattr(media, "image_pixel_limit", lambda: MAX_IMAGE_PIXELS)  # should PIL's check still fire
+    with pytest.raises(ValueError, match=r"small\.png: Image size \(10000 pixels\) exceeds limit of 4000 pixels"):
         load_image(tmp_path / "small.png")
 
 
