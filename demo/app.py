@@ -4,8 +4,9 @@ Two tabs on one model:
 
 * **Ask**: image + question (+ spoken question, when the model has an audio encoder) -> the answer,
   the response canvas animated step by step (masked positions ▢ filling in, each token coloured by
-  the step that fixed it), NFE and latency. With a test-time search (:mod:`mmdiff.search`) on, only
-  the chosen answer is shown, with its NFE and the scored candidates.
+  the step that fixed it), NFE and latency, and for a spoken question what the model heard (the
+  transcript of an ``audio_ctc`` model, as ``mmdiff ask`` prints it). With a test-time search
+  (:mod:`mmdiff.search`) on, only the chosen answer is shown, with its NFE and the scored candidates.
 * **Structured caption**: image -> schema-valid JSON from a structure prior
   (:func:`mmdiff.tasks.captioning.caption`: the count question first, then the scene template),
   streamed step by step; or, without a prior, "describe the image in json." answered free-form and
@@ -14,18 +15,25 @@ Two tabs on one model:
 Each tab has a settings accordion with one control per option of
 :class:`~mmdiff.sampling.DecodeConfig` (sampler, cache, token pruning / layer skipping and, on the Ask
 tab, the test-time search), derived from the fields' help, choices and ranges (:func:`control`) and
-read back by :func:`read_settings`. A new decode option is one new config field.
+read back by :func:`read_settings`. A new decode option is one new config field. The API names
+every input after its control (``image``, ``question``, ``audio``, then the option keys ``gen_length``,
+``threshold``, ...: :func:`name_api`), and the settings may be left out (the tab's defaults).
 
-The demo owns no sampling logic: :func:`stream_steps` runs ``model.generate(callback=...)`` (or
-``caption(callback=...)``) in a worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s
-to the page as they happen.
+The demo owns no sampling logic and no input checks: :func:`ask_model` answers through
+:func:`mmdiff.search.answer` (the CLI's and the eval runner's entry, so a bad image, clip or question
+gets the same message as on the command line), :func:`stream_steps` runs it (or
+``caption(callback=...)``) in a worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s to
+the page as they happen. :func:`world_guide` lists what the shipped model understands, from the
+world's own constants.
 """
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import logging
 import queue
+import random
 import sys
 import threading
 import time
@@ -37,12 +45,15 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import gradio as gr
 
 from mmdiff import DEFAULT_MODEL_DIR
-from mmdiff.data.scenes import scene_schema
+from mmdiff.data.dataset import SPOKEN_TYPES
+from mmdiff.data.questions import QUESTION_TYPES, ask as ask_family
+from mmdiff.data.scenes import COLOURS, GRID, IMAGE_SIZE, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, sample_scene, scene_schema
 from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
+from mmdiff.media import MAX_QUESTION_CHARS, read_question
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
-from mmdiff.search import SearchResult, search
+from mmdiff.search import SearchResult, answer
 from mmdiff.tasks.captioning import CaptionResult, caption
 from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION, COUNT_QUESTION
 
@@ -53,7 +64,6 @@ Callback = Callable[[StepEvent], None]
 EXAMPLES_FILE = Path("examples") / "examples.json"  # inside the model directory (scripts/make_examples.py)
 ASK_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))  # short answers, the length mmdiff-tiny is trained on
 CAPTION_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-object JSON caption is about 49 tokens
-MAX_QUESTION_CHARS = 400
 FRAME_DELAY_S = 0.05  # minimum time per animation frame, so fast steps stay visible (latency excludes it)
 MAX_FILE_SIZE = "5mb"
 QUEUE = dict(default_concurrency_limit=2, max_size=16)
@@ -130,6 +140,19 @@ def settings_panel(defaults: DecodeConfig, *, search: bool = True) -> dict[str, 
             with gr.Accordion(SECTION_TITLES[section], open=section == ""):
                 out.update({o.key: control(o, values[o.key]) for o in inner})
     return out
+
+
+def name_api(handler: Callable[..., R], inputs: dict[str, gr.Component], *, required: int) -> Callable[..., R]:
+    """Give ``handler`` (which takes the inputs' values in order, the settings as ``*values``) a signature
+    naming each input by its key, so that the API (``gradio_client``'s ``view_api``) shows ``question``,
+    ``gen_length``, ... instead of ``param_3``, ...; the inputs after the first ``required`` default to
+    their control's value, so an API call may leave them out.
+    """
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    handler.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, kind, default=inspect.Parameter.empty if i < required else component.value)
+         for i, (name, component) in enumerate(inputs.items())])
+    return handler
 
 
 def read_settings(names: Sequence[str], values: Sequence[Any], *, base: DecodeConfig) -> DecodeConfig:
@@ -396,21 +419,56 @@ def check_model_dir(model_dir: str | Path) -> None:
     if not missing:
         return
     what = f"no model directory {d}" if not d.is_dir() else f"model directory {d} has no {' or '.join(missing)}"
-    raise FileNotFoundError(f"{what}. Train the shipped model with `make train` (about 40 minutes on 2 CPU "
+    raise FileNotFoundError(f"{what}. Train the shipped model with `make train` (about 56 minutes on 2 CPU "
                             f"cores; it writes {DEFAULT_MODEL_DIR}), or pass --model DIR.")
 
 
 def ask_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
               decode: DecodeConfig, callback: Callback) -> GenerationResult:
-    """Answer one question about an optional image and an optional spoken question."""
-    return model.generate([question], images=[image], audios=[audio], decode=decode, callback=callback)[0]
+    """Answer one question about an image and / or a spoken question, through
+    :func:`mmdiff.search.answer` (its input checks included)."""
+    return answer(model, [question], images=[image], audios=[audio], decode=decode, callback=callback)[0]
 
 
 def search_model(model: MultimodalDiffusionLM, question: str, *, image: str | None, audio: str | None,
                  decode: DecodeConfig) -> SearchResult:
     """Answer one question through the test-time search (no step callback: the search runs many
     sampler batches and verifier passes; the page shows its final answer)."""
-    return search(model, question, image=image, audio=audio, decode=decode)
+    return answer(model, [question], images=[image], audios=[audio], decode=decode)[0]
+
+
+def transcribes(model: MultimodalDiffusionLM) -> bool:
+    """Whether the model's audio adapter hands the decoder a transcript it can show (``audio_ctc``)."""
+    return model.audio is not None and hasattr(model.audio_adapter, "transcribe_ids")
+
+
+def heard(model: MultimodalDiffusionLM, audio: str | None) -> str:
+    """What the model heard in a spoken question ("" without one, or when it cannot say)."""
+    return model.transcribe([audio])[0] if audio is not None and transcribes(model) else ""
+
+
+def world_guide(*, seed: int = 0) -> str:
+    """What the shipped model understands, as Markdown: its world's shapes, colours, sizes and positions,
+    and one example question per family (drawn from test scenes by the question generators)."""
+    rng = random.Random(seed)
+    examples: dict[str, str] = {}
+    while len(examples) < len(QUESTION_TYPES):
+        scene = sample_scene(rng, "test")
+        for qtype in QUESTION_TYPES:
+            if qtype not in examples and (qa := ask_family(scene, rng, qtype)) is not None:
+                examples[qtype] = qa.question
+    rows = [("shapes", SHAPES), ("colors", COLOURS), ("sizes", SIZES), ("positions", POSITIONS)]
+    where = {"caption": f" (settings: gen length {CAPTION_DEFAULTS.sampler.gen_length})",
+             "caption_json": " (*Structured caption* tab)"}
+    return "\n".join([
+        f"The shipped model knows one synthetic world and nothing else: {IMAGE_SIZE} x {IMAGE_SIZE} images of "
+        f"1 to {MAX_OBJECTS} objects on a light background, one per cell of a {GRID} x {GRID} grid. "
+        "Outside it (other objects, photos, other questions) its answers are confidently wrong.",
+        "", "| | |", "|---|---|", *(f"| {name} | {', '.join(values)} |" for name, values in rows), "",
+        "| question family | example |", "|---|---|",
+        *(f"| {qtype}{where.get(qtype, '')} | {html.escape(examples[qtype])} |" for qtype in QUESTION_TYPES), "",
+        f"Spoken questions: the families {', '.join(SPOKEN_TYPES)}.",
+    ])
 
 
 def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, decode: DecodeConfig,
@@ -446,41 +504,45 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
             settings = settings_panel(ASK_DEFAULTS)
         with gr.Column():
             canvas = gr.HTML(label="Denoising", elem_id="canvas")
-            answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
-            stats = gr.Markdown(elem_id="stats")
+            answer_box = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+            heard_box = gr.Textbox(label="Heard", info="the transcript of the spoken question the model answered",
+                                   interactive=False, visible=transcribes(model), elem_id="heard")
+            stats = gr.Markdown(label="Cost", elem_id="stats")
     examples = [ex for ex in examples if hears or ex.audio is None]  # spoken ones need an audio encoder
     if examples:
         rows = [[ex.image, "" if ex.audio else ex.question] + ([ex.audio] if hears else []) for ex in examples]
         gr.Examples(rows, inputs=[image, question] + ([audio] if hears else []), label="Examples",
                     elem_id="ask-examples")
 
-    def run(image_in: Any, question_in: str, audio_in: Any, *values: Any) -> Iterator[tuple[str, str, str]]:
+    def run(image_in: Any, question_in: str, audio_in: Any, *values: Any) -> Iterator[tuple[str, str, str, str]]:
         img, clip = Upload.from_payload(image_in), Upload.from_payload(audio_in)
         try:
             if not question_in.strip() and clip is None:
                 raise ValueError(NO_QUESTION)
-            if len(question_in) > MAX_QUESTION_CHARS:
-                raise ValueError(f"The question is {len(question_in)} characters long; "
-                                 f"the limit is {MAX_QUESTION_CHARS}.")
+            read_question(question_in)  # UTF-8, control characters, length (as mmdiff ask)
             chosen = read_settings(list(settings), values, base=ASK_DEFAULTS)
             config, image_path, audio_path = chosen.sampler, img and img.path, clip and clip.path
             if chosen.search.active:
                 n = chosen.search.candidates
-                yield "", "", f"searching ({chosen.search.strategy}, {n} candidates): only the final answer is shown…"
+                yield "", "", "", f"searching ({chosen.search.strategy}, {n} candidates): only the final answer is shown…"
                 result = search_model(model, question_in, image=image_path, audio=audio_path, decode=chosen)
                 canvas_html = render_canvas(model, result.tokens, None, planned_steps=1,
                                             header=f"{chosen.search.strategy} search: final answer")
-                yield canvas_html, result.text, search_line(result, chosen.search)
+                yield canvas_html, result.text, heard(model, audio_path), search_line(result, chosen.search)
                 return
             call = partial(ask_model, model, question_in, image=image_path, audio=audio_path, decode=chosen)
             for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
                                          frame_delay=frame_delay):
-                yield html_, result.text if result else "", stats_line(result) if result else "denoising…"
+                if result is None:
+                    yield html_, "", "", "denoising…"
+                else:
+                    yield html_, result.text, heard(model, audio_path), stats_line(result)
         except ValueError as e:
             raise user_error(e, [img, clip]) from None
 
-    gr.on([ask.click, question.submit], run, inputs=[image, question, audio, *settings.values()],
-          outputs=[canvas, answer, stats], api_name="ask", preprocess=False)
+    inputs = {"image": image, "question": question, "audio": audio, **settings}
+    gr.on([ask.click, question.submit], name_api(run, inputs, required=3), inputs=list(inputs.values()),
+          outputs=[canvas, answer_box, heard_box, stats], api_name="ask", preprocess=False)
 
 
 def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float) -> None:
@@ -498,7 +560,7 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
             settings = settings_panel(CAPTION_DEFAULTS, search=False)
         with gr.Column():
             canvas = gr.HTML(label="Denoising", elem_id="caption-canvas")
-            status = gr.Markdown(elem_id="caption-status")
+            status = gr.Markdown(label="Status", elem_id="caption-status")
             parsed = gr.JSON(label="Parsed caption", open=True, elem_id="caption-json")
             raw = gr.Textbox(label="Raw answer", interactive=False, elem_id="caption-raw")
     pictures = list(dict.fromkeys(ex.image for ex in examples))
@@ -527,8 +589,9 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
         except ValueError as e:
             raise user_error(e, [img]) from None
 
-    describe.click(run, inputs=[image, structure, *settings.values()], outputs=[canvas, status, parsed, raw],
-                   api_name="caption", preprocess=False)
+    inputs = {"image": image, "structure": structure, **settings}
+    describe.click(name_api(run, inputs, required=2), inputs=list(inputs.values()),
+                   outputs=[canvas, status, parsed, raw], api_name="caption", preprocess=False)
 
 
 def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S) -> gr.Blocks:
@@ -553,6 +616,8 @@ def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S) -> gr.Block
         gr.Markdown(f"## mmdiff: multimodal masked diffusion\nModel `{model_dir}` ({n_params:.1f} M parameters) "
                     f"answers {hears} about an image. The answer starts fully masked and is filled in over "
                     "the denoising steps; each token is coloured by the step that fixed it.")
+        with gr.Accordion("What the model understands", open=False, elem_id="world"):
+            gr.Markdown(world_guide(), elem_id="world-guide")
         with gr.Tab("Ask"):
             _ask_tab(model, examples, frame_delay)
         with gr.Tab("Structured caption"):

@@ -8,6 +8,11 @@ Named stages (LLaVA's ``encode_images`` = vision tower -> projector, and DIFFA's
   embeddings with each placeholder replaced by its media tokens (left padded batch),
 * :meth:`MultimodalDiffusionLM.forward`: prompt embeddings + response tokens -> response logits,
 * :meth:`MultimodalDiffusionLM.generate`: the one sampler (``mmdiff.sampling``) on a prompt.
+
+:meth:`MultimodalDiffusionLM.check_inputs` is what a question must satisfy before it is answered
+(valid text; an image when the model has a vision encoder); :func:`mmdiff.search.answer`, the entry
+of the CLI, the eval runner and the demo, applies it, while ``generate`` itself also takes text-only
+prompts (tests, the training loop's validation).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .decoder import Decoder, DecoderConfig
 from .encoders import AudioEncoderConfig, VisionEncoderConfig, build_audio_encoder, build_vision_encoder
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
+from .media import read_question
 from .sampling import DecodeConfig, Denoiser, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
 from .sampling.autoregressive import ar_generate
 from .sampling.denoisers import build_denoiser
@@ -39,6 +45,9 @@ log = logging.getLogger("mmdiff")
 PARTS = ("vision", "vision_adapter", "audio", "audio_adapter", "decoder")
 TEXT, IMAGE, AUDIO = 0, 1, 2  # what fills a prompt position (embed_prompt's ``kinds``)
 MODEL_TYPE = "mmdiff"
+#: a model with a vision encoder refuses a question that comes without an image (check_inputs)
+NO_IMAGE = "no image: this model answers questions about an image; give one with the question"
+NO_QUESTION = "empty question and no audio"
 
 
 @dataclass
@@ -247,6 +256,40 @@ class MultimodalDiffusionLM(nn.Module):
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
     # -- generation -------------------------------------------------------------------------------
+    def check_inputs(self, questions: Sequence[str | bytes], *, images: Sequence, audios: Sequence) -> list[str]:
+        """Refuse what this model cannot answer, with the reason; returns the questions as text.
+
+        A question must be valid text (:func:`mmdiff.media.read_question`: UTF-8, no control
+        characters; the length limit is the CLI's and the demo's, not a data set's) and, without a
+        spoken question, not empty. A model with a vision
+        encoder answers questions about an image, so a typed or spoken question needs one; only a
+        typed question about a clip (e.g. "transcribe the audio.") may come without.
+
+        Args:
+            questions: text per sample ("" for a spoken question).
+            images: per sample an image or None.
+            audios: per sample a clip or None.
+
+        Raises:
+            ValueError: the first sample refused (prefixed "sample i: " in a batch of several).
+        """
+        if not len(questions) == len(images) == len(audios):
+            raise ValueError(f"{len(questions)} questions but {len(images)} images and {len(audios)} audio entries")
+        checked = []
+        for b, (question, image, audio) in enumerate(zip(questions, images, audios)):
+            where = f"sample {b}: " if len(questions) > 1 else ""
+            try:
+                question = read_question(question, max_chars=None)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
+            typed = bool(question.strip())
+            if not typed and audio is None:
+                raise ValueError(where + NO_QUESTION)
+            if self.vision is not None and image is None and not (typed and audio is not None):
+                raise ValueError(where + NO_IMAGE)
+            checked.append(question)
+        return checked
+
     @torch.no_grad()
     def generate(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
                  audios: Sequence | None = None, decode: DecodeConfig | None = None,
@@ -310,7 +353,7 @@ class MultimodalDiffusionLM(nn.Module):
         per_aud = [[aud_tok[aud_idx.index(b)]] if b in aud_idx else [] for b in range(B)]
         for b, q in enumerate(questions):
             if not q.strip() and not per_aud[b]:
-                raise ValueError(f"sample {b}: empty question and no audio")
+                raise ValueError(f"sample {b}: {NO_QUESTION}")
         prompts = [self.format_prompt(q, n_images=len(per_img[b]), n_audio=len(per_aud[b]))
                    for b, q in enumerate(questions)]
         return self.embed_prompt(prompts, images=per_img, audios=per_aud, return_kinds=True)

@@ -522,10 +522,13 @@ def search(model: MultimodalDiffusionLM, question: str, *, image: Any = None, au
 
 
 def answer(model: MultimodalDiffusionLM, questions: Sequence[str], *, images: Sequence, audios: Sequence,
-           decode: DecodeConfig) -> list[GenerationResult | SearchResult]:
+           decode: DecodeConfig, callback: Callable[[StepEvent], None] | None = None
+           ) -> list[GenerationResult | SearchResult]:
     """Answer a batch the way ``decode`` says: one batched
     :meth:`~mmdiff.model.MultimodalDiffusionLM.generate` call for plain decoding, or one :func:`search`
-    per question when ``decode.search`` is on.
+    per question when ``decode.search`` is on. The inputs are checked first
+    (:meth:`~mmdiff.model.MultimodalDiffusionLM.check_inputs`: valid text, an image for a model with a
+    vision encoder), so every entry point refuses the same inputs with the same message.
 
     Args:
         model: the multimodal model.
@@ -533,9 +536,16 @@ def answer(model: MultimodalDiffusionLM, questions: Sequence[str], *, images: Se
         images: per sample an image or None.
         audios: per sample a clip or None.
         decode: the decode settings.
+        callback: sees every denoising step of plain decoding (a search is not streamed).
+
+    Raises:
+        ValueError: an input refused by ``check_inputs`` or by the media layer, or a callback with a search.
     """
+    questions = model.check_inputs(questions, images=images, audios=audios)
     if not decode.search.active:
-        return model.generate(list(questions), images=list(images), audios=list(audios), decode=decode)
+        return model.generate(questions, images=list(images), audios=list(audios), decode=decode, callback=callback)
+    if callback is not None:
+        raise ValueError("a test-time search runs many sampler batches and is not streamed: no callback")
     return [search(model, q, image=im, audio=au, decode=decode) for q, im, au in zip(questions, images, audios)]
 
 

@@ -1,11 +1,13 @@
 """``mmdiff ask`` end to end on a tiny saved model (2 decoder layers): pruning flags reach
 ``generate`` and the ``--json`` report, ``--search`` answers through the test-time search and
-reports its NFE and scored candidates, and bad combinations stop with clear messages."""
+reports its NFE and scored candidates, and bad combinations and inputs (no image, a decompression
+bomb, non-UTF-8 text) stop with one clear line and exit status 2."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -90,3 +92,35 @@ def test_search_composes_with_pruning(model_dir, capsys):
                      "--search", "best_of_n", "--candidates", "2", "--skip-layers", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["search"]["strategy"] == "best_of_n" and out["pruning"]["skip_layers"] == [1] and out["candidates"]
+
+
+def test_a_question_without_an_image_is_refused_in_one_line(model_dir, capsys):
+    """The reported bug: exit 0 and an empty answer. A model with a vision encoder needs an image."""
+    from mmdiff.model import NO_IMAGE
+
+    assert cli.main(["ask", "how many objects are there?", "--model", str(model_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"mmdiff ask: error: {NO_IMAGE}\n"
+
+
+def test_bad_inputs_exit_2_with_one_line(model_dir, tmp_path, capsys):
+    Image.new("1", (15000, 15000)).save(tmp_path / "bomb.png")  # 27 KB
+    cases = [(QUESTION, tmp_path / "bomb.png",
+              f"cannot read image {tmp_path / 'bomb.png'}: 15000 x 15000 pixels (225 MP) is over the 64 MP limit"),
+             ("\udcff\udcfe", model_dir / "scene.png",  # the bytes ff fe, as the command line passes them
+              "the question is not valid UTF-8 text (byte 0xff at position 0)")]
+    for question, image, message in cases:
+        assert cli.main(["ask", question, "--image", str(image), "--model", str(model_dir)]) == 2
+        assert capsys.readouterr().err == f"mmdiff ask: error: {message}\n"
+
+
+def test_a_16_bit_png_gets_the_answer_of_its_8_bit_original(model, model_dir, tmp_path, capsys):
+    grey = Image.open(model_dir / "scene.png").convert("L")
+    grey.save(tmp_path / "grey8.png")
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # mode I;16
+    answers = []
+    for name in ("grey8.png", "grey16.png"):
+        assert cli.main(["ask", QUESTION, "--image", str(tmp_path / name), "--model", str(model_dir), "--json"]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["answer"])
+    assert answers[0] == answers[1] == model.generate([QUESTION], images=[tmp_path / "grey8.png"],
+                                                      decode=DecodeConfig(sampler=ASK))[0].text

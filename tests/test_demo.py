@@ -2,7 +2,9 @@
 
 A tiny random model (vision + audio) checks the wiring end to end: the page's answer must equal
 the library's on the same input (``model.generate``, with pruning settings too; ``search`` with a
-search setting; ``caption`` with the structure prior). The shipped model's test checks a real answer.
+search setting; ``caption`` with the structure prior), and a bad input must get the page the same
+one-line message as ``mmdiff ask``. The shipped model's test checks real answers (a 16-bit PNG too)
+and what it heard.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from PIL import Image
 
+from mmdiff import cli
 from mmdiff.adapters import ProjectorConfig, SemanticAdapterConfig
 from mmdiff.commands.demo import load_demo_app
 from mmdiff.data.dataset import iter_examples
@@ -23,7 +27,7 @@ from mmdiff.data.scenes import scene_schema
 from mmdiff.decoder import preset as decoder_preset
 from mmdiff.encoders import AudioEncoderConfig
 from mmdiff.encoders.vision import preset as vision_preset
-from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+from mmdiff.model import NO_IMAGE, ModelConfig, MultimodalDiffusionLM
 from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig
 from mmdiff.sampling.pruning import PruningConfig
 from mmdiff.sampling.schema import validate
@@ -103,7 +107,8 @@ class Served:
         self.client = gradio_client.Client(self.url, verbose=False)
 
     def ask(self, image: str | Path | None, question: str, audio: str | Path | None = None,
-            config: SamplerConfig = app_module.ASK_DEFAULTS.sampler, **panel) -> tuple[str, str, str]:
+            config: SamplerConfig = app_module.ASK_DEFAULTS.sampler, **panel) -> tuple[str, str, str, str]:
+        """(canvas, answer, heard, stats) of the Ask tab."""
         handle = gradio_client.handle_file
         return self.client.predict(image and handle(str(image)), question, audio and handle(str(audio)),
                                    *settings(config, **panel), api_name="/ask")
@@ -145,9 +150,9 @@ def model(model_dir) -> MultimodalDiffusionLM:
                                                   threshold=0.5)], ids=["defaults", "blocks-threshold"])
 def test_ask_equals_generate(served, model, model_dir, config):
     image = model_dir / "examples" / "images" / "scene.png"
-    canvas, answer, stats = served.ask(image, QUESTION, config=config)
+    canvas, answer, heard, stats = served.ask(image, QUESTION, config=config)
     expected = model.generate([QUESTION], images=[image], decode=DecodeConfig(sampler=config))[0]
-    assert answer == expected.text
+    assert answer == expected.text and heard == ""
     assert f"**NFE** {expected.nfe}" in stats and "latency" in stats
     assert canvas.count('title="masked"') == 1  # every position filled: only the legend's ▢ is left
     assert canvas.count('title="fixed at step') == config.gen_length
@@ -155,19 +160,14 @@ def test_ask_equals_generate(served, model, model_dir, config):
 
 def test_spoken_question_equals_generate(served, model, model_dir):
     image, clip = model_dir / "examples" / "images" / "scene.png", model_dir / "examples" / "audio" / "question.wav"
-    _, answer, _ = served.ask(image, "", clip)
+    _, answer, heard, _ = served.ask(image, "", clip)
     assert answer == model.generate([""], images=[image], audios=[clip], decode=app_module.ASK_DEFAULTS)[0].text
+    assert heard == ""  # audio_semantic hands the decoder no transcript to show
 
 
 def test_bad_inputs_get_messages_and_the_app_keeps_serving(served, model_dir, tmp_path):
-    fake_png = tmp_path / "notes.png"
-    fake_png.write_text("this is a text file, not a picture")
-    silent = tone(tmp_path / "silence.wav", amplitude=0.0)
     image = model_dir / "examples" / "images" / "scene.png"
-    cases = [((fake_png, QUESTION, None), "cannot read image notes.png: not an image file"),
-             ((image, "", silent), "cannot read audio silence.wav: silent clip"),
-             ((image, "   ", None), app_module.NO_QUESTION),
-             ((None, "x" * 401, None), "the limit is 400")]
+    cases = [((image, "   ", None), app_module.NO_QUESTION)]
     for args, message in cases:
         with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
             served.ask(*args)
@@ -177,14 +177,85 @@ def test_bad_inputs_get_messages_and_the_app_keeps_serving(served, model_dir, tm
     assert served.ask(image, QUESTION)[1] is not None  # still serving
 
 
+def bad_inputs(root: Path, image: Path) -> dict[str, tuple[Path | None, str, Path | None]]:
+    """Inputs every entry point must refuse with one line: name -> (image, question, audio)."""
+    (root / "notes.png").write_text("this is a text file, not a picture")
+    Image.new("1", (15000, 15000)).save(root / "bomb.png")
+    tone(root / "question.wav")
+    return {"not an image": (root / "notes.png", QUESTION, None),
+            "silent clip": (image, "", tone(root / "silence.wav", amplitude=0.0)),
+            "no image": (None, QUESTION, None),
+            "spoken, no image": (None, "", root / "question.wav"),
+            "bomb": (root / "bomb.png", QUESTION, None),
+            "not UTF-8": (image, "\udcff\udcfe", None),  # what the command line makes of the bytes ff fe
+            "control character": (image, "how many\x1b[2J?", None),
+            "too long": (image, "x" * 401, None)}
+
+
+@pytest.mark.parametrize("case", ["not an image", "silent clip", "no image", "spoken, no image", "bomb", "not UTF-8",
+                                  "control character", "too long"])
+def test_a_bad_input_gets_the_same_line_in_the_page_as_on_the_command_line(served, model_dir, tmp_path, capsys, case):
+    image, question, audio = bad_inputs(tmp_path, model_dir / "examples" / "images" / "scene.png")[case]
+    argv = ["ask", question, "--model", str(model_dir)] + (["--image", str(image)] if image else []) + (
+        ["--audio", str(audio)] if audio else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmdiff ask: error: ") and err.count("\n") == 1, err
+    message = err.removeprefix("mmdiff ask: error: ").strip()
+    for path in (image, audio):  # the page names an upload by its own name, not by the server's copy
+        message = message.replace(str(path), path.name) if path else message
+    if case == "not UTF-8":
+        return  # a page cannot send it: the browser and the HTTP JSON carry only valid Unicode
+    with pytest.raises(gradio_client.exceptions.AppError) as page:
+        served.ask(image, question, audio)
+    assert message in str(page.value)
+    if case in ("no image", "spoken, no image"):
+        assert message == NO_IMAGE
+
+
+def test_a_16_bit_png_upload_is_read_like_its_8_bit_original(served, model, model_dir, tmp_path):
+    grey = Image.open(model_dir / "examples" / "images" / "scene.png").convert("L")
+    grey.save(tmp_path / "grey8.png")
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # mode I;16
+    expected = model.generate([QUESTION], images=[tmp_path / "grey8.png"], decode=app_module.ASK_DEFAULTS)[0].text
+    assert served.ask(tmp_path / "grey16.png", QUESTION)[1] == expected
+
+
+def test_the_api_names_its_parameters_and_the_settings_may_be_left_out(served, model, model_dir):
+    api = served.client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    ask, described = api["/ask"], api["/caption"]
+    assert [p["parameter_name"] for p in ask["parameters"]] == ["image", "question", "audio", *PANEL]
+    assert [p["parameter_name"] for p in described["parameters"]] == [
+        "image", "structure", *(o.key for o in app_module.panel_options(search=False))]
+    assert [r["label"] for r in ask["returns"]] == ["Denoising", "Answer", "Heard", "Cost"]
+    assert [p["parameter_has_default"] for p in ask["parameters"]] == [False] * 3 + [True] * len(PANEL)
+    image = model_dir / "examples" / "images" / "scene.png"
+    _, answer, _, _ = served.client.predict(gradio_client.handle_file(str(image)), QUESTION, None, threshold=0.5,
+                                            transfer="threshold", api_name="/ask")
+    decode = app_module.ASK_DEFAULTS.replace(sampler=SamplerConfig(gen_length=8, transfer="threshold", threshold=0.5))
+    assert answer == model.generate([QUESTION], images=[image], decode=decode)[0].text
+
+
+def test_the_page_lists_what_the_model_understands(served):
+    from mmdiff.data.questions import QUESTION_TYPES
+    from mmdiff.data.scenes import COLOURS, POSITIONS, SHAPES, SIZES
+
+    [guide] = [b for b in served.app.blocks.values() if getattr(b, "elem_id", None) == "world-guide"]
+    for word in (*SHAPES, *COLOURS, *SIZES, *POSITIONS, *QUESTION_TYPES):
+        assert word in guide.value
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in guide.value.splitlines()]
+    examples = {row[0].split(" ")[0]: row[1] for row in rows if row[0].split(" ")[0] in QUESTION_TYPES}
+    assert list(examples) == list(QUESTION_TYPES) and all(q.endswith((".", "?")) for q in examples.values())
+
+
 def test_pruning_setting_equals_generate(served, model, model_dir):
     image = model_dir / "examples" / "images" / "scene.png"
     pruning = PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1, skip_layers=(1,), skip_from_step=4)
-    canvas, answer, stats = served.ask(image, QUESTION, pruning=pruning)
+    canvas, answer, _, stats = served.ask(image, QUESTION, pruning=pruning)
     expected = model.generate([QUESTION], images=[image], decode=app_module.ASK_DEFAULTS.replace(pruning=pruning))[0]
     assert answer == expected.text and f"**NFE** {expected.nfe}" in stats
     assert canvas.count('title="fixed at step') == app_module.ASK_DEFAULTS.sampler.gen_length
-    _, skipped, _ = served.ask(image, QUESTION, pruning=PruningConfig(skip_layers=(1,)))  # 2 layers: K=2 unused
+    _, skipped, _, _ = served.ask(image, QUESTION, pruning=PruningConfig(skip_layers=(1,)))  # 2 layers: K=2 unused
     assert skipped == model.generate([QUESTION], images=[image], decode=app_module.ASK_DEFAULTS.replace(pruning=PruningConfig(skip_layers=(1,))))[0].text
 
 
@@ -193,7 +264,7 @@ def test_pruning_setting_equals_generate(served, model, model_dir):
                          ids=["best_of_n", "hierarchical"])
 def test_search_setting_equals_search(served, model, model_dir, config):
     image = model_dir / "examples" / "images" / "scene.png"
-    canvas, answer, stats = served.ask(image, QUESTION, search=config)
+    canvas, answer, _, stats = served.ask(image, QUESTION, search=config)
     expected = search(model, QUESTION, image=image, decode=app_module.ASK_DEFAULTS.replace(search=config))
     assert answer == expected.text
     assert f"**NFE** {expected.nfe}" in stats and "final answer only" in stats and config.strategy in stats
@@ -201,7 +272,7 @@ def test_search_setting_equals_search(served, model, model_dir, config):
     assert expected.nfe > plain.nfe
     assert canvas.count('title="chosen by the search') == len(expected.tokens)
     skipping = PruningConfig(skip_layers=(1,))  # search and layer skipping compose (one denoiser)
-    _, answer, stats = served.ask(image, QUESTION, search=config, pruning=skipping)
+    _, answer, _, stats = served.ask(image, QUESTION, search=config, pruning=skipping)
     expected = search(model, QUESTION, image=image, decode=app_module.ASK_DEFAULTS.replace(search=config, pruning=skipping))
     assert answer == expected.text and f"**NFE** {expected.nfe}" in stats
 
@@ -233,7 +304,7 @@ def test_caption_reports_parse_errors(served, model, model_dir):
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),
                     reason="no shipped model at checkpoints/mmdiff-tiny (make train)")
-def test_shipped_model_answers_its_examples():
+def test_shipped_model_answers_its_examples(tmp_path):
     """Typed examples, and a spoken one (held-out voice, decoded with the shipped ctc_lm.json beam)."""
     examples = [e for e in app_module.load_examples(SHIPPED) if e.audio is None]
     spoken = [e for e in app_module.load_examples(SHIPPED) if e.audio is not None]
@@ -243,7 +314,14 @@ def test_shipped_model_answers_its_examples():
         for ex in examples[:3]:
             assert served.ask(ex.image, ex.question)[1] == ex.answer, ex
         for ex in spoken[:1]:
-            assert served.ask(ex.image, "", ex.audio)[1] == ex.answer, ex
+            _, answer, heard, stats = served.ask(ex.image, "", ex.audio)
+            assert answer == ex.answer and heard == MultimodalDiffusionLM.from_pretrained(SHIPPED).transcribe([ex.audio])[0]
+        count = SHIPPED / "examples" / "images" / "test-0-000006.png"  # 3 objects
+        grey = Image.open(count).convert("L")
+        grey.save(tmp_path / "grey8.png")
+        Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # mode I;16
+        for image in (count, tmp_path / "grey8.png", tmp_path / "grey16.png"):
+            assert served.ask(image, "how many objects are there?")[1] == "3", image
     finally:
         served.close()
 
@@ -310,6 +388,6 @@ def test_missing_model_dir_says_how_to_get_it(tmp_path, capsys):
 
     assert main(["demo", "--model", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert "no model directory" in err and "make train" in err
+    assert "no model directory" in err and "make train" in err and "about 56 minutes" in err
     with pytest.raises(FileNotFoundError, match="has no .*model.safetensors"):
         app_module.check_model_dir(tmp_path)  # a directory without weights

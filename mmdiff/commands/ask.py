@@ -1,5 +1,9 @@
 """``mmdiff ask``: answer one question about an image and/or a spoken question, by plain decoding or
-through a self-verifying test-time search (``--search``, :mod:`mmdiff.search`)."""
+through a self-verifying test-time search (``--search``, :mod:`mmdiff.search`).
+
+Inputs are read and checked by the library (:func:`mmdiff.search.answer`, :mod:`mmdiff.media`): a bad
+image, clip or question, or a question without the image a vision model needs, is a ``ValueError``
+that ``mmdiff`` prints as one line with exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +11,7 @@ import json
 import sys
 
 from .. import DEFAULT_MODEL_DIR
+from ..media import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, read_question
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..search import SearchResult, answer
@@ -17,9 +22,11 @@ DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("question", nargs="?", default="", help="the question (optional when --audio is given)")
-    p.add_argument("--image", help="image file (png, jpg, ...)")
-    p.add_argument("--audio", help="spoken question (wav, flac, ogg)")
+    p.add_argument("question", nargs="?", default="",
+                   help=f"the question (optional when --audio is given; at most {MAX_QUESTION_CHARS} characters)")
+    p.add_argument("--image", help=f"image file (png, jpg, ...: any mode or bit depth, at most "
+                                   f"{MAX_IMAGE_PIXELS / 1e6:g} MP); a model with a vision encoder needs one")
+    p.add_argument("--audio", help="spoken question (wav, flac, ogg: any sample rate from 8 kHz, any channels)")
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, nfe, latency_s, the decode settings (and the scored "
@@ -32,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip() and not args.audio:
         raise ValueError("give a question, --audio, or both")
+    read_question(args.question)  # UTF-8, control characters, length: before the model loads
     decode = decode_config_from_args(args, DEFAULTS)  # checked before the model loads
     model = MultimodalDiffusionLM.from_pretrained(args.model)
     apply_speech_arguments(model, args)

@@ -63,6 +63,11 @@ class AudioEncoderConfig(JsonConfig):
     checkpoint: str | None = None  # local Whisper directory (config.json + model.safetensors); never downloaded
     max_seconds: float = 30.0  # longer clips are rejected by preprocess
     output_layers: tuple[int, ...] = (-1,)  # hidden states returned in AudioFeatures.layers (see AudioEncoder)
+    #: a clip recorded below 16 kHz gets its empty upper band filled with white noise this many dB below its
+    #: power (media.fill_empty_band; None = left empty). 17 dB: mmdiff-tiny, trained on full-band speech with
+    #: 15-35 dB SNR noise, mishears 8 kHz clips (WER 0.75) unless filled (0.17; 16 kHz: 0.08); an encoder that
+    #: heard narrow-band speech (a real Whisper checkpoint) wants None
+    narrowband_fill_db: float | None = 17.0
 
     def __post_init__(self) -> None:
         self.output_layers = tuple(self.output_layers)  # JSON gives a list
@@ -90,9 +95,11 @@ class AudioEncoderConfig(JsonConfig):
 
     @classmethod
     def from_whisper_checkpoint(cls, directory: str | Path, **overrides) -> "AudioEncoderConfig":
-        """The shape of the Whisper checkpoint in ``directory`` (its config.json), loading from it."""
+        """The shape of the Whisper checkpoint in ``directory`` (its config.json), loading from it; no
+        narrow-band fill (Whisper was trained on narrow-band speech too)."""
         hf = read_json(Path(directory) / "config.json")
-        return cls(**{k: hf[k] for k in SHAPE_FIELDS if k in hf}, checkpoint=str(directory), **overrides)
+        return cls(**{k: hf[k] for k in SHAPE_FIELDS if k in hf}, checkpoint=str(directory),
+                   **{"narrowband_fill_db": None, **overrides})
 
 
 @dataclass
@@ -167,8 +174,8 @@ class AudioEncoder(nn.Module):
         """
         if not clips:
             raise ValueError("preprocess needs at least one clip")
-        mels = [log_mel(load_audio(c, target_sr=SAMPLE_RATE, max_seconds=self.cfg.max_seconds),
-                        n_mels=self.cfg.num_mel_bins) for c in clips]
+        mels = [log_mel(load_audio(c, target_sr=SAMPLE_RATE, max_seconds=self.cfg.max_seconds,
+                                   fill_db=self.cfg.narrowband_fill_db), n_mels=self.cfg.num_mel_bins) for c in clips]
         return self.batch_mels(mels)
 
     @staticmethod
