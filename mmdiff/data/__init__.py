@@ -8,20 +8,8 @@ from __future__ import annotations
 
 from .dataset import Row, RowError, iter_examples, read_rows, write_split
 from .questions import QA, QUESTION_TYPES, ask, caption_json, caption_text, questions_for
-from .scenes import (
-                     COLOURS,
-                     GRID,
-                     IMAGE_SIZE,
-                     POSITIONS,
-                     SHAPES,
-                     SIZES,
-                     SPLITS,
-                     Obj,
-                     Scene,
-                     cell_labels,
-                     render,
-                     sample_scene,
-)
+from .scenes import (COLOURS, GRID, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, SPLITS, Obj, Scene, cell_labels, render,
+                     sample_scene)
 from .speech import HELDOUT_VOICES, TRAIN_VOICES, espeak_available, synthesize
 
 __all__ = [
