@@ -22,11 +22,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("loading", ("mmdiff.checkpoints", "mmdiff.loading")),
     ("tasks", ("mmdiff.tasks",)),
     ("search", ("mmdiff.search",)),
+    ("serving", ("mmdiff.serving",)),
     ("data", ("mmdiff.data",)),
     ("evaluation", ("mmdiff.evaluation",)),
     ("training", ("mmdiff.training",)),
     ("entry points", ("mmdiff", "mmdiff.__main__", "mmdiff.cli", "mmdiff.commands", "mmdiff.data.cli",
-                      "mmdiff.evaluation.cli", "mmdiff.evaluation.lmms_eval_plugin", "mmdiff.training.cli")),
+                      "mmdiff.evaluation.cli", "mmdiff.evaluation.lmms_eval_plugin", "mmdiff.training.cli",
+                      "mmdiff.serving.server")),
     ("demo", ("demo",)),
 ]
 

@@ -16,9 +16,10 @@ optional :class:`~mmdiff.flops.FlopCounter` it updates after every decoder forwa
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..decoder import Decoder, DecoderOutput, KVCache, LayerPlan
 from ..registry import Registry
@@ -101,6 +102,31 @@ class PrefixCache(_Denoiser):
                                       prefix_len=self.P, store_cache=True))
         self.cache: KVCache = out.cache
         self.last_prompt_logits = out.logits[:, -1:]  # (B, 1, V): Dream-style shift reads it
+
+    @classmethod
+    def stack(cls, parts: Sequence[PrefixCache], *, counter: FlopCounter | None = None) -> PrefixCache:
+        """One batch from prefix caches built apart (requests admitted at different times): each
+        prompt's keys/values are left-padded to the longest prompt and the padding marked invalid, so
+        every row's canvas attends to exactly its own prompt at its own RoPE positions (positions
+        count valid slots only). No forward pass runs.
+
+        Args:
+            parts: prefix caches of the same decoder, without token pruning.
+            counter: FLOP counter of the stacked batch's forwards.
+        """
+        if any(p.planner is not None or any(a is not None for a in p.cache.alive) for p in parts):
+            raise ValueError("prefix caches with token pruning cannot be stacked")
+        P = max(p.P for p in parts)
+        out = cls.__new__(cls)
+        out.decoder, out.planner, out.counter, out.P = parts[0].decoder, None, counter, P
+        out.prompt_valid = torch.cat([F.pad(p.prompt_valid, (P - p.P, 0), value=False) for p in parts])  # (B, P)
+        pad = [(0, 0, P - p.P, 0) for p in parts]  # left-pad the key axis of (B_i, H, P_i, hd)
+        n_layers = len(parts[0].cache.keys)
+        out.cache = KVCache([torch.cat([F.pad(p.cache.keys[i], d) for p, d in zip(parts, pad)]) for i in range(n_layers)],
+                            [torch.cat([F.pad(p.cache.values[i], d) for p, d in zip(parts, pad)])
+                             for i in range(n_layers)], [None] * n_layers)
+        out.last_prompt_logits = torch.cat([p.last_prompt_logits for p in parts])  # (B, 1, V)
+        return out
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:

@@ -158,6 +158,99 @@ def _blocks(length: int, block_length: int) -> list[slice]:
     return [slice(s, min(s + block_length, length)) for s in range(0, length, block_length)]
 
 
+class SamplerRun:
+    """The one loop's progress on one batch: canvas, block, step, transfer budget, RNG and hooks.
+
+    The loop is ``while not run.done: run.advance(denoiser.logits(run.state))``: :func:`iter_sample`
+    runs one; the serving engine (:mod:`mmdiff.serving.engine`) runs many side by side and fills
+    their logits from one batched decoder forward per step. Each run keeps its own settings, so
+    requests with different canvases, thresholds and block layouts advance together.
+
+    Args:
+        batch_size: B.
+        config: sampler settings.
+        mask_id: the ``[MASK]`` token id.
+        suppress_ids: token ids forbidden when ``config.suppress_eos`` (EOS, PAD).
+        strategies: extra hooks, applied in order.
+        device: where the canvas lives.
+    """
+
+    def __init__(self, *, batch_size: int, config: SamplerConfig, mask_id: int, suppress_ids: Sequence[int] = (),
+                 strategies: Sequence[Strategy] = (), device: str | torch.device = "cpu") -> None:
+        cfg = self.config = config
+        L = cfg.gen_length
+        self.mask_id, self.device = mask_id, device
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.hooks = list(strategies) + ([SuppressTokens(suppress_ids)] if cfg.suppress_eos and suppress_ids else [])
+        canvas = torch.full((batch_size, L), mask_id, dtype=torch.long, device=device)
+        for h in self.hooks:
+            canvas = h.init_canvas(canvas, mask_id)
+        self.canvas = canvas  # (B, L)
+        self.fixed_at = torch.where(canvas == mask_id, 0, -1)  # (B, L)
+        self.blocks = _blocks(L, cfg.block_length or L)
+        self.score_fn, self.rule = REMASKING.get(cfg.remasking), TRANSFER.get(cfg.transfer)
+        self.nfe, self.fixed_per_step, self.t0 = 0, [], time.perf_counter()
+        self.block, self.s, self.budget = -1, 0, None
+        self._next_block()
+
+    def _in_block(self) -> torch.Tensor:
+        in_block = torch.zeros(self.config.gen_length, dtype=torch.bool, device=self.device)
+        in_block[self.blocks[self.block]] = True
+        return in_block
+
+    def _next_block(self) -> None:
+        """Move to the next block that still holds masks (skipping filled ones without a forward pass)
+        and plan its transfer budget; past the last block the run is done."""
+        while True:
+            self.block += 1
+            if self.block >= len(self.blocks):
+                return
+            blk = self.blocks[self.block]
+            if (self.canvas[:, blk] == self.mask_id).any():
+                break
+        self.s = 0
+        self.budget = num_transfer((self.canvas[:, blk] == self.mask_id).sum(-1).cpu(), self.config.steps_per_block,
+                                   schedule=self.config.schedule, shift=self.config.shift).to(self.device)  # (B, S)
+
+    @property
+    def done(self) -> bool:
+        return self.block >= len(self.blocks)
+
+    @property
+    def state(self) -> StepState:
+        """What the denoiser (and the hooks) see at the next step."""
+        return StepState(self.canvas, self.nfe, self.block, self.blocks[self.block], self.mask_id)
+
+    def advance(self, logits: torch.Tensor) -> StepEvent:
+        """One denoising step from the denoiser's ``logits`` (B, L, V) for :attr:`state`."""
+        cfg, state = self.config, self.state
+        active = (self.canvas == self.mask_id) & self._in_block()  # (B, L)
+        self.nfe += 1
+        for h in self.hooks:
+            logits = h.process_logits(logits, state)
+        x0, probs = predict(logits, temperature=cfg.temperature, generator=self.generator)
+        conf = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+        score = self.score_fn(probs, x0, self.generator).float()
+        score = torch.where(active, score, torch.full_like(score, float("-inf")))
+        remaining = active.sum(-1)
+        k = self.budget[:, self.s] if self.s < cfg.steps_per_block - 1 else remaining  # last step: fix the rest
+        k = torch.minimum(k.clamp(min=1), remaining)
+        pick = self.rule(score, conf, k, threshold=cfg.threshold, factor=cfg.factor) & active
+        self.canvas = torch.where(pick, x0, self.canvas)
+        self.fixed_at = torch.where(pick, self.nfe, self.fixed_at)
+        self.fixed_per_step.append(int(pick.sum()))
+        event = StepEvent(self.nfe, self.block, self.canvas, pick)
+        for h in self.hooks:
+            h.on_step(event)
+        self.s += 1
+        if not ((self.canvas == self.mask_id) & self._in_block()).any():
+            self._next_block()  # block (or whole canvas) filled: early stop
+        return event
+
+    def output(self) -> SampleOutput:
+        return SampleOutput(self.canvas, self.nfe, self.fixed_per_step, self.fixed_at, time.perf_counter() - self.t0)
+
+
 def iter_sample(denoiser: Denoiser, *, batch_size: int, config: SamplerConfig, mask_id: int,
                 suppress_ids: Sequence[int] = (), strategies: Sequence[Strategy] = (),
                 device: str | torch.device = "cpu") -> Iterator[StepEvent | SampleOutput]:
@@ -172,51 +265,11 @@ def iter_sample(denoiser: Denoiser, *, batch_size: int, config: SamplerConfig, m
         suppress_ids: token ids forbidden when ``config.suppress_eos`` (EOS, PAD).
         strategies: extra hooks, applied in order.
     """
-    cfg = config
-    L = cfg.gen_length
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    hooks = list(strategies) + ([SuppressTokens(suppress_ids)] if cfg.suppress_eos and suppress_ids else [])
-    canvas = torch.full((batch_size, L), mask_id, dtype=torch.long, device=device)
-    for h in hooks:
-        canvas = h.init_canvas(canvas, mask_id)
-    fixed_at = torch.where(canvas == mask_id, 0, -1)
-    blocks = _blocks(L, cfg.block_length or L)
-    steps_per_block = cfg.steps_per_block
-    score_fn = REMASKING.get(cfg.remasking)
-    rule = TRANSFER.get(cfg.transfer)
-    nfe, fixed_per_step, t0 = 0, [], time.perf_counter()
-    for b, blk in enumerate(blocks):
-        in_block = torch.zeros(L, dtype=torch.bool, device=device)
-        in_block[blk] = True
-        budget = num_transfer((canvas[:, blk] == mask_id).sum(-1).cpu(), steps_per_block,
-                              schedule=cfg.schedule, shift=cfg.shift).to(device)  # (B, S)
-        s = 0
-        while True:
-            active = (canvas == mask_id) & in_block  # (B, L)
-            if not active.any():
-                break  # early stop: block (or whole canvas) filled
-            state = StepState(canvas, nfe, b, blk, mask_id)
-            logits = denoiser.logits(state)  # (B, L, V)
-            nfe += 1
-            for h in hooks:
-                logits = h.process_logits(logits, state)
-            x0, probs = predict(logits, temperature=cfg.temperature, generator=gen)
-            conf = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
-            score = score_fn(probs, x0, gen).float()
-            score = torch.where(active, score, torch.full_like(score, float("-inf")))
-            remaining = active.sum(-1)
-            k = budget[:, s] if s < steps_per_block - 1 else remaining  # last step: fix the rest
-            k = torch.minimum(k.clamp(min=1), remaining)
-            pick = rule(score, conf, k, threshold=cfg.threshold, factor=cfg.factor) & active
-            canvas = torch.where(pick, x0, canvas)
-            fixed_at = torch.where(pick, nfe, fixed_at)
-            fixed_per_step.append(int(pick.sum()))
-            event = StepEvent(nfe, b, canvas, pick)
-            for h in hooks:
-                h.on_step(event)
-            yield event
-            s += 1
-    yield SampleOutput(canvas, nfe, fixed_per_step, fixed_at, time.perf_counter() - t0)
+    run = SamplerRun(batch_size=batch_size, config=config, mask_id=mask_id, suppress_ids=suppress_ids,
+                     strategies=strategies, device=device)
+    while not run.done:
+        yield run.advance(denoiser.logits(run.state))
+    yield run.output()
 
 
 def sample(denoiser: Denoiser, *, batch_size: int, config: SamplerConfig, mask_id: int,
