@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                       "(optional: mmdiff.load reads them as they are)"),
     "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),
     "demo": ("mmdiff.commands.demo", "start the Gradio demo (image/audio Q&A with live denoising)"),
+    "serve": ("mmdiff.commands.serve", "serve a model over an OpenAI-compatible HTTP API (batched, streaming)"),
     "eval": ("mmdiff.evaluation.cli", "batch VQA evaluation with resumable predictions"),
 }
 
