@@ -226,6 +226,11 @@ def test_a_local_file_under_the_media_folder(client, model, images):
     for url in (images[1].as_uri(), images[1].name):
         reply = client.chat.completions.create(model=NAME, messages=[user(QUESTIONS[1], url)])
         assert reply.choices[0].message.content == alone(model, QUESTIONS[1], images[1]).text
+    (images[0].parent / "notes.png").write_text("not a picture")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=NAME, messages=[user(QUESTIONS[1], "notes.png")])
+    message = refused.value.body["message"]
+    assert message == "cannot read image messages[0].content[1].image_url: not an image file (unknown format)"
 
 
 def test_a_follow_up_question_is_about_the_conversations_image(client, model, images):

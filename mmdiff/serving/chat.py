@@ -23,8 +23,9 @@ than :attr:`Limits.max_media_bytes` is refused with 413; what the media layer re
 decompression bomb, a clip longer than :attr:`Limits.max_audio_seconds`, unreadable data) with 400.
 
 **Fields.** Besides ``model`` and ``messages``: ``stream``, ``stream_options.include_usage``,
-``stream_options.include_canvas`` (mmdiff's: stream each step's canvas too), ``n`` (1 only), ``max_tokens`` / ``max_completion_tokens`` (the canvas length, ``gen_length``),
-``temperature`` and ``seed`` (the sampler's) are honoured; the other standard fields either tune an
+``stream_options.include_canvas`` (mmdiff's: stream each step's canvas too), ``n`` (1 only),
+``max_tokens`` / ``max_completion_tokens`` (the canvas length, ``gen_length``), ``temperature`` and
+``seed`` (the sampler's) are honoured; the other standard fields either tune an
 autoregressive sampler or annotate the request and are ignored (:data:`IGNORED`), or would change
 what the client gets back and are refused unless absent or neutral (:data:`NEUTRAL`). Any other
 field must be a decode option (:meth:`~mmdiff.sampling.DecodeConfig.options`: ``gen_length``,
@@ -97,7 +98,7 @@ class Limits:
 class Media:
     """An image or clip of a request: decoded bytes, or a file under the media folder."""
 
-    where: str  # its place in the request, e.g. "messages[0].content[1]"
+    where: str  # its place in the request, e.g. "messages[0].content[1].image_url"
     data: bytes | None = None
     path: Path | None = None
 
@@ -142,9 +143,10 @@ def parse_chat_request(body: Any, *, model_name: str, defaults: DecodeConfig, li
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError(400, "invalid_value", f"'stream_options' must be an object, got {options!r}")
+    decode = decode_settings(body, defaults)  # before the media are decoded
     question, image, audio = read_messages(body.get("messages"), limits=limits, media_dir=media_dir)
-    return ChatRequest(question, image, audio, decode_settings(body, defaults), stream,
-                       bool(options.get("include_usage")), bool(options.get("include_canvas")))
+    return ChatRequest(question, image, audio, decode, stream, bool(options.get("include_usage")),
+                       bool(options.get("include_canvas")))
 
 
 def decode_settings(body: Mapping[str, Any], defaults: DecodeConfig) -> DecodeConfig:
@@ -304,29 +306,33 @@ def b64decode(text: str, *, where: str, limits: Limits) -> bytes:
 
 @contextlib.contextmanager
 def media_files(request: ChatRequest, *, limits: Limits) -> Iterator[tuple[Path | None, Path | None]]:
-    """(image path, clip path) of a request while it is encoded: decoded bytes are written to a
-    temporary folder under their place in the request, so the media layer's messages name it (``cannot
-    read image messages[0].content[1].image_url: ...``). The clip is read once here, to refuse one
-    over :attr:`Limits.max_audio_seconds` from its header.
+    """(image path, clip path) of a request while it is encoded (decoded bytes are written to a
+    temporary folder). The clip is read once here, to refuse one over
+    :attr:`Limits.max_audio_seconds` from its header. A ``ValueError`` raised inside the block (the
+    media layer's, the model's) becomes a 400 whose message names each file by its place in the
+    request (``cannot read image messages[0].content[1].image_url: ...``), not by a server path.
 
     Raises:
-        RequestError: what the media layer refuses (400), named.
+        RequestError: what the media layer or the model refuses (400).
     """
     with tempfile.TemporaryDirectory(prefix="mmdiff-serve-") as tmp:
-        paths = []
-        for media in (request.image, request.audio):
-            if media is None or media.path is not None:
-                paths.append(None if media is None else media.path)
-                continue
-            path = Path(tmp) / media.where
-            path.write_bytes(media.data)
+        paths, places = [], {}
+        for media, name in ((request.image, "image"), (request.audio, "audio")):
+            path = None if media is None else media.path or Path(tmp) / name
+            if media is not None and media.data is not None:
+                path.write_bytes(media.data)
+            if path is not None:
+                places[str(path)] = media.where
             paths.append(path)
         try:
             if paths[1] is not None:
                 load_audio(paths[1], max_seconds=limits.max_audio_seconds)
             yield paths[0], paths[1]
         except ValueError as e:
-            raise RequestError(400, media_code(str(e)), str(e).replace(f"{tmp}/", "")) from None
+            message = str(e)
+            for path, where in places.items():
+                message = message.replace(path, where)
+            raise RequestError(400, media_code(message), message) from None
 
 
 def media_code(message: str) -> str:

@@ -12,6 +12,10 @@ Endpoints (FastAPI on uvicorn):
   event holding the step's whole canvas (:func:`.stream.canvas_view`) in an ``mmdiff_canvas`` field of
   a chunk with an empty delta (so a client that does not skip named events, as the ``openai`` package
   does not, sees a chunk without content). It is opt-in: a plain OpenAI stream stays small.
+  A completion carries ``usage`` (``completion_tokens``: the answer's tokens before EOS;
+  ``prompt_tokens``: the chat-formatted question, an image or clip counted as one placeholder),
+  ``finish_reason`` (``stop`` at EOS, ``length`` when the answer filled the canvas) and an ``mmdiff``
+  field: ``{"nfe", "latency_s"}``.
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
 * ``GET /health``: ``{"status": "ok", "active": ..., "waiting": ...}``, without the API key.
 * ``GET /metrics``: Prometheus text: requests and responses by status, the engine's counters
@@ -149,16 +153,17 @@ class _Server:
 
     def retry_after(self) -> float:
         """Seconds until a place in the waiting line is likely free: the engine's busy time per
-        answered request (how often one leaves), between 0.1 and 10 s."""
+        answered request (how often one leaves), between 0.1 and 10 s; 1 s before any answer."""
         stats = self.engine.stats
-        return min(10.0, max(0.1, stats.busy_s / max(stats.finished, 1)))
+        return min(10.0, max(0.1, stats.busy_s / stats.finished)) if stats.finished else 1.0
 
     # -- answers ----------------------------------------------------------------------------------
     def completion(self, rid: str, created: int, result: GenerationResult, prompt: int) -> dict[str, Any]:
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": self.finish_reason(result), "logprobs": None}],
-                "usage": self.usage(result, prompt), "mmdiff": {"nfe": result.nfe, "latency_s": round(result.latency_s, 4)}}
+                "usage": self.usage(result, prompt),
+                "mmdiff": {"nfe": result.nfe, "latency_s": round(result.latency_s, 4)}}
 
     def finish_reason(self, result: GenerationResult) -> str:
         """``stop`` when the answer ended with EOS, ``length`` when it filled the canvas."""
