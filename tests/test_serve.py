@@ -299,6 +299,19 @@ def test_a_client_that_disconnects_cancels_its_request(url, engine, images):
         assert engine.stats.finished == finished and engine.load == (0, 0)
 
 
+def test_a_request_the_stopping_engine_drops_gets_503(model, images):
+    engine = Engine(model)
+    with running(build_app(engine, model_name=NAME)) as base:
+        body = {"model": NAME, "messages": [user(QUESTIONS[0], images[0].read_bytes())], **SLOW}
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(httpx.post, f"{base}/v1/chat/completions", json=body, timeout=30)
+            while engine.load == (0, 0):
+                time.sleep(0.01)
+            engine.stop()
+            r = reply.result()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "cancelled"
+
+
 # -- bad input --------------------------------------------------------------------------------------
 def flac_of(seconds: float) -> bytes:
     buf = io.BytesIO()

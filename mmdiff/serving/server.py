@@ -25,7 +25,8 @@ Endpoints (FastAPI on uvicorn):
 Errors are OpenAI's ``{"error": {"message", "type", "code"}}``: 400 for bad input (named), 401
 without the API key, 403 for a local file outside the media folder, 404 for another model, 413 over a
 byte limit (:class:`.chat.Limits`), 429 with ``Retry-After`` (and ``retry-after-ms``) when the
-engine's waiting line is full, 500 for a failure of the server itself, which keeps serving. A client
+engine's waiting line is full, 500 for a failure of the server itself, which keeps serving, 503 for a
+request the engine dropped when it stopped. A client
 that disconnects cancels its request. With an API key (``--api-key`` / ``MMDIFF_API_KEY``) every
 endpoint but ``/health`` needs ``Authorization: Bearer KEY``; without one the server binds loopback
 addresses only (:func:`check_exposure`).
@@ -60,7 +61,7 @@ from starlette.exceptions import HTTPException
 from ..model import GenerationResult, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig, StepEvent
 from .chat import ChatRequest, Limits, RequestError, media_files, parse_chat_request, server_defaults
-from .engine import Engine, Handle, QueueFull
+from .engine import Cancelled, Engine, Handle, QueueFull
 from .stream import canvas_view, final_text
 
 log = logging.getLogger("mmdiff")
@@ -322,7 +323,9 @@ def build_app(engine_or_model: Engine | MultimodalDiffusionLM, *, model_name: st
             response = error_response(429, "queue_full", f"the server is busy ({e}); retry in {wait:.1f} s",
                                       headers={"Retry-After": str(math.ceil(wait)),
                                                "retry-after-ms": str(round(wait * 1000))})
-        except Exception as e:  # a bug: this request fails, the server keeps serving
+        except Cancelled as e:  # the engine stopped (the server is shutting down)
+            response = error_response(503, "cancelled", f"the request was not answered: {e}")
+        except Exception as e:  # a bug or a failed forward: this request fails, the server keeps serving
             log.exception("mmdiff serve: a chat completion failed")
             response = error_response(500, "server_error", f"the server failed on this request: "
                                                            f"{type(e).__name__}: {e}")
