@@ -78,8 +78,9 @@ class Stats:
 class Handle:
     """A submitted request: its step events (when streamed), its result, and cancellation."""
 
-    def __init__(self, request_id: int) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int = 0) -> None:
         self.id = request_id
+        self.prompt_tokens = prompt_tokens  # decoder positions of the prompt, media tokens included
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -195,7 +196,7 @@ class Engine:
                 raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})")
         embeds, valid, _ = self.model.prepare([question], images=[image], audios=[audio])
         request_id = next(self._ids)
-        handle = Handle(request_id)
+        handle = Handle(request_id, int(valid.sum()))
         run = SamplerRun(batch_size=1, config=decode.sampler, mask_id=self.model.special.mask,
                          suppress_ids=(self.model.special.eos, self.model.special.pad), device=embeds.device)
         req = _Request(request_id, run, decode, embeds, valid, stream, handle, time.perf_counter())
@@ -218,9 +219,13 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into the pool (up to ``max_batch``) and encode their prompts' caches."""
         with self._lock:
-            new = []
+            new, dropped = [], []
             while self._pending and len(self._active) + len(new) < self.max_batch:
-                new.append(self._pending.popleft())
+                req = self._pending.popleft()
+                (dropped if req.handle.cancelled.is_set() else new).append(req)  # its client left while waiting
+        for req in dropped:
+            self.stats.cancelled += 1
+            req.handle._finish(None, Cancelled(f"request {req.id} was cancelled"))
         for req in new:
             if req.decode.cache == "prefix":
                 req.prefix = PrefixCache(self.model.decoder, req.embeds, req.valid, counter=self._counter)

@@ -13,7 +13,7 @@ Endpoints (FastAPI on uvicorn):
   a chunk with an empty delta (so a client that does not skip named events, as the ``openai`` package
   does not, sees a chunk without content). It is opt-in: a plain OpenAI stream stays small.
   A completion carries ``usage`` (``completion_tokens``: the answer's tokens before EOS;
-  ``prompt_tokens``: the chat-formatted question, an image or clip counted as one placeholder),
+  ``prompt_tokens``: the decoder positions of the prompt, image and audio tokens included),
   ``finish_reason`` (``stop`` at EOS, ``length`` when the answer filled the canvas) and an ``mmdiff``
   field: ``{"nfe", "latency_s"}``.
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
@@ -59,7 +59,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..model import GenerationResult, MultimodalDiffusionLM
-from ..sampling import DecodeConfig, SamplerConfig, StepEvent
+from ..sampling import DecodeConfig, StepEvent
 from .chat import ChatRequest, Limits, RequestError, media_files, parse_chat_request, server_defaults
 from .engine import Cancelled, Engine, Handle, QueueFull
 from .stream import canvas_view, final_text
@@ -171,16 +171,11 @@ class _Server:
         return "stop" if self.model.special.eos in result.tokens else "length"
 
     def usage(self, result: GenerationResult, prompt: int) -> dict[str, int]:
-        """Answer tokens (up to EOS) and ``prompt`` tokens (:meth:`prompt_tokens`)."""
+        """Answer tokens (up to EOS) and ``prompt`` tokens (the decoder positions of the prompt)."""
         sp = self.model.special
         answer = result.tokens[:result.tokens.index(sp.eos)] if sp.eos in result.tokens else result.tokens
         completion = sum(t not in (sp.pad, sp.mask) for t in answer)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def prompt_tokens(self, chat: ChatRequest) -> int:
-        """The chat-formatted question's tokens, an image or clip counted as its one placeholder."""
-        return len(self.model.format_prompt(chat.question, n_images=chat.image is not None,
-                                            n_audio=chat.audio is not None))
 
     def chunk(self, rid: str, created: int, delta: dict[str, Any], finish: str | None = None,
               **extra: Any) -> dict[str, Any]:
@@ -346,7 +341,7 @@ async def answer(state: _Server, request: Request) -> Response:
         raise RequestError(400, "invalid_decode_option", str(e)) from None
     handle = await run_in_threadpool(state.submit, chat)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    prompt = state.prompt_tokens(chat)
+    prompt = handle.prompt_tokens
     if chat.stream:
         return StreamingResponse(events(state, chat, handle, request, rid, created, prompt),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
