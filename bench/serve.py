@@ -26,6 +26,12 @@ time on the loops' rows, and that as a share of the fp32 matmul peak measured in
 the same thread count (``common.matmul_peak``); on engine rows, how many answers are token for
 token the per-request loop's.
 
+Clients are threads, as the demo's and a server's workers are. Each thread that runs torch ops
+(``model.generate``, ``submit``'s image encoding, the engine's steps) gets its own OpenMP team of
+``--threads`` threads, and libgomp stops spinning between parallel regions once the teams' threads
+outnumber the cores, so with ``--threads 2`` on two cores every system here runs its ops slower than
+one thread alone would (compare ``--threads 1``).
+
 The burst line: ``--burst`` clients submit at once to an engine whose waiting line holds
 ``--burst-queue`` requests; a client refused with ``QueueFull`` (the server's HTTP 429) counts it,
 backs off (exponential from 5 ms to 200 ms, jittered) and retries; every request has ``--timeout``
@@ -53,6 +59,7 @@ import torch
 import common
 from fast_inference import DEFAULT_AR_MODEL, Example, answer_tokens, test_split
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
+from mmdiff.flops import forward_flops
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
 #: the server's default decoding (issue #23): 8-token canvas, prefix cache, confident decoding
@@ -100,8 +107,6 @@ class DecoderWork:
         self._lock = threading.Lock()
 
     def _add(self, module, args, out) -> None:
-        from mmdiff.flops import forward_flops
-
         flops = forward_flops(self.cfg, out) * out.logits.shape[0]
         with self._lock:
             self.flops += flops

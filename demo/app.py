@@ -27,8 +27,8 @@ the page as they happen. Started with a shared step-batching engine (``mmdiff de
 :mod:`mmdiff.serving.engine`), the Ask tab submits each question to it instead
 (:func:`engine_steps`), so concurrent users' answers advance in the same decoder forwards, and the
 animation comes from the request's own step events; settings the engine does not batch (token
-pruning, layer skipping, block caches, a search) and the caption tab keep their own sampler run. :func:`world_guide` lists what the shipped model understands, from the
-world's own constants.
+pruning, layer skipping, block caches, a search) and the caption tab keep their own sampler run.
+:func:`world_guide` lists what the shipped model understands, from the world's own constants.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from contextlib import closing
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence, TypeVar
@@ -234,7 +234,7 @@ class _Result:
 
 
 def engine_steps(engine: Engine, question: str, *, image: str | None, audio: str | None, decode: DecodeConfig,
-                 timeout: float = ENGINE_TIMEOUT_S) -> Iterator[StepEvent | GenerationResult]:
+                 timeout: float = ENGINE_TIMEOUT_S) -> Generator[StepEvent | GenerationResult, None, None]:
     """Submit one question to the shared engine; yield its :class:`~mmdiff.sampling.StepEvent` s as the
     engine steps it among other users' requests, then its result (as :func:`stream_steps` does for a
     run of its own). Closing this generator (the page went away) cancels the request.
