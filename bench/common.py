@@ -6,6 +6,7 @@ this module as ``common``.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -39,3 +40,16 @@ def start(p: argparse.ArgumentParser, args: argparse.Namespace, *, speech: bool 
             p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def matmul_peak(*, repeats: int = 5, n: int = 2048) -> float:
+    """The machine's fp32 matmul peak in GFLOP/s with torch's current thread count: the fastest of
+    ``repeats`` (n, n) x (n, n) products (2n^3 FLOPs each), after one warm-up product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9

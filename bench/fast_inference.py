@@ -251,11 +251,7 @@ def machine_limit(model, example: Example, L: int, repeats: int) -> tuple[float,
     """(peak fp32 matmul GFLOP/s, decoder-forward GFLOP/s, decoder-forward seconds) on this machine."""
     from mmdiff.flops import forward_flops
 
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(max(3, repeats)))
-    peak = 2 * n ** 3 / best / 1e9
+    peak = common.matmul_peak(repeats=max(3, repeats))
     with torch.no_grad():
         image = model.encode_image([example.image])[0]
         embeds, valid = model.embed_prompt([model.format_prompt(example.question, n_images=1)], images=[[image]])

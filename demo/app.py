@@ -23,8 +23,12 @@ The demo owns no sampling logic and no input checks: :func:`ask_model` answers t
 :func:`mmdiff.search.answer` (the CLI's and the eval runner's entry, so a bad image, clip or question
 gets the same message as on the command line), :func:`stream_steps` runs it (or
 ``caption(callback=...)``) in a worker thread and hands its :class:`~mmdiff.sampling.StepEvent` s to
-the page as they happen. :func:`world_guide` lists what the shipped model understands, from the
-world's own constants.
+the page as they happen. Started with a shared step-batching engine (``mmdiff demo --engine``,
+:mod:`mmdiff.serving.engine`), the Ask tab submits each question to it instead
+(:func:`engine_steps`), so concurrent users' answers advance in the same decoder forwards, and the
+animation comes from the request's own step events; settings the engine does not batch (token
+pruning, layer skipping, block caches, a search) and the caption tab keep their own sampler run.
+:func:`world_guide` lists what the shipped model understands, from the world's own constants.
 """
 from __future__ import annotations
 
@@ -37,10 +41,11 @@ import random
 import sys
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterator, Sequence, TypeVar
 
 import gradio as gr
 
@@ -54,6 +59,7 @@ from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
 from mmdiff.search import SearchResult, answer
+from mmdiff.serving.engine import Engine, QueueFull
 from mmdiff.tasks.captioning import CaptionResult, caption
 from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION, COUNT_QUESTION
 
@@ -67,6 +73,7 @@ CAPTION_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-obj
 FRAME_DELAY_S = 0.05  # minimum time per animation frame, so fast steps stay visible (latency excludes it)
 MAX_FILE_SIZE = "5mb"
 QUEUE = dict(default_concurrency_limit=2, max_size=16)
+ENGINE_TIMEOUT_S = 120.0  # with the engine: longest wait for a request's next step
 NO_QUESTION = "Type a question, or record or upload a spoken one."
 NO_IMAGE = "Upload an image (or click an example image) to caption."
 #: caption tab: the structure prior (the scene schema through ``caption``), or none (free-form answer)
@@ -183,7 +190,7 @@ class _Stopped(Exception):
     """Raised inside the sampler's callback when the page went away: ends the worker early."""
 
 
-def stream_steps(run: Callable[..., R]) -> Iterator[StepEvent | R]:
+def stream_steps(run: Callable[..., R]) -> Generator[StepEvent | R, None, None]:
     """Call ``run(callback=...)`` in a worker thread; yield each :class:`StepEvent` as it happens, then
     ``run``'s result.
 
@@ -226,33 +233,68 @@ class _Result:
     value: Any
 
 
-def animate(model: MultimodalDiffusionLM, run: Callable[..., R], *, planned_steps: int,
+def engine_steps(engine: Engine, question: str, *, image: str | None, audio: str | None, decode: DecodeConfig,
+                 timeout: float = ENGINE_TIMEOUT_S) -> Generator[StepEvent | GenerationResult, None, None]:
+    """Submit one question to the shared engine; yield its :class:`~mmdiff.sampling.StepEvent` s as the
+    engine steps it among other users' requests, then its result (as :func:`stream_steps` does for a
+    run of its own). Closing this generator (the page went away) cancels the request.
+
+    Raises:
+        ValueError: an input the engine refuses (the message of ``mmdiff ask``), or a full waiting line.
+        TimeoutError: no step for ``timeout`` seconds.
+    """
+    try:
+        handle = engine.submit(question, image=image, audio=audio, decode=decode, stream=True)
+    except QueueFull as e:
+        raise ValueError(f"The demo is busy ({e}): try again in a moment.") from None
+    try:
+        yield from handle.events(timeout)
+        yield handle.result(timeout)
+    finally:
+        if not handle.done:
+            handle.cancel()
+
+
+def batches(engine: Engine | None, decode: DecodeConfig) -> bool:
+    """Whether ``decode`` is answered through ``engine`` (there is one, and it batches these settings)."""
+    if engine is None:
+        return False
+    try:
+        engine.check(decode)
+    except ValueError:
+        return False
+    return True
+
+
+def animate(model: MultimodalDiffusionLM, steps: Generator[StepEvent | R, None, None], *, planned_steps: int,
             frame_delay: float = FRAME_DELAY_S) -> Iterator[tuple[str, R | None]]:
-    """``(canvas HTML, None)`` after every step of ``run(callback=...)``, then ``(final HTML, result)``.
+    """``(canvas HTML, None)`` after every step in ``steps``, then ``(final HTML, result)``.
 
     Args:
         model: gives the tokenizer for rendering.
-        run: calls the library with ``callback=``, e.g. :func:`ask_model` or :func:`run_caption` with
-            the other arguments bound; its result needs an ``nfe``. Several sampler runs in a row (a
-            count question, then the caption) each restart the canvas at their step 1.
+        steps: step events, then the result (which needs an ``nfe``): :func:`stream_steps` of
+            :func:`ask_model` or :func:`run_caption` with the other arguments bound, or
+            :func:`engine_steps`. Several sampler runs in a row (a count question, then the
+            caption) each restart the canvas at their step 1. Closed when this generator is.
         planned_steps: the step at the end of the colour ramp.
         frame_delay: minimum seconds per frame.
     """
     tokens: list[int] = []
     fixed_at: list[int] = []
-    for item in stream_steps(run):
-        if not isinstance(item, StepEvent):
+    with closing(steps):
+        for item in steps:
+            if not isinstance(item, StepEvent):
+                yield render_canvas(model, tokens, fixed_at, planned_steps=planned_steps,
+                                    header=f"done: {item.nfe} steps"), item
+                return
+            tokens = item.canvas.tolist()
+            if item.step == 1 or len(fixed_at) != len(tokens):
+                fixed_at = [0] * len(tokens)  # a new sampler run
+            for i in item.fixed.nonzero().flatten().tolist():
+                fixed_at[i] = item.step
             yield render_canvas(model, tokens, fixed_at, planned_steps=planned_steps,
-                                header=f"done: {item.nfe} steps"), item
-            return
-        tokens = item.canvas.tolist()
-        if item.step == 1 or len(fixed_at) != len(tokens):
-            fixed_at = [0] * len(tokens)  # a new sampler run
-        for i in item.fixed.nonzero().flatten().tolist():
-            fixed_at[i] = item.step
-        yield render_canvas(model, tokens, fixed_at, planned_steps=planned_steps,
-                            header=f"step {item.step} · block {item.block + 1}"), None
-        time.sleep(frame_delay)
+                                header=f"step {item.step} · block {item.block + 1}"), None
+            time.sleep(frame_delay)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +532,8 @@ def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, dec
 # ------------------------------------------------------------------------------------------------
 # the page
 # ------------------------------------------------------------------------------------------------
-def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float) -> None:
+def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float,
+             engine: Engine | None) -> None:
     hears = model.audio is not None
     with gr.Row():
         with gr.Column():
@@ -530,8 +573,12 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
                                             header=f"{chosen.search.strategy} search: final answer")
                 yield canvas_html, result.text, heard(model, audio_path), search_line(result, chosen.search)
                 return
-            call = partial(ask_model, model, question_in, image=image_path, audio=audio_path, decode=chosen)
-            for html_, result in animate(model, call, planned_steps=config.steps or config.gen_length,
+            if batches(engine, chosen):
+                steps = engine_steps(engine, question_in, image=image_path, audio=audio_path, decode=chosen)
+            else:
+                steps = stream_steps(partial(ask_model, model, question_in, image=image_path, audio=audio_path,
+                                             decode=chosen))
+            for html_, result in animate(model, steps, planned_steps=config.steps or config.gen_length,
                                          frame_delay=frame_delay):
                 if result is None:
                     yield html_, "", "", "denoising…"
@@ -576,7 +623,7 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
             config, prior = chosen.sampler, structure_in != "none"
             call = partial(run_caption, model, img.path, structure=structure_in, decode=chosen)
             planned = (config.steps or 1) if prior else (config.steps or config.gen_length)  # prior: the template's
-            for html_, result in animate(model, call, planned_steps=planned, frame_delay=frame_delay):
+            for html_, result in animate(model, stream_steps(call), planned_steps=planned, frame_delay=frame_delay):
                 if result is None:
                     yield html_, "denoising…", None, ""
                     continue
@@ -594,13 +641,16 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
                    outputs=[canvas, status, parsed, raw], api_name="caption", preprocess=False)
 
 
-def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S) -> gr.Blocks:
-    """The demo page for the model in ``model_dir``, queued (2 concurrent answers, 16 waiting).
+def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S, engine: Engine | None = None) -> gr.Blocks:
+    """The demo page for the model in ``model_dir``, queued (2 concurrent answers, 16 waiting; with an
+    engine, as many concurrent answers as it steps at once and as many waiting as it queues).
 
     Args:
         model_dir: a directory written by ``MultimodalDiffusionLM.save_pretrained`` (with an optional
             ``examples/examples.json``).
         frame_delay: minimum seconds per animation frame (0 in tests).
+        engine: a step-batching engine on this directory's model, shared by every user of the Ask
+            tab; the caller starts and stops it (:func:`main`). None: each answer runs on its own.
 
     Raises:
         FileNotFoundError: the model directory or its weights are missing (the message says how to
@@ -608,7 +658,7 @@ def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S) -> gr.Block
         ValueError: a malformed model or examples file.
     """
     check_model_dir(model_dir)
-    model = MultimodalDiffusionLM.from_pretrained(model_dir)
+    model = engine.model if engine is not None else MultimodalDiffusionLM.from_pretrained(model_dir)
     examples = load_examples(model_dir)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     hears = "a typed or spoken question" if model.audio is not None else "a typed question (no audio encoder)"
@@ -619,10 +669,12 @@ def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S) -> gr.Block
         with gr.Accordion("What the model understands", open=False, elem_id="world"):
             gr.Markdown(world_guide(), elem_id="world-guide")
         with gr.Tab("Ask"):
-            _ask_tab(model, examples, frame_delay)
+            _ask_tab(model, examples, frame_delay, engine)
         with gr.Tab("Structured caption"):
             _caption_tab(model, examples, frame_delay)
-    return app.queue(**QUEUE)
+    if engine is None:
+        return app.queue(**QUEUE)
+    return app.queue(default_concurrency_limit=engine.max_batch, max_size=engine.max_batch + engine.max_queue)
 
 
 def serve(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
@@ -639,9 +691,20 @@ def serve(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, block: b
     return url
 
 
-def main(model_dir: str = DEFAULT_MODEL_DIR, *, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Build the demo on ``model_dir`` and serve it until interrupted (``mmdiff demo``)."""
-    serve(build_app(model_dir), host=host, port=port)
+def main(model_dir: str = DEFAULT_MODEL_DIR, *, host: str = "127.0.0.1", port: int = 7860,
+         max_batch: int | None = None) -> None:
+    """Build the demo on ``model_dir`` and serve it until interrupted (``mmdiff demo``); with
+    ``max_batch``, the Ask tab answers through a shared engine stepping that many requests at once
+    (``mmdiff demo --engine``)."""
+    if max_batch is None:
+        serve(build_app(model_dir), host=host, port=port)
+        return
+    check_model_dir(model_dir)
+    engine = Engine(MultimodalDiffusionLM.from_pretrained(model_dir), max_batch=max_batch).start()
+    try:
+        serve(build_app(model_dir, engine=engine), host=host, port=port)
+    finally:
+        engine.stop()
 
 
 if __name__ == "__main__":

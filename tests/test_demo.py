@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,51 @@ def test_caption_reports_parse_errors(served, model, model_dir):
     assert status.startswith("✗ not valid JSON: ") and parsed is None  # a random model writes no JSON
     with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(app_module.NO_IMAGE)):
         served.client.predict(None, "scene schema", *settings(cfg, search=None), api_name="/caption")
+
+
+def test_concurrent_asks_share_the_engine_and_each_answers_as_generate_alone(model_dir, model):
+    """Two users ask at once on the engine path: their answers advance in the same decoder forwards,
+    each streams its own steps, and each equals ``model.generate`` alone; settings the engine does
+    not batch (layer skipping) still answer, on their own run."""
+    from mmdiff.serving.engine import Engine
+
+    engine = Engine(MultimodalDiffusionLM.from_pretrained(model_dir), max_batch=4)  # started once both wait
+    app = app_module.build_app(str(model_dir), frame_delay=0.0, engine=engine)
+    url = app_module.serve(app, port=free_port(), block=False)
+    client = gradio_client.Client(url, verbose=False)
+    image = model_dir / "examples" / "images" / "scene.png"
+    questions = [QUESTION, "where is the blue square?"]
+    try:
+        jobs = [client.submit(gradio_client.handle_file(str(image)), q, None, *settings(), api_name="/ask")
+                for q in questions]
+        for _ in range(600):
+            if engine.load == (0, 2):
+                break
+            time.sleep(0.05)
+        assert engine.load == (0, 2), "both requests should be waiting in the engine"
+        engine.start()
+        finals = [job.result(timeout=60) for job in jobs]
+        frames = [[o for o in job.outputs() if o[3] == "denoising…"] for job in jobs]
+        skipping = PruningConfig(skip_layers=(1,))
+        _, skipped, _, _ = client.predict(gradio_client.handle_file(str(image)), QUESTION, None,
+                                          *settings(pruning=skipping), api_name="/ask")
+    finally:
+        engine.stop()
+        client.close()
+        app.close()
+    for q, (canvas, answer, _, stats), shown in zip(questions, finals, frames):
+        expected = model.generate([q], images=[image], decode=app_module.ASK_DEFAULTS)[0]
+        assert answer == expected.text and f"**NFE** {expected.nfe}" in stats
+        assert canvas.count('title="fixed at step') == app_module.ASK_DEFAULTS.sampler.gen_length
+        assert len(shown) == expected.nfe  # one frame per step event of the request
+    assert engine.stats.rows == 2 * engine.stats.forwards  # every forward ran both requests
+    assert skipped == model.generate([QUESTION], images=[image],
+                                     decode=app_module.ASK_DEFAULTS.replace(pruning=skipping))[0].text
+
+
+def test_demo_max_batch_needs_engine(capsys):
+    assert cli.main(["demo", "--max-batch", "4"]) == 2
+    assert "--max-batch 4: the engine's batch, a positive number, with --engine" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(),

@@ -437,6 +437,76 @@ def test_a_per_type_run_resumed_equals_an_uninterrupted_one(tmp_path: Path, type
     assert untimed(metrics_of(parts)) == untimed(metrics_of(whole))
 
 
+# --- on the step-batching engine ------------------------------------------------------------------
+
+def test_an_engine_run_equals_a_plain_run(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                          model_dir: Path) -> None:
+    """Bad rows too: the engine refuses them at submit with the messages generate gives."""
+    out = tmp_path / "out"
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--engine", "--max-batch", 3, model=model_dir) == 0
+    assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
+    assert jsonl(out / "errors.jsonl") == jsonl(single_run / "errors.jsonl")
+    assert untimed(metrics_of(out)) == untimed(metrics_of(single_run))
+
+
+def test_an_engine_run_killed_mid_way_resumes_to_the_same_result(tmp_path: Path, single_run: Path, mixed_data: Path,
+                                                                 model_dir: Path, monkeypatch) -> None:
+    from mmdiff.serving.engine import Engine
+
+    out, step, steps = tmp_path / "out", Engine.step, []
+
+    def dying_step(self):
+        steps.append(1)
+        if len(steps) > 4:
+            raise KeyboardInterrupt  # the run is killed after its 4th denoising step
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        mmdiff_eval("--data", mixed_data, "--out", out, "--engine", "--max-batch", 2, model=model_dir)
+    written = jsonl(out / "predictions.jsonl")
+    assert 0 < len(written) < 10  # rows were written as they finished
+    monkeypatch.setattr(Engine, "step", step)
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--engine", "--max-batch", 2, model=model_dir) == 0
+    assert (out / "predictions.jsonl").read_text().count("\n") == 10
+    assert untimed(jsonl(out / "predictions.jsonl")) == untimed(jsonl(single_run / "predictions.jsonl"))
+    assert untimed(metrics_of(out)) == untimed(metrics_of(single_run))
+
+
+def test_per_type_canvases_share_the_engine_and_resume(tmp_path: Path, typed_data: Path, model_dir: Path) -> None:
+    """Rows of two canvas lengths in one pool, confident decoding (each row stops on its own); a
+    plain run interrupted by --limit and finished on the engine equals a plain run."""
+    whole, parts, threshold = tmp_path / "whole", tmp_path / "parts", ["--transfer", "threshold", "--threshold", 0.5]
+    assert eval_per_type("--data", typed_data, "--out", whole, "--batch-size", 4, *threshold, model=model_dir) == 0
+    assert eval_per_type("--data", typed_data, "--out", parts, "--limit", 3, *threshold, model=model_dir) == 0
+    assert eval_per_type("--data", typed_data, "--out", parts, "--engine", *threshold, model=model_dir) == 0
+    got, expected = jsonl(parts / "predictions.jsonl"), jsonl(whole / "predictions.jsonl")
+    assert [p["index"] for p in got] == list(range(6)) and len({p["canvas"] for p in got}) == 2
+    # a generate batch reports its batch's steps as each row's nfe; the engine, the row's own
+    assert untimed([{**p, "nfe": None} for p in got]) == untimed([{**p, "nfe": None} for p in expected])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cache", "dual"], "--engine: the batching engine runs caches prefix, none, not 'dual'"),
+    (["--cache", "prefix"], "--engine: cache 'prefix' is exact only for models trained with the prefix mask"),
+    (["--skip-layers", "1"], "--engine: the batching engine does not prune tokens or skip layers"),
+    (["--search", "best_of_n"], "--engine: the batching engine does not run a test-time search"),
+])
+def test_what_the_engine_cannot_batch_is_refused_in_one_line_before_any_work(tmp_path: Path, mixed_data: Path,
+                                                                            model_dir: Path, capsys, flags,
+                                                                            message) -> None:
+    out = tmp_path / "out"
+    assert mmdiff_eval("--data", mixed_data, "--out", out, "--engine", *flags, model=model_dir) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmdiff eval: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_max_batch_without_engine_is_refused(tmp_path: Path, mixed_data: Path, model_dir: Path, capsys) -> None:
+    assert mmdiff_eval("--data", mixed_data, "--out", tmp_path / "out", "--max-batch", 4, model=model_dir) == 2
+    assert "--max-batch sets the engine's batch: give --engine too" in capsys.readouterr().err
+
+
 # --- output folders and devices -------------------------------------------------------------------
 
 def test_an_output_path_that_cannot_be_a_folder_is_refused_untouched(tmp_path: Path, mixed_data: Path,

@@ -13,6 +13,8 @@ from .. import DEFAULT_MODEL_DIR
 
 #: the source checkout holding ``demo/`` (the demo ships with the repository, not the wheel)
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: --engine: requests stepped at once unless --max-batch says otherwise
+DEFAULT_MAX_BATCH = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default: 7860)")
+    p.add_argument("--engine", action="store_true",
+                   help="answer the Ask tab through one shared step-batching engine: concurrent users' answers "
+                        "advance in the same decoder forwards (settings it does not batch run on their own)")
+    p.add_argument("--max-batch", type=int,
+                   help=f"with --engine: requests stepped at once (default: {DEFAULT_MAX_BATCH})")
 
 
 def load_demo_app() -> ModuleType:
@@ -62,6 +69,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_batch is not None and (not args.engine or args.max_batch < 1):
+        raise ValueError(f"--max-batch {args.max_batch}: the engine's batch, a positive number, with --engine")
     check_port(args.host, args.port)
-    load_demo_app().main(args.model, host=args.host, port=args.port)
+    max_batch = (args.max_batch or DEFAULT_MAX_BATCH) if args.engine else None
+    load_demo_app().main(args.model, host=args.host, port=args.port, max_batch=max_batch)
     return 0

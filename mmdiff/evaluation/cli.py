@@ -4,6 +4,11 @@ Single process::
 
     mmdiff eval --data data/test/data.jsonl --out runs/test [--batch-size 16] [sampler flags]
 
+``--engine [--max-batch N]`` answers through the step-batching engine (:mod:`mmdiff.serving.engine`):
+rows of every canvas share one pool, join and leave it between denoising steps and are written as
+they finish; same predictions, same resume. Settings it cannot batch (caches other than prefix /
+none, pruning, search) are refused in one line before any work.
+
 Rerunning the same command resumes. Each question type is answered on a canvas long enough for the
 type's longest reference answer (:mod:`mmdiff.evaluation.canvas`; one line per type on stderr, and
 ``canvas`` in run.json / metrics.json) unless ``--gen-length N`` sets one canvas for every row.
@@ -29,11 +34,14 @@ from pathlib import Path
 from .. import DEFAULT_MODEL_DIR
 from ..commands.options import add_decode_arguments, decode_config_from_args
 from ..io import check_device, check_output_dir
+from ..model import MultimodalDiffusionLM
 from .canvas import CANVAS_MULTIPLE, Canvas, choose_canvases
-from .runner import METRICS_FILE, Shard, evaluate, merge_shards
+from .runner import METRICS_FILE, Shard, check_engine, evaluate, merge_shards
 
 #: how long torchrun ranks wait for the slowest shard before the merge
 BARRIER_TIMEOUT = timedelta(hours=24)
+#: --engine: rows stepped at once unless --max-batch says otherwise
+DEFAULT_MAX_BATCH = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"model directory (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--out", type=Path, help="output folder; rerunning into it resumes")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="rows per generate call (default: 8; a --search answers row by row)")
+                   help="rows per generate call (default: 8; a --search answers row by row; not with --engine)")
+    p.add_argument("--engine", action="store_true",
+                   help="answer through the step-batching engine: rows join and leave one batch between denoising "
+                        "steps (caches prefix / none; no pruning or search)")
+    p.add_argument("--max-batch", type=int, help=f"with --engine: rows stepped at once (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--limit", type=int, help="evaluate only the first N rows of the file")
     p.add_argument("--shard", help="i/n: evaluate rows with index %% n == i into OUT/shard-i-of-n")
     p.add_argument("--merge", type=Path, metavar="DIR", help="merge DIR/shard-*-of-n into DIR and exit")
@@ -95,8 +107,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shard cannot be combined with torchrun (WORLD_SIZE={world} shards by rank)")
     if world > 1:
         shard = Shard(int(os.environ["RANK"]), world)
+    if args.max_batch is not None and not args.engine:
+        raise ValueError("--max-batch sets the engine's batch: give --engine too (or --batch-size without it)")
     decode = decode_config_from_args(args)
     device = _device(args.device)
+    model = None
+    if args.engine:  # refused before the data is read
+        model = MultimodalDiffusionLM.from_pretrained(args.model, device=device)
+        check_engine(model, decode)
     canvases = None
     if args.gen_length is None:
         chosen = choose_canvases(args.data, args.model, decode)
@@ -104,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             _say_canvases(chosen)
         canvases = {t: c.length for t, c in chosen.items()}
     kwargs = dict(model_dir=args.model, decode=decode, canvases=canvases, batch_size=args.batch_size,
-                  limit=args.limit, device=device, progress=not args.quiet)
+                  limit=args.limit, device=device, progress=not args.quiet,
+                  engine_batch=(args.max_batch or DEFAULT_MAX_BATCH) if args.engine else None, model=model)
     if world == 1:
         metrics = evaluate(args.data, args.out, shard=shard, **kwargs)
         _report(metrics, args.out / (shard.dirname if shard else "") / METRICS_FILE)

@@ -14,8 +14,11 @@ in predictions.jsonl (by id) or errors.jsonl (by index), so an interrupted run f
 stopped. Rows are batched by canvas length (one canvas per question type,
 :mod:`~mmdiff.evaluation.canvas`, or the sampler's ``gen_length`` for all); when a run ends, both
 JSONL files are rewritten in data order, so a resumed run's files equal an uninterrupted run's.
-Sampling goes through :meth:`MultimodalDiffusionLM.generate` (batched), or row by row through
-:func:`mmdiff.search.search` when a test-time search is set; nothing here samples.
+Sampling goes through :meth:`MultimodalDiffusionLM.generate` (batched), row by row through
+:func:`mmdiff.search.search` when a test-time search is set, or through the step-batching
+:class:`~mmdiff.serving.engine.Engine` (``engine_batch``: rows of every canvas join and leave one pool
+between denoising steps and are written as they finish; a row's ``nfe`` is then its own, where a
+``generate`` batch reports the batch's steps); nothing here samples.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_output_dir
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig
 from ..search import SearchResult, answer
+from ..serving.engine import Engine
 from .metrics import exact_match, summarize, vqa_accuracy
 
 log = logging.getLogger("mmdiff")
@@ -275,6 +279,14 @@ def error_record(item: Item, reason: str) -> dict[str, Any]:
     return {"index": item.index, "line": item.entry.line_no, "id": item.entry.id, "reason": reason}
 
 
+#: a finished row: the item, the canvas it was answered on, its result or the ValueError it raised
+Answered = tuple[Item, int, Any]
+
+
+def _on_canvas(decode: DecodeConfig, length: int) -> DecodeConfig:
+    return decode.replace(sampler=dataclasses.replace(decode.sampler, gen_length=length))
+
+
 def _batches(items: Sequence[Item], size: int, canvas_of: Mapping[str, int] | None,
              default: int) -> Iterator[tuple[int, Sequence[Item]]]:
     """(canvas length, batch) pairs: the rows grouped by the canvas of their type (data order within a
@@ -285,6 +297,60 @@ def _batches(items: Sequence[Item], size: int, canvas_of: Mapping[str, int] | No
     for length, group in sorted(groups.items()):
         for start in range(0, len(group), size):
             yield length, group[start:start + size]
+
+
+def batch_answers(model, items: Sequence[Item], decode: DecodeConfig, *, canvas_of: Mapping[str, int] | None,
+                  size: int) -> Iterator[list[Answered]]:
+    """The rows answered batch by batch (:func:`answer_batch` over :func:`_batches`)."""
+    for length, batch in _batches(items, size, canvas_of, decode.sampler.gen_length):
+        rows = [it.entry for it in batch]
+        results = answer_batch(model, [r.question or "" for r in rows], images=[r.image for r in rows],
+                               audios=[r.audio for r in rows], decode=_on_canvas(decode, length))
+        yield [(it, length, r) for it, r in zip(batch, results)]
+
+
+def engine_answers(engine: Engine, items: Sequence[Item], decode: DecodeConfig, *,
+                   canvas_of: Mapping[str, int] | None) -> Iterator[list[Answered]]:
+    """The rows answered by the step-batching engine, stepped on this thread: its waiting line is
+    kept full (rows in data order), so every step runs a full pool; after each step, the rows that
+    finished. A row the engine refuses (a corrupt image, an unreadable clip) comes back with its
+    ValueError."""
+    todo = iter(items)
+    flying: list[tuple[Item, int, Any]] = []  # (item, canvas, handle)
+    while True:
+        refused: list[Answered] = []
+        while engine.load[1] < engine.max_queue and (it := next(todo, None)) is not None:
+            row = it.entry
+            length = decode.sampler.gen_length if canvas_of is None else canvas_of[row.type]
+            try:
+                flying.append((it, length, engine.submit(row.question or "", image=row.image, audio=row.audio,
+                                                         decode=_on_canvas(decode, length))))
+            except ValueError as e:
+                refused.append((it, length, e))
+        if refused:
+            yield refused
+        if not flying:
+            return
+        engine.step()
+        done = [f for f in flying if f[2].done]
+        if done:
+            flying = [f for f in flying if not f[2].done]
+            yield [(it, length, _engine_result(handle)) for it, length, handle in done]
+
+
+def check_engine(model: MultimodalDiffusionLM, decode: DecodeConfig) -> None:
+    """Refuse settings the step-batching engine cannot batch: a ValueError naming ``--engine``."""
+    try:
+        Engine(model).check(decode)
+    except ValueError as e:
+        raise ValueError(f"--engine: {e}") from None
+
+
+def _engine_result(handle) -> Any:
+    try:
+        return handle.result(timeout=0)
+    except ValueError as e:
+        return e
 
 
 def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: dict[str, Any], rows: int,
@@ -298,7 +364,8 @@ def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: d
 
 def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode: DecodeConfig | None = None,
              canvases: Mapping[str, int] | None = None, batch_size: int = 8, limit: int | None = None,
-             shard: Shard | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+             shard: Shard | None = None, device: str = "cpu", progress: bool = True,
+             engine_batch: int | None = None, model: MultimodalDiffusionLM | None = None) -> dict[str, Any]:
     """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
 
     Args:
@@ -315,6 +382,11 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         shard: evaluate only this shard.
         device: where the model runs.
         progress: show a tqdm progress bar.
+        engine_batch: answer through the step-batching engine, this many rows stepped at once
+            (``batch_size`` does not apply); None: ``generate`` batches. The predictions are the
+            same; settings the engine cannot batch are refused before anything is read or written.
+        model: the model of ``model_dir`` when the caller has loaded it already (loaded here when
+            needed otherwise).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -323,7 +395,8 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         FileNotFoundError: the data file or model directory does not exist.
         FileExistsError, NotADirectoryError, PermissionError: ``out`` cannot be written (checked first).
         ValueError: ``out`` holds a different run (model, data, sampler, pruning, search settings or
-            canvases), or ``canvases`` lacks a type of the data.
+            canvases), ``canvases`` lacks a type of the data, or ``engine_batch`` is set with settings
+            the engine cannot batch.
     """
     from tqdm import tqdm
 
@@ -331,9 +404,15 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
     searching = decode.search.active
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    if engine_batch is not None and engine_batch < 1:
+        raise ValueError(f"--max-batch must be positive, got {engine_batch}")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if engine_batch is not None:  # refuse what the engine cannot batch before any work
+        if model is None:
+            model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
+        check_engine(model, decode)
     out = check_output_dir(Path(out) / shard.dirname if shard is not None else Path(out))
     items = load_items(data, limit=limit, shard=shard)
     uncovered = sorted({it.entry.type for it in items if isinstance(it.entry, Row)} - set(canvases or {}))
@@ -364,17 +443,18 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         bar.update(len(unusable))
         pending = [it for it in todo if isinstance(it.entry, Row)]
         if pending:
-            model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
+            if model is None:
+                model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
             last_write = time.monotonic()
-            size = 1 if searching else batch_size  # a searched row is saved at once
-            for length, batch in _batches(pending, size, canvases, decode.sampler.gen_length):
-                rows = [it.entry for it in batch]
-                media = dict(images=[r.image for r in rows], audios=[r.audio for r in rows])
-                on_canvas = decode.replace(sampler=dataclasses.replace(decode.sampler, gen_length=length))
-                results = answer_batch(model, [r.question or "" for r in rows], **media, decode=on_canvas)
-                new_p = [prediction_record(it, r, canvas=length) for it, r in zip(batch, results)
+            if engine_batch is not None:
+                engine = Engine(model, max_batch=engine_batch, max_queue=engine_batch)
+                finished = engine_answers(engine, pending, decode, canvas_of=canvases)
+            else:  # a searched row is saved at once
+                finished = batch_answers(model, pending, decode, canvas_of=canvases, size=1 if searching else batch_size)
+            for done in finished:
+                new_p = [prediction_record(it, r, canvas=length) for it, length, r in done
                          if not isinstance(r, Exception)]
-                new_e = [error_record(it, str(r)) for it, r in zip(batch, results) if isinstance(r, Exception)]
+                new_e = [error_record(it, str(r)) for it, _, r in done if isinstance(r, Exception)]
                 _append(pf, new_p)
                 _append(ef, new_e)
                 predictions += new_p
