@@ -103,6 +103,19 @@ class PrefixCache(_Denoiser):
         self.cache: KVCache = out.cache
         self.last_prompt_logits = out.logits[:, -1:]  # (B, 1, V): Dream-style shift reads it
 
+    def split(self) -> list[PrefixCache]:
+        """One prefix cache per row of this batch (its prompt as padded in the batch); :meth:`stack`
+        joins rows of different batches again."""
+        out = []
+        for b in range(self.prompt_valid.shape[0]):
+            row = PrefixCache.__new__(PrefixCache)
+            row.decoder, row.planner, row.counter, row.P = self.decoder, self.planner, self.counter, self.P
+            row.prompt_valid, row.last_prompt_logits = self.prompt_valid[b:b + 1], self.last_prompt_logits[b:b + 1]
+            row.cache = KVCache([k[b:b + 1] for k in self.cache.keys], [v[b:b + 1] for v in self.cache.values],
+                                [None if a is None else a[b:b + 1] for a in self.cache.alive])
+            out.append(row)
+        return out
+
     @classmethod
     def stack(cls, parts: Sequence[PrefixCache], *, counter: FlopCounter | None = None) -> PrefixCache:
         """One batch from prefix caches built apart (requests admitted at different times): each

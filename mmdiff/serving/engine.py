@@ -28,7 +28,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..encoders.audio import SAMPLE_RATE
 from ..flops import FlopCounter
+from ..media import load_audio, load_image
 from ..model import GenerationResult, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerRun, StepEvent, StepState
 from ..sampling.denoisers import FullRecompute, PrefixCache
@@ -50,11 +52,14 @@ class _Request:
     id: int
     run: SamplerRun
     decode: DecodeConfig
-    embeds: torch.Tensor  # (1, P, D)
-    valid: torch.Tensor  # (1, P)
+    question: str
+    image: Any  # a loaded PIL image or None
+    audio: Any  # (samples, SAMPLE_RATE) or None
     stream: bool
     handle: Handle
     t_submit: float
+    embeds: torch.Tensor | None = None  # (1, P, D) after admission, left padded with its admission batch
+    valid: torch.Tensor | None = None  # (1, P)
     prefix: PrefixCache | None = None  # the prompt's keys/values (cache "prefix"), after admission
 
 
@@ -72,7 +77,7 @@ class Stats:
     rows: int = 0  # sum over forwards of the batch size
     tokens: int = 0  # answer tokens returned
     busy_s: float = 0.0  # time spent in steps
-    flops: float = 0.0  # decoder FLOPs (mmdiff.flops)
+    flops: float = 0.0  # decoder FLOPs of every row of every forward (mmdiff.flops)
 
 
 class Handle:
@@ -169,10 +174,10 @@ class Engine:
         if decode.search.active:
             raise ValueError("the batching engine does not run a test-time search")
 
-    @torch.no_grad()
     def submit(self, question: str, *, image: Any = None, audio: Any = None, decode: DecodeConfig | None = None,
                stream: bool = False) -> Handle:
-        """Encode a request's media and prompt (on the caller's thread) and queue it.
+        """Check a request, read its media (on the caller's thread: a bad file is refused here) and queue
+        it; the engine encodes the media and prompts of the requests it admits together, in batches.
 
         Args:
             question: the question ("" with a spoken question).
@@ -194,12 +199,18 @@ class Engine:
             if len(self._pending) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})")
-        embeds, valid, _ = self.model.prepare([question], images=[image], audios=[audio])
+        image = load_image(image) if image is not None else None
+        if audio is not None:
+            if self.model.audio is None:
+                raise ValueError("this model has no audio encoder, but audio was given")
+            cfg = self.model.audio.cfg
+            audio = (load_audio(audio, target_sr=SAMPLE_RATE, max_seconds=cfg.max_seconds,
+                                fill_db=cfg.narrowband_fill_db), SAMPLE_RATE)
         request_id = next(self._ids)
-        handle = Handle(request_id, int(valid.sum()))
+        handle = Handle(request_id)
         run = SamplerRun(batch_size=1, config=decode.sampler, mask_id=self.model.special.mask,
-                         suppress_ids=(self.model.special.eos, self.model.special.pad), device=embeds.device)
-        req = _Request(request_id, run, decode, embeds, valid, stream, handle, time.perf_counter())
+                         suppress_ids=(self.model.special.eos, self.model.special.pad), device=self.model.device)
+        req = _Request(request_id, run, decode, question, image, audio, stream, handle, time.perf_counter())
         with self._lock:
             if len(self._pending) >= self.max_queue:
                 self.stats.rejected += 1
@@ -226,12 +237,49 @@ class Engine:
         for req in dropped:
             self.stats.cancelled += 1
             req.handle._finish(None, Cancelled(f"request {req.id} was cancelled"))
-        for req in new:
-            if req.decode.cache == "prefix":
-                req.prefix = PrefixCache(self.model.decoder, req.embeds, req.valid, counter=self._counter)
-                self.stats.forwards += 1
-                self.stats.rows += 1
-            self._active.append(req)
+        if not new:
+            return
+        try:  # the admitted requests' media and prompts, encoded as one batch
+            embeds, valid, _ = self.model.prepare([r.question for r in new], images=[r.image for r in new],
+                                                  audios=[r.audio for r in new])  # (B, P, D), (B, P)
+        except ValueError as e:
+            if len(new) == 1:
+                self.stats.failed += 1
+                new[0].handle._finish(None, e)
+                return
+            for req in new:  # find the request that fails, alone; the others go on
+                with self._lock:
+                    self._pending.appendleft(req)
+                self._admit_one()
+            return
+        for i, req in enumerate(new):
+            req.embeds, req.valid = embeds[i:i + 1], valid[i:i + 1]
+            req.handle.prompt_tokens = int(valid[i].sum())
+        prefixed = [r for r in new if r.decode.cache == "prefix"]
+        if prefixed:  # one batched prompt pass; each request keeps its row of the cache
+            idx = [new.index(r) for r in prefixed]
+            batch = self._forward(len(prefixed), lambda: PrefixCache(self.model.decoder, embeds[idx], valid[idx],
+                                                                     counter=self._counter))
+            for req, part in zip(prefixed, batch.split()):
+                req.prefix = part
+        self._active.extend(new)
+
+    def _admit_one(self) -> None:
+        """Admit the next waiting request alone (isolating a request whose media fail to encode)."""
+        limit, self.max_batch = self.max_batch, len(self._active) + 1
+        try:
+            self._admit()
+        finally:
+            self.max_batch = limit
+
+    def _forward(self, rows: int, run: Any) -> Any:
+        """Run one batched decoder computation, counting it: forwards, rows and FLOPs (per row)."""
+        before = self._counter.flops
+        out = run()
+        self.stats.forwards += 1
+        self.stats.rows += rows
+        self.stats.flops += (self._counter.flops - before) * rows  # the counter counts one sequence
+        return out
 
     def _denoiser(self, key: tuple, group: list[_Request]):
         """The batched denoiser of a group, rebuilt only when its membership changes."""
@@ -277,15 +325,15 @@ class Engine:
             groups[(req.decode.cache, req.run.config.gen_length)].append(req)
         for key, group in groups.items():
             try:
-                logits = self._denoiser(key, group).logits(
-                    StepState(torch.cat([r.run.canvas for r in group]), 0, 0, slice(0, key[1]), self.model.special.mask))
+                denoiser = self._denoiser(key, group)
+                canvas = torch.cat([r.run.canvas for r in group])  # (B, L)
+                logits = self._forward(len(group), lambda: denoiser.logits(
+                    StepState(canvas, 0, 0, slice(0, key[1]), self.model.special.mask)))
             except Exception as e:  # a forward that fails fails its group's requests, not the engine
                 for req in group:
                     self.stats.failed += 1
                     self._finish(req, error=e)
                 continue
-            self.stats.forwards += 1
-            self.stats.rows += len(group)
             for i, req in enumerate(group):
                 event = req.run.advance(logits[i:i + 1])
                 if req.stream:
@@ -295,7 +343,6 @@ class Engine:
                     self._finish(req)
         self.stats.steps += 1
         self.stats.busy_s += time.perf_counter() - t0
-        self.stats.flops = self._counter.flops
         with self._lock:
             return len(self._active) + len(self._pending)
 
@@ -333,4 +380,9 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # never leave requests hanging: fail the active ones, keep serving
+                for req in list(self._active):
+                    self.stats.failed += 1
+                    self._finish(req, error=e)

@@ -341,19 +341,18 @@ async def answer(state: _Server, request: Request) -> Response:
         raise RequestError(400, "invalid_decode_option", str(e)) from None
     handle = await run_in_threadpool(state.submit, chat)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    prompt = handle.prompt_tokens
     if chat.stream:
-        return StreamingResponse(events(state, chat, handle, request, rid, created, prompt),
+        return StreamingResponse(events(state, chat, handle, request, rid, created),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     async with contextlib.aclosing(follow(handle, request)) as items:
         async for item in items:
             if isinstance(item, GenerationResult):
-                return JSONResponse(state.completion(rid, created, item, prompt))
+                return JSONResponse(state.completion(rid, created, item, handle.prompt_tokens))
     return Response(status_code=499)  # the client went away: nobody reads this
 
 
 async def events(state: _Server, chat: ChatRequest, handle: Handle, request: Request, rid: str, created: int,
-                 prompt: int) -> AsyncIterator[str]:
+                 ) -> AsyncIterator[str]:
     """The server-sent events of a streamed answer (see the module docstring)."""
     sent = ""  # the answer's text sent so far: only ever extended
     yield sse(state.chunk(rid, created, {"role": "assistant", "content": ""}))
@@ -373,7 +372,7 @@ async def events(state: _Server, chat: ChatRequest, handle: Handle, request: Req
                 if isinstance(item, GenerationResult):
                     yield sse(state.chunk(rid, created, {}, state.finish_reason(item)))
                     if chat.include_usage:
-                        yield sse({**state.chunk(rid, created, {}), "choices": [], "usage": state.usage(item, prompt)})
+                        yield sse({**state.chunk(rid, created, {}), "choices": [], "usage": state.usage(item, handle.prompt_tokens)})
     except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in an event
         yield sse({"error": {"message": f"the request failed: {type(e).__name__}: {e}", "type": "server_error",
                              "param": None, "code": "request_failed"}})
