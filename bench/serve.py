@@ -7,7 +7,8 @@ generated in memory from ``iter_examples("test", seed)`` as in ``bench/fast_infe
 
 * ``engine``: one :class:`~mmdiff.serving.engine.Engine` stepping in its background thread
   (``--max-batch``); ``c`` client threads each keep one request in flight through
-  ``engine.submit(...).result(timeout)`` (the image is encoded on the client's thread, in ``submit``);
+  ``engine.submit(...).result(timeout)`` (``submit`` reads the image on the client's thread; the
+  engine encodes the images and prompts of the requests it admits together, in batches);
 * ``per-request loop``: ``c`` client threads sharing the model, each calling ``model.generate`` on
   one question at a time (what the Gradio demo does today); each thread's ops use torch's intra-op
   pool of ``--threads`` threads, so ``c`` threads oversubscribe the cores;
@@ -80,7 +81,7 @@ class Level:
     wall_s: float
     flops: float  # decoder FLOPs over every row of every forward
     busy_s: float  # the compute time the GFLOP/s is taken over (engine: stats.busy_s; loops: wall_s)
-    stats_flops: float | None = None  # engine: its stats.flops (mmdiff.flops: one sequence per forward)
+    stats_flops: float | None = None  # engine: its stats.flops (every row of every forward)
     identical: int | None = None  # engine: answers token for token the per-request loop's
 
 
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(levels, eos=model.special.eos, peak=peak))
     print(f"peak: fp32 matmul 2048x2048, {threads} thread(s): {peak:.1f} GFLOP/s")
     engine_levels = [lv for lv in levels if lv.system == ENGINE]
-    print("engine stats.flops / stats.busy_s (mmdiff.flops: one sequence per forward): " +
+    print("engine stats.flops / stats.busy_s (the engine's own count, every row of every forward): " +
           ", ".join(f"c={lv.concurrency} {lv.stats_flops / lv.busy_s / 1e9:.1f}" for lv in engine_levels) +
           " GFLOP/s")
     if b is not None:
