@@ -67,11 +67,11 @@ class _Request:
 class Stats:
     """Counters for ``/metrics``."""
 
-    submitted: int = 0
-    rejected: int = 0
-    finished: int = 0
-    cancelled: int = 0
-    failed: int = 0
+    submitted: int = 0  # requests accepted into the waiting line
+    rejected: int = 0  # requests refused with QueueFull
+    finished: int = 0  # answered
+    cancelled: int = 0  # cancelled by their client (waiting or active)
+    failed: int = 0  # ended by an error in their admission or forward
     steps: int = 0  # engine steps (each runs one forward per group)
     forwards: int = 0  # batched decoder forwards, prompt passes included
     rows: int = 0  # sum over forwards of the batch size
