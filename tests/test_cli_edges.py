@@ -174,7 +174,7 @@ def test_the_demo_refuses_a_port_in_use(capsys) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = argparse.Namespace(model=DEFAULT_MODEL_DIR, host="127.0.0.1", port=port)
+        args = argparse.Namespace(model=DEFAULT_MODEL_DIR, host="127.0.0.1", port=port, engine=False, max_batch=None)
         with pytest.raises(ValueError, match=f"^127.0.0.1:{port} is already in use"):
             demo.run(args)
         assert "choose another --port" in fails(["demo", "--port", str(port)], capsys)
