@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR, load
 from ..serving.chat import SERVER_DECODE, server_defaults
+from ..serving.server import check_exposure, serve
 from .demo import check_port
 from .options import add_decode_arguments, decode_config_from_args
 
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--media-dir {args.media_dir}: no such folder")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     decode_config_from_args(args, SERVER_DECODE)  # checked before the model loads
-    from ..serving.server import check_exposure, serve
-
     check_exposure(args.host, api_key)
     check_port(args.host, args.port)
     model = load(args.model)

@@ -58,6 +58,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..loading import load
 from ..model import GenerationResult, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, StepEvent
 from .chat import ChatRequest, Limits, RequestError, media_files, parse_chat_request, server_defaults
@@ -429,8 +430,6 @@ def serve(model: str | Path | MultimodalDiffusionLM, *, host: str = "127.0.0.1",
     """
     check_exposure(host, api_key)
     if not isinstance(model, MultimodalDiffusionLM):
-        from .. import load
-
         model_name = model_name or Path(model).resolve().name
         model = load(str(model))
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
