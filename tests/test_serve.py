@@ -438,3 +438,15 @@ def test_the_command_refuses_with_one_line(capsys, monkeypatch, tiny_model_dir):
         assert cli.main(["serve", "--model", str(tiny_model_dir), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"127.0.0.1:{port} is already in use" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1 and --max-queue >= 0, got 0, 64"),
+    (["--max-queue", "-1"], "--max-batch must be >= 1 and --max-queue >= 0, got 16, -1"),
+    (["--media-dir", "/nonexistent/media"], "--media-dir /nonexistent/media: no such folder"),
+    (["--threshold", "2"], "threshold must be in (0, 1], got 2.0"),
+])
+def test_the_command_refuses_bad_flags_with_one_line(capsys, tiny_model_dir, flags, message):
+    assert cli.main(["serve", "--model", str(tiny_model_dir), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.endswith(message)
