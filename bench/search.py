@@ -29,11 +29,11 @@ from dataclasses import dataclass, field, replace
 
 import common
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
-from mmdiff.sampling import DecodeConfig, SamplerConfig
+from mmdiff.tasks.presets import SHORT_ANSWER
 
 CAPTION_TYPES = ("caption", "caption_json")
 
-DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))  # short answers
+DEFAULTS = SHORT_ANSWER
 
 
 @dataclass

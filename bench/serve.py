@@ -56,16 +56,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from fast_inference import DEFAULT_AR_MODEL, Example, answer_tokens, test_split
 
 import common
-from fast_inference import DEFAULT_AR_MODEL, Example, answer_tokens, test_split
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
 from mmdiff.flops import forward_flops
-from mmdiff.sampling import DecodeConfig, SamplerConfig
+from mmdiff.sampling import DecodeConfig
+from mmdiff.serving.chat import SERVER_DECODE
 
 #: the server's default decoding (issue #23): 8-token canvas, prefix cache, confident decoding
-SERVE_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8, transfer="threshold", threshold=0.9),
-                              cache="prefix")
+SERVE_DEFAULTS = SERVER_DECODE.replace(cache="prefix")
 ENGINE, LOOP, AR = "engine", "per-request loop", "AR baseline"
 BACKOFF_S = (0.005, 0.2)  # first and longest wait of a client refused with QueueFull
 

@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import common
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args
-from mmdiff.sampling import DecodeConfig, SamplerConfig
+from mmdiff.tasks.presets import JSON_CAPTION
 
-DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-object JSON caption is about 49 tokens
+DEFAULTS = JSON_CAPTION
 
 
 @dataclass

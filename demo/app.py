@@ -57,10 +57,11 @@ from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
 from mmdiff.media import MAX_QUESTION_CHARS, read_question
 from mmdiff.model import GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
-from mmdiff.sampling import DecodeConfig, SamplerConfig, SearchConfig, StepEvent
+from mmdiff.sampling import DecodeConfig, SearchConfig, StepEvent
 from mmdiff.search import SearchResult, answer
 from mmdiff.serving.engine import Engine, QueueFull
 from mmdiff.tasks.captioning import CaptionResult, caption
+from mmdiff.tasks.presets import JSON_CAPTION, SHORT_ANSWER
 from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION, COUNT_QUESTION
 
 log = logging.getLogger("mmdiff.demo")
@@ -68,8 +69,8 @@ R = TypeVar("R")
 Callback = Callable[[StepEvent], None]
 
 EXAMPLES_FILE = Path("examples") / "examples.json"  # inside the model directory (scripts/make_examples.py)
-ASK_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))  # short answers, the length mmdiff-tiny is trained on
-CAPTION_DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))  # a 6-object JSON caption is about 49 tokens
+ASK_DEFAULTS = SHORT_ANSWER
+CAPTION_DEFAULTS = JSON_CAPTION
 FRAME_DELAY_S = 0.05  # minimum time per animation frame, so fast steps stay visible (latency excludes it)
 MAX_FILE_SIZE = "5mb"
 QUEUE = dict(default_concurrency_limit=2, max_size=16)
@@ -479,14 +480,9 @@ def search_model(model: MultimodalDiffusionLM, question: str, *, image: str | No
     return answer(model, [question], images=[image], audios=[audio], decode=decode)[0]
 
 
-def transcribes(model: MultimodalDiffusionLM) -> bool:
-    """Whether the model's audio adapter hands the decoder a transcript it can show (``audio_ctc``)."""
-    return model.audio is not None and hasattr(model.audio_adapter, "transcribe_ids")
-
-
 def heard(model: MultimodalDiffusionLM, audio: str | None) -> str:
     """What the model heard in a spoken question ("" without one, or when it cannot say)."""
-    return model.transcribe([audio])[0] if audio is not None and transcribes(model) else ""
+    return model.transcribe([audio])[0] if audio is not None and model.transcribes else ""
 
 
 def world_guide(*, seed: int = 0) -> str:
@@ -549,7 +545,7 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
             canvas = gr.HTML(label="Denoising", elem_id="canvas")
             answer_box = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
             heard_box = gr.Textbox(label="Heard", info="the transcript of the spoken question the model answered",
-                                   interactive=False, visible=transcribes(model), elem_id="heard")
+                                   interactive=False, visible=model.transcribes, elem_id="heard")
             stats = gr.Markdown(label="Cost", elem_id="stats")
     examples = [ex for ex in examples if hears or ex.audio is None]  # spoken ones need an audio encoder
     if examples:

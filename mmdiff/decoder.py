@@ -65,8 +65,6 @@ class DecoderConfig(JsonConfig):
         return self.d_model // self.n_heads
 
 
-
-
 #: Named presets (data, not code). ``llada-8b`` / ``dream-7b`` are the released shapes.
 PRESETS: dict[str, dict] = {
     "tiny-test": dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64),

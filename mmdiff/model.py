@@ -157,12 +157,24 @@ class MultimodalDiffusionLM(nn.Module):
         tokens, tmask = self.adapt_audio(self.audio(feats.to(self.device), mask.to(self.device)))
         return [t[m] for t, m in zip(tokens, tmask)]
 
+    @property
+    def transcribes(self) -> bool:
+        """Whether the audio adapter hands the decoder a transcript (``audio_ctc``), which
+        :meth:`transcribe` can show."""
+        return self.audio is not None and hasattr(self.audio_adapter, "transcribe_ids")
+
+    @property
+    def exact_cache(self) -> str:
+        """The cache that is exact for this model: ``prefix`` for models trained with the prefix-LM
+        mask (the prompt never attends to the response), else ``none``."""
+        return "prefix" if self.cfg.decoder.attn_mode == "prefix" else "none"
+
     @torch.no_grad()
     def transcribe(self, clips: Sequence, batch_size: int = 32) -> list[str]:
         """What a CTC audio adapter (``audio_ctc``) hears in each clip (path or (array, rate)): the token
         sequence it hands the decoder, decoded to text (the LM beam in eval mode when the model has a
         ``ctc_lm.json``, else best path)."""
-        if self.audio is None or not hasattr(self.audio_adapter, "transcribe_ids"):
+        if not self.transcribes:
             raise ValueError("transcribe needs a model with an audio encoder and an audio_ctc adapter")
         out = []
         for i in range(0, len(clips), batch_size):

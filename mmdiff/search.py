@@ -148,19 +148,13 @@ def remask_least_confident(canvas: torch.Tensor, confidence: torch.Tensor, n: in
 # ------------------------------------------------------------------------------------------------
 # schedule arithmetic: checkpoints and resuming, in the sampler's own terms
 # ------------------------------------------------------------------------------------------------
-def _blocks_and_steps(config: SamplerConfig) -> tuple[int, int]:
-    """(number of blocks, steps per block), as :func:`~mmdiff.sampling.iter_sample` computes them."""
-    n_blocks = math.ceil(config.gen_length / (config.block_length or config.gen_length))
-    return n_blocks, max(1, (config.steps or config.gen_length) // n_blocks)
-
-
 def checkpoint_step(config: SamplerConfig, fraction: float) -> int | None:
     """The sampler step at which partial canvases are scored, or None when there is none.
 
     One block: ``round(fraction * steps)`` within [1, steps - 1]. Several blocks: the block boundary
     nearest to ``fraction`` (not the last), so that resuming keeps the schedule of each block.
     """
-    n_blocks, per_block = _blocks_and_steps(config)
+    n_blocks, per_block = config.n_blocks, config.steps_per_block
     if n_blocks == 1:
         return min(max(round(fraction * per_block), 1), per_block - 1) if per_block > 1 else None
     return per_block * min(max(round(fraction * n_blocks), 1), n_blocks - 1)
@@ -173,7 +167,7 @@ def resume_config(config: SamplerConfig, steps_done: int) -> SamplerConfig:
     uninterrupted run for the linear schedule). Several blocks: unchanged, since checkpoints sit on
     block boundaries and the sampler skips filled blocks without a forward pass.
     """
-    n_blocks, per_block = _blocks_and_steps(config)
+    n_blocks, per_block = config.n_blocks, config.steps_per_block
     if n_blocks > 1 or steps_done == 0:
         return config
     return replace(config, steps=max(1, per_block - steps_done))
@@ -321,7 +315,7 @@ class SearchRun:
         (one batch, one block, at ``search.temperature``), score, keep whichever version scores higher."""
         L = self.config.gen_length
         n = max(1, round(self.search.refine_ratio * L))
-        n_blocks, per_block = _blocks_and_steps(self.config)
+        n_blocks, per_block = self.config.n_blocks, self.config.steps_per_block
         cfg = replace(self.config, block_length=None, steps=max(1, math.ceil(n * n_blocks * per_block / L)),
                       temperature=self.search.temperature, seed=self.search.seed + 1 + round_)
         canvas = remask_least_confident(torch.stack([c.tokens for c in cands]),

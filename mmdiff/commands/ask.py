@@ -13,12 +13,12 @@ import sys
 from .. import DEFAULT_MODEL_DIR
 from ..media import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, read_question
 from ..model import MultimodalDiffusionLM
-from ..sampling import DecodeConfig, SamplerConfig
 from ..search import SearchResult, answer
+from ..tasks.presets import SHORT_ANSWER
 from .options import add_decode_arguments, add_speech_arguments, apply_speech_arguments, decode_config_from_args
 
 #: short answers: the canvas mmdiff-tiny is trained on
-DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=8))
+DEFAULTS = SHORT_ANSWER
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     candidates = ([{"text": text, "score": score} for text, score in res.candidates]
                   if isinstance(res, SearchResult) else None)
     heard = None
-    if args.audio and hasattr(getattr(model, "audio_adapter", None), "transcribe_ids"):
+    if args.audio and model.transcribes:
         heard = model.transcribe([args.audio])[0]  # what the decoder was given (audio_ctc)
     if args.json:
         out = {"answer": res.text, "nfe": res.nfe, "latency_s": round(res.latency_s, 4), **decode.to_dict()}

@@ -12,13 +12,13 @@ from .. import DEFAULT_MODEL_DIR
 from ..data.scenes import scene_schema
 from ..io import read_json
 from ..model import MultimodalDiffusionLM
-from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.schema import check_schema
 from ..tasks.captioning import caption
+from ..tasks.presets import JSON_CAPTION
 from .options import add_decode_arguments, decode_config_from_args
 
 #: a 6-object JSON caption is about 49 tokens
-DEFAULTS = DecodeConfig(sampler=SamplerConfig(gen_length=64))
+DEFAULTS = JSON_CAPTION
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import DEFAULT_MODEL_DIR
+from ..serving.engine import DEFAULT_MAX_BATCH
 
 #: the source checkout holding ``demo/`` (the demo ships with the repository, not the wheel)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: --engine: requests stepped at once unless --max-batch says otherwise
-DEFAULT_MAX_BATCH = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

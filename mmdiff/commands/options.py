@@ -118,8 +118,7 @@ def apply_speech_arguments(model, args: argparse.Namespace) -> None:
                                              ("length_bonus", "asr_length_bonus")) if getattr(args, a) is not None}
     if not given:
         return
-    adapter = getattr(model, "audio_adapter", None)
-    if not hasattr(adapter, "transcribe_ids"):  # only the audio_ctc adapter decodes with a beam
+    if not model.transcribes:  # only the audio_ctc adapter decodes with a beam
         raise ValueError("--asr-* flags need a model with an audio adapter of kind audio_ctc")
     for k, v in given.items():
-        setattr(adapter.cfg, k, v)
+        setattr(model.audio_adapter.cfg, k, v)

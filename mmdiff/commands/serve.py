@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-
 from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR, load
 from ..serving.chat import SERVER_DECODE, server_defaults
+from ..serving.engine import DEFAULT_MAX_BATCH
 from ..serving.server import check_exposure, serve
 from .demo import check_port
 from .options import add_decode_arguments, decode_config_from_args
@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only; "
                                                        "any other needs an API key)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests denoised together (default: 16)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"most requests denoised together (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a place; beyond, 429 with Retry-After (default: 64)")
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; "

@@ -163,6 +163,12 @@ class AudioEncoder(nn.Module):
         source = f"loaded weights from {cfg.checkpoint}" if cfg.checkpoint else "random init"
         logger.info("audio encoder %s: %s", cfg.kind, source)
 
+    def load(self, clip: str | Path | tuple[np.ndarray, int]) -> np.ndarray:
+        """A clip as this encoder reads it: mono float32 at 16 kHz, its length limit checked and the
+        empty band of a narrow-band clip filled (:func:`mmdiff.media.load_audio`)."""
+        return load_audio(clip, target_sr=SAMPLE_RATE, max_seconds=self.cfg.max_seconds,
+                          fill_db=self.cfg.narrowband_fill_db)
+
     def preprocess(self, clips: Sequence[str | Path | tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Load clips and compute log-mels, padded with zeros to the batch's longest clip.
 
@@ -174,8 +180,7 @@ class AudioEncoder(nn.Module):
         """
         if not clips:
             raise ValueError("preprocess needs at least one clip")
-        mels = [log_mel(load_audio(c, target_sr=SAMPLE_RATE, max_seconds=self.cfg.max_seconds,
-                                   fill_db=self.cfg.narrowband_fill_db), n_mels=self.cfg.num_mel_bins) for c in clips]
+        mels = [log_mel(self.load(c), n_mels=self.cfg.num_mel_bins) for c in clips]
         return self.batch_mels(mels)
 
     @staticmethod

@@ -35,13 +35,13 @@ from .. import DEFAULT_MODEL_DIR
 from ..commands.options import add_decode_arguments, decode_config_from_args
 from ..io import check_device, check_output_dir
 from ..model import MultimodalDiffusionLM
+from ..serving.engine import DEFAULT_MAX_BATCH
 from .canvas import CANVAS_MULTIPLE, Canvas, choose_canvases
 from .runner import METRICS_FILE, Shard, check_engine, evaluate, merge_shards
 
 #: how long torchrun ranks wait for the slowest shard before the merge
 BARRIER_TIMEOUT = timedelta(hours=24)
 #: --engine: rows stepped at once unless --max-batch says otherwise
-DEFAULT_MAX_BATCH = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

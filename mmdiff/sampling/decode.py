@@ -44,7 +44,8 @@ class SearchConfig(JsonConfig):
     temperature: float = setting(1.0, "temperature of explored trajectories and refinements", low=0.0,
                                  key="search_temperature", widget_max=2.0)
     remasking: tuple[str, ...] = setting(("low_confidence", "margin", "entropy"), "remasking orders cycled over "
-                                         "explored trajectories", choices=REMASKING.names, key="search_remasking")
+                                         "explored trajectories", choices=REMASKING.names, key="search_remasking",
+                                         noun="remasking rule")
     elbo_samples: int = setting(2, "K masks per candidate of the ELBO verifier", low=1, widget_max=8)
     refine_ratio: float = setting(0.25, "fraction of the canvas remasked per refinement round", low=0.0, high=1.0,
                                   low_open=True)
@@ -53,8 +54,6 @@ class SearchConfig(JsonConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "remasking", tuple(self.remasking))
-        for rule in self.remasking:
-            REMASKING.get(rule)
         if (any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.checkpoints)
                 or list(self.checkpoints) != sorted(set(self.checkpoints))):
             raise ValueError(f"checkpoints must be increasing fractions in (0, 1), got {list(self.checkpoints)}")
@@ -68,10 +67,8 @@ class SearchConfig(JsonConfig):
         return self.strategy != "none"
 
 
-
-
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(JsonConfig):
     """How to decode: the sampler's settings, the cache strategy, token pruning / layer skipping and
     the test-time search, travelling together.
 
@@ -93,7 +90,6 @@ class DecodeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
-        CACHES.get(self.cache)
         check_settings(self)
         for name, cls in (("sampler", SamplerConfig), ("pruning", PruningConfig), ("search", SearchConfig)):
             if getattr(self, name) is None:  # None = the section's defaults
@@ -101,12 +97,7 @@ class DecodeConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"DecodeConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
 
-    # -- plain values ---------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """``{"sampler": {...}, "cache": ..., "pruning": {...}, "search": {...}}``."""
-        return {"sampler": self.sampler.to_dict(), "cache": self.cache, "pruning": self.pruning.to_dict(),
-                "search": self.search.to_dict()}
-
+    # -- plain values (to_dict: {"sampler": {...}, "cache": ..., "pruning": {...}, "search": {...}}) ---
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DecodeConfig":
         """Inverse of :meth:`to_dict`; missing sections take their defaults, unknown keys are refused."""

@@ -190,7 +190,6 @@ class BlockCache(_Denoiser):
         self.block: int | None = None
         self.raw: torch.Tensor | None = None  # (B, 1+L, V) raw logits of the last prompt row and the canvas
 
-
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
         canvas, blk, P = state.canvas, state.block_slice, self.P

@@ -53,8 +53,6 @@ class PruningConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.prune != "none":
             PRUNERS.get(self.prune)
-        if self.prune_schedule not in PRUNE_SCHEDULES:
-            raise ValueError(f"Unknown prune schedule {self.prune_schedule!r}; known: {', '.join(PRUNE_SCHEDULES)}")
         object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))
         check_settings(self)
         if self.prune == "fastv" and self.prune_layer < 1:
@@ -71,8 +69,6 @@ class PruningConfig(JsonConfig):
     def active(self) -> bool:
         """Whether anything is pruned or skipped at some step."""
         return self.prunes or bool(self.skip_layers)
-
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ class SamplerConfig(JsonConfig):
                                              "(default: gen_length, one block)", low=1, widget_max=256)
     schedule: str = setting("linear", "noise schedule", choices=SCHEDULES.names)
     shift: float = setting(3.0, "s of the shifted schedule", low=0.0, low_open=True, widget_max=10.0)
-    remasking: str = setting("low_confidence", "confidence score deciding what stays masked", choices=REMASKING.names)
+    remasking: str = setting("low_confidence", "confidence score deciding what stays masked", choices=REMASKING.names,
+                             noun="remasking rule")
     transfer: str = setting("schedule", "how many tokens to fix per step (threshold = Dimple's confident decoding, "
-                                        "factor = Fast-dLLM)", choices=TRANSFER.names)
+                                        "factor = Fast-dLLM)", choices=TRANSFER.names, noun="transfer rule")
     threshold: float = setting(0.9, "confidence threshold of --transfer threshold", low=0.0, high=1.0, low_open=True)
     factor: float = setting(1.0, "f of --transfer factor", low=0.0, low_open=True, widget_max=4.0)
     temperature: float = setting(0.0, "0 = greedy; > 0 = Gumbel-max sampling", low=0.0, widget_max=2.0)
@@ -48,7 +49,6 @@ class SamplerConfig(JsonConfig):
     seed: int = setting(0, "random seed for sampling (Gumbel noise, random remasking)")
 
     def __post_init__(self) -> None:
-        SCHEDULES.get(self.schedule), REMASKING.get(self.remasking), TRANSFER.get(self.transfer)
         check_settings(self)
         if self.block_length is not None and self.gen_length % self.block_length:
             raise ValueError(f"block_length {self.block_length} does not divide gen_length {self.gen_length}: the "
@@ -63,8 +63,6 @@ class SamplerConfig(JsonConfig):
     def steps_per_block(self) -> int:
         """Denoising steps planned per block (at least one)."""
         return max(1, (self.steps or self.gen_length) // self.n_blocks)
-
-
 
 
 @dataclass
@@ -193,11 +191,6 @@ class SamplerRun:
         self.block, self.s, self.budget = -1, 0, None
         self._next_block()
 
-    def _in_block(self) -> torch.Tensor:
-        in_block = torch.zeros(self.config.gen_length, dtype=torch.bool, device=self.device)
-        in_block[self.blocks[self.block]] = True
-        return in_block
-
     def _next_block(self) -> None:
         """Move to the next block that still holds masks (skipping filled ones without a forward pass)
         and plan its transfer budget; past the last block the run is done."""
@@ -209,6 +202,8 @@ class SamplerRun:
             if (self.canvas[:, blk] == self.mask_id).any():
                 break
         self.s = 0
+        self.in_block = torch.zeros(self.config.gen_length, dtype=torch.bool, device=self.device)  # (L,)
+        self.in_block[blk] = True
         self.budget = num_transfer((self.canvas[:, blk] == self.mask_id).sum(-1).cpu(), self.config.steps_per_block,
                                    schedule=self.config.schedule, shift=self.config.shift).to(self.device)  # (B, S)
 
@@ -224,7 +219,7 @@ class SamplerRun:
     def advance(self, logits: torch.Tensor) -> StepEvent:
         """One denoising step from the denoiser's ``logits`` (B, L, V) for :attr:`state`."""
         cfg, state = self.config, self.state
-        active = (self.canvas == self.mask_id) & self._in_block()  # (B, L)
+        active = (self.canvas == self.mask_id) & self.in_block  # (B, L)
         self.nfe += 1
         for h in self.hooks:
             logits = h.process_logits(logits, state)
@@ -243,7 +238,7 @@ class SamplerRun:
         for h in self.hooks:
             h.on_step(event)
         self.s += 1
-        if not ((self.canvas == self.mask_id) & self._in_block()).any():
+        if not ((self.canvas == self.mask_id) & self.in_block).any():
             self._next_block()  # block (or whole canvas) filled: early stop
         return event
 

@@ -73,7 +73,7 @@ ROLES = ("system", "developer", "user", "assistant")
 def server_defaults(model: MultimodalDiffusionLM) -> DecodeConfig:
     """:data:`SERVER_DECODE` with the exact prefix cache on a model trained with the prefix-LM mask
     (``none`` on others)."""
-    return SERVER_DECODE.replace(cache="prefix" if model.cfg.decoder.attn_mode == "prefix" else "none")
+    return SERVER_DECODE.replace(cache=model.exact_cache)
 
 
 class RequestError(Exception):

@@ -30,11 +30,13 @@ import torch.nn.functional as F
 
 from ..encoders.audio import SAMPLE_RATE
 from ..flops import FlopCounter
-from ..media import load_audio, load_image
+from ..media import load_image
 from ..model import GenerationResult, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerRun, StepEvent, StepState
 from ..sampling.denoisers import FullRecompute, PrefixCache
 
+#: requests stepped at once by default (the demo's, eval's and the server's --max-batch)
+DEFAULT_MAX_BATCH = 16
 #: caches the engine can batch across requests
 ENGINE_CACHES: tuple[str, ...] = ("prefix", "none")
 
@@ -83,9 +85,9 @@ class Stats:
 class Handle:
     """A submitted request: its step events (when streamed), its result, and cancellation."""
 
-    def __init__(self, request_id: int, prompt_tokens: int = 0) -> None:
+    def __init__(self, request_id: int) -> None:
         self.id = request_id
-        self.prompt_tokens = prompt_tokens  # decoder positions of the prompt, media tokens included
+        self.prompt_tokens = 0  # decoder positions of the prompt, media tokens included (set at admission)
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -147,7 +149,7 @@ class Engine:
         max_queue: most requests waiting; :meth:`submit` raises :class:`QueueFull` beyond.
     """
 
-    def __init__(self, model: MultimodalDiffusionLM, *, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model: MultimodalDiffusionLM, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
@@ -166,7 +168,7 @@ class Engine:
         """Refuse settings the engine cannot batch, naming them."""
         if decode.cache not in ENGINE_CACHES:
             raise ValueError(f"the batching engine runs caches {', '.join(ENGINE_CACHES)}, not {decode.cache!r}")
-        if decode.cache == "prefix" and self.model.cfg.decoder.attn_mode != "prefix":
+        if decode.cache == "prefix" and self.model.exact_cache != "prefix":
             raise ValueError("cache 'prefix' is exact only for models trained with the prefix mask; this model "
                              f"uses {self.model.cfg.decoder.attn_mode!r}: use cache 'none'")
         if decode.pruning.active:
@@ -192,33 +194,33 @@ class Engine:
             QueueFull: too many requests waiting.
         """
         if decode is None:
-            decode = DecodeConfig(cache="prefix" if self.model.cfg.decoder.attn_mode == "prefix" else "none")
+            decode = DecodeConfig(cache=self.model.exact_cache)
         self.check(decode)
         [question] = self.model.check_inputs([question], images=[image], audios=[audio])
         with self._lock:
-            if len(self._pending) >= self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})")
+            self._refuse_if_full()  # before reading the media
         image = load_image(image) if image is not None else None
         if audio is not None:
             if self.model.audio is None:
                 raise ValueError("this model has no audio encoder, but audio was given")
-            cfg = self.model.audio.cfg
-            audio = (load_audio(audio, target_sr=SAMPLE_RATE, max_seconds=cfg.max_seconds,
-                                fill_db=cfg.narrowband_fill_db), SAMPLE_RATE)
+            audio = (self.model.audio.load(audio), SAMPLE_RATE)
         request_id = next(self._ids)
         handle = Handle(request_id)
         run = SamplerRun(batch_size=1, config=decode.sampler, mask_id=self.model.special.mask,
                          suppress_ids=(self.model.special.eos, self.model.special.pad), device=self.model.device)
         req = _Request(request_id, run, decode, question, image, audio, stream, handle, time.perf_counter())
         with self._lock:
-            if len(self._pending) >= self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})")
+            self._refuse_if_full()
             self._pending.append(req)
             self.stats.submitted += 1
             self._lock.notify()
         return handle
+
+    def _refuse_if_full(self) -> None:
+        """Raise :class:`QueueFull` when the waiting line is full (call with the lock held)."""
+        if len(self._pending) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})")
 
     @property
     def load(self) -> tuple[int, int]:
@@ -227,11 +229,11 @@ class Engine:
             return len(self._active), len(self._pending)
 
     # -- stepping ---------------------------------------------------------------------------------
-    def _admit(self) -> None:
+    def _admit(self, limit: int | None = None) -> None:
         """Move waiting requests into the pool (up to ``max_batch``) and encode their prompts' caches."""
         with self._lock:
             new, dropped = [], []
-            while self._pending and len(self._active) + len(new) < self.max_batch:
+            while self._pending and len(self._active) + len(new) < (limit or self.max_batch):
                 req = self._pending.popleft()
                 (dropped if req.handle.cancelled.is_set() else new).append(req)  # its client left while waiting
         for req in dropped:
@@ -250,7 +252,7 @@ class Engine:
             for req in new:  # find the request that fails, alone; the others go on
                 with self._lock:
                     self._pending.appendleft(req)
-                self._admit_one()
+                self._admit(limit=len(self._active) + 1)  # alone
             return
         for i, req in enumerate(new):
             req.embeds, req.valid = embeds[i:i + 1], valid[i:i + 1]
@@ -263,14 +265,6 @@ class Engine:
             for req, part in zip(prefixed, batch.split()):
                 req.prefix = part
         self._active.extend(new)
-
-    def _admit_one(self) -> None:
-        """Admit the next waiting request alone (isolating a request whose media fail to encode)."""
-        limit, self.max_batch = self.max_batch, len(self._active) + 1
-        try:
-            self._admit()
-        finally:
-            self.max_batch = limit
 
     def _forward(self, rows: int, run: Any) -> Any:
         """Run one batched decoder computation, counting it: forwards, rows and FLOPs (per row)."""
@@ -323,6 +317,8 @@ class Engine:
         groups: dict[tuple, list[_Request]] = collections.defaultdict(list)
         for req in self._active:
             groups[(req.decode.cache, req.run.config.gen_length)].append(req)
+        for gone in self._stacked.keys() - groups.keys():  # a canvas length nobody decodes now
+            del self._stacked[gone]
         for key, group in groups.items():
             try:
                 denoiser = self._denoiser(key, group)

@@ -62,7 +62,7 @@ from ..loading import load
 from ..model import GenerationResult, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, StepEvent
 from .chat import ChatRequest, Limits, RequestError, media_files, parse_chat_request, server_defaults
-from .engine import Cancelled, Engine, Handle, QueueFull
+from .engine import DEFAULT_MAX_BATCH, Cancelled, Engine, Handle, QueueFull
 from .stream import canvas_view, final_text
 
 log = logging.getLogger("mmdiff")
@@ -410,7 +410,7 @@ def metrics_text(state: _Server) -> str:
 
 def serve(model: str | Path | MultimodalDiffusionLM, *, host: str = "127.0.0.1", port: int = 8000,
           model_name: str | None = None, api_key: str | None = None, media_dir: str | Path | None = None,
-          max_batch: int = 16, max_queue: int = 64, decode: DecodeConfig | None = None,
+          max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = 64, decode: DecodeConfig | None = None,
           limits: Limits | None = None, log_level: str = "info") -> None:
     """Serve a model (a directory :func:`mmdiff.load` reads, or a loaded model) until interrupted.
 

@@ -67,7 +67,7 @@ def quick_eval(model: MultimodalDiffusionLM, bank: SceneBank, batcher: Batcher, 
             out = ar_generate(model.decoder, embeds, valid, max_new_tokens=L, eos_id=model.special.eos,
                               pad_id=model.special.pad)
         else:
-            cache = "prefix" if model.cfg.decoder.attn_mode == "prefix" else "none"  # exact, and L times cheaper
+            cache = model.exact_cache  # exact, and L times cheaper
             decode = DecodeConfig(sampler=SamplerConfig(gen_length=L, steps=L, block_length=L), cache=cache)
             out = model.sample(embeds, valid, decode=decode)
         preds = [model.decode(t.tolist()) for t in out.tokens]
