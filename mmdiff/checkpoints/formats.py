@@ -1,5 +1,5 @@
-"""Released diffusion LLMs from local Hugging Face directories: LLaDA and Dream into :class:`Decoder`,
-LLaDA-V into :class:`~mmdiff.model.MultimodalDiffusionLM`.
+"""Released text diffusion LLMs from local Hugging Face directories: LLaDA, Dream and mmdiff's own
+decoder format into :class:`~mmdiff.decoder.Decoder`.
 
 A checkpoint format is data: how its ``config.json`` maps to a :class:`DecoderConfig` and a table
 from its tensor names to ours. Loading is memory-frugal: the decoder is built on the meta device,
@@ -12,53 +12,25 @@ assigned, so an 8B model never exists as an fp32 copy (nor twice).
 * **Dream** (Ye et al. 2025, ``DreamModel``, Qwen2 weights): ``model.layers.*`` names, grouped-query
   attention with q/k/v biases, untied ``lm_head``. Its logits are shifted by one position at sampling
   time (``logit_shift``); the forward pass returns them raw.
-* **mmdiff-decoder**: our own :func:`save_decoder` directories (what ``mmdiff convert``
-  writes), names unchanged.
-* **LLaDA-V** (You et al. 2025, ``LlavaLLaDAModelLM``, LLaVA-OneVision layout): a LLaDA under Llama
-  names (``model.layers.*``, ``lm_head``), a SigLIP tower under ``model.vision_tower.vision_tower.
-  vision_model.*`` (last block removed, as LLaVA does) and an ``mlp2x_gelu`` projector
-  ``model.mm_projector.{0,2}``. :func:`load_llada_v` loads it into a
-  :class:`~mmdiff.model.MultimodalDiffusionLM` the same frugal way. Only the base-resolution view is
-  encoded (the whole image resized to the tower's input size): ``anyres`` tiling and the
-  ``image_newline`` separators it uses are not implemented.
+* **mmdiff-decoder**: our own :func:`~mmdiff.checkpoints.convert.save_decoder` directories (what
+  ``mmdiff convert`` writes), names unchanged.
 
-Released tokenizers name their special tokens their own way and have no ``<image>`` placeholder;
-:class:`ReleasedTokenizer` presents them under mmdiff's names (:mod:`mmdiff.special_tokens`).
+Multimodal families live beside this module (:mod:`mmdiff.checkpoints.llada_v`, ...).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import re
-import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from . import special_tokens as st
-from .adapters import ProjectorConfig
-from .decoder import Decoder, DecoderConfig
-from .encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
-from .io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_device,
-    check_output_dir,
-    config_from_dict,
-    load_state_checked,
-    read_json,
-    save_weights,
-    write_json,
-)
-from .model import MODEL_TYPE, ModelConfig, MultimodalDiffusionLM
-from .registry import Registry
-from .special_tokens import SpecialIds
-
-if TYPE_CHECKING:
-    from .model import ModelConfig, MultimodalDiffusionLM
+from ..decoder import Decoder, DecoderConfig
+from ..io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json
+from ..registry import Registry
+from ..special_tokens import SpecialIds
 
 log = logging.getLogger("mmdiff")
 
@@ -513,272 +485,3 @@ def load_tokenizer_if_present(path: str | Path):
         if not (Path(path) / "tokenizer.json").is_file():
             raise
         return PreTrainedTokenizerFast.from_pretrained(str(path))
-
-
-# ------------------------------------------------------------------------------------------------
-# released tokenizers under mmdiff's special-token names
-# ------------------------------------------------------------------------------------------------
-#: LLaDA's mask token in its tokenizer; the mask id comes from it only when no config declares one.
-LLADA_MASK_TOKEN = "<|mdm_mask|>"
-
-
-class ReleasedTokenizer:
-    """A released checkpoint's tokenizer, presented under mmdiff's special-token names.
-
-    :class:`~mmdiff.model.MultimodalDiffusionLM` resolves its ids by name
-    (:meth:`SpecialIds.from_tokenizer`) and writes prompts with ``<image>`` / ``<audio>``
-    placeholders. This wrapper answers mmdiff's MASK / PAD / EOS / BOS names with the ids the
-    checkpoint declares, adds ``<image>`` and ``<audio>`` to the tokenizer as special tokens (their
-    embeddings are never read: :meth:`~mmdiff.model.MultimodalDiffusionLM.embed_prompt` replaces
-    them), and writes a placeholder as LLaVA does, on its own line before the text. Prompts use the
-    tokenizer's own chat template, after the model's system prompt when it has one; a tokenizer
-    without a template (a base model's) gets the bare text.
-
-    Args:
-        tokenizer: the checkpoint's transformers tokenizer (placeholders are added to it).
-        special: the ids the checkpoint declares.
-        vocab_size: rows of the model's embedding; the placeholder ids must fall below it.
-        system: system prompt put before the conversation when it has none (LLaDA-V's).
-    """
-
-    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None) -> None:
-        tokenizer.add_tokens([st.IMAGE, st.AUDIO], special_tokens=True)
-        image, audio = (int(tokenizer.convert_tokens_to_ids(t)) for t in (st.IMAGE, st.AUDIO))
-        taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
-        for name, i in ((st.IMAGE, image), (st.AUDIO, audio)):
-            if i >= vocab_size or i in taken:
-                raise ValueError(f"placeholder {name} got id {i}, which is outside the model's {vocab_size} "
-                                 f"embedding rows or is one of its special ids {taken}")
-        self.tokenizer, self.system = tokenizer, system
-        self.special = replace(special, image=image, audio=audio)
-        self._ids: dict[str, int | None] = {st.MASK: special.mask, st.PAD: special.pad, st.EOS: special.eos,
-                                            st.BOS: special.bos, st.IMAGE: image, st.AUDIO: audio}
-
-    @property
-    def unk_token(self) -> str | None:
-        return self.tokenizer.unk_token
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.tokenizer.unk_token_id
-
-    @property
-    def backend_tokenizer(self) -> Any:
-        return self.tokenizer.backend_tokenizer
-
-    def __len__(self) -> int:
-        return len(self.tokenizer)
-
-    def convert_tokens_to_ids(self, token: str) -> int | None:
-        """mmdiff's special names map to the checkpoint's ids; other tokens are looked up as usual."""
-        return self._ids[token] if token in self._ids else self.tokenizer.convert_tokens_to_ids(token)
-
-    def __call__(self, text: str | list[str], **kwargs: Any) -> Any:
-        return self.tokenizer(text, **kwargs)
-
-    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
-        return self.tokenizer.decode(list(ids), **kwargs)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
-        """The tokenizer's chat template in LLaVA's layout: media placeholders first, each on its own
-        line, then the text (``<image>\\nquestion``), wherever mmdiff's prompt placed them."""
-        messages = [{**m, "content": _llava_layout(m["content"])} for m in messages]
-        if self.system is not None and messages and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system}, *messages]
-        if self.tokenizer.chat_template is None:  # base models: the text itself
-            text = "".join(m["content"] for m in messages)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-
-def _llava_layout(content: str) -> str:
-    """Move ``<image>`` / ``<audio>`` placeholders to the front, one per line, keeping their order."""
-    placeholders = re.findall(f"{re.escape(st.IMAGE)}|{re.escape(st.AUDIO)}", content)
-    text = content.replace(st.IMAGE, "").replace(st.AUDIO, "")
-    return "".join(p + "\n" for p in placeholders) + text
-
-
-# ------------------------------------------------------------------------------------------------
-# LLaDA-V: LLaDA (Llama names) + SigLIP tower + mlp2x_gelu projector
-# ------------------------------------------------------------------------------------------------
-#: LlamaConfig defaults of the LLM keys and LLaVA's defaults of the multimodal keys read here.
-LLADA_V_DEFAULTS: dict[str, Any] = dict(
-    num_key_value_heads=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    max_position_embeddings=2048, hidden_act="silu", rope_scaling=None, attention_bias=False, mlp_bias=False,
-    mm_projector_type="linear", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-    mm_use_im_start_end=False, image_aspect_ratio="square", mm_patch_merge_type="flat",
-)
-LLADA_V_OPTIONS: dict[str, tuple] = dict(
-    hidden_act=("silu",), rope_scaling=(None,), attention_bias=(False,), mlp_bias=(False,),
-    mm_projector_type=("mlp2x_gelu",), mm_vision_select_layer=(-2,), mm_vision_select_feature=("patch",),
-    mm_use_im_start_end=(False,),
-)
-LLADA_V_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                     "vocab_size", "mm_vision_tower", "mm_hidden_size")
-
-#: the system prompt of LLaDA-V's ``llava_llada`` conversation template (LLaVA's, for LLaDA)
-LLADA_V_SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
-                         "content that the user provides, and assist the user with a variety of tasks using natural "
-                         "language.")
-LLADA_V_VISION = "model.vision_tower.vision_tower.vision_model."
-#: checkpoint prefix -> MultimodalDiffusionLM prefix, for the parts outside the LLM
-LLADA_V_PREFIXES: dict[str, str] = {LLADA_V_VISION: "vision.", "model.mm_projector.": "vision_adapter.proj."}
-#: stored tensors the base-resolution path does not use: the anyres row separator, and the tower's
-#: final norm and pooling head (LLaVA reads the features before them)
-LLADA_V_UNUSED: tuple[str, ...] = ("model.image_newline", LLADA_V_VISION + "post_layernorm.", LLADA_V_VISION + "head.")
-
-
-def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> "ModelConfig":
-    """A LLaDA-V ``config.json`` as a :class:`~mmdiff.model.ModelConfig`: decoder, SigLIP tower, projector.
-
-    The LLM is a bidirectional LLaDA with Llama keys (no logit shift). The tower is looked up by the
-    last path component of ``mm_vision_tower`` in :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` and
-    read at block -2 (LLaVA's ``SigLipVisionTower`` drops the last block and reads the new last one).
-    """
-
-    c = _read_config(config, defaults=LLADA_V_DEFAULTS, required=LLADA_V_REQUIRED, options=LLADA_V_OPTIONS,
-                     kind="LLaDA-V", source=source)
-    decoder = DecoderConfig(
-        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
-        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
-        qkv_bias=False, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=False,
-        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
-    )
-    tower = Path(str(c["mm_vision_tower"])).name
-    if tower not in SIGLIP_TOWERS:
-        raise ValueError(f"{source}: mm_vision_tower {c['mm_vision_tower']!r} is not a known SigLIP tower; "
-                         f"known: {sorted(SIGLIP_TOWERS)}")
-    width = SIGLIP_TOWERS[tower]["embed_dim"]
-    if c["mm_hidden_size"] != width:
-        raise ValueError(f"{source}: mm_hidden_size {c['mm_hidden_size']} differs from the {width}-wide {tower} tower")
-    if c["image_aspect_ratio"] != "square" or c["mm_patch_merge_type"] != "flat":
-        log.warning("%s: image_aspect_ratio %r / mm_patch_merge_type %r: mmdiff encodes only the base view "
-                    "(the whole image resized to the tower's input); anyres tiles and image_newline are not used",
-                    source, c["image_aspect_ratio"], c["mm_patch_merge_type"])
-    return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2),
-                       vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
-
-
-def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
-    """LLaDA-V tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
-    expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
-              if f"decoder.{dst}" in expected}
-    for name in expected:
-        for src, dst in LLADA_V_PREFIXES.items():
-            if name.startswith(dst):
-                rename[src + name[len(dst):]] = name
-    return rename
-
-
-def require_tokenizer(directory: Path) -> Any:
-    tokenizer = load_tokenizer_if_present(directory)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{directory} has no tokenizer files (any of {list(TOKENIZER_FILES)}); "
-                                "a multimodal model needs the checkpoint's tokenizer")
-    return tokenizer
-
-
-def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
-    """Load a LLaDA-V directory into a :class:`~mmdiff.model.MultimodalDiffusionLM`, memory-frugally.
-
-    The model is built on the meta device and every tensor is read, cast and assigned one at a
-    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged). The
-    mask id is the config's ``mask_token_id``, else the tokenizer's :data:`LLADA_MASK_TOKEN`; prompts
-    get LLaDA-V's system prompt (:data:`LLADA_V_SYSTEM_PROMPT`) and ``<image>\\n`` before the question.
-
-    Args:
-        path: the LLaDA-V directory (``config.json``, safetensors shards, tokenizer files).
-        dtype: parameter dtype; None keeps the checkpoint's own.
-        device: where the parameters live.
-    """
-
-    directory, config = open_checkpoint(path)
-    cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))
-    hf_tokenizer = require_tokenizer(directory)
-    mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
-    special = _hf_special_ids(directory, config, fallback={
-        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
-    tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
-                                  system=LLADA_V_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files = shard_index(directory)
-    unused = sorted(n for n in files if n.startswith(LLADA_V_UNUSED))
-    if unused:
-        log.info("%s: not used by the base-resolution path: %s", directory, unused)
-    files = {n: p for n, p in files.items() if n not in unused}
-    rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
-    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
-    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
-                       assign=True)
-    assert_materialised(model)
-    log.info("loaded LLaDA-V %s (vision tower %s, %s)", directory, cfg.vision.name, next(model.parameters()).dtype)
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------------------------
-# mmdiff convert SRC DST
-# ------------------------------------------------------------------------------------------------
-def save_decoder(decoder: Decoder, directory: str | Path) -> None:
-    """Write ``decoder`` in the ``mmdiff-decoder`` format: ``config.json`` (model_type
-    ``mmdiff-decoder`` + :class:`DecoderConfig`) and ``model.safetensors`` with the decoder's own
-    tensor names; :func:`load_pretrained` reads it back."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / CONFIG_NAME, {"model_type": "mmdiff-decoder", **decoder.cfg.to_dict()})
-    save_weights(decoder, directory / WEIGHTS_NAME)
-
-
-def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
-            device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Write a text-only LLaDA / Dream checkpoint (or an mmdiff-decoder directory, e.g. to change its
-    dtype) in the mmdiff-decoder format: ``config.json`` + ``model.safetensors`` (via
-    :func:`save_decoder`), ``special_tokens.json``, and copies of the tokenizer files. ``dst`` is
-    checked before anything is read.
-
-    Raises:
-        ValueError: ``src`` is an mmdiff model directory (nothing to convert) or an unsupported
-            checkpoint; ``dst`` is not empty.
-        FileExistsError, NotADirectoryError, PermissionError: ``dst`` cannot be written.
-    """
-    dst = check_output_dir(dst, flag="DST")
-    if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"destination {dst} exists and is not empty")
-    directory, config = open_checkpoint(src)
-    if config.get("model_type") == MODEL_TYPE:
-        raise ValueError(f"{directory} is an mmdiff model directory: it needs no conversion (give it as --model, or "
-                         "mmdiff.load it); convert takes text-only LLaDA / Dream checkpoints and mmdiff-decoder "
-                         "directories")
-    loaded = load_pretrained(src, dtype=dtype, device=device, tokenizer=False)
-    save_decoder(loaded.decoder, dst)
-    if loaded.special_ids is not None:
-        write_json(dst / SPECIAL_TOKENS_NAME, asdict(loaded.special_ids))
-    for path in tokenizer_files(src):
-        shutil.copyfile(path, dst / path.name)
-    return loaded
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``mmdiff convert SRC DST [--dtype ...] [--device ...]``."""
-    parser.add_argument("src", help="a text-only LLaDA or Dream checkpoint directory, or an mmdiff-decoder "
-                                    "directory written by convert (an mmdiff model directory needs no conversion; "
-                                    "LLaDA-V loads with mmdiff.load)")
-    parser.add_argument("dst", help="output directory, in the mmdiff-decoder format (created; must be empty if "
-                                    "it exists)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="parameter dtype of the output (default: the checkpoint's own)")
-    parser.add_argument("--device", default="cpu", help="device to load on while converting (default: cpu)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``mmdiff convert``: :func:`convert`, then one summary line."""
-    loaded = convert(args.src, args.dst, dtype=None if args.dtype is None else DTYPES[args.dtype],
-                     device=check_device(args.device))
-    n_params = sum(p.numel() for p in loaded.decoder.parameters())
-    print(f"converted {loaded.format} checkpoint {args.src} -> {args.dst} "
-          f"({n_params:,} parameters, {next(loaded.decoder.parameters()).dtype}); special ids {loaded.special_ids}")
-    return 0

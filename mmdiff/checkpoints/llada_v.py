@@ -1,0 +1,151 @@
+"""LLaDA-V (You et al. 2025, ``LlavaLLaDAModelLM``, LLaVA-OneVision layout) into
+:class:`~mmdiff.model.MultimodalDiffusionLM`.
+
+A LLaDA under Llama names (``model.layers.*``, ``lm_head``), a SigLIP tower under
+``model.vision_tower.vision_tower.vision_model.*`` (last block removed, as LLaVA does) and an
+``mlp2x_gelu`` projector ``model.mm_projector.{0,2}``. :func:`load_llada_v` loads it the same
+frugal way as the text formats (:mod:`mmdiff.checkpoints.formats`). Only the base-resolution view is
+encoded (the whole image resized to the tower's input size): ``anyres`` tiling and the
+``image_newline`` separators it uses are not implemented.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..adapters import ProjectorConfig
+from ..decoder import DecoderConfig
+from ..encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
+from ..io import CONFIG_NAME, load_state_checked
+from ..model import ModelConfig, MultimodalDiffusionLM
+from .formats import (
+    DREAM_WEIGHTS,
+    _hf_special_ids,
+    _read_config,
+    assert_materialised,
+    check_weights,
+    expand_names,
+    open_checkpoint,
+    read_weights,
+    shard_index,
+)
+from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+
+log = logging.getLogger("mmdiff")
+
+# ------------------------------------------------------------------------------------------------
+# LLaDA-V: LLaDA (Llama names) + SigLIP tower + mlp2x_gelu projector
+# ------------------------------------------------------------------------------------------------
+#: LlamaConfig defaults of the LLM keys and LLaVA's defaults of the multimodal keys read here.
+LLADA_V_DEFAULTS: dict[str, Any] = dict(
+    num_key_value_heads=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    max_position_embeddings=2048, hidden_act="silu", rope_scaling=None, attention_bias=False, mlp_bias=False,
+    mm_projector_type="linear", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+    mm_use_im_start_end=False, image_aspect_ratio="square", mm_patch_merge_type="flat",
+)
+LLADA_V_OPTIONS: dict[str, tuple] = dict(
+    hidden_act=("silu",), rope_scaling=(None,), attention_bias=(False,), mlp_bias=(False,),
+    mm_projector_type=("mlp2x_gelu",), mm_vision_select_layer=(-2,), mm_vision_select_feature=("patch",),
+    mm_use_im_start_end=(False,),
+)
+LLADA_V_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                     "vocab_size", "mm_vision_tower", "mm_hidden_size")
+
+#: the system prompt of LLaDA-V's ``llava_llada`` conversation template (LLaVA's, for LLaDA)
+LLADA_V_SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                         "content that the user provides, and assist the user with a variety of tasks using natural "
+                         "language.")
+LLADA_V_VISION = "model.vision_tower.vision_tower.vision_model."
+#: checkpoint prefix -> MultimodalDiffusionLM prefix, for the parts outside the LLM
+LLADA_V_PREFIXES: dict[str, str] = {LLADA_V_VISION: "vision.", "model.mm_projector.": "vision_adapter.proj."}
+#: stored tensors the base-resolution path does not use: the anyres row separator, and the tower's
+#: final norm and pooling head (LLaVA reads the features before them)
+LLADA_V_UNUSED: tuple[str, ...] = ("model.image_newline", LLADA_V_VISION + "post_layernorm.", LLADA_V_VISION + "head.")
+
+
+def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> "ModelConfig":
+    """A LLaDA-V ``config.json`` as a :class:`~mmdiff.model.ModelConfig`: decoder, SigLIP tower, projector.
+
+    The LLM is a bidirectional LLaDA with Llama keys (no logit shift). The tower is looked up by the
+    last path component of ``mm_vision_tower`` in :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` and
+    read at block -2 (LLaVA's ``SigLipVisionTower`` drops the last block and reads the new last one).
+    """
+
+    c = _read_config(config, defaults=LLADA_V_DEFAULTS, required=LLADA_V_REQUIRED, options=LLADA_V_OPTIONS,
+                     kind="LLaDA-V", source=source)
+    decoder = DecoderConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
+        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
+        qkv_bias=False, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=False,
+        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
+    )
+    tower = Path(str(c["mm_vision_tower"])).name
+    if tower not in SIGLIP_TOWERS:
+        raise ValueError(f"{source}: mm_vision_tower {c['mm_vision_tower']!r} is not a known SigLIP tower; "
+                         f"known: {sorted(SIGLIP_TOWERS)}")
+    width = SIGLIP_TOWERS[tower]["embed_dim"]
+    if c["mm_hidden_size"] != width:
+        raise ValueError(f"{source}: mm_hidden_size {c['mm_hidden_size']} differs from the {width}-wide {tower} tower")
+    if c["image_aspect_ratio"] != "square" or c["mm_patch_merge_type"] != "flat":
+        log.warning("%s: image_aspect_ratio %r / mm_patch_merge_type %r: mmdiff encodes only the base view "
+                    "(the whole image resized to the tower's input); anyres tiles and image_newline are not used",
+                    source, c["image_aspect_ratio"], c["mm_patch_merge_type"])
+    return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2),
+                       vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
+
+
+def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
+    """LLaDA-V tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
+    expected = set(expected)
+    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
+              if f"decoder.{dst}" in expected}
+    for name in expected:
+        for src, dst in LLADA_V_PREFIXES.items():
+            if name.startswith(dst):
+                rename[src + name[len(dst):]] = name
+    return rename
+
+
+
+def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
+    """Load a LLaDA-V directory into a :class:`~mmdiff.model.MultimodalDiffusionLM`, memory-frugally.
+
+    The model is built on the meta device and every tensor is read, cast and assigned one at a
+    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged). The
+    mask id is the config's ``mask_token_id``, else the tokenizer's :data:`LLADA_MASK_TOKEN`; prompts
+    get LLaDA-V's system prompt (:data:`LLADA_V_SYSTEM_PROMPT`) and ``<image>\\n`` before the question.
+
+    Args:
+        path: the LLaDA-V directory (``config.json``, safetensors shards, tokenizer files).
+        dtype: parameter dtype; None keeps the checkpoint's own.
+        device: where the parameters live.
+    """
+
+    directory, config = open_checkpoint(path)
+    cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))
+    hf_tokenizer = require_tokenizer(directory)
+    mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
+    special = _hf_special_ids(directory, config, fallback={
+        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
+    tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
+                                  system=LLADA_V_SYSTEM_PROMPT)
+    with torch.device("meta"):
+        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = shard_index(directory)
+    unused = sorted(n for n in files if n.startswith(LLADA_V_UNUSED))
+    if unused:
+        log.info("%s: not used by the base-resolution path: %s", directory, unused)
+    files = {n: p for n, p in files.items() if n not in unused}
+    rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
+    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
+    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
+                       assign=True)
+    assert_materialised(model)
+    log.info("loaded LLaDA-V %s (vision tower %s, %s)", directory, cfg.vision.name, next(model.parameters()).dtype)
+    return model.eval()

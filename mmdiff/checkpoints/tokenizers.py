@@ -1,0 +1,105 @@
+"""Released tokenizers under mmdiff's special-token names.
+
+Released tokenizers name their special tokens their own way and have no ``<image>`` placeholder;
+:class:`ReleasedTokenizer` presents them under mmdiff's names (:mod:`mmdiff.special_tokens`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import special_tokens as st
+from ..special_tokens import SpecialIds
+from .formats import TOKENIZER_FILES, load_tokenizer_if_present
+
+# ------------------------------------------------------------------------------------------------
+# released tokenizers under mmdiff's special-token names
+# ------------------------------------------------------------------------------------------------
+#: LLaDA's mask token in its tokenizer; the mask id comes from it only when no config declares one.
+LLADA_MASK_TOKEN = "<|mdm_mask|>"
+
+
+class ReleasedTokenizer:
+    """A released checkpoint's tokenizer, presented under mmdiff's special-token names.
+
+    :class:`~mmdiff.model.MultimodalDiffusionLM` resolves its ids by name
+    (:meth:`SpecialIds.from_tokenizer`) and writes prompts with ``<image>`` / ``<audio>``
+    placeholders. This wrapper answers mmdiff's MASK / PAD / EOS / BOS names with the ids the
+    checkpoint declares, adds ``<image>`` and ``<audio>`` to the tokenizer as special tokens (their
+    embeddings are never read: :meth:`~mmdiff.model.MultimodalDiffusionLM.embed_prompt` replaces
+    them), and writes a placeholder as LLaVA does, on its own line before the text. Prompts use the
+    tokenizer's own chat template, after the model's system prompt when it has one; a tokenizer
+    without a template (a base model's) gets the bare text.
+
+    Args:
+        tokenizer: the checkpoint's transformers tokenizer (placeholders are added to it).
+        special: the ids the checkpoint declares.
+        vocab_size: rows of the model's embedding; the placeholder ids must fall below it.
+        system: system prompt put before the conversation when it has none (LLaDA-V's).
+    """
+
+    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None) -> None:
+        tokenizer.add_tokens([st.IMAGE, st.AUDIO], special_tokens=True)
+        image, audio = (int(tokenizer.convert_tokens_to_ids(t)) for t in (st.IMAGE, st.AUDIO))
+        taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
+        for name, i in ((st.IMAGE, image), (st.AUDIO, audio)):
+            if i >= vocab_size or i in taken:
+                raise ValueError(f"placeholder {name} got id {i}, which is outside the model's {vocab_size} "
+                                 f"embedding rows or is one of its special ids {taken}")
+        self.tokenizer, self.system = tokenizer, system
+        self.special = replace(special, image=image, audio=audio)
+        self._ids: dict[str, int | None] = {st.MASK: special.mask, st.PAD: special.pad, st.EOS: special.eos,
+                                            st.BOS: special.bos, st.IMAGE: image, st.AUDIO: audio}
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.tokenizer.unk_token
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.tokenizer.unk_token_id
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        return self.tokenizer.backend_tokenizer
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """mmdiff's special names map to the checkpoint's ids; other tokens are looked up as usual."""
+        return self._ids[token] if token in self._ids else self.tokenizer.convert_tokens_to_ids(token)
+
+    def __call__(self, text: str | list[str], **kwargs: Any) -> Any:
+        return self.tokenizer(text, **kwargs)
+
+    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(list(ids), **kwargs)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+        """The tokenizer's chat template in LLaVA's layout: media placeholders first, each on its own
+        line, then the text (``<image>\\nquestion``), wherever mmdiff's prompt placed them."""
+        messages = [{**m, "content": _llava_layout(m["content"])} for m in messages]
+        if self.system is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        if self.tokenizer.chat_template is None:  # base models: the text itself
+            text = "".join(m["content"] for m in messages)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+
+def _llava_layout(content: str) -> str:
+    """Move ``<image>`` / ``<audio>`` placeholders to the front, one per line, keeping their order."""
+    placeholders = re.findall(f"{re.escape(st.IMAGE)}|{re.escape(st.AUDIO)}", content)
+    text = content.replace(st.IMAGE, "").replace(st.AUDIO, "")
+    return "".join(p + "\n" for p in placeholders) + text
+
+
+def require_tokenizer(directory: Path) -> Any:
+    tokenizer = load_tokenizer_if_present(directory)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{directory} has no tokenizer files (any of {list(TOKENIZER_FILES)}); "
+                                "a multimodal model needs the checkpoint's tokenizer")
+    return tokenizer
