@@ -154,3 +154,120 @@ def test_real_lmms_eval_instances_and_registry(model_dir, docs) -> None:
                         metadata={"task": TASK, "doc_id": args[3], "repeats": 1})
 
     assert lm.generate_until(requests_for(docs, make=make)) == direct(lm, docs)
+
+
+# --- one lmms-eval task end to end, as `lmms-eval --model mmdiff` runs it --------------------------
+#: a generate_until task scored by lmms-eval's own exact_match, on a local `datasets` directory
+#: (lmms-eval's offline mechanism: ``dataset_kwargs: {load_from_disk: true}``)
+LMMS_TASK = "mmdiff_local_vqa"
+TASK_YAML = """task: {task}
+dataset_path: {dataset}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: image
+doc_to_text: "{{{{question}}}}"
+doc_to_target: answer
+generation_kwargs:
+  until: []
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: true
+"""
+#: question families with one- or two-word answers, where the VQA normalisation of mmdiff's
+#: exact_match comes down to lower-casing and dropping punctuation, as lmms-eval's does
+SHORT_TYPES = ("attribute", "existence", "count", "position", "relation", "comparison")
+E2E_ROWS, E2E_DECODE = 8, "gen_length=8"
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory) -> tuple[Path, Path]:
+    """(task directory with the YAML, mmdiff JSONL of the same rows): eight short-answer rows of the
+    synthetic test split, the lmms-eval copy as a ``save_to_disk`` directory with the images in it."""
+    import json
+
+    import datasets
+
+    from mmdiff.evaluation.metrics import normalize_answer
+
+    root = tmp_path_factory.mktemp("lmms-task")
+    data = write_split(root / "data", split="test", n=4 * E2E_ROWS, seed=0, progress=False)
+    rows = [r for r in map(json.loads, data.read_text().splitlines()) if r["type"] in SHORT_TYPES][:E2E_ROWS]
+    rows[-1]["answers"] = ["nothing the model says"]  # so that a perfect answer sheet does not score 1
+    short = data.with_name("short.jsonl")
+    short.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    features = datasets.Features({"question": datasets.Value("string"), "image": datasets.Image(),
+                                  "answer": datasets.Value("string")})
+    table = {"question": [r["question"] for r in rows], "image": [str(data.parent / r["image"]) for r in rows],
+             "answer": [normalize_answer(r["answers"][0]) for r in rows]}
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(root / "hf")
+    (root / "tasks").mkdir()
+    (root / "tasks" / f"{LMMS_TASK}.yaml").write_text(TASK_YAML.format(task=LMMS_TASK, dataset=root / "hf"))
+    return root / "tasks", short
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: the hub is off and any socket connection fails the test."""
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def refuse(self, address):
+        raise AssertionError(f"network access to {address} during an offline lmms-eval run")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def lmms_eval_run(model_dir: Path, task_dir: Path) -> tuple[float, list[str]]:
+    """lmms-eval's ``simple_evaluate`` with ``model="mmdiff"``: (exact_match, answers in doc order)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    plugin.register()
+    out = simple_evaluate(model="mmdiff", model_args=f"pretrained={model_dir},{E2E_DECODE}", tasks=[LMMS_TASK],
+                          batch_size=4, device="cpu", log_samples=True, bootstrap_iters=0, verbosity="WARNING",
+                          task_manager=TaskManager("WARNING", include_path=str(task_dir), include_defaults=False))
+    samples = sorted(out["samples"][LMMS_TASK], key=lambda s: s["doc_id"])
+    return out["results"][LMMS_TASK]["exact_match,none"], [s["resps"][0][0] for s in samples]
+
+
+def mmdiff_eval_run(model_dir: Path, data: Path, out: Path) -> tuple[float, list[str]]:
+    """mmdiff's own evaluator on the same rows: (accuracy = mean exact match, answers in data order)."""
+    import torch
+
+    from mmdiff import load
+    from mmdiff.evaluation.runner import PREDICTIONS_FILE, evaluate, read_jsonl
+
+    decode = DecodeConfig().with_values(dict(a.split("=") for a in E2E_DECODE.split(",")), parse=True)
+    metrics = evaluate(data, out, model_dir=model_dir, model=load(model_dir, dtype=torch.float32), decode=decode,
+                       batch_size=4, progress=False)
+    return metrics["accuracy"], [p["prediction"] for p in read_jsonl(out / PREDICTIONS_FILE)]
+
+
+def llada_v_dir(root: Path) -> Path:
+    """A tiny random LLaDA-V checkpoint in the released layout (tests/test_llada_v.py's writer)."""
+    from test_llada_v import write_llada_v
+
+    write_llada_v(root / "LLaDA-V-tiny")
+    return root / "LLaDA-V-tiny"
+
+
+@pytest.mark.parametrize("kind", ["mmdiff-tiny", "llada-v"])
+def test_an_lmms_eval_task_end_to_end_scores_as_mmdiff_eval(kind, local_task, offline, tmp_path) -> None:
+    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is not installed")
+    from mmdiff import DEFAULT_MODEL_DIR
+
+    task_dir, data = local_task
+    model_dir = Path(DEFAULT_MODEL_DIR) if kind == "mmdiff-tiny" else llada_v_dir(tmp_path)
+    score, answers = lmms_eval_run(model_dir, task_dir)
+    expected_score, expected = mmdiff_eval_run(model_dir, data, tmp_path / "eval")
+    assert len(answers) == E2E_ROWS and answers == expected
+    assert score == pytest.approx(expected_score, abs=1e-12)
+    if kind == "mmdiff-tiny":  # the trained model answers some of them right
+        assert 0 < score < 1

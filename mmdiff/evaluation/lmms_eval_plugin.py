@@ -28,9 +28,28 @@ group. Three ways to use it:
 ``skip_layers=3;4``). The decode settings come from ``model_args`` only, so a
 run is reproducible from them: of the task's ``gen_kwargs`` only ``until`` (stop strings, cut
 from the answer) is used; ``max_new_tokens`` etc. are ignored (logged once).
+
+``pretrained`` is any directory :func:`mmdiff.load` reads: mmdiff's own models and released
+checkpoints (LLaDA-V; LLaDA / Dream as text-only models). ``dtype`` (``float32``, ``bfloat16``,
+``float16``) defaults to float32 on CPU and to the checkpoint's own dtype on a GPU.
+
+Offline runs. Nothing here or in lmms-eval's import reaches the network (checked with
+``socket.connect`` audited in tests/test_lmms_eval_plugin.py); a task whose ``dataset_path`` is a
+local directory written with ``DatasetDict.save_to_disk`` and ``dataset_kwargs: {load_from_disk:
+true}`` (lmms-eval's offline mechanism) is read without the hub. Set ``HF_HUB_OFFLINE=1
+HF_DATASETS_OFFLINE=1`` so a hub dataset path fails at once instead of retrying (lmms-eval retries a
+failed download for up to a minute). ``import lmms_eval.evaluator`` costs about 5 s of CPU (it imports
+``evaluate``, which imports transformers' pipelines).
+
+lmms-eval 0.7.3 with filelock >= 4: its ``simple_evaluate`` first patches filelock's singleton
+metaclass through ``filelock._api``, a module filelock 4 no longer has, so every run stops with
+``ModuleNotFoundError: No module named 'filelock._api'`` (whatever the model). That patch only
+matters for several ranks sharing a lock file; this plugin runs in one process, so creating
+:class:`MMDiffLMMS` marks it as applied when filelock has no ``_api`` (:func:`_skip_rank_lock_patch`).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -39,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import DEFAULT_MODEL_DIR
-from ..model import MultimodalDiffusionLM
+from ..checkpoints import DTYPES
+from ..loading import load
 from ..sampling import DecodeConfig
 from .runner import answer_batch
 
@@ -78,13 +98,28 @@ def _require_lmms_eval() -> None:
                           "to run mmdiff through lmms-eval (mmdiff's own evaluator is `mmdiff eval`)")
 
 
+def _skip_rank_lock_patch() -> None:
+    """Let lmms-eval 0.7.3's ``simple_evaluate`` run with filelock >= 4 (see the module docstring):
+    its cross-rank lock patch imports ``filelock._api``; without that module the patch is marked as
+    applied (one process has no other rank to share a lock with)."""
+    if _MISSING is not None or importlib.util.find_spec("filelock._api") is not None:
+        return
+    from lmms_eval import evaluator
+
+    patch = getattr(evaluator, "_enable_reentrant_filelocks", None)
+    if patch is not None:
+        patch._patched = True
+
+
 @register_model(NAME)
 class MMDiffLMMS(_LMMSBase):
     """An lmms-eval "simple" model (``doc_to_visual`` + text context) backed by an mmdiff model.
 
     Args:
-        pretrained: mmdiff model directory.
+        pretrained: any directory :func:`mmdiff.load` reads (mmdiff's own, LLaDA-V, LLaDA, Dream).
         device: where the model runs (default: cuda if available, else cpu).
+        dtype: parameter dtype, a name of :data:`mmdiff.checkpoints.DTYPES`; None: float32 on CPU,
+            the checkpoint's own dtype elsewhere.
         batch_size: requests per ``generate`` call.
         max_batch_size: passed by lmms-eval's evaluator; unused.
         **options: :class:`~mmdiff.sampling.DecodeConfig` options by key (text values are
@@ -93,11 +128,10 @@ class MMDiffLMMS(_LMMSBase):
 
     is_simple = True
 
-    def __init__(self, pretrained: str = DEFAULT_MODEL_DIR, device: str | None = None, batch_size: int | str = 1,
-                 max_batch_size: int | None = None, **options: Any) -> None:
+    def __init__(self, pretrained: str = DEFAULT_MODEL_DIR, device: str | None = None, dtype: str | None = None,
+                 batch_size: int | str = 1, max_batch_size: int | None = None, **options: Any) -> None:
         super().__init__()
         import torch
-
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("the mmdiff lmms-eval plugin runs in one process; "
@@ -105,11 +139,18 @@ class MMDiffLMMS(_LMMSBase):
         known = {o.key for o in DecodeConfig.options()}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown mmdiff model_args {unknown}; known: pretrained, device, batch_size, "
+            raise ValueError(f"unknown mmdiff model_args {unknown}; known: pretrained, device, dtype, batch_size, "
                              f"{', '.join(sorted(known))}")
+        if dtype not in (None, "None", *DTYPES):
+            raise ValueError(f"unknown mmdiff model_args dtype={dtype!r}; known: {', '.join(DTYPES)}")
         self.decode = DecodeConfig().with_values(options, parse=True)  # lmms-eval passes text ("None", "0.5")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = MultimodalDiffusionLM.from_pretrained(Path(pretrained), device=device)
+        if dtype in (None, "None"):
+            torch_dtype = torch.float32 if torch.device(device).type == "cpu" else None
+        else:
+            torch_dtype = DTYPES[dtype]
+        self.model = load(Path(pretrained), dtype=torch_dtype, device=device)
+        _skip_rank_lock_patch()
         self.batch_size = int(batch_size)
         self._ignored: set[str] = set()
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..adapters.ctc import LM_NAME
+from ..checkpoints.formats import INDEX_NAME, shard_index
 from ..data.dataset import Row, RowError, read_rows
 from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_output_dir, read_json, write_json
 from ..model import MultimodalDiffusionLM
@@ -143,7 +144,9 @@ def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig,
     pruning and test-time search settings, and ``canvas``: {question type: canvas length}, or None
     when every row takes the sampler's ``gen_length`` (set to None when the types have their own)."""
     model_dir, data = Path(model_dir), Path(data)
-    model_files = [model_dir / CONFIG_NAME, model_dir / WEIGHTS_NAME]
+    weights = sorted(set(shard_index(model_dir).values())) if (model_dir / INDEX_NAME).is_file() \
+        else [model_dir / WEIGHTS_NAME]  # a released checkpoint's shards, or mmdiff's one file
+    model_files = [model_dir / CONFIG_NAME, *weights]
     if (model_dir / LM_NAME).is_file():  # the CTC beam's LM changes spoken answers
         model_files.append(model_dir / LM_NAME)
     identity = {"model": str(model_dir.resolve()),
