@@ -2,7 +2,10 @@
 
 t = 1 is the fully masked canvas and t = 0 the clean answer. Sampling walks t from 1 to 0 in
 ``steps`` equal increments; the number of tokens unmasked at a step is the drop in
-``round(n * sigma(t))`` across it (at least one, so every step does work).
+``round(n * sigma(t))`` across it (at least one, so every step does work). The linear schedule allots
+exactly as LLaDA's ``get_num_transfer_tokens``: ``n // steps`` a step, one more on each of the first
+``n % steps`` steps (rounding the grid would put those extra tokens elsewhere, e.g. 3, 2, 3 instead of
+LLaDA's 3, 3, 2 for 8 tokens in 3 steps, and decode other tokens than the reference samplers).
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ def num_transfer(n_masked: torch.Tensor, steps: int, *, schedule: str = "linear"
         (B, steps) long tensor whose rows sum to ``n_masked``.
     """
     sigma = SCHEDULES.get(schedule)
+    if sigma is linear:  # LLaDA's allotment (see the module docstring)
+        base, extra = n_masked[:, None] // steps, n_masked[:, None] % steps  # (B, 1)
+        return base + (torch.arange(steps, device=n_masked.device)[None, :] < extra).long()  # (B, S)
     ts = torch.tensor([sigma(1 - i / steps, shift) for i in range(steps + 1)], dtype=torch.float64)  # (S+1,)
     remaining = torch.round(n_masked[:, None].double() * ts[None, :]).long()  # (B, S+1)
     remaining[:, 0], remaining[:, -1] = n_masked, 0

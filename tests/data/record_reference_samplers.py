@@ -28,9 +28,11 @@ MASK = 500  # llada-tiny's <|mdm_mask|> (fixture README: 126336 -> 500)
 SPECIAL_FROM = 448  # ids >= 448 are llada-tiny's special tokens; prompts use ids below
 PROMPT_SEED, BATCH, PROMPT_LEN = 20261204, 8, 10
 BASE = dict(gen_length=16, block_length=8, temperature=0.0, remasking="low_confidence", mask_id=MASK)
-#: (steps, threshold) of the Fast-dLLM runs: the schedule (2 tokens a step), threshold 0.9, and a low
-#: threshold that fixes several tokens in one step on this near-uniform random model
-FAST_DLLM_SETTINGS = ((8, None), (16, 0.9), (16, 0.0034))
+#: steps of the schedule runs: 2 tokens a step; 3 steps a block of 8 (3, 3, 2 tokens: where the remainder goes)
+SCHEDULE_STEPS = (8, 6)
+#: (steps, threshold) of the Fast-dLLM runs: the schedule runs, threshold 0.9, and a low threshold that
+#: fixes several tokens in one step on this near-uniform random model
+FAST_DLLM_SETTINGS = tuple((steps, None) for steps in SCHEDULE_STEPS) + ((16, 0.9), (16, 0.0034))
 FAST_DLLM_FUNCTIONS = ("generate", "generate_with_prefix_cache", "generate_with_dual_cache")
 
 
@@ -94,7 +96,7 @@ def main() -> None:
     runs = []
     sources = {"llada": ("ML-GSAI/LLaDA", commit_of(args.llada), "generate.py"),
                "fast": ("NVlabs/Fast-dLLM", commit_of(args.fast_dllm), "llada/generate.py")}
-    plan = [("llada", "generate", dict(steps=8, **BASE), batch) for batch in (1, BATCH)]
+    plan = [("llada", "generate", dict(steps=steps, **BASE), batch) for steps in SCHEDULE_STEPS for batch in (1, BATCH)]
     plan += [("fast", name, dict(steps=steps, **BASE, threshold=threshold), 1)
              for name in FAST_DLLM_FUNCTIONS for steps, threshold in FAST_DLLM_SETTINGS]
     for source, name, kwargs, batch in plan:
