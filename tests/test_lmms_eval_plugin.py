@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmdiff.data import write_split
@@ -116,6 +117,10 @@ def test_unsupported_calls_and_bad_arguments_fail_clearly(lmm, model_dir) -> Non
         plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", gen_len=4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plugin.MMDiffLMMS(pretrained=str(model_dir / "nope"), device="cpu")
+    with pytest.raises(ValueError, match="unknown mmdiff model_args dtype='float8'; known: float32, bfloat16"):
+        plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", dtype="float8")
+    half = plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
 
 
 def test_without_lmms_eval_the_module_imports_and_registration_says_why(monkeypatch) -> None:
@@ -271,3 +276,22 @@ def test_an_lmms_eval_task_end_to_end_scores_as_mmdiff_eval(kind, local_task, of
     assert score == pytest.approx(expected_score, abs=1e-12)
     if kind == "mmdiff-tiny":  # the trained model answers some of them right
         assert 0 < score < 1
+
+
+def test_the_plugin_command_line_runs_the_task_end_to_end(local_task, offline, tmp_path) -> None:
+    """``python -m mmdiff.evaluation.lmms_eval_plugin --model mmdiff ...`` (lmms-eval's own command
+    line, :func:`plugin.main`), run in this process: its results file holds mmdiff eval's score."""
+    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is not installed")
+    import json
+
+    from mmdiff import DEFAULT_MODEL_DIR
+
+    task_dir, data = local_task
+    plugin.main(["--model", "mmdiff", "--model_args", f"pretrained={DEFAULT_MODEL_DIR},{E2E_DECODE}",
+                 "--tasks", LMMS_TASK, "--include_path", str(task_dir), "--batch_size", "4", "--device", "cpu",
+                 "--output_path", str(tmp_path / "out"), "--log_samples", "--verbosity", "WARNING"])
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("*_samples_*.jsonl")).read_text().splitlines()]
+    expected_score, expected = mmdiff_eval_run(Path(DEFAULT_MODEL_DIR), data, tmp_path / "eval")
+    assert results["results"][LMMS_TASK]["exact_match,none"] == pytest.approx(expected_score, abs=1e-12)
+    assert [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])] == expected

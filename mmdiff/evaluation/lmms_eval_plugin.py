@@ -18,10 +18,11 @@ group. Three ways to use it:
   (:func:`main` registers the model, then runs lmms-eval's own command line);
 * Python: ``register()`` then ``lmms_eval.evaluator.simple_evaluate(model="mmdiff", ...)``, or pass
   ``MMDiffLMMS(pretrained=...)`` itself as ``model``;
-* ``python -m lmms_eval --model mmdiff`` once the package declares the entry point
-  ``[project.entry-points."lmms_eval.models"] mmdiff = "mmdiff.evaluation.lmms_eval_plugin:manifest"``.
+* ``lmms-eval --model mmdiff`` (or ``python -m lmms_eval``) when mmdiff is installed: pyproject.toml
+  declares the entry point ``[project.entry-points."lmms_eval.models"] mmdiff =
+  "mmdiff.evaluation.lmms_eval_plugin:manifest"``.
 
-``model_args``: ``pretrained`` (model directory), ``device``, ``batch_size``, and any option of
+``model_args``: ``pretrained`` (model directory), ``device``, ``dtype``, ``batch_size``, and any option of
 :class:`~mmdiff.sampling.DecodeConfig` by its flat name, the flag's without dashes (``gen_length=8``,
 ``steps=4``, ``transfer=threshold``, ``cache=prefix``, ``prune=fastv``, ``keep_ratio=0.5``,
 ``search=best_of_n``; lists with ``;`` as lmms-eval splits ``model_args`` at commas:
@@ -33,13 +34,15 @@ from the answer) is used; ``max_new_tokens`` etc. are ignored (logged once).
 checkpoints (LLaDA-V; LLaDA / Dream as text-only models). ``dtype`` (``float32``, ``bfloat16``,
 ``float16``) defaults to float32 on CPU and to the checkpoint's own dtype on a GPU.
 
-Offline runs. Nothing here or in lmms-eval's import reaches the network (checked with
-``socket.connect`` audited in tests/test_lmms_eval_plugin.py); a task whose ``dataset_path`` is a
-local directory written with ``DatasetDict.save_to_disk`` and ``dataset_kwargs: {load_from_disk:
-true}`` (lmms-eval's offline mechanism) is read without the hub. Set ``HF_HUB_OFFLINE=1
-HF_DATASETS_OFFLINE=1`` so a hub dataset path fails at once instead of retrying (lmms-eval retries a
-failed download for up to a minute). ``import lmms_eval.evaluator`` costs about 5 s of CPU (it imports
-``evaluate``, which imports transformers' pipelines).
+Offline runs. Neither this plugin nor lmms-eval's import and evaluation opens a connection for a
+local task (tests/test_lmms_eval_plugin.py runs one with ``socket.connect`` refused): a task YAML
+whose ``dataset_path`` is a directory written by ``DatasetDict.save_to_disk``, with
+``dataset_kwargs: {load_from_disk: true}`` (lmms-eval's offline mechanism), ``doc_to_visual`` naming
+an ``Image`` column, loaded with ``--include_path`` (``TaskManager(include_path=...)``). Set
+``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1``: a task that names a hub dataset then fails with
+``OfflineModeIsEnabled`` (after lmms-eval's 5 download attempts, 2 s apart) instead of reaching for
+the network. ``import lmms_eval.evaluator`` takes about 5 s of CPU (it imports ``evaluate``, which
+imports transformers' pipelines).
 
 lmms-eval 0.7.3 with filelock >= 4: its ``simple_evaluate`` first patches filelock's singleton
 metaclass through ``filelock._api``, a module filelock 4 no longer has, so every run stops with
