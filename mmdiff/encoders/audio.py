@@ -124,6 +124,7 @@ class AudioFeatures:
     last: torch.Tensor  # (B, T', D) final states (after the encoder's layer norm)
     layers: list[torch.Tensor]  # output_layers' states, each (B, T', D)
     mask: torch.Tensor  # (B, T') bool, True at real frames
+    window: bool = False  # the states cover the encoder's whole window, padding included (pad_to_window)
 
 
 def build_audio_encoder(cfg: AudioEncoderConfig) -> "AudioEncoder":
@@ -265,7 +266,8 @@ class AudioEncoder(nn.Module):
             states.append(x)
         states[-1] = enc.layer_norm(x)
         if self.cfg.pad_to_window:
-            return AudioFeatures(last=states[-1], layers=[states[i] for i in self.cfg.output_layers], mask=frame_mask)
+            return AudioFeatures(last=states[-1], layers=[states[i] for i in self.cfg.output_layers], mask=frame_mask,
+                                 window=True)
         zero_pad = frame_mask[..., None].to(x.dtype)  # (B, T/2, 1)
         return AudioFeatures(last=states[-1] * zero_pad,
                              layers=[states[i] * zero_pad for i in self.cfg.output_layers],
