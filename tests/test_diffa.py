@@ -142,3 +142,18 @@ def test_diffa_bad_checkpoints_say_what_is_wrong(tmp_path):
     edit_json(d / "config.json", llm_config__d_model=64)
     with pytest.raises(ValueError, match=r"llm_config differs from the llm directory's config.json"):
         load(d)
+
+
+def test_diffa_keeps_each_directorys_dtype_and_runs_in_bf16(tmp_path, expected):
+    """As released: LLaDA in bf16, Whisper and the adapters in fp32 (dtype=None keeps each directory's own)."""
+    from safetensors.torch import load_file, save_file
+
+    d = copy_fixture(tmp_path)
+    for shard in (d / "llm").glob("*.safetensors"):
+        save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, str(shard), metadata={"format": "pt"})
+    mixed = load(d)
+    assert mixed.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in (*mixed.audio.parameters(), *mixed.audio_adapter.parameters())} == {torch.float32}
+    decode = DecodeConfig(sampler=SamplerConfig(gen_length=4, steps=4))
+    for m in (mixed, load(FIXTURE, dtype=torch.bfloat16)):
+        assert len(m.generate([QUESTION], audios=[clip(expected)], decode=decode)[0].tokens) == 4

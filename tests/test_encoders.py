@@ -397,3 +397,10 @@ def test_audio_config_validation_and_round_trip():
         AudioEncoderConfig.from_dict({"layers": 2})
     window = tiny_audio_cfg(pad_to_window=True)
     assert AudioEncoderConfig.from_dict(json.loads(json.dumps(window.to_dict()))) == window
+
+
+def test_audio_encoder_takes_float32_features_in_any_dtype():
+    enc = build_audio_encoder(tiny_audio_cfg()).eval().to(torch.bfloat16)
+    feats, mask = enc.preprocess([(np.sin(np.arange(8000) / 9).astype(np.float32), 16000)])
+    with torch.no_grad():
+        assert enc(feats, mask).last.dtype == torch.bfloat16

@@ -190,23 +190,26 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
         model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
-              if f"decoder.{dst}" in expected}
-    files = dict(shard_index(dirs["llm"]))
+    llm_files = shard_index(dirs["llm"])
+    llm_names = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
+                 if f"decoder.{dst}" in expected}
     whisper_files = shard_index(dirs["whisper"])
     prefix = next((p for p in WHISPER_PREFIXES if any(n.startswith(p) for n in whisper_files)), "")
     encoder = {n: p for n, p in whisper_files.items() if n.startswith(prefix)}
-    rename |= {n: "audio.encoder." + n[len(prefix):] for n in encoder}
-    files |= encoder
     adapters = _adapter_files(directory)
     unused = sorted(n for n in adapters if n.startswith(DIFFA_UNUSED))
     if unused:
         log.info("%s: not used at inference: %s", directory, unused)
-    files |= {n: p for n, p in adapters.items() if n not in unused}
-    rename |= diffa_adapter_names(cfg.audio_adapter)
-    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
-    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
-                       assign=True)
+    # each directory keeps its own dtype when dtype is None (the release runs LLaDA in bf16, Whisper and the
+    # adapters in fp32; the adapters' tokens are cast to the decoder's dtype when placed in the prompt)
+    sources = ((dirs["llm"], llm_files, llm_names),
+               (dirs["whisper"], encoder, {n: "audio.encoder." + n[len(prefix):] for n in encoder}),
+               (directory, {n: p for n, p in adapters.items() if n not in unused}, diffa_adapter_names(cfg.audio_adapter)))
+    state: dict[str, torch.Tensor] = {}
+    for source, files, rename in sources:
+        check_weights(files, rename, {d: expected.get(d, ()) for d in rename.values()}, dtype=dtype, source=str(source))
+        state |= read_weights(files, rename, dtype=dtype, device=device)
+    load_state_checked(model, state, source=str(directory), assign=True)
     assert_materialised(model)
     log.info("loaded DIFFA %s (Whisper %s, LLaDA %s, %s)", directory, dirs["whisper"], dirs["llm"],
              next(model.parameters()).dtype)

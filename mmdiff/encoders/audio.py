@@ -253,7 +253,7 @@ class AudioEncoder(nn.Module):
         if self.cfg.pad_to_window and T2 != enc.config.max_source_positions:
             raise ValueError(f"pad_to_window: features must fill the window of {2 * enc.config.max_source_positions} "
                              f"mel frames, got {features.shape[-1]}")
-        x = F.gelu(enc.conv1(features))  # (B, D, T)
+        x = F.gelu(enc.conv1(features.to(enc.conv1.weight.dtype)))  # (B, D, T), in the encoder's dtype
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T/2, D)
         x = x + enc.embed_positions.weight[:T2]
         bias = None  # the window: every frame attends to every frame, padding included (Whisper)
