@@ -7,6 +7,7 @@
   cross-attend to a softmax-weighted sum of ``n_encoder_layers`` encoder layers
   (``AudioEncoderConfig.output_layers``), giving a fixed number of tokens per clip.
 * ``audio_dual``: both; per clip the valid semantic tokens come first, then the queries, then padding.
+  (These three are mmdiff's own designs after DIFFA's idea; ``diffa`` below is the released maths.)
 * ``diffa``: DIFFA's released dual adapter (NKU-HLT/DIFFA ``src/modeling_DIFFA.py``, ``src/subsample.py``),
   exactly: an acoustic branch, ``num_queries`` learned prompts per tapped encoder layer, each set run
   through one shared BERT Q-Former (post-LN, cross-attending to that layer's states), mixed across
