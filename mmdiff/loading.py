@@ -11,7 +11,9 @@ import torch
 from .checkpoints import (
     SPECIAL_TOKENS_NAME,
     ReleasedTokenizer,
+    is_diffa,
     is_llada_v,
+    load_diffa,
     load_llada_v,
     load_pretrained,
     open_checkpoint,
@@ -25,6 +27,8 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
+    * DIFFA: LLaDA, Whisper encoder and dual adapter, from the directory and its ``whisper/`` and
+      ``llm/`` sub-directories (:func:`~mmdiff.checkpoints.load_diffa`);
     * LLaDA / Dream / a converted decoder with ``special_tokens.json``: a text-only model (no
       encoders yet; :mod:`mmdiff.training.adapters` attaches and trains them), with the directory's
       tokenizer under mmdiff's names (:class:`~mmdiff.checkpoints.ReleasedTokenizer`);
@@ -40,6 +44,8 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
         return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
     if is_llada_v(config):
         return load_llada_v(directory, dtype=dtype, device=device)
+    if is_diffa(config):
+        return load_diffa(directory, dtype=dtype, device=device)
     loaded = load_pretrained(directory, dtype=dtype, device=device, tokenizer=False)
     if loaded.special_ids is None:
         raise ValueError(f"{directory}: no {SPECIAL_TOKENS_NAME}, so the special-token ids are unknown "

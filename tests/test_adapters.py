@@ -249,7 +249,7 @@ def test_old_flat_adapter_section_reads_as_the_kinds_own_config():
     (dict(kind="cell_words"), "src: adapter kind 'cell_words' is not supported: the lexical vision adapter was an "
                               "experiment and was removed"),
     (dict(kind="mlp3x"), "src: Unknown adapter 'mlp3x'; known: audio_acoustic, audio_ctc, audio_dual, "
-                         "audio_semantic, linear, mlp2x_gelu"),
+                         "audio_semantic, diffa, linear, mlp2x_gelu"),
 ])
 def test_adapter_section_errors_name_the_field_or_kind(fields, message):
     with pytest.raises(ValueError, match=message):

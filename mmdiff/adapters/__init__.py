@@ -16,10 +16,16 @@ One registry for both modalities. Each entry is a class that declares
 from __future__ import annotations
 
 from . import audio, vision  # registers the entries
-from .audio import AcousticAdapterConfig, CTCAdapterConfig, DualAdapterConfig, SemanticAdapterConfig
+from .audio import (
+    AcousticAdapterConfig,
+    CTCAdapterConfig,
+    DiffaAdapterConfig,
+    DualAdapterConfig,
+    SemanticAdapterConfig,
+)
 from .base import ADAPTERS, FLAT_DEFAULTS, RETIRED_KINDS, AdapterConfig, adapter_config_from_dict, build_adapter
 from .vision import ProjectorConfig
 
-__all__ = ["ADAPTERS", "AcousticAdapterConfig", "AdapterConfig", "CTCAdapterConfig", "DualAdapterConfig",
+__all__ = ["ADAPTERS", "AcousticAdapterConfig", "AdapterConfig", "CTCAdapterConfig", "DiffaAdapterConfig", "DualAdapterConfig",
            "FLAT_DEFAULTS", "ProjectorConfig", "RETIRED_KINDS", "SemanticAdapterConfig", "adapter_config_from_dict",
            "build_adapter", "audio", "vision"]

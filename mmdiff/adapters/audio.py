@@ -7,6 +7,14 @@
   cross-attend to a softmax-weighted sum of ``n_encoder_layers`` encoder layers
   (``AudioEncoderConfig.output_layers``), giving a fixed number of tokens per clip.
 * ``audio_dual``: both; per clip the valid semantic tokens come first, then the queries, then padding.
+  (These three are mmdiff's own designs after DIFFA's idea; ``diffa`` below is the released maths.)
+* ``diffa``: DIFFA's released dual adapter (NKU-HLT/DIFFA ``src/modeling_DIFFA.py``, ``src/subsample.py``),
+  exactly: an acoustic branch, ``num_queries`` learned prompts per tapped encoder layer, each set run
+  through one shared BERT Q-Former (post-LN, cross-attending to that layer's states), mixed across
+  layers by per-prompt softmax weights, then LayerNorm -> Linear; and a semantic branch, the final
+  states (cut to a multiple of ``downsample``) through Conv1d(k3) -> GELU -> Conv1d(k3, stride
+  ``downsample``, width x ``downsample``) -> Linear -> ReLU -> Linear -> ReLU -> LayerNorm. Per clip
+  the acoustic tokens come first, then one semantic token per ``downsample`` frames.
 * ``audio_ctc``: CTC compression (Gaido et al. 2021, "CTC-based compression for direct speech
   translation"): a CTC head over the decoder's vocabulary (plus a blank) labels every encoder
   frame; blank frames are dropped and runs of frames with the same label are averaged, leaving
@@ -62,6 +70,21 @@ class AcousticAdapterConfig(AdapterConfig):
 @dataclass
 class DualAdapterConfig(SemanticAdapterConfig, AcousticAdapterConfig):
     """``audio_dual``'s sizes: its semantic branch's and its acoustic branch's fields."""
+
+
+@dataclass
+class DiffaAdapterConfig(AdapterConfig):
+    """``diffa``'s sizes: ``in_dim`` = the Whisper encoder's width, ``out_dim`` = the decoder's. Defaults are
+    the released model's (``DIFFAConfig.prompt_size``, ``WhisperProjector(downsample_rate=4)``, the Q-Former's
+    ``BertConfig()`` defaults with 2 layers), except ``qformer_heads``, which DIFFA takes from Whisper."""
+
+    downsample: int = 4  # semantic: frames per token (the strided conv's stride; its width is in_dim * downsample)
+    num_queries: int = 64  # acoustic: learned prompts per tapped layer = acoustic tokens per clip
+    n_encoder_layers: int = 4  # acoustic: tapped encoder layers (AudioEncoderConfig.output_layers, in order)
+    qformer_layers: int = 2  # BERT layers of the Q-Former
+    qformer_heads: int = 12  # its attention heads (DIFFA: the Whisper encoder's)
+    qformer_ffn: int = 3072  # its intermediate width (BertConfig's default, whatever in_dim is)
+    qformer_eps: float = 1e-12  # its LayerNorm eps (BertConfig's layer_norm_eps)
 
 
 @dataclass
@@ -187,6 +210,124 @@ class DualAdapter(nn.Module):
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid first, order kept
         tokens = tokens.gather(1, order[..., None].expand_as(tokens))
         return tokens, mask.gather(1, order)
+
+
+class BertAttention(nn.Module):
+    """BERT's attention block (Devlin et al. 2019; ``BertAttention``): multi-head attention with biased
+    q/k/v, then LayerNorm(dense(context) + query input), post-norm."""
+
+    def __init__(self, dim: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """x (B, Q, D) attends to memory (B, T, D); pad (B, T) True at keys to ignore, or None."""
+        B, Q, D = x.shape
+        q, k, v = (t.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # (B, h, *, D/h)
+                   for t in (self.query(x), self.key(memory), self.value(memory)))
+        bias = None if pad is None else torch.zeros(pad.shape, dtype=x.dtype, device=x.device).masked_fill(
+            pad, torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, Q, D/h)
+        return self.norm(self.dense(ctx.transpose(1, 2).reshape(B, Q, D)) + x)
+
+
+class BertQFormerLayer(nn.Module):
+    """A BERT layer with cross-attention (``BertLayer`` with ``add_cross_attention``): self-attention over the
+    queries (no mask), cross-attention to the audio, then LayerNorm(ffn_out(GELU(ffn_in(h))) + h)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = BertAttention(dim, heads, eps)
+        self.cross_attn = BertAttention(dim, heads, eps)
+        self.ffn_in, self.ffn_out = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        h = self.cross_attn(self.self_attn(q, q, None), memory, pad)  # (B, Q, D)
+        return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(h))) + h)
+
+
+class DiffaAcoustic(nn.Module):
+    """DIFFA's ``QformerConnector``: per tapped layer l, prompts P_l (Q, D) -> Q-Former(P_l, layer_l);
+    then sum_l softmax_l(layer_weights)[q, l] * out_l[q] -> LayerNorm -> Linear to ``out_dim``."""
+
+    def __init__(self, cfg: DiffaAdapterConfig) -> None:
+        super().__init__()
+        self.layer_prompts = nn.ParameterList(nn.Parameter(torch.randn(1, cfg.num_queries, cfg.in_dim))
+                                              for _ in range(cfg.n_encoder_layers))  # each (1, Q, in)
+        self.layer_weights = nn.Parameter(torch.zeros(cfg.num_queries, cfg.n_encoder_layers))  # (Q, L)
+        self.qformer = nn.ModuleList(BertQFormerLayer(cfg.in_dim, cfg.qformer_heads, cfg.qformer_ffn, cfg.qformer_eps)
+                                     for _ in range(cfg.qformer_layers))
+        self.proj = nn.Sequential(nn.LayerNorm(cfg.in_dim), nn.Linear(cfg.in_dim, cfg.out_dim))
+
+    def forward(self, feats: AudioFeatures) -> torch.Tensor:
+        pad = None if feats.window else ~feats.mask  # DIFFA attends over Whisper's whole 30-s window
+        outs = []
+        for prompt, states in zip(self.layer_prompts, feats.layers):
+            q = prompt.expand(states.shape[0], -1, -1)  # (B, Q, in)
+            for layer in self.qformer:
+                q = layer(q, states, pad)
+            outs.append(q)
+        w = self.layer_weights.softmax(-1)  # (Q, L)
+        mixed = (torch.stack(outs, 2) * w[..., None]).sum(2)  # (B, Q, L, in) -> (B, Q, in)
+        return self.proj(mixed)  # (B, Q, out)
+
+
+class DiffaSemantic(nn.Module):
+    """DIFFA's ``WhisperProjector``: frames cut to a multiple of r, Conv1d(k3, p1) -> GELU -> Conv1d(k3, stride r,
+    p1, width x r) -> Linear -> ReLU -> Linear -> ReLU -> LayerNorm; one token per r frames."""
+
+    def __init__(self, cfg: DiffaAdapterConfig) -> None:
+        super().__init__()
+        d, r = cfg.in_dim, cfg.downsample
+        self.r = r
+        self.conv = nn.Sequential(nn.Conv1d(d, d, 3, padding=1), nn.GELU(), nn.Conv1d(d, d * r, 3, stride=r, padding=1))
+        self.mlp = nn.Sequential(nn.Linear(d * r, d), nn.ReLU(), nn.Linear(d, cfg.out_dim), nn.ReLU())
+        self.norm = nn.LayerNorm(cfg.out_dim)
+
+    def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = feats.mask.sum(1)  # (B,) frames of each clip
+        T = int(lengths.max()) // self.r * self.r  # DIFFA cuts the batch to its longest clip, then to a multiple of r
+        x = self.conv(feats.last[:, :T].transpose(1, 2)).transpose(1, 2)  # (B, T/r, in * r)
+        mask = torch.arange(T // self.r, device=x.device)[None, :] < (lengths // self.r)[:, None]  # (B, T/r)
+        return self.norm(self.mlp(x)), mask
+
+
+@ADAPTERS.register("diffa")
+class DiffaAdapter(nn.Module):
+    """DIFFA's dual adapter (Zhou et al. 2025): acoustic tokens, then semantic tokens, per clip.
+
+    A clip's semantic tokens read only its own frames (token j sees frames < 4j + 3), so a clip gives
+    the same tokens alone or in a batch; the released batch code also appends the tokens of the
+    batch's padding frames, which are dropped here by the mask.
+    """
+
+    modality, emits, config_class = "audio", "embeddings", DiffaAdapterConfig
+
+    def __init__(self, cfg: DiffaAdapterConfig) -> None:
+        super().__init__()
+        if cfg.downsample < 1 or min(cfg.num_queries, cfg.n_encoder_layers, cfg.qformer_layers) < 1:
+            raise ValueError(f"{cfg.kind}: downsample, num_queries, n_encoder_layers and qformer_layers must be >= 1")
+        if cfg.in_dim % cfg.qformer_heads:
+            raise ValueError(f"{cfg.kind}: in_dim {cfg.in_dim} is not divisible by qformer_heads {cfg.qformer_heads}")
+        self.cfg = cfg
+        self.acoustic = DiffaAcoustic(cfg)
+        self.semantic = DiffaSemantic(cfg)
+
+    def num_tokens(self, n_frames: int) -> int:
+        return self.cfg.num_queries + n_frames // self.cfg.downsample
+
+    def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(feats.layers) != self.cfg.n_encoder_layers:
+            raise ValueError(f"diffa taps n_encoder_layers={self.cfg.n_encoder_layers} encoder layers but the "
+                             f"encoder returned {len(feats.layers)} (AudioEncoderConfig.output_layers)")
+        a = self.acoustic(feats)  # (B, Q, out)
+        s, s_mask = self.semantic(feats)  # (B, S, out), (B, S)
+        mask = torch.cat([torch.ones(a.shape[:2], dtype=torch.bool, device=a.device), s_mask], 1)  # (B, Q+S)
+        return torch.cat([a, s], 1) * mask[..., None], mask
 
 
 @ADAPTERS.register("audio_ctc")

@@ -4,11 +4,20 @@
   :class:`~mmdiff.decoder.Decoder`; shards, weight checks and memory-frugal loading shared by all;
 * :mod:`~mmdiff.checkpoints.tokenizers`: released tokenizers under mmdiff's special-token names;
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
+* :mod:`~mmdiff.checkpoints.diffa`: DIFFA (LLaDA + Whisper + dual adapter) likewise;
 * :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``.
 
 :func:`mmdiff.load` (:mod:`mmdiff.loading`) dispatches over all of them.
 """
 from .convert import add_arguments, convert, run, save_decoder
+from .diffa import (
+    DIFFA_SYSTEM_PROMPT,
+    DIFFA_TAPS,
+    DiffaTokenizer,
+    diffa_model_config,
+    is_diffa,
+    load_diffa,
+)
 from .formats import (
     DECODER_NAMES,
     DREAM_WEIGHTS,
@@ -44,6 +53,7 @@ from .llada_v import (
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
 
 __all__ = [
+    "DIFFA_SYSTEM_PROMPT", "DIFFA_TAPS", "DiffaTokenizer", "diffa_model_config", "is_diffa", "load_diffa",
     "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",

@@ -40,9 +40,13 @@ class ReleasedTokenizer:
         system: system prompt put before the conversation when it has none (LLaDA-V's).
     """
 
+    #: mmdiff's placeholder name -> the string added to the tokenizer for it (a family whose prompts hold
+    #: the text ``<audio>`` itself, like DIFFA's, adds other strings so that text stays text)
+    PLACEHOLDERS: dict[str, str] = {st.IMAGE: st.IMAGE, st.AUDIO: st.AUDIO}
+
     def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None) -> None:
-        tokenizer.add_tokens([st.IMAGE, st.AUDIO], special_tokens=True)
-        image, audio = (int(tokenizer.convert_tokens_to_ids(t)) for t in (st.IMAGE, st.AUDIO))
+        tokenizer.add_tokens([self.PLACEHOLDERS[st.IMAGE], self.PLACEHOLDERS[st.AUDIO]], special_tokens=True)
+        image, audio = (int(tokenizer.convert_tokens_to_ids(self.PLACEHOLDERS[t])) for t in (st.IMAGE, st.AUDIO))
         taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
         for name, i in ((st.IMAGE, image), (st.AUDIO, audio)):
             if i >= vocab_size or i in taken:
@@ -81,13 +85,17 @@ class ReleasedTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         """The tokenizer's chat template in LLaVA's layout: media placeholders first, each on its own
         line, then the text (``<image>\\nquestion``), wherever mmdiff's prompt placed them."""
-        messages = [{**m, "content": _llava_layout(m["content"])} for m in messages]
+        messages = [{**m, "content": self.layout(m["content"])} for m in messages]
         if self.system is not None and messages and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
         if self.tokenizer.chat_template is None:  # base models: the text itself
             text = "".join(m["content"] for m in messages)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
         return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def layout(self, content: str) -> str:
+        """A message's content with mmdiff's placeholders where this family puts its media (LLaVA's layout)."""
+        return _llava_layout(content)
 
 
 def _llava_layout(content: str) -> str:
