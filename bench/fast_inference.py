@@ -306,12 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="best combination: accuracy drop allowed per family vs vanilla (default: 0.02)")
     args = p.parse_args(argv)
 
-    from mmdiff.model import MultimodalDiffusionLM
-
     common.start(p, args)
     torch.manual_seed(0)
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
-    ar_model = None if args.ar_model == "none" else MultimodalDiffusionLM.from_pretrained(args.ar_model)
+    model = common.load_model(args)
+    ar_model = None if args.ar_model == "none" else common.load_model(args, args.ar_model)
     data = (jsonl_split(args.data, args.n, args.n_long) if args.data
             else test_split(args.n, args.n_long, args.data_seed))
     lengths = {"short": args.gen_length, "long": args.long_length}

@@ -48,6 +48,9 @@ MODEL_TYPE = "mmdiff"
 #: a model with a vision encoder refuses a question that comes without an image (check_inputs)
 NO_IMAGE = "no image: this model answers questions about an image; give one with the question"
 NO_QUESTION = "empty question and no audio"
+#: a model without the encoder refuses the medium (check_inputs): text-only LLaDA / Dream, image-only models
+NO_VISION = "this model has no vision encoder, so it cannot read an image: ask without one"
+NO_HEARING = "this model has no audio encoder, so it cannot hear a clip: ask without one"
 
 
 @dataclass
@@ -273,7 +276,8 @@ class MultimodalDiffusionLM(nn.Module):
 
         A question must be valid text (:func:`mmdiff.media.read_question`: UTF-8, no control
         characters; the length limit is the CLI's and the demo's, not a data set's) and, without a
-        spoken question, not empty. A model with a vision
+        spoken question, not empty. A model without a vision (audio) encoder refuses an image (a clip):
+        a text-only LLaDA or Dream never answers as if it had seen it. A model with a vision
         encoder answers questions about an image, so a typed or spoken question needs one; only a
         typed question about a clip (e.g. "transcribe the audio.") may come without.
 
@@ -295,6 +299,10 @@ class MultimodalDiffusionLM(nn.Module):
             except ValueError as e:
                 raise ValueError(f"{where}{e}") from None
             typed = bool(question.strip())
+            if image is not None and self.vision is None:
+                raise ValueError(where + NO_VISION)
+            if audio is not None and self.audio is None:
+                raise ValueError(where + NO_HEARING)
             if not typed and audio is None:
                 raise ValueError(where + NO_QUESTION)
             if self.vision is not None and image is None and not (typed and audio is not None):

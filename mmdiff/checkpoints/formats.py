@@ -477,11 +477,21 @@ def load_tokenizer_if_present(path: str | Path):
     """
     if not tokenizer_files(path):
         return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    import warnings
 
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json of a model class it does not know and says so
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except ValueError:
-        if not (Path(path) / "tokenizer.json").is_file():
-            raise
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # and warns about its legacy keys (rope_scaling)
+            try:
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            except ValueError:
+                if not (Path(path) / "tokenizer.json").is_file():
+                    raise
+                return PreTrainedTokenizerFast.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)

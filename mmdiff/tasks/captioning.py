@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..model import MultimodalDiffusionLM
+from ..model import NO_VISION, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, StepEvent
 from ..sampling.schema import INTEGER_TOKENS, schema_to_template, validate
 from ..sampling.structure import Slot, StructurePrior, Template
@@ -102,6 +102,8 @@ def caption(model: MultimodalDiffusionLM, image: Any, *, format: str = "json", s
     decode = decode or DecodeConfig()
     if decode.search.active:
         raise ValueError("captions decode without a test-time search: set the search to none")
+    if model.vision is None:
+        raise ValueError(NO_VISION)
     t0 = time.perf_counter()
     if format == "text":
         if schema is not None:
