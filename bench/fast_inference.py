@@ -205,7 +205,7 @@ def ar_answer(model, ex: Example, max_new_tokens: int, counter) -> tuple[str, li
     from mmdiff.sampling.autoregressive import ar_generate
 
     with torch.no_grad():
-        image = model.encode_image([ex.image])[0]
+        image = model.image_tokens([ex.image])[0]
         embeds, valid = model.embed_prompt([model.format_prompt(ex.question, n_images=1)], images=[[image]])
         with counter.watch(model.decoder):
             out = ar_generate(model.decoder, embeds, valid, max_new_tokens=max_new_tokens, eos_id=model.special.eos,
@@ -253,7 +253,7 @@ def machine_limit(model, example: Example, L: int, repeats: int) -> tuple[float,
 
     peak = common.matmul_peak(repeats=max(3, repeats))
     with torch.no_grad():
-        image = model.encode_image([example.image])[0]
+        image = model.image_tokens([example.image])[0]
         embeds, valid = model.embed_prompt([model.format_prompt(example.question, n_images=1)], images=[[image]])
         x = torch.cat([embeds, model.decoder.embed(torch.full((1, L), model.special.mask))], dim=1)
         out = model.decoder(inputs_embeds=x)
