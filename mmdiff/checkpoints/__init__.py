@@ -10,6 +10,7 @@
 """
 from .convert import add_arguments, convert, run, save_decoder
 from .formats import (
+    CODE_TOKENIZER_CLASSES,
     DECODER_NAMES,
     DREAM_WEIGHTS,
     DTYPES,
@@ -44,7 +45,7 @@ from .llada_v import (
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
 
 __all__ = [
-    "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
+    "CODE_TOKENIZER_CLASSES", "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",
     "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "llada_decoder_config",
