@@ -54,9 +54,9 @@ from mmdiff.checkpoints.formats import INDEX_NAME
 from mmdiff.data.dataset import SPOKEN_TYPES
 from mmdiff.data.questions import QUESTION_TYPES, ask as ask_family
 from mmdiff.data.scenes import COLOURS, GRID, IMAGE_SIZE, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, sample_scene, scene_schema
-from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
+from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME, read_json
 from mmdiff.media import MAX_QUESTION_CHARS, read_question
-from mmdiff.model import NO_VISION, GenerationResult, MultimodalDiffusionLM
+from mmdiff.model import MODEL_TYPE, NO_VISION, GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SearchConfig, StepEvent
 from mmdiff.search import SearchResult, answer
@@ -671,8 +671,9 @@ def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S, engine: Eng
         gr.Markdown(f"## mmdiff: multimodal masked diffusion\nModel `{model_dir}` ({n_params:.1f} M parameters) "
                     f"answers {hears}. The answer starts fully masked and is filled in over "
                     "the denoising steps; each token is coloured by the step that fixed it.")
-        with gr.Accordion("What the model understands", open=False, elem_id="world"):
-            gr.Markdown(world_guide(), elem_id="world-guide")
+        if read_json(Path(model_dir) / CONFIG_NAME).get("model_type") == MODEL_TYPE:  # mmdiff's synthetic world
+            with gr.Accordion("What the model understands", open=False, elem_id="world"):
+                gr.Markdown(world_guide(), elem_id="world-guide")
         with gr.Tab("Ask"):
             _ask_tab(model, examples, frame_delay, engine)
         with gr.Tab("Structured caption"):
