@@ -237,7 +237,8 @@ def test_the_prompt_is_the_tokenizers_chat_template(fixture_dir, fixture_model):
         pytest.skip(f"{fixture_dir.name}: mmdiff's own prompt format (tests/test_tokenizer.py)")
     n_images = int(fixture_model.vision is not None)
     content = "<image>\n" * n_images + QUESTION
-    messages = ([{"role": "system", "content": tok.system}] if tok.system is not None else []) + [
+    system = getattr(tok, "system", None)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": content}]
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = fixture_model.format_prompt(QUESTION, n_images=n_images)
