@@ -167,8 +167,9 @@ class MultimodalDiffusionLM(nn.Module):
         if self.vision is None:
             return 0
         per_view = self.vision_adapter.num_tokens(self.vision.num_tokens)
-        size = load_image(image).size if not self.vision.views.single else (0, 0)
-        return self.vision.views.num_tokens(size, tile=self.vision.input_size, grid=self.vision.grid,
+        if self.vision.views.single:
+            return per_view
+        return self.vision.views.num_tokens(load_image(image).size, tile=self.vision.input_size, grid=self.vision.grid,
                                             n_per_view=per_view)
 
     def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
