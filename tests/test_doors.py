@@ -88,7 +88,8 @@ def test_demo_answers_through_gradio_client(fixture_dir, fixture_model, media_fi
     try:
         media = media_for(fixture_model, media_files)
         handle = gradio_client.handle_file
-        settings = [4 if o.key == "gen_length" else v for o, v in zip(app_module.panel_options(), panel_values(app_module))]
+        settings = [4 if o.key == "gen_length" else v
+                    for o, v in zip(app_module.panel_options(), panel_values(app_module))]
         _, answer, _, stats = client.predict(media["image"] and handle(str(media["image"])), QUESTION,
                                              media["audio"] and handle(str(media["audio"])), *settings, api_name="/ask")
         assert isinstance(answer, str) and "**NFE**" in stats

@@ -86,7 +86,8 @@ def fixture_config(**changes) -> dict:
 
 
 def test_llava_range_pinpoints_are_tiles_of_the_tower():
-    cfg = llada_v_model_config(fixture_config(image_grid_pinpoints="(1x1),...,(2x3)", image_aspect_ratio="anyres_max_9"))
+    cfg = llada_v_model_config(fixture_config(image_grid_pinpoints="(1x1),...,(2x3)",
+                                              image_aspect_ratio="anyres_max_9"))
     assert cfg.vision.grid_pinpoints == ((32, 32), (32, 64), (32, 96), (64, 32), (64, 64), (64, 96))
     assert cfg.vision.max_tiles == 9 and cfg.vision_adapter.newline
 
@@ -97,7 +98,7 @@ def test_square_flat_is_the_base_view_without_newline():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"image_aspect_ratio": "pad"}, "image_aspect_ratio 'pad' with mm_patch_merge_type 'spatial_unpad' is not supported"),
+    ({"image_aspect_ratio": "pad"}, "'pad' with mm_patch_merge_type 'spatial_unpad' is not supported"),
     ({"mm_patch_merge_type": "spatial"}, "'spatial' is not supported"),
     ({"image_aspect_ratio": "anyres_max_x"}, "'anyres_max_x'"),
     ({"image_grid_pinpoints": None}, "needs image_grid_pinpoints"),

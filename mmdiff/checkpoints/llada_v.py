@@ -145,8 +145,8 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     """Load a LLaDA-V directory into a :class:`~mmdiff.model.MultimodalDiffusionLM`, memory-frugally.
 
     The model is built on the meta device and every tensor is read, cast and assigned one at a
-    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged), and ``model.image_newline``
-    when the config does not tile images. The
+    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged), and
+    ``model.image_newline`` when the config does not tile images. The
     mask id is the config's ``mask_token_id``, else the tokenizer's :data:`LLADA_MASK_TOKEN`; prompts
     get LLaDA-V's system prompt (:data:`LLADA_V_SYSTEM_PROMPT`) and ``<image>\\n`` before the question.
 
@@ -168,7 +168,8 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
         model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = shard_index(directory)
-    unused = sorted(n for n in files if n.startswith(LLADA_V_UNUSED) or (n == LLADA_V_NEWLINE and NEWLINE not in expected))
+    unused = sorted(n for n in files
+                    if n.startswith(LLADA_V_UNUSED) or (n == LLADA_V_NEWLINE and NEWLINE not in expected))
     if unused:
         log.info("%s: not used: %s", directory, unused)
     files = {n: p for n, p in files.items() if n not in unused}

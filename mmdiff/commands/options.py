@@ -29,7 +29,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, device_default: str = "au
 
     p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--device", default=device_default,
-                   help=f"cpu, cuda, cuda:1, mps or auto (this process's GPU if any, else cpu); default: {device_default}")
+                   help=f"cpu, cuda, cuda:1, mps or auto (this process's GPU if any, else cpu); "
+                        f"default: {device_default}")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="parameter dtype; auto: float32 on the CPU, the checkpoint's own dtype (e.g. bfloat16) on a "
                         "GPU (default: auto)")
