@@ -44,7 +44,6 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.speech import HELDOUT_VOICES
     from mmdiff.evaluation.metrics import word_error_rate
-    from mmdiff.model import MultimodalDiffusionLM
 
     p = common.parser(__doc__, seed=True)
     p.add_argument("--compare", help="a second model directory, scored on the same clips")
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [args.model] + ([args.compare] if args.compare else [])
         heard = {}
         for path in models:
-            model = MultimodalDiffusionLM.from_pretrained(path).eval()
+            model = common.load_model(args, path)
             if model.audio is None or not hasattr(model.audio_adapter, "logits"):
                 p.error(f"{path}: the model has no audio_ctc speech path")
             wav = [str(c[2]) for c in data]

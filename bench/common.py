@@ -10,12 +10,13 @@ import time
 
 import torch
 
-from mmdiff import DEFAULT_MODEL_DIR
+from mmdiff.commands.options import add_model_arguments
 
 
 def parser(doc: str, *, threads: int = 0, seed: bool = False) -> argparse.ArgumentParser:
-    """A parser described by the first paragraph of ``doc`` with ``--model`` and ``--threads``
-    (and ``--seed``).
+    """A parser described by the first paragraph of ``doc`` with ``--model``, ``--device``, ``--dtype``
+    (:func:`mmdiff.commands.options.add_model_arguments`: any directory ``mmdiff.load`` reads) and
+    ``--threads`` (and ``--seed``).
 
     Args:
         doc: the script's module docstring.
@@ -23,7 +24,7 @@ def parser(doc: str, *, threads: int = 0, seed: bool = False) -> argparse.Argume
         seed: add ``--seed`` (default 0), the generation seed of the script's test data.
     """
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    add_model_arguments(p)
     p.add_argument("--threads", type=int, default=threads,
                    help=f"torch CPU threads, 0 = torch's choice (default: {threads})")
     if seed:
@@ -40,6 +41,13 @@ def start(p: argparse.ArgumentParser, args: argparse.Namespace, *, speech: bool 
             p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def load_model(args: argparse.Namespace, path: str | None = None):
+    """``mmdiff.load`` of ``path`` (default ``--model``) with the parser's ``--device`` and ``--dtype``."""
+    from mmdiff import load
+
+    return load(path or args.model, dtype=args.dtype, device=args.device)
 
 
 def matmul_peak(*, repeats: int = 5, n: int = 2048) -> float:

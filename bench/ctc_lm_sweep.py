@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.scenes import sample_scene
     from mmdiff.data.speech import speak
     from mmdiff.evaluation.metrics import word_error_rate
-    from mmdiff.model import MultimodalDiffusionLM
 
     p = common.parser(__doc__, seed=True)
     p.add_argument("--clips", type=int, default=150, help="validation clips (training voices)")
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=8, help="beam width")
     args = p.parse_args(argv)
     common.start(p, args, speech=True)
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
+    model = common.load_model(args)
     adapter = model.audio_adapter
     if getattr(adapter, "lm", None) is None:
         p.error(f"{args.model}: no audio_ctc adapter with a ctc_lm.json to tune")

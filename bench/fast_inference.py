@@ -205,7 +205,7 @@ def ar_answer(model, ex: Example, max_new_tokens: int, counter) -> tuple[str, li
     from mmdiff.sampling.autoregressive import ar_generate
 
     with torch.no_grad():
-        image = model.encode_image([ex.image])[0]
+        image = model.image_tokens([ex.image])[0]
         embeds, valid = model.embed_prompt([model.format_prompt(ex.question, n_images=1)], images=[[image]])
         with counter.watch(model.decoder):
             out = ar_generate(model.decoder, embeds, valid, max_new_tokens=max_new_tokens, eos_id=model.special.eos,
@@ -253,7 +253,7 @@ def machine_limit(model, example: Example, L: int, repeats: int) -> tuple[float,
 
     peak = common.matmul_peak(repeats=max(3, repeats))
     with torch.no_grad():
-        image = model.encode_image([example.image])[0]
+        image = model.image_tokens([example.image])[0]
         embeds, valid = model.embed_prompt([model.format_prompt(example.question, n_images=1)], images=[[image]])
         x = torch.cat([embeds, model.decoder.embed(torch.full((1, L), model.special.mask))], dim=1)
         out = model.decoder(inputs_embeds=x)
@@ -306,12 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="best combination: accuracy drop allowed per family vs vanilla (default: 0.02)")
     args = p.parse_args(argv)
 
-    from mmdiff.model import MultimodalDiffusionLM
-
     common.start(p, args)
     torch.manual_seed(0)
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
-    ar_model = None if args.ar_model == "none" else MultimodalDiffusionLM.from_pretrained(args.ar_model)
+    model = common.load_model(args)
+    ar_model = None if args.ar_model == "none" else common.load_model(args, args.ar_model)
     data = (jsonl_split(args.data, args.n, args.n_long) if args.data
             else test_split(args.n, args.n_long, args.data_seed))
     lengths = {"short": args.gen_length, "long": args.long_length}

@@ -125,7 +125,6 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 
 
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.scenes import COLOURS
-    from mmdiff.model import MultimodalDiffusionLM
 
     p = common.parser(__doc__, seed=True)
     p.add_argument("--compare", help="a second model directory, probed the same way")
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     common.start(p, args)
     colour, scales, pairs = [], [], []
     for path in [args.model] + ([args.compare] if args.compare else []):
-        model = MultimodalDiffusionLM.from_pretrained(path).eval()
+        model = common.load_model(args, path)
         data = collect(model, args.n, args.seed)
         for where in ("image", "answer"):
             accs = [probe_accuracy(h, data["labels"], len(COLOURS)) for h in data[where]]

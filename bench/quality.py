@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     common.start(p, args)
-    from mmdiff.model import MultimodalDiffusionLM
 
     work = build_examples(args)
     systems = [("diffusion", args.model, False)]
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         systems.append(("diffusion only", args.diffusion_only, False))
     results: dict[str, dict[str, dict]] = {}
     for label, path, ar in systems:
-        model = MultimodalDiffusionLM.from_pretrained(path)
+        model = common.load_model(args, path)
         results[label] = {}
         for name, examples in work.items():
             long = name in ("caption", "caption_json")

@@ -133,22 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="N values of best-of-N and hierarchical (default: 2 4 8 16)")
     p.add_argument("--caption-length", type=int, default=64, help="canvas of caption types (default: 64)")
     p.add_argument("--data-seed", type=int, default=0, help="test-split stream seed (default: 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto = cuda when available)")
     add_decode_arguments(p, DEFAULTS)
     args = p.parse_args(argv)
     common.start(p, args)
 
-    import torch
-
     from mmdiff.data.questions import QUESTION_TYPES
-    from mmdiff.model import MultimodalDiffusionLM
     from mmdiff.search import search
 
     for t in args.types:
         if t not in QUESTION_TYPES:
             raise ValueError(f"unknown question type {t!r}; known: {', '.join(QUESTION_TYPES)}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = MultimodalDiffusionLM.from_pretrained(args.model, device=device)
+    model = common.load_model(args)
     decode = decode_config_from_args(args, DEFAULTS)
     short = decode.sampler
     scale = args.caption_length / short.gen_length
@@ -170,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             cell.coverage += max(score_answer(text, qa.answers, qa.type) for text, _ in res.candidates)
     n_q = sum(c.n for c in rows[0].cells.values())
     print(f"test-time search, {n_q} test questions ({args.n} per type, data seed {args.data_seed}), "
-          f"model {args.model}, device {device}, verifier {base.verifier}, keep {base.keep}, "
+          f"model {args.model}, device {model.device}, verifier {base.verifier}, keep {base.keep}, "
           f"checkpoints {list(base.checkpoints)}, refine {base.refine}, search temperature {base.temperature}, "
           f"caption canvas {args.caption_length}")
     print(format_table(rows, args.types))

@@ -275,17 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.requests, args.n, args.max_batch) < 1 or min(args.burst, args.burst_queue) < 0:
         p.error("--requests, --n and --max-batch must be positive, --burst and --burst-queue at least 0")
 
-    from mmdiff.model import MultimodalDiffusionLM
     from mmdiff.serving.engine import Engine
 
     common.start(p, args)
     decode = decode_config_from_args(args, SERVE_DEFAULTS)
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
+    model = common.load_model(args)
     try:
         Engine(model).check(decode)
     except ValueError as e:
         p.error(str(e))
-    ar_model = None if args.ar_model == "none" else MultimodalDiffusionLM.from_pretrained(args.ar_model)
+    ar_model = None if args.ar_model == "none" else common.load_model(args, args.ar_model)
     examples = test_split(args.n, 0, args.data_seed)["short"]
     L, timeout = decode.sampler.gen_length, args.timeout
     peak = common.matmul_peak()

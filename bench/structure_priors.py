@@ -91,11 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmdiff.data import iter_examples
     from mmdiff.data.scenes import scene_schema
-    from mmdiff.model import MultimodalDiffusionLM
     from mmdiff.tasks.captioning import caption
     from mmdiff.tasks.prompts import CAPTION_JSON_QUESTION
 
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
+    model = common.load_model(args)
     decode = decode_config_from_args(args, DEFAULTS)
     config = decode.sampler
     schema = scene_schema()

@@ -49,13 +49,14 @@ from typing import Any, Callable, Generator, Iterator, Sequence, TypeVar
 
 import gradio as gr
 
-from mmdiff import DEFAULT_MODEL_DIR
+from mmdiff import DEFAULT_MODEL_DIR, load
+from mmdiff.checkpoints.formats import INDEX_NAME
 from mmdiff.data.dataset import SPOKEN_TYPES
 from mmdiff.data.questions import QUESTION_TYPES, ask as ask_family
 from mmdiff.data.scenes import COLOURS, GRID, IMAGE_SIZE, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, sample_scene, scene_schema
-from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME
+from mmdiff.io import CONFIG_NAME, WEIGHTS_NAME, read_json
 from mmdiff.media import MAX_QUESTION_CHARS, read_question
-from mmdiff.model import GenerationResult, MultimodalDiffusionLM
+from mmdiff.model import MODEL_TYPE, NO_VISION, GenerationResult, MultimodalDiffusionLM
 from mmdiff.options import Option
 from mmdiff.sampling import DecodeConfig, SearchConfig, StepEvent
 from mmdiff.search import SearchResult, answer
@@ -459,6 +460,8 @@ def check_model_dir(model_dir: str | Path) -> None:
     """Raise a FileNotFoundError saying what is missing and how to get it."""
     d = Path(model_dir)
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (d / name).is_file()]
+    if missing == [WEIGHTS_NAME] and (d / INDEX_NAME).is_file():  # a sharded (released) checkpoint
+        return
     if not missing:
         return
     what = f"no model directory {d}" if not d.is_dir() else f"model directory {d} has no {' or '.join(missing)}"
@@ -530,11 +533,11 @@ def run_caption(model: MultimodalDiffusionLM, image: str, *, structure: str, dec
 # ------------------------------------------------------------------------------------------------
 def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_delay: float,
              engine: Engine | None) -> None:
-    hears = model.audio is not None
+    hears, sees = model.audio is not None, model.vision is not None
     with gr.Row():
         with gr.Column():
             image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260,
-                             elem_id="image")
+                             visible=sees, elem_id="image")
             question = gr.Textbox(label="Question", placeholder="how many red circles are there?",
                                   max_length=MAX_QUESTION_CHARS, elem_id="question")
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken question",
@@ -547,7 +550,7 @@ def _ask_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], frame_de
             heard_box = gr.Textbox(label="Heard", info="the transcript of the spoken question the model answered",
                                    interactive=False, visible=model.transcribes, elem_id="heard")
             stats = gr.Markdown(label="Cost", elem_id="stats")
-    examples = [ex for ex in examples if hears or ex.audio is None]  # spoken ones need an audio encoder
+    examples = [ex for ex in examples if (hears or ex.audio is None) and sees]  # the media the model reads
     if examples:
         rows = [[ex.image, "" if ex.audio else ex.question] + ([ex.audio] if hears else []) for ex in examples]
         gr.Examples(rows, inputs=[image, question] + ([audio] if hears else []), label="Examples",
@@ -613,6 +616,8 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
     def run(image_in: Any, structure_in: str, *values: Any) -> Iterator[tuple[str, str, Any, str]]:
         img = Upload.from_payload(image_in)
         try:
+            if model.vision is None:
+                raise ValueError(NO_VISION)
             if img is None:
                 raise ValueError(NO_IMAGE)
             chosen = read_settings(list(settings), values, base=CAPTION_DEFAULTS)
@@ -637,16 +642,19 @@ def _caption_tab(model: MultimodalDiffusionLM, examples: Sequence[Example], fram
                    outputs=[canvas, status, parsed, raw], api_name="caption", preprocess=False)
 
 
-def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S, engine: Engine | None = None) -> gr.Blocks:
+def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S, engine: Engine | None = None,
+              dtype: str = "auto", device: str = "cpu") -> gr.Blocks:
     """The demo page for the model in ``model_dir``, queued (2 concurrent answers, 16 waiting; with an
     engine, as many concurrent answers as it steps at once and as many waiting as it queues).
 
     Args:
-        model_dir: a directory written by ``MultimodalDiffusionLM.save_pretrained`` (with an optional
-            ``examples/examples.json``).
+        model_dir: any directory :func:`mmdiff.load` reads (mmdiff's own, with an optional
+            ``examples/examples.json``; a released checkpoint). A model without a vision encoder
+            gets no image input and its caption tab refuses; without an audio encoder, no clip input.
         frame_delay: minimum seconds per animation frame (0 in tests).
         engine: a step-batching engine on this directory's model, shared by every user of the Ask
             tab; the caller starts and stops it (:func:`main`). None: each answer runs on its own.
+        dtype, device: how the model is loaded (:func:`mmdiff.load`; not used with ``engine``).
 
     Raises:
         FileNotFoundError: the model directory or its weights are missing (the message says how to
@@ -654,16 +662,18 @@ def build_app(model_dir: str, *, frame_delay: float = FRAME_DELAY_S, engine: Eng
         ValueError: a malformed model or examples file.
     """
     check_model_dir(model_dir)
-    model = engine.model if engine is not None else MultimodalDiffusionLM.from_pretrained(model_dir)
+    model = engine.model if engine is not None else load(model_dir, dtype=dtype, device=device)
     examples = load_examples(model_dir)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     hears = "a typed or spoken question" if model.audio is not None else "a typed question (no audio encoder)"
+    hears += " about an image" if model.vision is not None else " (text only: no vision encoder)"
     with gr.Blocks(title="mmdiff demo", analytics_enabled=False) as app:
         gr.Markdown(f"## mmdiff: multimodal masked diffusion\nModel `{model_dir}` ({n_params:.1f} M parameters) "
-                    f"answers {hears} about an image. The answer starts fully masked and is filled in over "
+                    f"answers {hears}. The answer starts fully masked and is filled in over "
                     "the denoising steps; each token is coloured by the step that fixed it.")
-        with gr.Accordion("What the model understands", open=False, elem_id="world"):
-            gr.Markdown(world_guide(), elem_id="world-guide")
+        if read_json(Path(model_dir) / CONFIG_NAME).get("model_type") == MODEL_TYPE:  # mmdiff's synthetic world
+            with gr.Accordion("What the model understands", open=False, elem_id="world"):
+                gr.Markdown(world_guide(), elem_id="world-guide")
         with gr.Tab("Ask"):
             _ask_tab(model, examples, frame_delay, engine)
         with gr.Tab("Structured caption"):
@@ -688,15 +698,15 @@ def serve(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, block: b
 
 
 def main(model_dir: str = DEFAULT_MODEL_DIR, *, host: str = "127.0.0.1", port: int = 7860,
-         max_batch: int | None = None) -> None:
-    """Build the demo on ``model_dir`` and serve it until interrupted (``mmdiff demo``); with
-    ``max_batch``, the Ask tab answers through a shared engine stepping that many requests at once
-    (``mmdiff demo --engine``)."""
+         max_batch: int | None = None, dtype: str = "auto", device: str = "cpu") -> None:
+    """Build the demo on ``model_dir`` (loaded in ``dtype`` on ``device``: :func:`mmdiff.load`) and
+    serve it until interrupted (``mmdiff demo``); with ``max_batch``, the Ask tab answers through a
+    shared engine stepping that many requests at once (``mmdiff demo --engine``)."""
     if max_batch is None:
-        serve(build_app(model_dir), host=host, port=port)
+        serve(build_app(model_dir, dtype=dtype, device=device), host=host, port=port)
         return
     check_model_dir(model_dir)
-    engine = Engine(MultimodalDiffusionLM.from_pretrained(model_dir), max_batch=max_batch).start()
+    engine = Engine(load(model_dir, dtype=dtype, device=device), max_batch=max_batch).start()
     try:
         serve(build_app(model_dir, engine=engine), host=host, port=port)
     finally:

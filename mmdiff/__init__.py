@@ -19,7 +19,8 @@ DEFAULT_MODEL_DIR = str(_SHIPPED) if _SHIPPED.is_dir() else "checkpoints/mmdiff-
 def load(path: str, **kwargs):
     """Load any supported directory as a ``MultimodalDiffusionLM``: mmdiff's own models, LLaDA-V, and
     LLaDA / Dream (text-only, with the directory's tokenizer); see :func:`mmdiff.loading.load`.
-    ``dtype=`` and ``device=`` pass through. For the bare decoder of a LLaDA / Dream checkpoint use
+    ``dtype=`` (default ``"auto"``: float32 on the CPU, the checkpoint's own dtype on a GPU) and
+    ``device=`` pass through. For the bare decoder of a LLaDA / Dream checkpoint use
     ``mmdiff.checkpoints.load_checkpoint``."""
     from .loading import load as _load
 

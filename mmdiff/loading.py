@@ -4,11 +4,15 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .adapters.ctc import LM_NAME
 from .checkpoints import (
+    DTYPES,
     SPECIAL_TOKENS_NAME,
     ReleasedTokenizer,
     is_diffa,
@@ -19,11 +23,78 @@ from .checkpoints import (
     open_checkpoint,
     require_tokenizer,
 )
+from .checkpoints.formats import INDEX_NAME
+from .io import CONFIG_NAME, WEIGHTS_NAME, check_device, read_json
 from .model import MODEL_TYPE, ModelConfig, MultimodalDiffusionLM
+from .tokenizer import load_tokenizer
+
+#: ``--dtype`` choices of every command that loads a model: ``auto`` (:func:`resolve_dtype`) or a dtype name
+DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The device a model is loaded on: ``auto`` is this process's GPU (``LOCAL_RANK`` under torchrun,
+    else the first) when CUDA is available, else the CPU; any other name must exist here
+    (:func:`mmdiff.io.check_device`: one line naming the devices this machine has)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    return torch.device(check_device(name))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype | None:
+    """The parameter dtype a model is loaded in; the one rule of every command, the demo and the plugin.
+
+    ``auto``: float32 on the CPU (bfloat16 matmuls are slow there and half precision is unsupported;
+    a released 8B model in bfloat16 is for accelerators), the checkpoint's own dtype elsewhere.
+
+    Args:
+        dtype: ``auto``, a name of :data:`~mmdiff.checkpoints.DTYPES`, a ``torch.dtype``, or None
+            (the checkpoint's own).
+        device: where the model will live.
+
+    Raises:
+        ValueError: an unknown dtype name, naming the choices.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else None
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
+def text_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of any loadable directory, without its weights (e.g. to measure answers in the
+    model's tokens): mmdiff's own, or the released checkpoint's tokenizer files."""
+    directory, config = open_checkpoint(path)
+    return load_tokenizer(directory) if config.get("model_type") == MODEL_TYPE else require_tokenizer(directory)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files whose content makes a directory's model (a run's identity hashes them): ``config.json``
+    and the weights (``model.safetensors``, or the shard index and every shard it names), and a CTC
+    language model (``ctc_lm.json``) when there is one, and the same of each sub-directory that holds a
+    ``config.json`` (DIFFA's ``whisper/`` and ``llm/``). Tokenizer files are not included."""
+    directory = Path(path)
+    files = [directory / CONFIG_NAME]
+    index = directory / INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        files += [index, *(directory / s for s in shards)]
+    else:
+        files.append(directory / WEIGHTS_NAME)
+    if (directory / LM_NAME).is_file():
+        files.append(directory / LM_NAME)
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):
+        files += checkpoint_files(sub)
+    return files
+
+
+def load(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
+         device: str | torch.device = "cpu") -> "MultimodalDiffusionLM":
     """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
@@ -36,9 +107,12 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
 
     Args:
         path: the directory.
-        dtype: parameter dtype; None keeps the checkpoint's own.
-        device: where the parameters live.
+        dtype: parameter dtype: ``auto`` (float32 on the CPU, the checkpoint's own elsewhere:
+            :func:`resolve_dtype`), a dtype or its name, or None (the checkpoint's own).
+        device: where the parameters live (``auto``: :func:`resolve_device`).
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     directory, config = open_checkpoint(path)
     if config.get("model_type") == MODEL_TYPE:
         return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)

@@ -3,6 +3,8 @@
 Named stages (LLaVA's ``encode_images`` = vision tower -> projector, and DIFFA's audio path):
 
 * :meth:`MultimodalDiffusionLM.encode_image`: images -> vision encoder -> adapter -> (N, D) tokens,
+* :meth:`MultimodalDiffusionLM.image_tokens`: each image's views (the whole image, or ``anyres``
+  tiles + base view: :mod:`mmdiff.encoders.views`) through ``encode_image``, merged -> (N_i, D),
 * :meth:`MultimodalDiffusionLM.encode_audio`: clips -> Whisper encoder -> adapter -> (N, D) tokens,
 * :meth:`MultimodalDiffusionLM.embed_prompt`: token ids with ``<image>``/``<audio>`` placeholders ->
   embeddings with each placeholder replaced by its media tokens (left padded batch),
@@ -32,7 +34,7 @@ from .decoder import Decoder, DecoderConfig
 from .encoders import AudioEncoderConfig, VisionEncoderConfig, build_audio_encoder, build_vision_encoder
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
-from .media import read_question
+from .media import load_image, read_question
 from .sampling import DecodeConfig, Denoiser, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
 from .sampling.autoregressive import ar_generate
 from .sampling.denoisers import build_denoiser
@@ -48,6 +50,9 @@ MODEL_TYPE = "mmdiff"
 #: a model with a vision encoder refuses a question that comes without an image (check_inputs)
 NO_IMAGE = "no image: this model answers questions about an image; give one with the question"
 NO_QUESTION = "empty question and no audio"
+#: a model without the encoder refuses the medium (check_inputs): text-only LLaDA / Dream, image-only models
+NO_VISION = "this model has no vision encoder, so it cannot read an image: ask without one"
+NO_HEARING = "this model has no audio encoder, so it cannot hear a clip: ask without one"
 
 
 @dataclass
@@ -135,6 +140,37 @@ class MultimodalDiffusionLM(nn.Module):
             raise ValueError("this model has no vision encoder, but an image was given")
         pixels = self.vision.preprocess(images).to(self.device)
         return self.adapt_image(self.vision(pixels))
+
+    def image_tokens(self, images: Sequence) -> list[torch.Tensor]:
+        """The tokens each image (path or PIL) puts in the prompt: (N_i, D) per image.
+
+        The vision encoder's views strategy (:mod:`mmdiff.encoders.views`) cuts each image into the
+        crops the tower sees; every crop goes through the tower and the adapter
+        (:meth:`encode_image`), and the strategy merges their tokens (``anyres``: base view, then the
+        tile map with the adapter's ``image_newline`` ending each row). A single view per image runs
+        as one batch.
+        """
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder, but an image was given")
+        views = self.vision.views
+        if views.single:
+            return list(self.encode_image(images))
+        out = []
+        for image in images:
+            crops, layout = views.split(load_image(image), tile=self.vision.input_size)
+            tokens = self.encode_image(crops)  # (V, N, D)
+            out.append(views.merge(tokens, layout, grid=self.vision.grid, newline=self.vision_adapter.image_newline))
+        return out
+
+    def num_image_tokens(self, image) -> int:
+        """How many prompt tokens ``image`` (path or PIL) becomes (:meth:`image_tokens`), without encoding it."""
+        if self.vision is None:
+            return 0
+        per_view = self.vision_adapter.num_tokens(self.vision.num_tokens)
+        if self.vision.views.single:
+            return per_view
+        return self.vision.views.num_tokens(load_image(image).size, tile=self.vision.input_size, grid=self.vision.grid,
+                                            n_per_view=per_view)
 
     def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
         """Vision encoder tokens (B, N, C) -> (B, N', D) decoder-space tokens (see :meth:`_in_decoder_space`)."""
@@ -273,7 +309,8 @@ class MultimodalDiffusionLM(nn.Module):
 
         A question must be valid text (:func:`mmdiff.media.read_question`: UTF-8, no control
         characters; the length limit is the CLI's and the demo's, not a data set's) and, without a
-        spoken question, not empty. A model with a vision
+        spoken question, not empty. A model without a vision (audio) encoder refuses an image (a clip):
+        a text-only LLaDA or Dream never answers as if it had seen it. A model with a vision
         encoder answers questions about an image, so a typed or spoken question needs one; only a
         typed question about a clip (e.g. "transcribe the audio.") may come without.
 
@@ -295,6 +332,10 @@ class MultimodalDiffusionLM(nn.Module):
             except ValueError as e:
                 raise ValueError(f"{where}{e}") from None
             typed = bool(question.strip())
+            if image is not None and self.vision is None:
+                raise ValueError(where + NO_VISION)
+            if audio is not None and self.audio is None:
+                raise ValueError(where + NO_HEARING)
             if not typed and audio is None:
                 raise ValueError(where + NO_QUESTION)
             if self.vision is not None and image is None and not (typed and audio is not None):
@@ -359,7 +400,7 @@ class MultimodalDiffusionLM(nn.Module):
             raise ValueError(f"{B} questions but {len(images)} images and {len(audios)} audio entries")
         img_idx = [i for i, im in enumerate(images) if im is not None]
         aud_idx = [i for i, a in enumerate(audios) if a is not None]
-        img_tok = list(self.encode_image([images[i] for i in img_idx])) if img_idx else []
+        img_tok = self.image_tokens([images[i] for i in img_idx]) if img_idx else []
         aud_tok = self.encode_audio([audios[i] for i in aud_idx]) if aud_idx else []
         per_img = [[img_tok[img_idx.index(b)]] if b in img_idx else [] for b in range(B)]
         per_aud = [[aud_tok[aud_idx.index(b)]] if b in aud_idx else [] for b in range(B)]

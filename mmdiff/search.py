@@ -502,7 +502,7 @@ def search(model: MultimodalDiffusionLM, question: str, *, image: Any = None, au
     if not question.strip() and audio is None:
         raise ValueError("empty question and no audio")
     t0 = time.perf_counter()
-    media = ([model.encode_image([image])[0]] if image is not None else [],
+    media = ([model.image_tokens([image])[0]] if image is not None else [],
              model.encode_audio([audio]) if audio is not None else [])
     run = SearchRun(model, question, media, decode=decode)
     best, finished = SEARCHES.get(decode.search.strategy)(run)

@@ -66,3 +66,57 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("tiny-model")
     MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# released-format fixtures: tests/fixtures/<family>-tiny/, one complete checkpoint directory each
+# ------------------------------------------------------------------------------------------------
+#: the folder of checkpoint fixtures (its README.md says what each holds and how it was made)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixture_dirs() -> list[Path]:
+    """Every checkpoint fixture directory: each folder of ``tests/fixtures`` with a ``config.json``,
+    sorted by name. A new family is picked up by every test parametrised over them."""
+    return sorted(d for d in FIXTURES.iterdir() if (d / "config.json").is_file())
+
+
+def fixture_params() -> list:
+    """``fixture_dirs()`` as pytest params, each with its directory name as id (``llada-tiny``, ...)."""
+    return [pytest.param(d, id=d.name) for d in fixture_dirs()]
+
+
+@pytest.fixture(scope="session", params=fixture_params())
+def fixture_dir(request) -> Path:
+    """Each checkpoint fixture directory in turn (a test that takes it runs once per family)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def fixture_model(fixture_dir):
+    """``mmdiff.load(fixture_dir)`` (float32, CPU), loaded once per directory per session."""
+    import mmdiff
+
+    return mmdiff.load(fixture_dir, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def media_files(tmp_path_factory) -> dict[str, Path]:
+    """A small photo-like PNG (``image``, 48 x 30) and a one-second 16 kHz tone (``audio``, wav)."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 48, 3), dtype=np.uint8)).save(root / "photo.png")
+    t = np.arange(16000) / 16000
+    sf.write(root / "question.wav", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 16000)
+    return {"image": root / "photo.png", "audio": root / "question.wav"}
+
+
+def media_for(model, media_files: dict[str, Path]) -> dict[str, Path | None]:
+    """The media a fixture's model takes: an image when it has a vision encoder, a clip when it has an
+    audio encoder (``{"image": path | None, "audio": path | None}``)."""
+    return {"image": media_files["image"] if model.vision is not None else None,
+            "audio": media_files["audio"] if model.audio is not None else None}

@@ -8,7 +8,7 @@ independent sources and checks each part against them:
   with a bidirectional mask (an implementation that shares no code with ours);
 * the vision tower against transformers' ``SiglipVisionModel`` at ``hidden_states[-2]`` (LLaVA drops
   the last block and reads the new last one), the projector against the stored matrices;
-* ``generate`` on an image prompt.
+* ``generate`` on an image prompt (anyres tiling itself: ``tests/test_views.py``).
 """
 from __future__ import annotations
 
@@ -288,7 +288,9 @@ def test_bfloat16_load_has_no_fp32_or_meta_tensor(checkpoint, caplog):
         model = load_multimodal(checkpoint[0], dtype=torch.bfloat16)
     tensors = list(model.parameters()) + list(model.buffers())
     assert all(t.dtype == torch.bfloat16 and not t.is_meta for t in tensors)
-    assert "model.image_newline" in caplog.text  # skipped, and said so
+    assert "post_layernorm" in caplog.text  # skipped, and said so
+    torch.testing.assert_close(model.vision_adapter.image_newline,  # anyres: the row separator is loaded
+                               checkpoint[1]["model.image_newline"].to(torch.bfloat16), rtol=0, atol=0)
     assert model.generate(["what is in the picture?"], images=[picture()], decode=DecodeConfig(sampler=SamplerConfig(gen_length=2)))
 
 
@@ -320,8 +322,18 @@ def test_unknown_tensor_and_missing_tokenizer_are_named(tmp_path):
         load_llada_v(d)
 
 
-def test_unused_tensor_prefixes_are_the_base_path_leftovers():
-    assert set(LLADA_V_UNUSED) == {"model.image_newline", VISION + "post_layernorm.", VISION + "head."}
+def test_unused_tensor_prefixes_are_the_towers_leftovers():
+    assert set(LLADA_V_UNUSED) == {VISION + "post_layernorm.", VISION + "head."}
+
+
+def test_image_newline_is_unused_without_tiling(tmp_path, caplog):
+    d = tmp_path / "square"
+    write_llada_v(d, config=llada_v_config(image_aspect_ratio="square", mm_patch_merge_type="flat"))
+    with caplog.at_level(logging.INFO, logger="mmdiff"):
+        model = load_llada_v(d)
+    assert model.vision.views.single and model.vision_adapter.image_newline is None
+    assert "model.image_newline" in caplog.text
+    assert model.image_tokens([picture()])[0].shape == (16, 32)
 
 
 def test_a_declared_mask_id_wins_over_the_tokenizer(tmp_path):

@@ -99,11 +99,12 @@ def test_media_forms(lmm, docs) -> None:
     with pytest.raises(ValueError, match="at most one image"):
         lmm.generate_until([req])
     # an audio dict (HF Audio) reaches the model as (array, rate); this model has no audio
-    # encoder, so that sample gets "" while the rest of the batch is answered
+    # encoder, so the task is refused (not scored as empty answers)
     clip = {"array": np.sin(np.linspace(0, 400, 16000)).astype(np.float32), "sampling_rate": 16000}
     reqs = requests_for(docs[:2])
     reqs[1] = FakeInstance(("what is said?", {}, lambda doc: [clip], 1, TASK, SPLIT))
-    assert lmm.generate_until(reqs) == [direct(lmm, docs[:1], 1)[0], ""]
+    with pytest.raises(ValueError, match=f"{TASK} doc 1: this model has no audio encoder.*not a task for this model"):
+        lmm.generate_until(reqs)
     # text-only request (no doc_to_visual)
     assert isinstance(lmm.generate_until([FakeInstance(("yes or no?", {}, None, 0, TASK, SPLIT))])[0], str)
 
@@ -117,7 +118,7 @@ def test_unsupported_calls_and_bad_arguments_fail_clearly(lmm, model_dir) -> Non
         plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", gen_len=4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plugin.MMDiffLMMS(pretrained=str(model_dir / "nope"), device="cpu")
-    with pytest.raises(ValueError, match="unknown mmdiff model_args dtype='float8'; known: float32, bfloat16"):
+    with pytest.raises(ValueError, match="unknown mmdiff model_args dtype='float8'; known: auto, float32, bfloat16"):
         plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", dtype="float8")
     half = plugin.MMDiffLMMS(pretrained=str(model_dir), device="cpu", dtype="bfloat16")
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}

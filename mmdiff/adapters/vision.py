@@ -25,6 +25,7 @@ class ProjectorConfig(AdapterConfig):
     grid: tuple[int, int] | None = None  # patch grid (h, w); needed when pool > 1 or pos_embed
     norm: bool = False  # RMS-normalise the projected tokens (before the position embedding)
     pos_embed: bool = False  # learned embedding per output token, N(0, 1) * 0.5 at init
+    newline: bool = False  # a learned image_newline token ending each row of a tiled image (anyres views)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -34,6 +35,9 @@ class ProjectorConfig(AdapterConfig):
 
 class VisionAdapter(nn.Module):
     """Pool the patch grid, project with ``proj``, optionally RMS-normalise, add a learned embedding per output token.
+
+    With ``newline`` it also holds the ``image_newline`` token that tiled (``anyres``) views put at the
+    end of every row of their stitched feature map (:mod:`mmdiff.encoders.views`).
 
     ``norm`` keeps the visual tokens at a fixed scale (RMS 1 per channel, learned gain) whatever the
     encoder's feature scale. Unnormalised, a jointly trained projector drifts to token norms hundreds
@@ -57,6 +61,9 @@ class VisionAdapter(nn.Module):
         self.cfg = cfg
         self.proj = proj
         self.norm = nn.RMSNorm(cfg.out_dim, eps=1e-6) if cfg.norm else None
+        self.image_newline = None  # (out_dim,): LLaVA-NeXT's row separator, N(0, 1/out_dim) at init as there
+        if cfg.newline:
+            self.image_newline = nn.Parameter(torch.randn(cfg.out_dim) * cfg.out_dim ** -0.5)
         self.pos_embed = None
         if cfg.pos_embed:
             n_out = (cfg.grid[0] // cfg.pool) * (cfg.grid[1] // cfg.pool)

@@ -19,6 +19,7 @@ from .diffa import (
     load_diffa,
 )
 from .formats import (
+    CODE_TOKENIZER_CLASSES,
     DECODER_NAMES,
     DREAM_WEIGHTS,
     DTYPES,
@@ -54,7 +55,7 @@ from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
 
 __all__ = [
     "DIFFA_SYSTEM_PROMPT", "DIFFA_TAPS", "DiffaTokenizer", "diffa_model_config", "is_diffa", "load_diffa",
-    "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
+    "CODE_TOKENIZER_CLASSES", "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",
     "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "llada_decoder_config",

@@ -43,6 +43,11 @@ TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "
                                     "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
                                     "chat_template.jinja")
 
+#: tokenizer classes that exist only in a checkpoint's own code -> the transformers class that is the
+#: same tokenizer (mmdiff never runs checkpoint code). Dream's ``DreamTokenizer`` (``tokenization_dream.py``,
+#: files vocab.json + merges.txt) is Qwen2's byte-level BPE with Qwen2's pre-tokenizer regex.
+CODE_TOKENIZER_CLASSES: dict[str, str] = {"DreamTokenizer": "Qwen2Tokenizer"}
+
 #: ``--dtype`` choices of ``mmdiff convert``.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -472,16 +477,33 @@ def load_tokenizer_if_present(path: str | Path):
 
     ``AutoTokenizer`` with ``trust_remote_code=False`` (otherwise a checkpoint with an ``auto_map``,
     as LLaDA's, makes transformers ask on stdin whether to run its code); when the class exists only
-    in the checkpoint's own code (Dream's ``DreamTokenizer``), its ``tokenizer.json`` is loaded as a
-    ``PreTrainedTokenizerFast``.
+    in the checkpoint's own code (Dream's ``DreamTokenizer``), a ``tokenizer.json`` is loaded as a
+    ``PreTrainedTokenizerFast``, else the class's transformers twin (:data:`CODE_TOKENIZER_CLASSES`)
+    reads the released files (Dream: vocab.json + merges.txt).
     """
     if not tokenizer_files(path):
         return None
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    import warnings
 
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json of a model class it does not know and says so
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except ValueError:
-        if not (Path(path) / "tokenizer.json").is_file():
-            raise
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # and warns about its legacy keys (rope_scaling)
+            try:
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            except ValueError:
+                if (Path(path) / "tokenizer.json").is_file():
+                    return PreTrainedTokenizerFast.from_pretrained(str(path))
+                config_path = Path(path) / "tokenizer_config.json"
+                name = read_json(config_path).get("tokenizer_class") if config_path.is_file() else None
+                if name not in CODE_TOKENIZER_CLASSES:
+                    raise
+                import transformers
+
+                return getattr(transformers, CODE_TOKENIZER_CLASSES[name]).from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(verbosity)

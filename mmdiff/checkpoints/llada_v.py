@@ -4,13 +4,15 @@
 A LLaDA under Llama names (``model.layers.*``, ``lm_head``), a SigLIP tower under
 ``model.vision_tower.vision_tower.vision_model.*`` (last block removed, as LLaVA does) and an
 ``mlp2x_gelu`` projector ``model.mm_projector.{0,2}``. :func:`load_llada_v` loads it the same
-frugal way as the text formats (:mod:`mmdiff.checkpoints.formats`). Only the base-resolution view is
-encoded (the whole image resized to the tower's input size): ``anyres`` tiling and the
-``image_newline`` separators it uses are not implemented.
+frugal way as the text formats (:mod:`mmdiff.checkpoints.formats`). Images are seen as the config
+says: ``image_aspect_ratio: anyres_max_N`` (or ``anyres``) with ``mm_patch_merge_type:
+spatial_unpad`` is LLaVA-OneVision's tiling (``image_grid_pinpoints``, a base view, ``model.image_newline``
+ending each row: :mod:`mmdiff.encoders.views`), ``square`` + ``flat`` the base view alone.
 """
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -44,8 +46,10 @@ LLADA_V_DEFAULTS: dict[str, Any] = dict(
     num_key_value_heads=None, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
     max_position_embeddings=2048, hidden_act="silu", rope_scaling=None, attention_bias=False, mlp_bias=False,
     mm_projector_type="linear", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-    mm_use_im_start_end=False, image_aspect_ratio="square", mm_patch_merge_type="flat",
+    mm_use_im_start_end=False, image_aspect_ratio="square", mm_patch_merge_type="flat", image_grid_pinpoints=None,
 )
+#: image_aspect_ratio values that tile the image (LLaVA-NeXT's anyres; anyres_max_N: about N tiles of tokens at most)
+ANYRES = re.compile(r"anyres(?:_max_(\d+))?")
 LLADA_V_OPTIONS: dict[str, tuple] = dict(
     hidden_act=("silu",), rope_scaling=(None,), attention_bias=(False,), mlp_bias=(False,),
     mm_projector_type=("mlp2x_gelu",), mm_vision_select_layer=(-2,), mm_vision_select_feature=("patch",),
@@ -61,9 +65,11 @@ LLADA_V_SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You a
 LLADA_V_VISION = "model.vision_tower.vision_tower.vision_model."
 #: checkpoint prefix -> MultimodalDiffusionLM prefix, for the parts outside the LLM
 LLADA_V_PREFIXES: dict[str, str] = {LLADA_V_VISION: "vision.", "model.mm_projector.": "vision_adapter.proj."}
-#: stored tensors the base-resolution path does not use: the anyres row separator, and the tower's
-#: final norm and pooling head (LLaVA reads the features before them)
-LLADA_V_UNUSED: tuple[str, ...] = ("model.image_newline", LLADA_V_VISION + "post_layernorm.", LLADA_V_VISION + "head.")
+LLADA_V_NEWLINE = "model.image_newline"  # the anyres row separator, in the LLM's width
+NEWLINE = "vision_adapter.image_newline"  # where it goes
+#: stored tensors the model never uses: the tower's final norm and pooling head (LLaVA reads the
+#: features before them); the row separator is unused too when the config does not tile images
+LLADA_V_UNUSED: tuple[str, ...] = (LLADA_V_VISION + "post_layernorm.", LLADA_V_VISION + "head.")
 
 
 def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> "ModelConfig":
@@ -90,12 +96,33 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
     width = SIGLIP_TOWERS[tower]["embed_dim"]
     if c["mm_hidden_size"] != width:
         raise ValueError(f"{source}: mm_hidden_size {c['mm_hidden_size']} differs from the {width}-wide {tower} tower")
-    if c["image_aspect_ratio"] != "square" or c["mm_patch_merge_type"] != "flat":
-        log.warning("%s: image_aspect_ratio %r / mm_patch_merge_type %r: mmdiff encodes only the base view "
-                    "(the whole image resized to the tower's input); anyres tiles and image_newline are not used",
-                    source, c["image_aspect_ratio"], c["mm_patch_merge_type"])
-    return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2),
-                       vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
+    views = _views(c, tile=SIGLIP_TOWERS[tower]["img_size"], source=source)
+    return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2, **views),
+                       vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model,
+                                                      newline=views["views"] == "anyres"))
+
+
+def _views(c: Mapping[str, Any], *, tile: int, source: str) -> dict[str, Any]:
+    """The :class:`VisionEncoderConfig` views fields of LLaVA's ``image_aspect_ratio``,
+    ``mm_patch_merge_type`` and ``image_grid_pinpoints`` (a list of [width, height], or LLaVA's
+    ``"(1x1),...,(6x6)"``: every tile grid from the first to the last, in tiles of ``tile`` pixels)."""
+    aspect, merge = c["image_aspect_ratio"], c["mm_patch_merge_type"]
+    if aspect == "square" and merge == "flat":
+        return dict(views="single")
+    anyres = ANYRES.fullmatch(str(aspect))
+    if anyres is None or merge != "spatial_unpad":
+        raise ValueError(f"{source}: image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not "
+                         "supported (supported: 'square' + 'flat', or 'anyres' / 'anyres_max_N' + 'spatial_unpad')")
+    pinpoints = c["image_grid_pinpoints"]
+    if isinstance(pinpoints, str) and "x" in pinpoints:
+        grids = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", pinpoints)]
+        (c0, r0), (c1, r1) = grids[0], grids[-1]
+        pinpoints = [(i * tile, j * tile) for i in range(c0, c1 + 1) for j in range(r0, r1 + 1)]
+    if not pinpoints or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pinpoints):
+        raise ValueError(f"{source}: image_aspect_ratio {aspect!r} needs image_grid_pinpoints, a list of "
+                         f"[width, height]; got {c['image_grid_pinpoints']!r}")
+    return dict(views="anyres", grid_pinpoints=tuple((int(w), int(h)) for w, h in pinpoints),
+                max_tiles=int(anyres.group(1)) if anyres.group(1) else None)
 
 
 def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
@@ -105,8 +132,10 @@ def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, st
               if f"decoder.{dst}" in expected}
     for name in expected:
         for src, dst in LLADA_V_PREFIXES.items():
-            if name.startswith(dst):
+            if name.startswith(dst) and name != NEWLINE:
                 rename[src + name[len(dst):]] = name
+    if NEWLINE in expected:
+        rename[LLADA_V_NEWLINE] = NEWLINE
     return rename
 
 
@@ -116,7 +145,8 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     """Load a LLaDA-V directory into a :class:`~mmdiff.model.MultimodalDiffusionLM`, memory-frugally.
 
     The model is built on the meta device and every tensor is read, cast and assigned one at a
-    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged). The
+    time (as :func:`load_pretrained`). Tensors in :data:`LLADA_V_UNUSED` are skipped (logged), and
+    ``model.image_newline`` when the config does not tile images. The
     mask id is the config's ``mask_token_id``, else the tokenizer's :data:`LLADA_MASK_TOKEN`; prompts
     get LLaDA-V's system prompt (:data:`LLADA_V_SYSTEM_PROMPT`) and ``<image>\\n`` before the question.
 
@@ -138,9 +168,10 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
         model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = shard_index(directory)
-    unused = sorted(n for n in files if n.startswith(LLADA_V_UNUSED))
+    unused = sorted(n for n in files
+                    if n.startswith(LLADA_V_UNUSED) or (n == LLADA_V_NEWLINE and NEWLINE not in expected))
     if unused:
-        log.info("%s: not used by the base-resolution path: %s", directory, unused)
+        log.info("%s: not used: %s", directory, unused)
     files = {n: p for n, p in files.items() if n not in unused}
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
     check_weights(files, rename, expected, dtype=dtype, source=str(directory))

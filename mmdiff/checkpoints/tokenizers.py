@@ -69,6 +69,20 @@ class ReleasedTokenizer:
     def backend_tokenizer(self) -> Any:
         return self.tokenizer.backend_tokenizer
 
+    @property
+    def eos_token_id(self) -> int:
+        return self.special.eos
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.special.pad
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Every id no answer may contain (structure priors forbid them): the tokenizer's special
+        tokens, the ids the checkpoint declares (mask, pad, eos, bos) and the media placeholders."""
+        return sorted(set(self.tokenizer.all_special_ids) | {i for i in self._ids.values() if i is not None})
+
     def __len__(self) -> int:
         return len(self.tokenizer)
 

@@ -10,12 +10,18 @@ import argparse
 import json
 import sys
 
-from .. import DEFAULT_MODEL_DIR
 from ..media import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, read_question
-from ..model import MultimodalDiffusionLM
 from ..search import SearchResult, answer
 from ..tasks.presets import SHORT_ANSWER
-from .options import add_decode_arguments, add_speech_arguments, apply_speech_arguments, decode_config_from_args
+from .options import (
+    add_decode_arguments,
+    add_model_arguments,
+    add_speech_arguments,
+    apply_speech_arguments,
+    check_model_arguments,
+    decode_config_from_args,
+    load_model,
+)
 
 #: short answers: the canvas mmdiff-tiny is trained on
 DEFAULTS = SHORT_ANSWER
@@ -26,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the question (optional when --audio is given; at most {MAX_QUESTION_CHARS} characters)")
     p.add_argument("--image", help=f"image file (png, jpg, ...: any mode or bit depth, at most "
                                    f"{MAX_IMAGE_PIXELS / 1e6:g} MP); a model with a vision encoder needs one")
-    p.add_argument("--audio", help="spoken question (wav, flac, ogg: any sample rate from 8 kHz, any channels)")
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--audio", help="spoken question (wav, flac, ogg: any sample rate from 8 kHz, any channels); "
+                                   "a model with an audio encoder hears it")
+    add_model_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: answer, nfe, latency_s, the decode settings (and the scored "
                         "candidates with --search; with --audio on an audio_ctc model, 'heard': the transcript it "
@@ -41,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a question, --audio, or both")
     read_question(args.question)  # UTF-8, control characters, length: before the model loads
     decode = decode_config_from_args(args, DEFAULTS)  # checked before the model loads
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
+    check_model_arguments(args)
+    model = load_model(args)
     apply_speech_arguments(model, args)
     res = answer(model, [args.question], images=[args.image], audios=[args.audio], decode=decode)[0]
     candidates = ([{"text": text, "score": score} for text, score in res.candidates]

@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import DEFAULT_MODEL_DIR
 from ..data.scenes import scene_schema
 from ..io import read_json
-from ..model import MultimodalDiffusionLM
 from ..sampling.schema import check_schema
 from ..tasks.captioning import caption
 from ..tasks.presets import JSON_CAPTION
-from .options import add_decode_arguments, decode_config_from_args
+from .options import add_decode_arguments, add_model_arguments, check_model_arguments, decode_config_from_args, load_model
 
 #: a 6-object JSON caption is about 49 tokens
 DEFAULTS = JSON_CAPTION
@@ -31,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="arrays of unknown length: count (ask 'how many objects are there?' first), max "
                         "(maxItems slots, incomplete items dropped) or a number (default: count)")
     p.add_argument("--string-tokens", type=int, default=8, help="token budget of a free string field (default: 8)")
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    add_model_arguments(p)
     add_decode_arguments(p, DEFAULTS, search=False)
 
 
@@ -45,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         check_schema(schema)  # before loading the model
     array_length = int(args.array_length) if args.array_length.isdigit() else args.array_length
     decode = decode_config_from_args(args, DEFAULTS)  # checked before loading
-    model = MultimodalDiffusionLM.from_pretrained(args.model)
+    check_model_arguments(args)
+    model = load_model(args)
     res = caption(model, args.image, format=args.format, schema=schema, length=args.length, decode=decode,
                   array_length=array_length, string_tokens=args.string_tokens)
     print(res.text)

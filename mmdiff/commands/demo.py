@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .. import DEFAULT_MODEL_DIR
 from ..serving.engine import DEFAULT_MAX_BATCH
+from .options import add_model_arguments
 
 #: the source checkout holding ``demo/`` (the demo ships with the repository, not the wheel)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (default: 7860)")
@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch is not None and (not args.engine or args.max_batch < 1):
         raise ValueError(f"--max-batch {args.max_batch}: the engine's batch, a positive number, with --engine")
     check_port(args.host, args.port)
+    from ..loading import resolve_device
+
+    resolve_device(args.device)  # the model directory is checked by the app, which says how to get one
     max_batch = (args.max_batch or DEFAULT_MAX_BATCH) if args.engine else None
-    load_demo_app().main(args.model, host=args.host, port=args.port, max_batch=max_batch)
+    load_demo_app().main(args.model, host=args.host, port=args.port, max_batch=max_batch, dtype=args.dtype,
+                         device=args.device)
     return 0

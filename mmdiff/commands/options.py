@@ -1,14 +1,61 @@
-"""Decode flags shared by ``ask``, ``eval`` and ``caption``: one flag per option of
-:class:`~mmdiff.sampling.DecodeConfig` (sampler, cache, pruning, search), derived from the fields'
-own help, choices and ranges, so a new field is a new flag everywhere."""
+"""Flags shared by the commands: the model (``--model``, ``--device``, ``--dtype``: any directory
+:func:`mmdiff.load` reads) and the decode flags of ``ask``, ``eval``, ``caption`` and ``serve``: one
+flag per option of :class:`~mmdiff.sampling.DecodeConfig` (sampler, cache, pruning, search), derived
+from the fields' own help, choices and ranges, so a new field is a new flag everywhere."""
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
+from .. import DEFAULT_MODEL_DIR
 from ..options import Option
 from ..sampling import DecodeConfig
+
+#: what ``--model`` accepts, for the help of every command
+MODEL_HELP = ("model directory: mmdiff's own, or a released LLaDA / Dream / LLaDA-V checkpoint as downloaded "
+              "(config.json, safetensors, tokenizer files), or any other family mmdiff.load reads")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, device_default: str = "auto") -> None:
+    """``--model DIR``, ``--device`` and ``--dtype``: the model every command loads with :func:`mmdiff.load`.
+
+    Args:
+        p: the parser.
+        device_default: ``auto`` (a GPU when there is one) or ``cpu``.
+    """
+    from ..loading import DTYPE_CHOICES
+
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--device", default=device_default,
+                   help=f"cpu, cuda, cuda:1, mps or auto (this process's GPU if any, else cpu); "
+                        f"default: {device_default}")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="parameter dtype; auto: float32 on the CPU, the checkpoint's own dtype (e.g. bfloat16) on a "
+                        "GPU (default: auto)")
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a ``--model`` that is not a directory with a config.json and a
+    ``--device`` this machine lacks (one line each)."""
+    from ..io import CONFIG_NAME
+    from ..loading import resolve_device
+
+    model = Path(args.model)
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model {model}: no such directory")
+    if not (model / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"--model {model}: no {CONFIG_NAME}, so it is not a model directory")
+    resolve_device(args.device)
+
+
+def load_model(args: argparse.Namespace):
+    """The model of :func:`add_model_arguments`' flags (:func:`mmdiff.load`)."""
+    from ..loading import load
+
+    check_model_arguments(args)
+    return load(args.model, dtype=args.dtype, device=args.device)
 
 GROUPS = {"sampler": "sampler", "": "cache", "pruning": "token pruning and layer skipping",
           "search": "test-time search"}

@@ -9,19 +9,18 @@ import argparse
 import os
 from pathlib import Path
 
-from .. import DEFAULT_MODEL_DIR, load
 from ..serving.chat import SERVER_DECODE, server_defaults
 from ..serving.engine import DEFAULT_MAX_BATCH
 from ..serving.server import check_exposure, serve
 from .demo import check_port
-from .options import add_decode_arguments, decode_config_from_args
+from .options import add_decode_arguments, add_model_arguments, check_model_arguments, decode_config_from_args, load_model
 
 #: the environment variable holding the API key when --api-key is not given
 API_KEY_ENV = "MMDIFF_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL_DIR, help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+    add_model_arguments(p)
     p.add_argument("--model-name", help="the name clients send as 'model' (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only; "
                                                        "any other needs an API key)")
@@ -47,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     decode_config_from_args(args, SERVER_DECODE)  # checked before the model loads
     check_exposure(args.host, api_key)
     check_port(args.host, args.port)
-    model = load(args.model)
+    check_model_arguments(args)
+    model = load_model(args)
     serve(model, host=args.host, port=args.port, model_name=args.model_name or Path(args.model).resolve().name,
           api_key=api_key, media_dir=args.media_dir, max_batch=args.max_batch, max_queue=args.max_queue,
           decode=decode_config_from_args(args, server_defaults(model)))

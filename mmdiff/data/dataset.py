@@ -170,8 +170,6 @@ def _parse_row(line: str, line_no: int, root: Path) -> Row | RowError:
 
     image, question, audio = data.get("image"), data.get("question"), data.get("audio")
     answers, qtype = data.get("answers"), data.get("type")
-    if image is None and audio is None:
-        return error("missing 'image' (a row needs an image, audio or both)")
     if image is not None and (not isinstance(image, str) or not image):
         return error("'image' must be a non-empty string")
     if image is not None and not (root / image).is_file():
@@ -194,7 +192,8 @@ def read_rows(path: str | Path) -> Iterator[Row | RowError]:
     """Parse a JSONL dataset, yielding a :class:`Row` per valid line and a :class:`RowError` per bad one.
 
     Blank lines are skipped. A line is bad when it is not a JSON object, lacks an id, its image (or
-    audio) file is missing, it has neither question nor audio, or its answers are empty.
+    audio) file is missing, it has neither question nor audio, or its answers are empty. A row
+    without media is a text question (for a text-only model; a vision model refuses it row by row).
 
     Args:
         path: the ``data.jsonl`` file; media paths are resolved relative to its folder.

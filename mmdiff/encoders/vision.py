@@ -14,7 +14,9 @@ Three backends, one registry (:data:`VISION_ENCODERS`):
 * ``siglip``: a SigLIP tower (LLaDA-V's), written out in plain torch under transformers' names
   (end of this file).
 
-Weights come from a local file only (``weights``); nothing is downloaded.
+Weights come from a local file only (``weights``); nothing is downloaded. How a picture becomes the
+crops the tower sees (the whole image, or LLaVA-NeXT's ``anyres`` tiles) is the config's ``views``
+strategy (:mod:`mmdiff.encoders.views`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from PIL import Image
 from ..io import JsonConfig, load_safetensors, load_state_checked
 from ..media import load_image
 from ..registry import Registry
+from .views import IMAGE_VIEWS, ImageViews, build_views
 
 logger = logging.getLogger("mmdiff")
 
@@ -52,6 +55,14 @@ class VisionEncoderConfig(JsonConfig):
     num_heads: int | None = None  # attention heads (open_clip: vision ``heads``)
     layer: int = -2  # block whose output is returned; negative counts from the end (LLaVA: -2)
     weights: str | None = None  # local weight file (timm: safetensors/pth; open_clip: CLIP checkpoint)
+    views: str = "single"  # how an image becomes crops: single (whole image) | anyres (tiles + base view)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: candidate (width, height) canvases, pixels
+    max_tiles: int | None = None  # anyres: shrink the tile map to about this many tiles' tokens (anyres_max_N)
+
+    def __post_init__(self) -> None:
+        self.grid_pinpoints = tuple((int(w), int(h)) for w, h in self.grid_pinpoints)  # JSON gives lists
+        if self.views not in IMAGE_VIEWS.names():
+            raise ValueError(f"unknown image views {self.views!r}; known: {', '.join(IMAGE_VIEWS.names())}")
 
     def overrides(self) -> dict[str, int]:
         """The size fields that are set, under timm's keyword names."""
@@ -98,21 +109,25 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
 
 
 class VisionEncoder(nn.Module):
-    """Images -> patch tokens. Subclasses set ``out_dim``, ``grid``, ``transform`` and ``mean``.
+    """Images -> patch tokens. Subclasses set ``out_dim``, ``grid``, ``input_size``, ``transform`` and ``mean``.
 
     Attributes:
         out_dim: token width D.
         grid: patch grid (h, w); ``num_tokens = h * w``.
+        input_size: side of the square input in pixels (an ``anyres`` tile).
+        views: how an image becomes crops (:mod:`mmdiff.encoders.views`), from ``cfg.views``.
     """
 
     out_dim: int
     grid: tuple[int, int]
+    input_size: int
     transform: Callable[[Image.Image], torch.Tensor]  # the backbone's eval transform
     mean: tuple[float, float, float]  # normalisation mean, also the padding colour
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.views: ImageViews = build_views(cfg.views, grid_pinpoints=cfg.grid_pinpoints, max_tiles=cfg.max_tiles)
 
     @property
     def num_tokens(self) -> int:
@@ -183,6 +198,7 @@ class TimmVisionEncoder(VisionEncoder):
         model.prune_intermediate_layers([self.index], prune_norm=True, prune_head=True)
         self.model = model
         self.grid = tuple(model.patch_embed.grid_size)
+        self.input_size = int(model.patch_embed.img_size[0])
         self.out_dim = model.embed_dim
         data = resolve_model_data_config(model)
         data.update(input_size=(3, *model.patch_embed.img_size), crop_pct=1.0, crop_mode="center")
@@ -226,6 +242,7 @@ class OpenClipVisionEncoder(VisionEncoder):
         visual.prune_intermediate_layers([self.index], prune_norm=True, prune_head=True)
         self.visual = visual
         self.grid = tuple(visual.grid_size)
+        self.input_size = int(visual.image_size[0])
         self.out_dim = visual.transformer.width
         self.mean = tuple(visual.preprocess_cfg["mean"])
         self.transform = transform
@@ -353,6 +370,7 @@ class SiglipVisionEncoder(VisionEncoder):
         self.index = _resolve_layer(cfg.layer, size["depth"])
         side = size["img_size"] // size["patch_size"]
         self.grid = (side, side)
+        self.input_size = size["img_size"]
         self.out_dim = size["embed_dim"]
         self.mean = SIGLIP_MEAN
         self.transform = functools.partial(siglip_transform, size=size["img_size"])

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.dataset import Row, read_rows
+from ..loading import text_tokenizer
 from ..sampling import DecodeConfig
-from ..tokenizer import load_tokenizer
 
 #: canvases are rounded up to a multiple of this many tokens
 CANVAS_MULTIPLE = 8
@@ -52,7 +52,7 @@ def canvas_per_type(rows: Iterable[Row], tokenizer, *, multiple: int = CANVAS_MU
 
 
 def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfig) -> dict[str, Canvas]:
-    """:func:`canvas_per_type` of a JSONL dataset for a model directory, rounded to a multiple of
+    """:func:`canvas_per_type` of a JSONL dataset for a model directory (any :func:`mmdiff.load` reads), rounded to a multiple of
     :data:`CANVAS_MULTIPLE` and of ``decode``'s block length (which must divide the canvas).
 
     Raises:
@@ -62,4 +62,4 @@ def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfi
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     rows = [r for r in read_rows(data) if isinstance(r, Row)]
     multiple = math.lcm(CANVAS_MULTIPLE, decode.sampler.block_length or 1)
-    return canvas_per_type(rows, load_tokenizer(model_dir), multiple=multiple)
+    return canvas_per_type(rows, text_tokenizer(model_dir), multiple=multiple)

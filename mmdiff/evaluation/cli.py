@@ -32,9 +32,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR
-from ..commands.options import add_decode_arguments, decode_config_from_args
-from ..io import check_device, check_output_dir
-from ..model import MultimodalDiffusionLM
+from ..commands.options import MODEL_HELP, add_decode_arguments, decode_config_from_args
+from ..io import check_output_dir
+from ..loading import DTYPE_CHOICES, load, resolve_device, resolve_dtype
 from ..serving.engine import DEFAULT_MAX_BATCH
 from .canvas import CANVAS_MULTIPLE, Canvas, choose_canvases
 from .runner import METRICS_FILE, Shard, check_engine, evaluate, merge_shards
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``mmdiff eval`` options to ``p``."""
     p.add_argument("--data", type=Path, help="JSONL file of VQA rows (media paths relative to it)")
     p.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL_DIR),
-                   help=f"model directory (default: {DEFAULT_MODEL_DIR})")
+                   help=f"{MODEL_HELP} (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--out", type=Path, help="output folder; rerunning into it resumes")
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows per generate call (default: 8; a --search answers row by row; not with --engine)")
@@ -61,19 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", type=Path, metavar="DIR", help="merge DIR/shard-*-of-n into DIR and exit")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, ... (default: auto = the rank's GPU if any, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="parameter dtype; auto: float32 on the CPU, the checkpoint's own dtype (e.g. bfloat16) on a "
+                        "GPU (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_decode_arguments(p, chosen_later={
         "gen_length": f"per question type, the type's longest reference answer in --data + EOS, rounded up to "
                       f"a multiple of {CANVAS_MULTIPLE}"})
-
-
-def _device(name: str) -> str:
-    """``--device``, ``auto`` resolved; a device this machine lacks is refused."""
-    if name != "auto":
-        return check_device(name)
-    import torch
-
-    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
 def _say_canvases(canvases: dict[str, Canvas]) -> None:
@@ -110,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch is not None and not args.engine:
         raise ValueError("--max-batch sets the engine's batch: give --engine too (or --batch-size without it)")
     decode = decode_config_from_args(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     model = None
     if args.engine:  # refused before the data is read
-        model = MultimodalDiffusionLM.from_pretrained(args.model, device=device)
+        model = load(args.model, dtype=dtype, device=device)
         check_engine(model, decode)
     canvases = None
     if args.gen_length is None:
@@ -122,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             _say_canvases(chosen)
         canvases = {t: c.length for t, c in chosen.items()}
     kwargs = dict(model_dir=args.model, decode=decode, canvases=canvases, batch_size=args.batch_size,
-                  limit=args.limit, device=device, progress=not args.quiet,
+                  limit=args.limit, device=device, dtype=dtype, progress=not args.quiet,
                   engine_batch=(args.max_batch or DEFAULT_MAX_BATCH) if args.engine else None, model=model)
     if world == 1:
         metrics = evaluate(args.data, args.out, shard=shard, **kwargs)

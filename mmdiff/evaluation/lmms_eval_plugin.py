@@ -22,7 +22,9 @@ group. Three ways to use it:
   declares the entry point ``[project.entry-points."lmms_eval.models"] mmdiff =
   "mmdiff.evaluation.lmms_eval_plugin:manifest"``.
 
-``model_args``: ``pretrained`` (model directory), ``device``, ``dtype``, ``batch_size``, and any option of
+``model_args``: ``pretrained`` (any directory :func:`mmdiff.load` reads: mmdiff's own, a released
+LLaDA / Dream / LLaDA-V checkpoint, ...), ``device``, ``dtype`` (``auto``: float32 on the CPU, the
+checkpoint's own on a GPU), ``batch_size``, and any option of
 :class:`~mmdiff.sampling.DecodeConfig` by its flat name, the flag's without dashes (``gen_length=8``,
 ``steps=4``, ``transfer=threshold``, ``cache=prefix``, ``prune=fastv``, ``keep_ratio=0.5``,
 ``search=best_of_n``; lists with ``;`` as lmms-eval splits ``model_args`` at commas:
@@ -61,8 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import DEFAULT_MODEL_DIR
-from ..checkpoints import DTYPES
-from ..loading import load
+from ..loading import DTYPE_CHOICES, load
+from ..model import NO_HEARING, NO_VISION, MultimodalDiffusionLM
 from ..sampling import DecodeConfig
 from .runner import answer_batch
 
@@ -119,10 +121,9 @@ class MMDiffLMMS(_LMMSBase):
     """An lmms-eval "simple" model (``doc_to_visual`` + text context) backed by an mmdiff model.
 
     Args:
-        pretrained: any directory :func:`mmdiff.load` reads (mmdiff's own, LLaDA-V, LLaDA, Dream).
+        pretrained: model directory (:func:`mmdiff.load`).
         device: where the model runs (default: cuda if available, else cpu).
-        dtype: parameter dtype, a name of :data:`mmdiff.checkpoints.DTYPES`; None: float32 on CPU,
-            the checkpoint's own dtype elsewhere.
+        dtype: parameter dtype (``auto``, ``float32``, ``bfloat16``, ``float16``; default auto).
         batch_size: requests per ``generate`` call.
         max_batch_size: passed by lmms-eval's evaluator; unused.
         **options: :class:`~mmdiff.sampling.DecodeConfig` options by key (text values are
@@ -131,11 +132,10 @@ class MMDiffLMMS(_LMMSBase):
 
     is_simple = True
 
-    def __init__(self, pretrained: str = DEFAULT_MODEL_DIR, device: str | None = None, dtype: str | None = None,
-                 batch_size: int | str = 1, max_batch_size: int | None = None, **options: Any) -> None:
+    def __init__(self, pretrained: str = DEFAULT_MODEL_DIR, device: str | None = None, batch_size: int | str = 1,
+                 max_batch_size: int | None = None, dtype: str = "auto", **options: Any) -> None:
         super().__init__()
-        import torch
-
+        _skip_rank_lock_patch()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("the mmdiff lmms-eval plugin runs in one process; "
                              "for multi-GPU evaluation use `torchrun -m mmdiff eval`")
@@ -144,16 +144,10 @@ class MMDiffLMMS(_LMMSBase):
         if unknown:
             raise ValueError(f"unknown mmdiff model_args {unknown}; known: pretrained, device, dtype, batch_size, "
                              f"{', '.join(sorted(known))}")
-        if dtype not in (None, "None", *DTYPES):
-            raise ValueError(f"unknown mmdiff model_args dtype={dtype!r}; known: {', '.join(DTYPES)}")
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"unknown mmdiff model_args dtype={dtype!r}; known: {', '.join(DTYPE_CHOICES)}")
         self.decode = DecodeConfig().with_values(options, parse=True)  # lmms-eval passes text ("None", "0.5")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype in (None, "None"):
-            torch_dtype = torch.float32 if torch.device(device).type == "cpu" else None
-        else:
-            torch_dtype = DTYPES[dtype]
-        self.model = load(Path(pretrained), dtype=torch_dtype, device=device)
-        _skip_rank_lock_patch()
+        self.model: MultimodalDiffusionLM = load(Path(pretrained), dtype=dtype, device=device or "auto")
         self.batch_size = int(batch_size)
         self._ignored: set[str] = set()
 
@@ -170,6 +164,9 @@ class MMDiffLMMS(_LMMSBase):
         if len(images) > 1 or len(audios) > 1:
             raise ValueError(f"{task} doc {doc_id}: {len(images)} images and {len(audios)} clips; "
                              "mmdiff answers about at most one image and one clip")
+        for given, reader, refusal in ((images, self.model.vision, NO_VISION), (audios, self.model.audio, NO_HEARING)):
+            if given and reader is None:  # the whole task needs a medium this model lacks: stop, do not score ""
+                raise ValueError(f"{task} doc {doc_id}: {refusal}; {task} is not a task for this model")
         return (images or [None])[0], (audios or [None])[0]
 
     def _stop_strings(self, gen_kwargs: dict) -> list[str]:

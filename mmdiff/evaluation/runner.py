@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..adapters.ctc import LM_NAME
-from ..checkpoints.formats import INDEX_NAME, shard_index
 from ..data.dataset import Row, RowError, read_rows
-from ..io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_output_dir, read_json, write_json
+from ..io import atomic_write_bytes, check_output_dir, read_json, write_json
+from ..loading import checkpoint_files, load
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig
 from ..search import SearchResult, answer
@@ -144,13 +143,8 @@ def run_identity(model_dir: str | Path, data: str | Path, decode: DecodeConfig,
     pruning and test-time search settings, and ``canvas``: {question type: canvas length}, or None
     when every row takes the sampler's ``gen_length`` (set to None when the types have their own)."""
     model_dir, data = Path(model_dir), Path(data)
-    weights = sorted(set(shard_index(model_dir).values())) if (model_dir / INDEX_NAME).is_file() \
-        else [model_dir / WEIGHTS_NAME]  # a released checkpoint's shards, or mmdiff's one file
-    model_files = [model_dir / CONFIG_NAME, *weights]
-    if (model_dir / LM_NAME).is_file():  # the CTC beam's LM changes spoken answers
-        model_files.append(model_dir / LM_NAME)
     identity = {"model": str(model_dir.resolve()),
-                "model_sha256": _sha256(model_files),
+                "model_sha256": _sha256(checkpoint_files(model_dir)),  # config, weights, the CTC beam's LM
                 "data": str(data.resolve()), "data_sha256": _sha256([data]), **decode.to_dict()}
     identity["canvas"] = None if canvases is None else dict(sorted(canvases.items()))
     if canvases is not None:
@@ -367,14 +361,14 @@ def _metrics(predictions: Sequence[dict], errors: Sequence[dict], *, identity: d
 
 def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode: DecodeConfig | None = None,
              canvases: Mapping[str, int] | None = None, batch_size: int = 8, limit: int | None = None,
-             shard: Shard | None = None, device: str = "cpu", progress: bool = True,
+             shard: Shard | None = None, device: str = "cpu", dtype: str | Any = "auto", progress: bool = True,
              engine_batch: int | None = None, model: MultimodalDiffusionLM | None = None) -> dict[str, Any]:
     """Evaluate a model on a JSONL VQA file, resuming whatever an earlier run into ``out`` left.
 
     Args:
         data: the JSONL file (media paths relative to it).
         out: output folder; a shard writes into ``out/shard-i-of-n``.
-        model_dir: an mmdiff model directory (``save_pretrained``).
+        model_dir: any directory :func:`mmdiff.load` reads (mmdiff's own, a released checkpoint).
         decode: sampler, cache, pruning and search settings; with a test-time search rows are
             answered one by one (``batch_size`` does not apply).
         canvases: question type -> response canvas length, for every type of the data
@@ -384,6 +378,7 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         limit: evaluate only the first ``limit`` rows of the file (before sharding).
         shard: evaluate only this shard.
         device: where the model runs.
+        dtype: its parameter dtype (:func:`mmdiff.loading.resolve_dtype`; ``auto``: float32 on the CPU).
         progress: show a tqdm progress bar.
         engine_batch: answer through the step-batching engine, this many rows stepped at once
             (``batch_size`` does not apply); None: ``generate`` batches. The predictions are the
@@ -414,7 +409,7 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if engine_batch is not None:  # refuse what the engine cannot batch before any work
         if model is None:
-            model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
+            model = load(model_dir, dtype=dtype, device=device)
         check_engine(model, decode)
     out = check_output_dir(Path(out) / shard.dirname if shard is not None else Path(out))
     items = load_items(data, limit=limit, shard=shard)
@@ -447,7 +442,7 @@ def evaluate(data: str | Path, out: str | Path, *, model_dir: str | Path, decode
         pending = [it for it in todo if isinstance(it.entry, Row)]
         if pending:
             if model is None:
-                model = MultimodalDiffusionLM.from_pretrained(model_dir, device=device)
+                model = load(model_dir, dtype=dtype, device=device)
             last_write = time.monotonic()
             if engine_batch is not None:
                 engine = Engine(model, max_batch=engine_batch, max_queue=engine_batch)

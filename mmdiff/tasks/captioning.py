@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..model import MultimodalDiffusionLM
+from ..model import NO_VISION, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, StepEvent
 from ..sampling.schema import INTEGER_TOKENS, schema_to_template, validate
 from ..sampling.structure import Slot, StructurePrior, Template
@@ -42,10 +42,6 @@ class CaptionResult:
     count: int | None = None
 
 
-def _image_tokens(model: MultimodalDiffusionLM) -> int:
-    return model.vision_adapter.num_tokens(model.vision.num_tokens) if model.vision is not None else 0
-
-
 def generate_with_prior(model: MultimodalDiffusionLM, question: str, image: Any, prior: StructurePrior, *,
                         decode: DecodeConfig, callback: Callable[[StepEvent], None] | None = None
                         ) -> tuple[list[int], int]:
@@ -58,7 +54,7 @@ def generate_with_prior(model: MultimodalDiffusionLM, question: str, image: Any,
     Raises:
         ValueError: when prompt + template do not fit the decoder's context.
     """
-    prompt_len = len(model.format_prompt(question, n_images=1)) - 1 + _image_tokens(model)
+    prompt_len = len(model.format_prompt(question, n_images=1)) - 1 + model.num_image_tokens(image)
     prior.check_context(model.cfg.decoder.max_seq_len, prompt_len=prompt_len)
     res = model.generate([question], images=[image], decode=decode.replace(sampler=prior.sampler_config(decode.sampler)),
                          strategies=[prior], callback=callback)[0]
@@ -102,6 +98,8 @@ def caption(model: MultimodalDiffusionLM, image: Any, *, format: str = "json", s
     decode = decode or DecodeConfig()
     if decode.search.active:
         raise ValueError("captions decode without a test-time search: set the search to none")
+    if model.vision is None:
+        raise ValueError(NO_VISION)
     t0 = time.perf_counter()
     if format == "text":
         if schema is not None:
