@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -30,6 +31,29 @@ from .tokenizer import load_tokenizer
 
 #: ``--dtype`` choices of every command that loads a model: ``auto`` (:func:`resolve_dtype`) or a dtype name
 DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A released multimodal family :func:`load` dispatches to, recognised by its ``config.json``."""
+
+    name: str
+    detect: Callable[[Mapping[str, Any]], bool]  # config dict -> is this family
+    load: Callable[..., MultimodalDiffusionLM]  # (directory, *, dtype, device) -> model
+    tokenizer_dir: str = ""  # sub-directory that holds the tokenizer files ("" = the directory itself)
+
+
+#: the released multimodal families, first match wins; text-only LLaDA / Dream / mmdiff-decoder and
+#: mmdiff's own directories are handled by :func:`load` itself
+FAMILIES: tuple[Family, ...] = (
+    Family("llada-v", is_llada_v, load_llada_v),
+    Family("diffa", is_diffa, load_diffa, tokenizer_dir="llm"),
+)
+
+
+def family_of(config: Mapping[str, Any]) -> Family | None:
+    """The released multimodal family of a ``config.json``, or None."""
+    return next((f for f in FAMILIES if f.detect(config)), None)
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -70,7 +94,10 @@ def text_tokenizer(path: str | Path) -> Any:
     """The tokenizer of any loadable directory, without its weights (e.g. to measure answers in the
     model's tokens): mmdiff's own, or the released checkpoint's tokenizer files."""
     directory, config = open_checkpoint(path)
-    return load_tokenizer(directory) if config.get("model_type") == MODEL_TYPE else require_tokenizer(directory)
+    if config.get("model_type") == MODEL_TYPE:
+        return load_tokenizer(directory)
+    family = family_of(config)
+    return require_tokenizer(directory / family.tokenizer_dir if family else directory)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -116,10 +143,9 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
     directory, config = open_checkpoint(path)
     if config.get("model_type") == MODEL_TYPE:
         return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
-    if is_llada_v(config):
-        return load_llada_v(directory, dtype=dtype, device=device)
-    if is_diffa(config):
-        return load_diffa(directory, dtype=dtype, device=device)
+    family = family_of(config)
+    if family is not None:
+        return family.load(directory, dtype=dtype, device=device)
     loaded = load_pretrained(directory, dtype=dtype, device=device, tokenizer=False)
     if loaded.special_ids is None:
         raise ValueError(f"{directory}: no {SPECIAL_TOKENS_NAME}, so the special-token ids are unknown "

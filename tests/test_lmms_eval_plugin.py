@@ -258,9 +258,9 @@ def mmdiff_eval_run(model_dir: Path, data: Path, out: Path) -> tuple[float, list
 
 def llada_v_dir(root: Path) -> Path:
     """A tiny random LLaDA-V checkpoint in the released layout (tests/test_llada_v.py's writer)."""
-    from test_llada_v import write_llada_v
+    from test_llada_v import llada_v_config, write_llada_v
 
-    write_llada_v(root / "LLaDA-V-tiny")
+    write_llada_v(root / "LLaDA-V-tiny", config=llada_v_config(max_position_embeddings=1024))  # anyres tiles
     return root / "LLaDA-V-tiny"
 
 
