@@ -176,7 +176,7 @@ class Magvit2Tokenizer(VisionEncoder):
     image decoder's and the quantiser's are ignored).
     """
 
-    emits_ids = True  # forward gives code ids, which the model embeds with the decoder's table
+    emits = "ids"  # forward gives code ids in [0, out_dim), which the model embeds with the decoder's table
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__(cfg)
