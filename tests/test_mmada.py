@@ -190,3 +190,13 @@ def test_vq_tensor_shape_mismatch_named(copy_dir):
     save_file(state, path)
     with pytest.raises(ValueError, match=r"encoder.conv_in.bias .*checkpoint \(7,\) vs model \(32,\)"):
         load_mmada(copy_dir)
+
+
+def test_llm_dtype_applies_to_the_llm_only():
+    """The tokenizer stays float32 (its codes are sign decisions): a bfloat16 LLM gets the same codes."""
+    model = load_mmada(FIXTURE, dtype=torch.bfloat16)
+    assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.vision.parameters()} == {torch.float32}
+    expected = np.load(FIXTURE / "expected.npz")
+    with torch.no_grad():
+        assert torch.equal(model.vision(torch.from_numpy(expected["pixel_values"])), torch.from_numpy(expected["vq_ids"]))

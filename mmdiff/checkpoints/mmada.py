@@ -62,6 +62,9 @@ VQ_CLASS = "MAGVITv2"
 VQ_WEIGHTS = "pytorch_model.safetensors"
 #: the released understanding path reads images at 512 x 512 (``inference_mmu.py``'s config, ``app.py``)
 MMADA_IMAGE_SIZE = 512
+#: the tokenizer always runs in float32, as the released code runs it (outside the LLM's bf16 autocast): its
+#: codes are sign decisions, which a lower precision can flip, and it is about 1% of the parameters
+VQ_DTYPE = torch.float32
 #: VQ tensors not read: the image decoder (generation) and the quantiser's constant tables (LFQ needs none)
 VQ_UNUSED: tuple[str, ...] = ("decoder.", "quantize.")
 
@@ -91,8 +94,8 @@ def magvit2_name(vq_config: Mapping[str, Any], *, source: str) -> str:
     for name, size in MAGVIT2_TOKENIZERS.items():
         if all(_same(enc.get(k), v) for k, v in size.items()):
             return name
-    raise ValueError(f"{source}: encoder_config {enc} matches no known MAGVIT-v2 tokenizer; known: "
-                     f"{ {k: v for k, v in MAGVIT2_TOKENIZERS.items()} }")
+    raise ValueError(f"{source}: encoder_config {enc} matches no known MAGVIT-v2 tokenizer; known "
+                     f"(mmdiff.encoders.vq.MAGVIT2_TOKENIZERS): {MAGVIT2_TOKENIZERS}")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -163,8 +166,8 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     """Load an MMaDA directory (and its MAGVIT-v2 tokenizer) into a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     Built on the meta device; each tensor is read, cast and assigned (as :func:`load_pretrained`).
-    The LLM's and the VQ encoder's tensors are checked apart (each may keep its own dtype when
-    ``dtype`` is None: the codes are integers, so a float32 tokenizer feeds a bfloat16 LLM exactly).
+    ``dtype`` applies to the LLM; the VQ encoder is read in :data:`VQ_DTYPE` (float32) whatever it is:
+    the codes are integers, so a float32 tokenizer feeds a bfloat16 LLM exactly.
     Special ids: ``mask_token_id`` / ``eos_token_id`` of ``config.json``, BOS from
     ``generation_config.json``; prompts use the tokenizer's chat template with the image block in
     front (``media_layout="before_chat"``).
@@ -203,15 +206,16 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     llm_rename = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
                   if f"decoder.{dst}" in expected}
-    parts = [(shard_index(directory), llm_rename, str(directory))]
+    parts = [(shard_index(directory), llm_rename, dtype, str(directory))]
     if vq_dir is not None:
         weights = vq_weight_file(vq_dir)
         vq_files = {n: p for n, p in shard_index_of_file(weights).items() if not n.startswith(VQ_UNUSED)}
-        parts.append((vq_files, {n: f"vision.{n}" for n in vq_files if f"vision.{n}" in expected}, str(weights)))
+        parts.append((vq_files, {n: f"vision.{n}" for n in vq_files if f"vision.{n}" in expected}, VQ_DTYPE,
+                      str(weights)))
     state: dict[str, torch.Tensor] = {}
-    for files, rename, where in parts:
-        check_weights(files, rename, expected, dtype=dtype, source=where)
-        state.update(read_weights(files, rename, dtype=dtype, device=device))
+    for files, rename, part_dtype, where in parts:
+        check_weights(files, rename, expected, dtype=part_dtype, source=where)
+        state.update(read_weights(files, rename, dtype=part_dtype, device=device))
     load_state_checked(model, state, source=str(directory), assign=True)
     assert_materialised(model)
     log.info("loaded MMaDA %s (%s)", directory, f"image tokenizer {vq_name}" if vq_name else "text only")
