@@ -66,7 +66,8 @@ def test_adapter_builds_and_runs(kind):
     with torch.no_grad():
         if adapter.emits == "ids":  # vq_ids: code ids in, vocabulary ids out, nothing learned
             codes = torch.randint(0, IN, (2, 16))
-            assert torch.equal(adapter(codes), codes + adapter.cfg.offset) and adapter.num_tokens(16) == 16
+            out = adapter(codes)
+            assert torch.equal(out, codes + adapter.cfg.offset) and adapter.num_tokens(16) == 16
         elif adapter.modality == "image":
             out = adapter(torch.randn(2, 16, IN))
             assert adapter.num_tokens(16) == 4 and out.shape == (2, 4, width(adapter))
