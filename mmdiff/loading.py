@@ -19,7 +19,9 @@ from .checkpoints import (
     is_diffa,
     is_llada_v,
     load_diffa,
+    is_mmada,
     load_llada_v,
+    load_mmada,
     load_pretrained,
     open_checkpoint,
     require_tokenizer,
@@ -48,6 +50,7 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("llada-v", is_llada_v, load_llada_v),
     Family("diffa", is_diffa, load_diffa, tokenizer_dir="llm"),
+    Family("mmada", is_mmada, load_mmada),
 )
 
 
@@ -127,6 +130,7 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
     * DIFFA: LLaDA, Whisper encoder and dual adapter, from the directory and its ``whisper/`` and
       ``llm/`` sub-directories (:func:`~mmdiff.checkpoints.load_diffa`);
+    * MMaDA: decoder and MAGVIT-v2 image tokenizer from ``vq_model/`` (:func:`~mmdiff.checkpoints.load_mmada`);
     * LLaDA / Dream / a converted decoder with ``special_tokens.json``: a text-only model (no
       encoders yet; :mod:`mmdiff.training.adapters` attaches and trains them), with the directory's
       tokenizer under mmdiff's names (:class:`~mmdiff.checkpoints.ReleasedTokenizer`);

@@ -177,11 +177,15 @@ class MultimodalDiffusionLM(nn.Module):
         return self._in_decoder_space(self.vision_adapter, self.vision_adapter(features))
 
     def _in_decoder_space(self, adapter: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """An adapter's output as decoder-space tokens (..., D). Adapters that emit distributions over the
-        first V' tokens of the vocabulary (``emits = "vocab"``, e.g. ``audio_ctc``) are embedded with the
-        decoder's own token table: sum_v p(v) * E[v]; the others already emit embeddings."""
+        """An adapter's output as decoder-space tokens (..., D). Adapters that emit vocabulary ids
+        (``emits = "ids"``, e.g. ``vq_ids``: a discrete image tokenizer's codes) are embedded exactly as
+        typed tokens; those that emit distributions over the first V' tokens of the vocabulary
+        (``emits = "vocab"``, e.g. ``audio_ctc``) with the decoder's own token table: sum_v p(v) * E[v];
+        the others already emit embeddings."""
         if adapter.emits == "embeddings":
             return tokens
+        if adapter.emits == "ids":
+            return self.decoder.embed(tokens)  # (..., D)
         table = self.decoder.embed_tokens.weight  # (V, D)
         return tokens.to(table.dtype) @ table[: tokens.shape[-1]]
 

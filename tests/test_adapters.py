@@ -64,7 +64,11 @@ def test_adapter_builds_and_runs(kind):
     torch.manual_seed(0)
     adapter = build_adapter(tiny_adapter_cfg(kind)).eval()
     with torch.no_grad():
-        if adapter.modality == "image":
+        if adapter.emits == "ids":  # vq_ids: code ids in, vocabulary ids out, nothing learned
+            codes = torch.randint(0, IN, (2, 16))
+            out = adapter(codes)
+            assert torch.equal(out, codes + adapter.cfg.offset) and adapter.num_tokens(16) == 16
+        elif adapter.modality == "image":
             out = adapter(torch.randn(2, 16, IN))
             assert adapter.num_tokens(16) == 4 and out.shape == (2, 4, width(adapter))
         else:
@@ -213,7 +217,7 @@ def test_adapter_config_validation():
 @pytest.mark.parametrize("kind", ADAPTERS.names())
 def test_every_adapter_declares_modality_output_and_config(kind):
     cls = ADAPTERS.get(kind)
-    assert cls.modality in ("image", "audio") and cls.emits in ("embeddings", "vocab")
+    assert cls.modality in ("image", "audio") and cls.emits in ("embeddings", "vocab", "ids")
     assert issubclass(cls.config_class, AdapterConfig) and cls.config_class is not AdapterConfig
 
 

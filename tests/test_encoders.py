@@ -40,7 +40,8 @@ def tiny_clip_config(tmp_path_factory):
 
 def tiny_vision_cfg(kind: str, **kw) -> VisionEncoderConfig:
     base = {"timm": preset("tiny-test"), "open_clip": VisionEncoderConfig(kind="open_clip", name=TINY_CLIP),
-            "siglip": VisionEncoderConfig(kind="siglip", name="siglip-tiny-test")}[kind]
+            "siglip": VisionEncoderConfig(kind="siglip", name="siglip-tiny-test"),
+            "magvit2": VisionEncoderConfig(kind="magvit2", name="magvitv2-tiny-test", img_size=32)}[kind]
     return VisionEncoderConfig.from_dict({**base.to_dict(), **kw})
 
 
@@ -133,7 +134,7 @@ def test_load_audio_bad_clips_name_the_file_and_problem(tmp_path):
 # vision encoders
 # ------------------------------------------------------------------------------------------------
 def test_tiny_configs_cover_the_registry():
-    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip", "siglip"}
+    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip", "siglip", "magvit2"}
     assert AUDIO_ENCODERS.names() == ["whisper"]
 
 
@@ -145,6 +146,11 @@ def test_vision_encoder_builds_and_runs(kind, tmp_path):
     pixels = enc.preprocess([path, Image.new("RGB", (32, 32), (0, 0, 255))])
     assert pixels.shape == (2, 3, 32, 32)
     tokens = enc(pixels)
+    if enc.emits == "ids":  # a discrete tokenizer (magvit2): one code per latent position, 2x downsampling
+        assert enc.grid == (16, 16) and tokens.shape == (2, 256) and tokens.dtype == torch.long
+        assert 0 <= int(tokens.min()) and int(tokens.max()) < enc.out_dim == 64
+        return
+    assert enc.emits == "features"
     assert enc.grid == (4, 4) and enc.num_tokens == 16 and enc.out_dim == 32
     assert tokens.shape == (2, 16, 32) and torch.isfinite(tokens).all()
 
@@ -216,7 +222,7 @@ def test_pad_to_square_centres_on_fill():
 
 
 def test_vision_encoder_errors(tmp_path):
-    with pytest.raises(ValueError, match="Unknown vision encoder 'clip'; known: open_clip, siglip, timm"):
+    with pytest.raises(ValueError, match="Unknown vision encoder 'clip'; known: magvit2, open_clip, siglip, timm"):
         build_vision_encoder(VisionEncoderConfig(kind="clip"))
     with pytest.raises(ValueError, match="layer 2 is out of range for a 2-block"):
         build_vision_encoder(tiny_vision_cfg("timm", layer=2))

@@ -3,6 +3,7 @@
 ``mlp2x_gelu`` is LLaVA-1.5's projector (Linear -> GELU -> Linear); its ``proj.0`` / ``proj.2`` are
 LLaDA-V's ``mm_projector.0`` / ``mm_projector.2``. Pooling the grid before projecting is LaViDa's
 token compression (2 x 2 there); a 9 x 9 grid pooled 3 x 3 gives one token per cell of a 3 x 3 scene.
+``vq_ids`` places a discrete tokenizer's codes (:mod:`mmdiff.encoders.vq`) in the decoder's vocabulary.
 """
 from __future__ import annotations
 
@@ -115,3 +116,63 @@ class LinearAdapter(VisionAdapter):
     def __init__(self, cfg: ProjectorConfig) -> None:
         super().__init__(cfg, nn.Linear(cfg.in_dim, cfg.out_dim))
 
+
+
+@dataclass
+class VQTokensConfig(AdapterConfig):
+    """How a discrete image tokenizer's codes enter the decoder's vocabulary (``vq_ids``).
+
+    ``in_dim`` is the codebook size, ``out_dim`` the decoder width. Code ``c`` becomes vocabulary id
+    ``offset + c``; the image's ids are wrapped in ``prefix_ids`` ... ``suffix_ids`` (Show-o / MMaDA:
+    ``<|mmu|> <|soi|>`` ... ``<|eoi|>``, which the model was trained to see around every image).
+    """
+
+    offset: int = 0  # vocabulary id of code 0 (MMaDA: the text tokenizer's length)
+    prefix_ids: tuple[int, ...] = ()  # vocabulary ids before the image's codes
+    suffix_ids: tuple[int, ...] = ()  # vocabulary ids after them
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prefix_ids, self.suffix_ids = tuple(map(int, self.prefix_ids)), tuple(map(int, self.suffix_ids))
+
+    def resolve(self, decoder) -> "VQTokensConfig":
+        """Check that every id falls inside the decoder's vocabulary."""
+        top = self.offset + self.in_dim
+        if self.offset < 0 or top > decoder.vocab_size:
+            raise ValueError(f"vq_ids: codes at ids {self.offset}..{top - 1} do not fit the decoder's "
+                             f"{decoder.vocab_size}-token vocabulary")
+        bad = [i for i in (*self.prefix_ids, *self.suffix_ids) if not 0 <= i < decoder.vocab_size]
+        if bad:
+            raise ValueError(f"vq_ids: marker ids {bad} are outside the decoder's {decoder.vocab_size}-token vocabulary")
+        if self.out_dim != decoder.d_model:
+            raise ValueError(f"vq_ids: out_dim {self.out_dim} differs from the decoder width {decoder.d_model}")
+        return self
+
+
+@ADAPTERS.register("vq_ids")
+class VQTokens(nn.Module):
+    """Image code ids (B, N) -> vocabulary ids (B, len(prefix) + N + len(suffix)); no parameters.
+
+    ``emits = "ids"``: the model embeds them with the decoder's own token table, exactly as if the
+    ids had been typed in the prompt (how MMaDA and Show-o see an image).
+    """
+
+    modality, emits, config_class = "image", "ids", VQTokensConfig
+
+    def __init__(self, cfg: VQTokensConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def num_tokens(self, n_in: int) -> int:
+        return len(self.cfg.prefix_ids) + n_in + len(self.cfg.suffix_ids)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, N) long codes in [0, in_dim) -> (B, N') long vocabulary ids."""
+        if codes.dtype != torch.long:
+            raise ValueError(f"vq_ids takes integer code ids, got a {codes.dtype} tensor (a feature encoder's output?)")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.in_dim):
+            raise ValueError(f"vq_ids: codes outside the {self.cfg.in_dim}-entry codebook")
+        B = codes.shape[0]
+        prefix = torch.tensor(self.cfg.prefix_ids, dtype=torch.long, device=codes.device).expand(B, -1)
+        suffix = torch.tensor(self.cfg.suffix_ids, dtype=torch.long, device=codes.device).expand(B, -1)
+        return torch.cat([prefix, codes + self.cfg.offset, suffix], dim=1)  # (B, N')

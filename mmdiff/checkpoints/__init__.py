@@ -5,6 +5,7 @@
 * :mod:`~mmdiff.checkpoints.tokenizers`: released tokenizers under mmdiff's special-token names;
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
 * :mod:`~mmdiff.checkpoints.diffa`: DIFFA (LLaDA + Whisper + dual adapter) likewise;
+* :mod:`~mmdiff.checkpoints.mmada`: MMaDA (LLaDA + MAGVIT-v2 image tokens) likewise;
 * :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``.
 
 :func:`mmdiff.load` (:mod:`mmdiff.loading`) dispatches over all of them.
@@ -51,15 +52,24 @@ from .llada_v import (
     llada_v_model_config,
     load_llada_v,
 )
-from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+from .mmada import (
+    MMADA_RESERVED_IDS,
+    VQ_SUBDIR,
+    is_mmada,
+    load_mmada,
+    magvit2_name,
+    mmada_model_config,
+)
+from .tokenizers import LLADA_MASK_TOKEN, MEDIA_LAYOUTS, ReleasedTokenizer, require_tokenizer
 
 __all__ = [
     "DIFFA_SYSTEM_PROMPT", "DIFFA_TAPS", "DiffaTokenizer", "diffa_model_config", "is_diffa", "load_diffa",
     "CODE_TOKENIZER_CLASSES", "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
-    "LLADA_V_UNUSED", "LLADA_WEIGHTS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "CheckpointFormat",
+    "LLADA_V_UNUSED", "LLADA_WEIGHTS", "MEDIA_LAYOUTS", "MMADA_RESERVED_IDS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "VQ_SUBDIR", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",
-    "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "llada_decoder_config",
-    "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_pretrained", "load_tokenizer_if_present",
+    "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "is_mmada", "llada_decoder_config",
+    "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_mmada", "load_pretrained", "magvit2_name",
+    "mmada_model_config", "load_tokenizer_if_present",
     "open_checkpoint", "read_weights", "require_tokenizer", "run", "save_decoder", "shard_index", "special_ids_from_configs",
     "tokenizer_files",
 ]

@@ -38,13 +38,20 @@ class ReleasedTokenizer:
         special: the ids the checkpoint declares.
         vocab_size: rows of the model's embedding; the placeholder ids must fall below it.
         system: system prompt put before the conversation when it has none (LLaDA-V's).
+        media_layout: where media placeholders go (:data:`MEDIA_LAYOUTS`): ``llava``, on their own
+            line before the user's text; ``before_chat``, in front of the whole chat text (MMaDA: the
+            image block, then the chat template from its BOS on).
     """
 
     #: mmdiff's placeholder name -> the string added to the tokenizer for it (a family whose prompts hold
     #: the text ``<audio>`` itself, like DIFFA's, adds other strings so that text stays text)
     PLACEHOLDERS: dict[str, str] = {st.IMAGE: st.IMAGE, st.AUDIO: st.AUDIO}
 
-    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None,
+                 media_layout: str = "llava") -> None:
+        if media_layout not in MEDIA_LAYOUTS:
+            raise ValueError(f"unknown media layout {media_layout!r}; known: {list(MEDIA_LAYOUTS)}")
+        self.media_layout = media_layout
         tokenizer.add_tokens([self.PLACEHOLDERS[st.IMAGE], self.PLACEHOLDERS[st.AUDIO]], special_tokens=True)
         image, audio = (int(tokenizer.convert_tokens_to_ids(self.PLACEHOLDERS[t])) for t in (st.IMAGE, st.AUDIO))
         taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
@@ -97,26 +104,44 @@ class ReleasedTokenizer:
         return self.tokenizer.decode(list(ids), **kwargs)
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
-        """The tokenizer's chat template in LLaVA's layout: media placeholders first, each on its own
-        line, then the text (``<image>\\nquestion``), wherever mmdiff's prompt placed them."""
-        messages = [{**m, "content": self.layout(m["content"])} for m in messages]
-        if self.system is not None and messages and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system}, *messages]
-        if self.tokenizer.chat_template is None:  # base models: the text itself
-            text = "".join(m["content"] for m in messages)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
+        """The tokenizer's chat template with the media placeholders where the family expects them
+        (``media_layout``), wherever mmdiff's prompt placed them: LLaVA's, first in the message, each on
+        its own line (``<image>\\nquestion``; :meth:`layout`); ``before_chat``, in front of the chat text."""
+        if self.media_layout == "before_chat":
+            media = "".join("".join(_placeholders(m["content"])) for m in messages)
+            messages = [{**m, "content": _strip_placeholders(m["content"])} for m in messages]
+            text = media + self._chat_text(messages, kwargs)
+        else:
+            text = self._chat_text([{**m, "content": self.layout(m["content"])} for m in messages], kwargs)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if kwargs.get("tokenize", True) else text
 
     def layout(self, content: str) -> str:
         """A message's content with mmdiff's placeholders where this family puts its media (LLaVA's layout)."""
         return _llava_layout(content)
 
+    def _chat_text(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> str:
+        if self.system is not None and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        if self.tokenizer.chat_template is None:  # base models: the text itself
+            return "".join(m["content"] for m in messages)
+        return self.tokenizer.apply_chat_template(messages, **{**kwargs, "tokenize": False})
+
+
+#: where a released family's prompts put media placeholders (see :class:`ReleasedTokenizer`)
+MEDIA_LAYOUTS: tuple[str, ...] = ("llava", "before_chat")
+
+
+def _placeholders(content: str) -> list[str]:
+    return re.findall(f"{re.escape(st.IMAGE)}|{re.escape(st.AUDIO)}", content)
+
+
+def _strip_placeholders(content: str) -> str:
+    return content.replace(st.IMAGE, "").replace(st.AUDIO, "")
+
 
 def _llava_layout(content: str) -> str:
     """Move ``<image>`` / ``<audio>`` placeholders to the front, one per line, keeping their order."""
-    placeholders = re.findall(f"{re.escape(st.IMAGE)}|{re.escape(st.AUDIO)}", content)
-    text = content.replace(st.IMAGE, "").replace(st.AUDIO, "")
-    return "".join(p + "\n" for p in placeholders) + text
+    return "".join(p + "\n" for p in _placeholders(content)) + _strip_placeholders(content)
 
 
 def require_tokenizer(directory: Path) -> Any:

@@ -123,6 +123,7 @@ class VisionEncoder(nn.Module):
     input_size: int
     transform: Callable[[Image.Image], torch.Tensor]  # the backbone's eval transform
     mean: tuple[float, float, float]  # normalisation mean, also the padding colour
+    emits: str = "features"  # forward's output: "features" (B, N, out_dim) or "ids" (B, N) codes (encoders.vq)
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__()
