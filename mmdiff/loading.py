@@ -114,8 +114,8 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         files += [index, *(directory / s for s in shards)]
-    else:
-        files.append(directory / WEIGHTS_NAME)
+    else:  # mmdiff's model.safetensors, or a part's own weights file (MMaDA's vq_model/)
+        files += sorted(directory.glob("*.safetensors")) or [directory / WEIGHTS_NAME]
     if (directory / LM_NAME).is_file():
         files.append(directory / LM_NAME)
     for sub in sorted(p for p in directory.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file()):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 log = logging.getLogger("mmdiff")
 
@@ -95,6 +95,7 @@ def load_image(src: str | Path | Image.Image) -> Image.Image:
     if size is None:
         raise ValueError(f"cannot read image {path}: not an image file (unknown format)")
     check_image_size(*size, name=path)
+    allow_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # lmms-eval sets it
     try:
         img = Image.open(path)
         img.load()  # decodes every byte: truncation surfaces as OSError here
@@ -102,6 +103,8 @@ def load_image(src: str | Path | Image.Image) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL raises these for damaged data
         raise ValueError(f"cannot read image {path}: truncated or corrupt image data ({e})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     with img:
         return to_rgb(img, name=path)
 

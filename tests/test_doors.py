@@ -237,11 +237,14 @@ def test_the_prompt_is_the_tokenizers_chat_template(fixture_dir, fixture_model):
     if hf is None or hf.chat_template is None:
         pytest.skip(f"{fixture_dir.name}: mmdiff's own prompt format (tests/test_tokenizer.py)")
     n_images = int(fixture_model.vision is not None)
-    content = "<image>\n" * n_images + QUESTION
+    before_chat = getattr(tok, "media_layout", "llava") == "before_chat"  # MMaDA: the image block, then the chat
+    content = ("" if before_chat else "<image>\n" * n_images) + QUESTION
     system = getattr(tok, "system", None)
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": content}]
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if before_chat:
+        text = "<image>" * n_images + text
     ids = fixture_model.format_prompt(QUESTION, n_images=n_images)
     assert ids == hf(text, add_special_tokens=False)["input_ids"]
     assert ids.count(fixture_model.special.image) == n_images
