@@ -4,7 +4,8 @@
   :class:`~mmdiff.decoder.Decoder`; shards, weight checks and memory-frugal loading shared by all;
 * :mod:`~mmdiff.checkpoints.tokenizers`: released tokenizers under mmdiff's special-token names;
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
-* :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``.
+* :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``;
+* :mod:`~mmdiff.checkpoints.whisper_ct2`: ``mmdiff convert-whisper`` (CTranslate2 Whisper -> transformers Whisper).
 
 :func:`mmdiff.load` (:mod:`mmdiff.loading`) dispatches over all of them.
 """
@@ -42,11 +43,13 @@ from .llada_v import (
     load_llada_v,
 )
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+from .whisper_ct2 import convert_whisper, read_ct2_model
 
 __all__ = [
     "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",
+    "convert_whisper", "read_ct2_model",
     "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "llada_decoder_config",
     "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_pretrained", "load_tokenizer_if_present",
     "open_checkpoint", "read_weights", "require_tokenizer", "run", "save_decoder", "shard_index", "special_ids_from_configs",
