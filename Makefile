@@ -21,7 +21,6 @@ demo: $(STAMP)
 	$(VENV)/bin/mmdiff demo --model $(MODEL)
 
 test: $(STAMP)
-	@command -v espeak-ng >/dev/null || echo "espeak-ng is not on PATH: the speech tests will skip (apt-get install -y espeak-ng)"
 	$(PY) -m pytest
 
 # Reproduce the shipped model (under 60 minutes on 2 CPU cores); the log lands beside it.
