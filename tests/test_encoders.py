@@ -14,7 +14,7 @@ import torchaudio.functional as AF
 import torchvision.transforms.functional as TF
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmdiff.encoders.audio import AUDIO_ENCODERS, SHAPE_FIELDS, AudioEncoderConfig, build_audio_encoder, log_mel
@@ -276,6 +276,58 @@ def test_audio_encoder_matches_whisper_encoder_at_full_length():
         torch.testing.assert_close(got, ref.hidden_states[i], atol=1e-6, rtol=0)
 
 
+def save_whisper_model(directory, **sizes) -> WhisperModel:
+    """A tiny random transformers ``WhisperModel`` saved as a checkpoint directory (config.json + safetensors)."""
+    torch.manual_seed(0)
+    model = WhisperModel(WhisperConfig(**sizes, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                                       vocab_size=64, max_target_positions=16, pad_token_id=0,
+                                       bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                                       suppress_tokens=[], begin_suppress_tokens=[])).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    model.config.to_json_file(str(directory / "config.json"))
+    return model
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_window_encoder_matches_transformers_whisper_model(tmp_path, n_mels):
+    """pad_to_window = WhisperFeatureExtractor (padding to the window) -> WhisperModel.encoder, every layer."""
+    sizes = {**TINY_WHISPER, "num_mel_bins": n_mels, "max_source_positions": 150}  # a 3 s window
+    ref_model = save_whisper_model(tmp_path, **sizes)
+    cfg = AudioEncoderConfig.from_whisper_checkpoint(tmp_path, max_seconds=3.0, pad_to_window=True,
+                                                     output_layers=(0, 1, 2))
+    assert cfg.num_mel_bins == n_mels and cfg.window_samples == 48000
+    enc = build_audio_encoder(cfg).eval()
+    rng = np.random.default_rng(1)
+    clips = [(0.3 * np.sin(np.arange(n) / 7) + 0.01 * rng.standard_normal(n)).astype(np.float32)
+             for n in (17000, 30350)]
+    feats, mask = enc.preprocess([(c, 16000) for c in clips])
+    fe = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=3)
+    ref = fe(clips, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
+    assert feats.shape == ref.input_features.shape == (2, n_mels, 300)
+    torch.testing.assert_close(feats, ref.input_features, atol=1e-5, rtol=0)
+    lengths = ref_model.encoder._get_feat_extract_output_lengths(ref.attention_mask.sum(-1))
+    assert mask.sum(1).tolist() == lengths.tolist() == [54, 95] and mask[1, :95].all()
+    with torch.no_grad():
+        out = enc(feats, mask)
+        want = ref_model.encoder(ref.input_features, output_hidden_states=True)
+    torch.testing.assert_close(out.last, want.last_hidden_state, atol=1e-5, rtol=0)
+    for got, i in zip(out.layers, (0, 1, 2)):
+        torch.testing.assert_close(got, want.hidden_states[i], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pad_to_window: features must fill the window of 300 mel frames, got 100"):
+        enc(feats[..., :100], mask[:, :50])
+
+
+def test_window_batch_mels_pads_with_whispers_silence():
+    enc = build_audio_encoder(tiny_audio_cfg(pad_to_window=True, max_source_positions=150))
+    t = np.arange(int(1.2 * 16000)) / 16000
+    wave = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    want, want_mask = enc.preprocess([(wave, 16000)])
+    got, mask = enc.batch_mels([log_mel(wave)])
+    assert got.shape == want.shape == (1, 80, 300) and (mask == want_mask).all()
+    torch.testing.assert_close(got[..., :118], want[..., :118], atol=1e-5, rtol=0)  # all but the frames at the clip's end
+    torch.testing.assert_close(got[..., 122:], want[..., 122:], atol=1e-5, rtol=0)  # Whisper's silence
+
+
 @pytest.mark.parametrize("kind", AUDIO_ENCODERS.names())
 def test_audio_variable_length_batch_equals_single_clips(kind, tmp_path):
     torch.manual_seed(0)
@@ -343,3 +395,5 @@ def test_audio_config_validation_and_round_trip():
         AudioEncoderConfig(max_seconds=31.0)
     with pytest.raises(ValueError, match=r"unknown AudioEncoderConfig keys \['layers'\]"):
         AudioEncoderConfig.from_dict({"layers": 2})
+    window = tiny_audio_cfg(pad_to_window=True)
+    assert AudioEncoderConfig.from_dict(json.loads(json.dumps(window.to_dict()))) == window

@@ -1,15 +1,21 @@
-"""Audio tower: waveform -> Whisper log-mel -> Whisper encoder states, at the clip's own length.
+"""Audio tower: waveform -> Whisper log-mel -> Whisper encoder states (transformers' ``WhisperEncoder``).
 
 Whisper (Radford et al. 2022) is trained on 30 s windows and ``WhisperEncoder.forward`` insists on
-3000 mel frames. Following DIFFA (Zhou et al. 2025) we pad a batch only to its longest clip and
-keep a mask: :meth:`AudioEncoder.forward` runs Whisper's stages itself (conv1 -> conv2 -> first T'
-positional embeddings -> layers with a key-padding mask -> layer norm), so a clip gives the same
-states alone or padded in a batch, and a 2 s clip costs 100 frames, not 1500.
+3000 mel frames. Two ways to run it (``AudioEncoderConfig.pad_to_window``):
 
-Log-mel follows Whisper exactly: 400-point Hann STFT, hop 160 at 16 kHz (100 frames/s, last frame
-dropped), Slaney mel filters up to 8 kHz, ``log10(max(mel, 1e-10))`` floored at ``max - 8`` and
-mapped by ``(x + 4) / 4``. The max is taken per clip (Whisper takes it over the padded 30 s window,
-which equals the clip's max for any clip that is not silent).
+* ``False`` (default): a batch is padded only to its longest clip and a mask is kept;
+  :meth:`AudioEncoder.forward` runs Whisper's stages itself (conv1 -> conv2 -> the first T'
+  positional embeddings -> layers with a key-padding mask -> layer norm), so a clip gives the same
+  states alone or padded in a batch, and a 2 s clip costs 100 frames, not 1500.
+* ``True``: every clip is zero-padded to the full window (``max_source_positions`` states: 30 s)
+  and the encoder attends over the padding, exactly as Whisper and DIFFA (Zhou et al. 2025,
+  ``WhisperFeatureExtractor`` then ``WhisperEncoder``) run it.
+
+Log-mel is ``WhisperFeatureExtractor``'s maths: 400-point Hann STFT, hop 160 at 16 kHz (100
+frames/s, last frame dropped), its Slaney mel filters (``transformers.audio_utils.mel_filter_bank``,
+``num_mel_bins`` of them) up to 8 kHz, ``log10(max(mel, 1e-10))`` floored at ``max - 8`` and mapped
+by ``(x + 4) / 4``. Unpadded, the max is the clip's (Whisper takes it over the padded window, which
+is the same for any clip that is not silent).
 """
 from __future__ import annotations
 
@@ -68,6 +74,9 @@ class AudioEncoderConfig(JsonConfig):
     #: 15-35 dB SNR noise, mishears 8 kHz clips (WER 0.75) unless filled (0.17; 16 kHz: 0.08); an encoder that
     #: heard narrow-band speech (a real Whisper checkpoint) wants None
     narrowband_fill_db: float | None = 17.0
+    #: pad every clip to the full window (max_source_positions states; Whisper's 30 s) and attend over the
+    #: padding, as Whisper and DIFFA do; False: run a batch at its longest clip, padded frames masked out
+    pad_to_window: bool = False
 
     def __post_init__(self) -> None:
         self.output_layers = tuple(self.output_layers)  # JSON gives a list
@@ -84,6 +93,10 @@ class AudioEncoderConfig(JsonConfig):
             raise ValueError(f"output_layers {self.output_layers} must be non-empty indices into the "
                              f"{n_states} hidden states (embeddings + {self.encoder_layers} layers)")
 
+    @property
+    def window_samples(self) -> int:
+        """Samples in the encoder's full window: ``max_source_positions`` states of 2 mel frames."""
+        return self.max_source_positions * 2 * HOP
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "audio encoder config") -> "AudioEncoderConfig":
@@ -104,7 +117,9 @@ class AudioEncoderConfig(JsonConfig):
 
 @dataclass
 class AudioFeatures:
-    """Encoder output for a batch; every tensor is zero at padded frames."""
+    """Encoder output for a batch. Unpadded encoders (``pad_to_window`` False) zero every tensor at
+    padded frames; window encoders return Whisper's states over the whole window (the padding was
+    attended to) and ``mask`` marks each clip's own frames."""
 
     last: torch.Tensor  # (B, T', D) final states (after the encoder's layer norm)
     layers: list[torch.Tensor]  # output_layers' states, each (B, T', D)
@@ -118,22 +133,28 @@ def build_audio_encoder(cfg: AudioEncoderConfig) -> "AudioEncoder":
 
 @functools.lru_cache(maxsize=4)
 def mel_filters(n_mels: int) -> torch.Tensor:
-    """Whisper's (librosa's) Slaney mel filter bank, (n_mels, N_FFT // 2 + 1)."""
-    import torchaudio.functional as AF
+    """``WhisperFeatureExtractor``'s Slaney mel filter bank (librosa's), (n_mels, N_FFT // 2 + 1) float32."""
+    from transformers.audio_utils import mel_filter_bank
 
-    fb = AF.melscale_fbanks(n_freqs=N_FFT // 2 + 1, f_min=0.0, f_max=SAMPLE_RATE / 2, n_mels=n_mels,
-                            sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # (F, n_mels)
-    return fb.T.contiguous()
+    fb = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                         max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
+                         mel_scale="slaney")  # (F, n_mels) float64
+    return torch.from_numpy(fb).float().T.contiguous()
 
 
-def log_mel(samples: np.ndarray, *, n_mels: int = 80) -> torch.Tensor:
+def log_mel(samples: np.ndarray, *, n_mels: int = 80, n_samples: int | None = None) -> torch.Tensor:
     """Whisper log-mel spectrogram of a 16 kHz clip -> (n_mels, n // HOP) float32.
 
-    Clips shorter than one window are zero-padded to N_FFT samples.
+    Args:
+        samples: the clip, mono at 16 kHz.
+        n_mels: mel channels.
+        n_samples: zero-pad the clip to this many samples first (Whisper's window: 480000), as
+            ``WhisperFeatureExtractor`` does; None pads only clips shorter than one STFT window (N_FFT).
     """
     wav = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-    if wav.shape[0] < N_FFT:
-        wav = F.pad(wav, (0, N_FFT - wav.shape[0]))
+    target = max(N_FFT, n_samples or 0)
+    if wav.shape[0] < target:
+        wav = F.pad(wav, (0, target - wav.shape[0]))
     stft = torch.stft(wav, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)  # (F, n//HOP + 1)
     power = stft[:, :-1].abs() ** 2  # (F, T): Whisper drops the last frame
     log_spec = (mel_filters(n_mels) @ power).clamp(min=1e-10).log10()  # (n_mels, T)
@@ -147,7 +168,8 @@ class AudioEncoder(nn.Module):
 
     Hidden states are numbered like transformers' ``output_hidden_states``: 0 = embeddings,
     i = after layer i, and the last (``encoder_layers``) is after the final layer norm; negative
-    indices count from the end. ``out_dim`` is ``d_model``.
+    indices count from the end. ``out_dim`` is ``d_model``. With ``cfg.pad_to_window`` every clip
+    fills Whisper's whole window (see the module docstring).
     """
 
     def __init__(self, cfg: AudioEncoderConfig) -> None:
@@ -170,34 +192,55 @@ class AudioEncoder(nn.Module):
                           fill_db=self.cfg.narrowband_fill_db)
 
     def preprocess(self, clips: Sequence[str | Path | tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load clips and compute log-mels, padded with zeros to the batch's longest clip.
+        """Load clips and compute log-mels.
 
-        Each clip's frame count is rounded up to even (the encoder's stride-2 conv then never reads
-        past it), so a clip gives identical features alone or in a batch.
+        Unpadded, the log-mels are padded with zeros to the batch's longest clip, each clip's frame
+        count rounded up to even (the encoder's stride-2 conv then never reads past it), so a clip
+        gives identical features alone or in a batch. With ``pad_to_window`` each waveform is
+        zero-padded to the window first, exactly as ``WhisperFeatureExtractor`` does, and the mask
+        counts the clip's states as ``WhisperEncoder._get_feat_extract_output_lengths`` does.
 
         Returns:
             features (B, n_mels, T) float32 and frame_mask (B, T // 2) bool over encoder states.
         """
         if not clips:
             raise ValueError("preprocess needs at least one clip")
-        mels = [log_mel(self.load(c), n_mels=self.cfg.num_mel_bins) for c in clips]
-        return self.batch_mels(mels)
+        waves = [self.load(c) for c in clips]
+        if not self.cfg.pad_to_window:
+            return self.batch_mels([log_mel(w, n_mels=self.cfg.num_mel_bins) for w in waves])
+        n = self.cfg.window_samples
+        features = torch.stack([log_mel(w, n_mels=self.cfg.num_mel_bins, n_samples=n) for w in waves])
+        frames = torch.tensor([-(-len(w) // HOP) for w in waves])  # ceil(n / HOP) mel frames with audio
+        frame_mask = torch.arange(n // HOP // 2)[None, :] < ((frames - 1) // 2 + 1)[:, None]  # (B, T//2)
+        return features, frame_mask
 
-    @staticmethod
-    def batch_mels(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad per-clip log-mels (n_mels, T_i) into a batch: (B, n_mels, T) and frame_mask (B, T // 2)."""
+    def batch_mels(self, mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad per-clip log-mels (n_mels, T_i) into a batch: (B, n_mels, T) and frame_mask (B, T // 2).
+
+        With ``pad_to_window`` the mels are padded to the window with the value Whisper gives silence
+        (the clip's floor, ``max - 2`` after the ``(x + 4) / 4`` map); only the clip's last two frames
+        then differ from :meth:`preprocess` (its STFT reads zeros past the clip, not a reflection).
+        """
         lengths = [m.shape[1] + m.shape[1] % 2 for m in mels]  # even frame counts
-        T = max(lengths)
-        features = torch.stack([F.pad(m.float(), (0, T - m.shape[1])) for m in mels])  # (B, n_mels, T)
+        if self.cfg.pad_to_window:
+            T = self.cfg.max_source_positions * 2
+            if max(lengths) > T:
+                raise ValueError(f"a clip of {max(lengths)} mel frames exceeds the encoder's window of {T}")
+            features = torch.stack([F.pad(m.float(), (0, T - m.shape[1]), value=float(m.max()) - 2.0)
+                                    for m in mels])  # (B, n_mels, T)
+        else:
+            T = max(lengths)
+            features = torch.stack([F.pad(m.float(), (0, T - m.shape[1])) for m in mels])  # (B, n_mels, T)
         frame_mask = torch.arange(T // 2)[None, :] < torch.tensor(lengths)[:, None] // 2  # (B, T//2)
         return features, frame_mask
 
     def forward(self, features: torch.Tensor, frame_mask: torch.Tensor) -> AudioFeatures:
-        """Whisper's encoder stages at the batch's own length, with padded frames masked out.
+        """Whisper's encoder stages: unpadded at the batch's own length with padded frames masked out,
+        or (``pad_to_window``) over the whole window with no mask, as ``WhisperEncoder.forward``.
 
         Args:
-            features: (B, n_mels, T) log-mels, T even.
-            frame_mask: (B, T // 2) bool, True at real encoder frames.
+            features: (B, n_mels, T) log-mels, T even (T = 2 * max_source_positions with ``pad_to_window``).
+            frame_mask: (B, T // 2) bool, True at the clips' own encoder frames.
         """
         enc = self.encoder
         T2 = features.shape[-1] // 2
@@ -206,16 +249,23 @@ class AudioEncoder(nn.Module):
                              f"shape {(features.shape[0], T2)}, got {tuple(frame_mask.shape)}")
         if T2 > enc.config.max_source_positions:
             raise ValueError(f"{T2} encoder frames exceed max_source_positions {enc.config.max_source_positions}")
+        if self.cfg.pad_to_window and T2 != enc.config.max_source_positions:
+            raise ValueError(f"pad_to_window: features must fill the window of {2 * enc.config.max_source_positions} "
+                             f"mel frames, got {features.shape[-1]}")
         x = F.gelu(enc.conv1(features))  # (B, D, T)
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T/2, D)
         x = x + enc.embed_positions.weight[:T2]
-        keep = frame_mask[:, None, None, :]  # (B, 1, 1, T/2)
-        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        bias = None  # the window: every frame attends to every frame, padding included (Whisper)
+        if not self.cfg.pad_to_window:
+            keep = frame_mask[:, None, None, :]  # (B, 1, 1, T/2)
+            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         states = [x]
         for layer in enc.layers:
             x = layer(x, bias)
             states.append(x)
         states[-1] = enc.layer_norm(x)
+        if self.cfg.pad_to_window:
+            return AudioFeatures(last=states[-1], layers=[states[i] for i in self.cfg.output_layers], mask=frame_mask)
         zero_pad = frame_mask[..., None].to(x.dtype)  # (B, T/2, 1)
         return AudioFeatures(last=states[-1] * zero_pad,
                              layers=[states[i] * zero_pad for i in self.cfg.output_layers],
