@@ -145,6 +145,10 @@ def test_convert_whisper_refuses_bad_sources(reference, tmp_path, capsys):
     (tmp_path / "ct2" / "model.bin").write_bytes(blob.replace(b"WhisperSpec", b"WhisperSpek"))
     assert cli_main(["convert-whisper", str(tmp_path / "ct2"), str(tmp_path / "out")]) == 2
     assert "not a CTranslate2 Whisper model" in capsys.readouterr().err
+    write_ct2_whisper(reference, tmp_path / "ct2b")
+    assert cli_main(["convert-whisper", str(tmp_path / "ct2b"), str(tmp_path / "out"), "--sha256", "ab" * 32]) == 2
+    assert f"is not the pinned {'ab' * 32}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     (tmp_path / "out2").mkdir()
     (tmp_path / "out2" / "x").write_text("x")
     assert cli_main(["convert-whisper", str(tmp_path / "ct2"), str(tmp_path / "out2")]) == 2

@@ -69,6 +69,9 @@ class CTCAdapterConfig(AdapterConfig):
     """``audio_ctc``'s sizes and its LM beam's settings (the beam runs at inference with a ``ctc_lm.json``)."""
 
     vocab_size: int = 0  # the decoder's vocabulary size (0: the decoder's, filled in by resolve)
+    layers: int = 0  # bidirectional transformer layers between the encoder states and the CTC head (0: linear head)
+    hidden: int = 256  # their width (the states are projected to it)
+    heads: int = 4  # their attention heads
     beam_width: int = 8  # prefix beam width (0 = soft best-path runs)
     lm_weight: float = 0.3  # alpha, weight of the token n-gram LM in the beam (bench/ctc_lm_sweep.py)
     length_bonus: float = 1.5  # beta, score bonus per emitted token in the beam
@@ -191,7 +194,8 @@ class DualAdapter(nn.Module):
 
 @ADAPTERS.register("audio_ctc")
 class CTCAdapter(nn.Module):
-    """Linear CTC head over ``vocab_size`` tokens + blank (last index), then CTC compression.
+    """CTC head over ``vocab_size`` tokens + blank (last index), then CTC compression. The head is linear,
+    or ``layers`` bidirectional transformer layers (padded frames masked) then linear.
 
     ``forward`` returns per clip the kept positions' token distributions (blank removed,
     renormalised) and a mask; ``logits`` gives the raw per-frame CTC logits for the CTC loss.
@@ -206,8 +210,18 @@ class CTCAdapter(nn.Module):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError(f"{cfg.kind}: vocab_size (the decoder's vocabulary size) must be set, got {cfg.vocab_size}")
+        if cfg.layers < 0 or (cfg.layers and cfg.hidden % cfg.heads):
+            raise ValueError(f"{cfg.kind}: layers must be >= 0 and hidden {cfg.hidden} divisible by heads {cfg.heads}")
         self.cfg = cfg
-        self.ctc = nn.Linear(cfg.in_dim, cfg.vocab_size + 1)
+        width = cfg.in_dim
+        if cfg.layers:  # a frozen pretrained encoder's states need context mixing before a per-frame label
+            width = cfg.hidden
+            self.proj = nn.Linear(cfg.in_dim, width)
+            layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, dropout=0.1, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(width),
+                                                enable_nested_tensor=False)
+        self.ctc = nn.Linear(width, cfg.vocab_size + 1)
         self.blank = cfg.vocab_size
         self.lm: TokenNGram | None = None  # inference LM (ctc_lm.json); not a parameter
 
@@ -235,7 +249,10 @@ class CTCAdapter(nn.Module):
 
     def logits(self, feats: AudioFeatures) -> torch.Tensor:
         """(B, T, vocab + 1) per-frame CTC logits; the blank is the last class."""
-        return self.ctc(feats.last)
+        if not self.cfg.layers:
+            return self.ctc(feats.last)
+        x = self.blocks(self.proj(feats.last), src_key_padding_mask=~feats.mask)  # (B, T, hidden)
+        return self.ctc(x)
 
     def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         if self.uses_beam:

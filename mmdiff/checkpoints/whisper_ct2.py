@@ -245,7 +245,18 @@ def generation_config(config: dict, tokens: dict[str, int]) -> dict:
     return out
 
 
-def convert_whisper(src: str | Path, dst: str | Path) -> dict:
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_whisper(src: str | Path, dst: str | Path, *, sha256: str | None = None) -> dict:
     """Write the CTranslate2 Whisper directory ``src`` as a transformers Whisper directory ``dst``.
 
     ``dst`` gets ``config.json``, ``generation_config.json``, ``model.safetensors`` (the CT2 dtype kept;
@@ -253,11 +264,16 @@ def convert_whisper(src: str | Path, dst: str | Path) -> dict:
     ``src`` has ``tokenizer.json``, the tokenizer files (``tokenizer.json``, ``tokenizer_config.json``).
     The weights are checked to fill ``WhisperForConditionalGeneration`` exactly before anything is written.
 
+    Args:
+        src: the CTranslate2 directory.
+        dst: the output directory (created; must be empty).
+        sha256: when given, ``src/model.bin`` must have this SHA-256 (a pinned build step).
+
     Returns:
         the written transformers config.
 
     Raises:
-        ValueError: ``src`` has no ``model.bin``, is not a Whisper model, or its weights do not fill the
+        ValueError: ``src`` has no ``model.bin`` or not the pinned one, is not a Whisper model, or its weights do not fill the
             transformers model exactly; ``dst`` is not empty.
     """
     from safetensors.torch import save
@@ -269,6 +285,8 @@ def convert_whisper(src: str | Path, dst: str | Path) -> dict:
         raise ValueError(f"destination {dst} exists and is not empty")
     if not (src / MODEL_BIN).is_file():
         raise ValueError(f"{src}: no {MODEL_BIN}; expected a CTranslate2 Whisper directory")
+    if sha256 is not None and (got := sha256_of(src / MODEL_BIN)) != sha256.lower():
+        raise ValueError(f"{src / MODEL_BIN}: SHA-256 {got} is not the pinned {sha256.lower()}")
     model = read_ct2_model(src / MODEL_BIN)
     state = ct2_whisper_state(model)
     ct2_config = json.loads((src / CONFIG_NAME).read_text()) if (src / CONFIG_NAME).is_file() else {}
@@ -306,11 +324,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mmdiff convert-whisper SRC DST``."""
     parser.add_argument("src", help="a CTranslate2 Whisper directory (model.bin, config.json, tokenizer.json)")
     parser.add_argument("dst", help="output transformers Whisper directory (created; must be empty if it exists)")
+    parser.add_argument("--sha256", help="refuse a model.bin whose SHA-256 is not this (a pinned build step)")
 
 
 def run(args: argparse.Namespace) -> int:
     """``mmdiff convert-whisper``: :func:`convert_whisper`, then one summary line."""
-    config = convert_whisper(args.src, args.dst)
+    config = convert_whisper(args.src, args.dst, sha256=args.sha256)
     print(f"converted CTranslate2 Whisper {args.src} -> {args.dst} (d_model {config['d_model']}, "
           f"{config['encoder_layers']}+{config['decoder_layers']} layers, vocab {config['vocab_size']}, "
           f"{config['dtype']})")
