@@ -46,9 +46,10 @@ class TrainConfig(JsonConfig):
     out: str  # output model directory
     model: dict  # ModelConfig sections (decoder, vision, vision_adapter, ...); decoder vocab set from tokenizer
     stages: list[StageConfig]
-    #: start from this trained model directory: its tokenizer, CTC LM and the weights of every part whose
-    #: config the recipe leaves unchanged (the others are built anew); None = from scratch
+    #: start from this trained model directory: its tokenizer, CTC LM and the weights of ``init_parts`` (whose
+    #: configs must equal the recipe's); every other part is built anew from the recipe. None = from scratch
     init: str | None = None
+    init_parts: list[str] = field(default_factory=lambda: ["vision", "vision_adapter", "decoder"])
     fp16_parts: list[str] = field(default_factory=list)  # parts saved in float16 (e.g. a released fp16 encoder)
     seed: int = 0
     vocab_size: int = 768  # tokenizer size

@@ -84,20 +84,25 @@ class Trainer:
     # -- pieces -----------------------------------------------------------------------------------
     def _from_init(self, directory: str) -> MultimodalDiffusionLM:
         """The recipe's model, started from the trained model in ``directory``: its tokenizer and LM, and the
-        weights of every part whose config is unchanged; parts the recipe changes are built anew."""
+        weights of ``init_parts``; the other parts are built anew from the recipe.
+
+        Raises:
+            ValueError: an unknown part, or one whose config differs between the recipe and ``directory``.
+        """
         base = MultimodalDiffusionLM.from_pretrained(directory)
         mcfg = ModelConfig.from_dict({"model_type": "mmdiff", **self.cfg.model}, source="the recipe's model section")
         mcfg.decoder.vocab_size = base.cfg.decoder.vocab_size
         model = MultimodalDiffusionLM(mcfg, base.tokenizer)
-        kept = []
-        for part in PARTS:
-            if getattr(model, part) is not None and getattr(model.cfg, part) == getattr(base.cfg, part):
-                getattr(model, part).load_state_dict(getattr(base, part).state_dict())
-                kept.append(part)
+        for part in self.cfg.init_parts:
+            if part not in PARTS:
+                raise ValueError(f"init_parts: unknown part {part!r}; known: {PARTS}")
+            if getattr(model.cfg, part) != getattr(base.cfg, part):
+                raise ValueError(f"init_parts: {part} of {directory} has another config than the recipe's "
+                                 f"({getattr(base.cfg, part)} vs {getattr(model.cfg, part)})")
+            getattr(model, part).load_state_dict(getattr(base, part).state_dict())
         if hasattr(model.audio_adapter, "lm"):
             model.audio_adapter.lm = getattr(base.audio_adapter, "lm", None)
-        log.info("started from %s: kept %s, built anew %s", directory, kept,
-                 [p for p in PARTS if p not in kept and getattr(model, p) is not None])
+        log.info("started from %s: kept %s, built anew the others", directory, self.cfg.init_parts)
         return model
 
     def _tokenizer(self):
