@@ -72,6 +72,7 @@ class CTCAdapterConfig(AdapterConfig):
     layers: int = 0  # bidirectional transformer layers between the encoder states and the CTC head (0: linear head)
     hidden: int = 256  # their width (the states are projected to it)
     heads: int = 4  # their attention heads
+    stride: int = 1  # the layers run on the mean of every ``stride`` frames; each label is repeated ``stride`` times
     beam_width: int = 8  # prefix beam width (0 = soft best-path runs)
     lm_weight: float = 0.3  # alpha, weight of the token n-gram LM in the beam (bench/ctc_lm_sweep.py)
     length_bonus: float = 1.5  # beta, score bonus per emitted token in the beam
@@ -210,14 +211,15 @@ class CTCAdapter(nn.Module):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError(f"{cfg.kind}: vocab_size (the decoder's vocabulary size) must be set, got {cfg.vocab_size}")
-        if cfg.layers < 0 or (cfg.layers and cfg.hidden % cfg.heads):
-            raise ValueError(f"{cfg.kind}: layers must be >= 0 and hidden {cfg.hidden} divisible by heads {cfg.heads}")
+        if cfg.layers < 0 or cfg.stride < 1 or (cfg.layers and cfg.hidden % cfg.heads):
+            raise ValueError(f"{cfg.kind}: layers must be >= 0, stride >= 1 and hidden {cfg.hidden} divisible by "
+                             f"heads {cfg.heads}")
         self.cfg = cfg
         width = cfg.in_dim
         if cfg.layers:  # a frozen pretrained encoder's states need context mixing before a per-frame label
             width = cfg.hidden
             self.proj = nn.Linear(cfg.in_dim, width)
-            layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, dropout=0.1, activation="gelu",
+            layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, dropout=0.0, activation="gelu",
                                                batch_first=True, norm_first=True)
             self.blocks = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(width),
                                                 enable_nested_tensor=False)
@@ -251,8 +253,12 @@ class CTCAdapter(nn.Module):
         """(B, T, vocab + 1) per-frame CTC logits; the blank is the last class."""
         if not self.cfg.layers:
             return self.ctc(feats.last)
-        x = self.blocks(self.proj(feats.last), src_key_padding_mask=~feats.mask)  # (B, T, hidden)
-        return self.ctc(x)
+        s, (B, T, D) = self.cfg.stride, feats.last.shape
+        pad = -T % s  # padded frames are zero, so a clip pools alike alone or in a batch
+        x = F.pad(feats.last, (0, 0, 0, pad)).view(B, -1, s, D).mean(2)  # (B, ceil(T/s), D)
+        keep = F.pad(feats.mask, (0, pad)).view(B, -1, s).any(-1)  # (B, ceil(T/s))
+        x = self.blocks(self.proj(x), src_key_padding_mask=~keep)  # (B, ceil(T/s), hidden)
+        return self.ctc(x.repeat_interleave(s, dim=1)[:, :T])  # (B, T, vocab + 1)
 
     def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         if self.uses_beam:
