@@ -130,9 +130,9 @@ def espeak_wave(text: str, *, voice: str, speed: int, pitch: int) -> tuple[np.nd
     Raises:
         RuntimeError: no synthesiser (:data:`NO_SYNTHESISER`), or it failed (the voice is named).
     """
-    lib, sample_rate = _library()
-    read_end, write_end = os.pipe()
-    with _FORK_LOCK:
+    with _FORK_LOCK:  # one thread at a time initialises the library (once) and forks
+        lib, sample_rate = _library()
+        read_end, write_end = os.pipe()
         pid = os.fork()
     if pid == 0:  # the child: speak, send the samples, exit without running the parent's cleanup
         status = 1

@@ -50,6 +50,7 @@ class TrainConfig(JsonConfig):
     #: configs must equal the recipe's); every other part is built anew from the recipe. None = from scratch
     init: str | None = None
     init_parts: list[str] = field(default_factory=lambda: ["vision", "vision_adapter", "decoder"])
+    log: str | None = None  # the JSONL training log (default: beside ``out``, named ``<out>.train_log.jsonl``)
     fp16_parts: list[str] = field(default_factory=list)  # parts saved in float16 (e.g. a released fp16 encoder)
     seed: int = 0
     vocab_size: int = 768  # tokenizer size

@@ -55,7 +55,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out)
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
-        self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
+        self.log_path = Path(cfg.log) if cfg.log else self.out.with_name(self.out.name + ".train_log.jsonl")
         self.state = {"stage": 0, "step": 0}
         if not resume and self.rank == 0 and self.log_path.exists():
             self.log_path.unlink()  # a fresh run starts a fresh log
