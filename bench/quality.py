@@ -10,7 +10,8 @@ Systems, side by side on the same questions:
 
 Workloads (test split, generated in memory from ``--seed``; test scenes never appear in training):
 typed questions of every short family (``--per-type`` each), spoken questions in the held-out voices
-(``--spoken``, synthesised with espeak-ng) and their ASR word error rate, the same families spoken by
+(``--spoken``, synthesised with espeak-ng) and their ASR word error rate (and the same questions typed:
+their ceiling), the same families spoken by
 a synthesiser never used in training (``--other-spoken``, CMU flite when installed: ``bench/other_tts.py``), and
 captions (``--captions`` each of "describe the image." and "describe the image in json."): JSON
 parse rate and the share of captions with every object right. For a model with a CTC language
@@ -69,6 +70,7 @@ def build_examples(args) -> dict[str, list[dict]]:
                                    "audio": str(path), "transcript": qa.question})
         work["asr"] = [{"question": ASR_QUESTION, "answer": e["transcript"], "image": None, "audio": e["audio"]}
                        for e in work["spoken"]]
+        work["spoken, typed (ceiling)"] = typed_twins(work["spoken"])
     elif args.spoken:
         print(f"{NO_SYNTHESISER}: spoken questions skipped", file=sys.stderr)
     if args.other_spoken and flite_available():
@@ -83,11 +85,17 @@ def build_examples(args) -> dict[str, list[dict]]:
             path = flite_clip(qa.question, tmp / f"{len(work[other])}.wav", voice=voice, rng=rng)
             work[other].append({"question": "", "answer": qa.answers[0], "image": render(scene, rng),
                                 "audio": str(path), "transcript": qa.question})
+        work["spoken, other synthesiser, typed (ceiling)"] = typed_twins(work[other])
         work["asr, other synthesiser"] = [{"question": ASR_QUESTION, "answer": e["transcript"], "image": None,
                                            "audio": e["audio"]} for e in work[other]]
     elif args.other_spoken:
         print(NO_FLITE, file=sys.stderr)
     return dict(work)
+
+
+def typed_twins(spoken: list[dict]) -> list[dict]:
+    """The spoken questions typed (their transcripts, no audio): the ceiling of the spoken rows."""
+    return [{"question": e["transcript"], "answer": e["answer"], "image": e["image"]} for e in spoken]
 
 
 def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int,
@@ -154,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         results[label] = {}
         for name, examples in work.items():
             long = name in ("caption", "caption_json")
-            if not examples or model.audio is None and any(e.get("audio") for e in examples):
-                continue  # a workload asked for 0 times, or audio for a model without ears
-            if label == "speech baseline" and not any(e.get("audio") for e in examples):
+            if not examples or model.audio is None and (any(e.get("audio") for e in examples)
+                                                        or name.endswith("(ceiling)")):
+                continue  # a workload asked for 0 times, or audio (or its typed twin) for a model without ears
+            if label == "speech baseline" and not any(e.get("audio") for e in examples) and not name.endswith("(ceiling)"):
                 continue  # the baseline is scored on speech only
             gen_length = 152 if long else ASR_LENGTH if name.startswith("asr") else 8
             preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size,
