@@ -5,10 +5,13 @@ For each voice, ``--per-voice`` test-split questions (scenes and question famili
 transcribed by the ``audio_ctc`` adapter's CTC head as spoken VQA transcribes them: with the
 model's token n-gram LM (``ctc_lm.json``) by prefix beam search, and also without it (best path,
 the ``no LM`` rows). One table; columns: WER, share of clips transcribed exactly, one example.
-Models are compared on the same clips (``--compare``).
+Models are compared on the same clips (``--compare``, e.g. the previous model with the from-scratch
+speech encoder). Voices named ``flite:VOICE`` are spoken by CMU flite, a synthesiser never used in
+training (``bench/other_tts.py``; listed by default when flite is installed).
 
     python bench/asr_voices.py [--model checkpoints/mmdiff-tiny] [--compare OTHER_DIR] [--per-voice 30]
         [--voices en-us,en-gb+f2]   # training voices listed beside the held-out ones
+        [--other flite:slt,flite:awb]  # voices of another synthesiser
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import sample_scene
     from mmdiff.data.speech import sample_voice, synthesize
+    from other_tts import flite_clip
 
     rng = random.Random(f"asr-voices-{seed}")
     out = []
@@ -35,13 +39,17 @@ def clips(voices: list[str], per_voice: int, seed: int, folder: Path) -> list[tu
             while qa is None:
                 qa = ask(sample_scene(rng, "test"), rng, rng.choice(FAMILIES))
             p = sample_voice(rng, "test")  # speed, pitch, SNR; the voice is fixed here
-            path = synthesize(qa.question, folder / f"{v.replace('+', '_')}-{i}.wav", voice=v, speed=p.speed,
-                              pitch=p.pitch, snr_db=p.snr_db, rng=rng)
+            name = folder / f"{v.replace('+', '_').replace(':', '_')}-{i}.wav"
+            if v.startswith("flite:"):
+                path = flite_clip(qa.question, name, voice=v.removeprefix("flite:"), rng=rng)
+            else:
+                path = synthesize(qa.question, name, voice=v, speed=p.speed, pitch=p.pitch, snr_db=p.snr_db, rng=rng)
             out.append((v, qa.question, path))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    from other_tts import FLITE_VOICES, NO_FLITE, flite_available
     from mmdiff.data.speech import HELDOUT_VOICES
     from mmdiff.evaluation.metrics import word_error_rate
 
@@ -49,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", help="a second model directory, scored on the same clips")
     p.add_argument("--per-voice", type=int, default=30, help="clips per voice")
     p.add_argument("--voices", default="en-us,en-gb+f2", help="training voices to list beside the held-out ones ('' for none)")
+    p.add_argument("--other", default=",".join(f"flite:{v}" for v in FLITE_VOICES) if flite_available() else "",
+                   help="voices of a synthesiser never used in training, 'flite:VOICE' (default: flite's, when "
+                        "installed; '' for none)")
     args = p.parse_args(argv)
     common.start(p, args, speech=True)
-    voices = list(HELDOUT_VOICES) + [v for v in args.voices.split(",") if v]
+    if any(v.startswith("flite:") for v in args.other.split(",")) and not flite_available():
+        p.error(NO_FLITE)
+    voices = list(HELDOUT_VOICES) + [v for v in args.voices.split(",") + args.other.split(",") if v]
     with tempfile.TemporaryDirectory(prefix="mmdiff-asr-voices-") as tmp:
         data = clips(voices, args.per_voice, args.seed, Path(tmp))
         models = [args.model] + ([args.compare] if args.compare else [])
@@ -74,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for label in labels:
             got = [heard[label][k] for k in rows]
             exact = sum(a.rstrip("?") == b.rstrip("?") for a, b in zip(said, got)) / len(rows)
-            print(f"| {v} | {'yes' if v in HELDOUT_VOICES else 'no'} | {label} | {word_error_rate(said, got):.3f} | "
+            print(f"| {v} | {'yes' if v in HELDOUT_VOICES else 'other synthesiser' if v.startswith('flite:') else 'no'} | {label} | {word_error_rate(said, got):.3f} | "
                   f"{exact:.0%} | {said[0]} -> {got[0]} |")
     return 0
 

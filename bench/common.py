@@ -35,10 +35,10 @@ def parser(doc: str, *, threads: int = 0, seed: bool = False) -> argparse.Argume
 def start(p: argparse.ArgumentParser, args: argparse.Namespace, *, speech: bool = False) -> None:
     """Apply the common flags; with ``speech``, stop with the parser's error when no synthesiser exists."""
     if speech:
-        from mmdiff.data.speech import espeak_available
+        from mmdiff.data.speech import NO_SYNTHESISER, espeak_available
 
         if not espeak_available():
-            p.error("espeak-ng is not installed (apt-get install -y espeak-ng)")
+            p.error(NO_SYNTHESISER)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -4,11 +4,15 @@ Systems, side by side on the same questions:
 
 * ``diffusion``: the shipped model (``--model``), the one sampler, one token per step, prefix cache;
 * ``AR baseline``: the phase-1 checkpoint (``--ar-model``), KV-cached greedy left-to-right decoding;
-* ``diffusion only``: optionally a model trained without phase 1 on the same compute (``--diffusion-only``).
+* ``diffusion only``: optionally a model trained without phase 1 on the same compute (``--diffusion-only``);
+* ``speech baseline``: optionally another model's speech path (``--speech-baseline``, e.g. the model with
+  the from-scratch speech encoder that preceded the Whisper one), on the same clips.
 
 Workloads (test split, generated in memory from ``--seed``; test scenes never appear in training):
 typed questions of every short family (``--per-type`` each), spoken questions in the held-out voices
-(``--spoken``, synthesised with espeak-ng when installed) and their ASR word error rate, and
+(``--spoken``, synthesised with espeak-ng) and their ASR word error rate (and the same questions typed:
+their ceiling), the same families spoken by
+a synthesiser never used in training (``--other-spoken``, CMU flite when installed: ``bench/other_tts.py``), and
 captions (``--captions`` each of "describe the image." and "describe the image in json."): JSON
 parse rate and the share of captions with every object right. For a model with a CTC language
 model (``ctc_lm.json``), spoken questions and CTC transcripts are also scored without it
@@ -40,7 +44,8 @@ def build_examples(args) -> dict[str, list[dict]]:
     from mmdiff.data.dataset import SPOKEN_TYPES
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import render, sample_scene
-    from mmdiff.data.speech import espeak_available, speak
+    from mmdiff.data.speech import NO_SYNTHESISER, espeak_available, speak
+    from other_tts import FLITE_VOICES, NO_FLITE, flite_available, flite_clip
 
     rng = random.Random(f"quality-{args.seed}")
     work: dict[str, list[dict]] = defaultdict(list)
@@ -65,9 +70,32 @@ def build_examples(args) -> dict[str, list[dict]]:
                                    "audio": str(path), "transcript": qa.question})
         work["asr"] = [{"question": ASR_QUESTION, "answer": e["transcript"], "image": None, "audio": e["audio"]}
                        for e in work["spoken"]]
+        work["spoken, typed (ceiling)"] = typed_twins(work["spoken"])
     elif args.spoken:
-        print("espeak-ng not installed: spoken questions skipped", file=sys.stderr)
+        print(f"{NO_SYNTHESISER}: spoken questions skipped", file=sys.stderr)
+    if args.other_spoken and flite_available():
+        tmp = Path(tempfile.mkdtemp(prefix="mmdiff-quality-flite-"))
+        other = "spoken, other synthesiser"
+        while len(work[other]) < args.other_spoken:
+            scene = sample_scene(rng, "test")
+            qa = ask(scene, rng, rng.choice(SPOKEN_TYPES))
+            if qa is None:
+                continue
+            voice = FLITE_VOICES[len(work[other]) % len(FLITE_VOICES)]
+            path = flite_clip(qa.question, tmp / f"{len(work[other])}.wav", voice=voice, rng=rng)
+            work[other].append({"question": "", "answer": qa.answers[0], "image": render(scene, rng),
+                                "audio": str(path), "transcript": qa.question})
+        work["spoken, other synthesiser, typed (ceiling)"] = typed_twins(work[other])
+        work["asr, other synthesiser"] = [{"question": ASR_QUESTION, "answer": e["transcript"], "image": None,
+                                           "audio": e["audio"]} for e in work[other]]
+    elif args.other_spoken:
+        print(NO_FLITE, file=sys.stderr)
     return dict(work)
+
+
+def typed_twins(spoken: list[dict]) -> list[dict]:
+    """The spoken questions typed (their transcripts, no audio): the ceiling of the spoken rows."""
+    return [{"question": e["transcript"], "answer": e["answer"], "image": e["image"]} for e in spoken]
 
 
 def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int,
@@ -93,7 +121,7 @@ def answer(model, examples: list[dict], *, ar: bool, gen_length: int, batch: int
 def score(name: str, examples: list[dict], preds: list[str]) -> dict[str, float]:
     from mmdiff.evaluation.metrics import exact_match, score_json_caption, word_error_rate
 
-    if name == "asr":
+    if name.startswith("asr"):
         return {"wer": word_error_rate([e["answer"] for e in examples], [p.lower().strip() for p in preds])}
     if name == "caption_json":
         scores = [score_json_caption(p, e["answer"]) for p, e in zip(preds, examples)]
@@ -107,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diffusion-only", help="a model trained without phase 1 on the same compute")
     p.add_argument("--per-type", type=int, default=100, help="typed questions per family")
     p.add_argument("--spoken", type=int, default=100, help="spoken questions (held-out voices)")
+    p.add_argument("--other-spoken", type=int, default=100,
+                   help="spoken questions from a synthesiser never used in training (flite, when installed)")
+    p.add_argument("--speech-baseline", help="another model scored beside --model on the speech workloads only "
+                   "(e.g. the previous, from-scratch speech encoder)")
     p.add_argument("--captions", type=int, default=50, help="captions of each kind")
     p.add_argument("--long-block", type=int, help="decode captions in semi-autoregressive blocks of this many "
                    "tokens (LLaDA's long-answer setting; default: one block over the 152-token canvas)")
@@ -121,36 +153,42 @@ def main(argv: list[str] | None = None) -> int:
         systems.append(("AR baseline", args.ar_model, True))
     if args.diffusion_only:
         systems.append(("diffusion only", args.diffusion_only, False))
+    if args.speech_baseline:
+        systems.append(("speech baseline", args.speech_baseline, False))
     results: dict[str, dict[str, dict]] = {}
     for label, path, ar in systems:
         model = common.load_model(args, path)
         results[label] = {}
         for name, examples in work.items():
             long = name in ("caption", "caption_json")
-            if not examples or model.audio is None and any(e.get("audio") for e in examples):
-                continue  # a workload asked for 0 times, or audio for a model without ears
-            gen_length = 152 if long else ASR_LENGTH if name == "asr" else 8
+            if not examples or model.audio is None and (any(e.get("audio") for e in examples)
+                                                        or name.endswith("(ceiling)")):
+                continue  # a workload asked for 0 times, or audio (or its typed twin) for a model without ears
+            if label == "speech baseline" and not any(e.get("audio") for e in examples) and not name.endswith("(ceiling)"):
+                continue  # the baseline is scored on speech only
+            gen_length = 152 if long else ASR_LENGTH if name.startswith("asr") else 8
             preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size,
                                 block_length=args.long_block if long else None)
             results[label][name] = {"n": len(examples), **score(name, examples, preds), "s_per_answer": sec,
                                     "samples": [{"q": e["question"] or e.get("transcript"), "pred": p_, "answer": e["answer"]}
                                                 for e, p_ in list(zip(examples, preds))[:3]]}
-            if name == "asr" and hasattr(model.audio_adapter, "logits"):  # the adapter's own CTC transcript
+            if name.startswith("asr") and hasattr(model.audio_adapter, "logits"):  # the adapter's own CTC transcript
                 preds = model.transcribe([e["audio"] for e in examples])
-                results[label]["asr_ctc"] = {"n": len(examples), **score("asr", examples, preds),
+                results[label][name.replace("asr", "asr_ctc", 1)] = {"n": len(examples), **score("asr", examples, preds),
                                              "samples": [{"pred": p_, "answer": e["answer"]}
                                                          for e, p_ in list(zip(examples, preds))[:3]]}
-            if name in ("spoken", "asr") and getattr(model.audio_adapter, "uses_beam", False):
+            if name.startswith(("spoken", "asr")) and getattr(model.audio_adapter, "uses_beam", False):
                 # side by side: the same clips through the soft best-path runs, without the LM
                 width, model.audio_adapter.cfg.beam_width = model.audio_adapter.cfg.beam_width, 0
                 try:
-                    if name == "spoken":
+                    if name.startswith("spoken"):
                         preds, sec = answer(model, examples, ar=ar, gen_length=gen_length, batch=args.batch_size)
-                        results[label]["spoken, no LM"] = {"n": len(examples), **score(name, examples, preds),
-                                                           "s_per_answer": sec}
+                        results[label][f"{name}, no LM"] = {"n": len(examples), **score(name, examples, preds),
+                                                            "s_per_answer": sec}
                     else:
                         preds = model.transcribe([e["audio"] for e in examples])
-                        results[label]["asr_ctc, no LM"] = {"n": len(examples), **score("asr", examples, preds)}
+                        results[label][f"{name.replace('asr', 'asr_ctc', 1)}, no LM"] = {
+                            "n": len(examples), **score("asr", examples, preds)}
                 finally:
                     model.audio_adapter.cfg.beam_width = width
     print(format_table(results))

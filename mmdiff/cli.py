@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mmdiff.data.cli", "generate a synthetic scene dataset (JSONL + images [+ speech])"),
     "train": ("mmdiff.training.cli", "train a model from a committed config file"),
     "train-adapter": ("mmdiff.training.adapters", "train only an image or audio adapter against a frozen LLaDA / Dream / LLaDA-V (DIFFA recipe)"),
+    "convert-whisper": ("mmdiff.checkpoints.whisper_ct2", "convert a CTranslate2 Whisper directory into a transformers "
+                                                       "Whisper directory (safetensors, config, tokenizer)"),
     "convert": ("mmdiff.checkpoints.convert", "write a text-only LLaDA / Dream checkpoint in the mmdiff-decoder format "
                                       "(optional: mmdiff.load reads them as they are)"),
     "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),

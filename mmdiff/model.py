@@ -455,14 +455,33 @@ class MultimodalDiffusionLM(nn.Module):
                       callback=callback, device=embeds.device)
 
     # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, *, fp16_parts: Sequence[str] = ()) -> None:
         """Write ``config.json``, ``model.safetensors``, ``tokenizer.json`` and, when the audio
-        adapter has a CTC language model, ``ctc_lm.json`` into ``directory``."""
+        adapter has a CTC language model, ``ctc_lm.json`` into ``directory``.
 
+        Every weight is in ``model.safetensors``, so the audio encoder's ``checkpoint`` (the Whisper
+        directory it was initialised from) is written as null: loading never needs that directory.
+
+        Args:
+            directory: output folder (created).
+            fp16_parts: parts (:data:`PARTS`) stored in float16 (rounded in this model too), e.g. a
+                released float16 Whisper encoder kept frozen (exact).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / CONFIG_NAME, self.cfg.to_dict())
-        save_weights(self, directory / WEIGHTS_NAME)
+        config = self.cfg.to_dict()
+        if config.get("audio"):
+            config["audio"]["checkpoint"] = None
+        write_json(directory / CONFIG_NAME, config)
+        halves = [getattr(self, p) for p in fp16_parts if getattr(self, p) is not None]
+        dtypes = [next(m.parameters()).dtype for m in halves]
+        for m in halves:
+            m.half()
+        try:
+            save_weights(self, directory / WEIGHTS_NAME)
+        finally:
+            for m, dtype in zip(halves, dtypes):
+                m.to(dtype)
         save_tokenizer(self.tokenizer, directory)
         if getattr(self.audio_adapter, "lm", None) is not None:
             self.audio_adapter.lm.save(directory / LM_NAME)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mmdiff import DEFAULT_MODEL_DIR
 from mmdiff.data.dataset import SPOKEN_PREFIX, Row, RowError, read_rows, write_split
-from mmdiff.data.speech import espeak_available
+from mmdiff.data.speech import NO_SYNTHESISER, espeak_available
 from mmdiff.io import WEIGHTS_NAME
 
 #: question families shown as typed examples (captions are long: the caption tab uses the images)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     model, config = load_checker(args.model)
     speak = args.spoken > 0 and espeak_available()
     if args.spoken > 0 and not speak:
-        print("espeak-ng not found: no spoken examples (apt-get install -y espeak-ng)", file=sys.stderr)
+        print(f"{NO_SYNTHESISER}: no spoken examples", file=sys.stderr)
     out = args.model / "examples"
     with tempfile.TemporaryDirectory() as tmp:
         data = write_split(tmp, split=SPLIT, n=args.pool, seed=args.seed, audio=speak, progress=False)

@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdiff.data.speech import espeak_available
+from mmdiff.data.speech import NO_SYNTHESISER, espeak_available
 
 torch.set_num_threads(1)
 # the bench scripts import their shared module as ``common``, as ``python bench/<name>.py`` finds it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 #: the one reason every speech-synthesis test gives when it skips
-NO_ESPEAK = "espeak-ng is not on PATH: tests that synthesise speech skip (apt-get install -y espeak-ng)"
+NO_ESPEAK = f"{NO_SYNTHESISER}: tests that synthesise speech skip"
 
 
 def pytest_configure(config):

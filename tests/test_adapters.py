@@ -159,6 +159,27 @@ def test_audio_adapter_batch_equals_single_clips(kind):
             torch.testing.assert_close(batch[i, :k], alone[0], atol=1e-5, rtol=0)
 
 
+def test_ctc_adapter_with_layers_gives_a_clip_the_same_logits_alone_or_in_a_batch():
+    """The transformer layers before the CTC head mask padded frames: a clip's logits do not depend on
+    what it is batched with; layers=0 is the plain linear head."""
+    torch.manual_seed(0)
+    for stride in (1, 2, 3):
+        adapter = build_adapter(tiny_adapter_cfg("audio_ctc", layers=2, hidden=8, heads=2, stride=stride)).eval()
+        assert len(adapter.blocks.layers) == 2 and adapter.ctc.in_features == 8
+        feats = audio_feats([12, 7])
+        with torch.no_grad():
+            batch = adapter.logits(feats)  # (2, 12, VOCAB + 1)
+            assert batch.shape == (2, 12, VOCAB + 1)
+            for i, n in enumerate([12, 7]):
+                alone = adapter.logits(slice_feats(feats, i, n))[0]
+                torch.testing.assert_close(batch[i, :n], alone, atol=1e-5, rtol=0)
+        assert stride == 1 or torch.equal(alone[0], alone[stride - 1])  # one label per stride frames
+    linear = build_adapter(tiny_adapter_cfg("audio_ctc"))
+    assert not hasattr(linear, "blocks") and linear.ctc.in_features == IN
+    with pytest.raises(ValueError, match="hidden 10 divisible by heads 4"):
+        build_adapter(tiny_adapter_cfg("audio_ctc", layers=1, hidden=10, heads=4))
+
+
 def test_dual_packs_semantic_then_acoustic_per_clip():
     torch.manual_seed(0)
     adapter = build_adapter(tiny_adapter_cfg("audio_dual")).eval()

@@ -15,7 +15,7 @@ def test_quality_table_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "q.json"
     assert bench.main(["--model", str(tiny_model_dir), "--ar-model", str(tiny_model_dir), "--per-type", "2",
-                       "--spoken", "0", "--captions", "1", "--json", str(out)]) == 0
+                       "--spoken", "0", "--other-spoken", "0", "--captions", "1", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| count | 2 |" in table and "AR baseline" in table and "typed, all short types" in table
     res = json.loads(out.read_text())
@@ -32,7 +32,7 @@ def test_long_block_decodes_captions_in_blocks(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(bench, "answer", lambda *a, **k: (calls.append(k["block_length"]), original(*a, **k))[1])
     out = tmp_path / "q.json"
     assert bench.main(["--model", str(tiny_model_dir), "--ar-model", "none", "--per-type", "1", "--spoken", "0",
-                       "--captions", "1", "--long-block", "38", "--json", str(out)]) == 0
+                       "--other-spoken", "0", "--captions", "1", "--long-block", "38", "--json", str(out)]) == 0
     assert sorted(calls, key=str) == sorted([None] * 7 + [38, 38], key=str)  # 7 short families, 2 caption kinds
     res = json.loads(out.read_text())["diffusion"]
     assert "parse" in res["caption_json"] and 0 <= res["count"]["accuracy"] <= 1
@@ -45,7 +45,7 @@ def test_quality_skips_workloads_asked_for_zero_times(tiny_model_dir, tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "q.json"
     assert bench.main(["--model", str(tiny_model_dir), "--ar-model", "none", "--per-type", "0", "--spoken", "0",
-                       "--captions", "1", "--json", str(out)]) == 0
+                       "--other-spoken", "0", "--captions", "1", "--json", str(out)]) == 0
     assert sorted(json.loads(out.read_text())["diffusion"]) == ["caption", "caption_json"]
 
 

@@ -260,21 +260,23 @@ def test_the_default_model_is_found_from_any_directory(tmp_path: Path) -> None:
 
 
 def test_without_espeak_speech_is_refused_by_name_and_its_tests_skip(tmp_path: Path, monkeypatch, capsys) -> None:
-    """CI installs espeak-ng, so only this test exercises a machine without it: PATH is hidden."""
+    """espeakng-loader is a dependency, so only this test exercises a machine without libespeak-ng: the
+    package is hidden."""
     from conftest import NO_ESPEAK, pytest_runtest_setup
 
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-    assert not speech.espeak_available()
-    with pytest.raises(RuntimeError, match="^espeak-ng not found on PATH: spoken questions need it"):
-        speech.synthesize("hi", tmp_path / "q.wav", voice="en-us", speed=150, pitch=50, snr_db=20.0,
-                          rng=__import__("random").Random(0))
-    line = fails(["data", "--out", str(tmp_path / "d"), "--n", "2", "--audio", "--quiet"], capsys)
-    assert line == "mmdiff data: error: --audio needs espeak-ng on PATH (apt-get install -y espeak-ng)"
-    line = fails(["train", "--config", str(RECIPE), "--out", str(tmp_path / "m")], capsys)
-    assert line.endswith("trains on spoken questions (speech_clips 4000): it needs espeak-ng on PATH "
-                         "(apt-get install -y espeak-ng)")
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # import fails
+    speech._library.cache_clear()
+    try:
+        assert not speech.espeak_available()
+        with pytest.raises(RuntimeError, match="^libespeak-ng not found: spoken questions need the espeakng-loader"):
+            speech.synthesize("hi", tmp_path / "q.wav", voice="en-us", speed=150, pitch=50, snr_db=20.0,
+                              rng=__import__("random").Random(0))
+        line = fails(["data", "--out", str(tmp_path / "d"), "--n", "2", "--audio", "--quiet"], capsys)
+        assert line == f"mmdiff data: error: --audio: {speech.NO_SYNTHESISER}"
+        line = fails(["train", "--config", str(RECIPE), "--out", str(tmp_path / "m")], capsys)
+        assert line.endswith(f"trains on spoken questions (speech_clips 4000): {speech.NO_SYNTHESISER}")
+    finally:
+        speech._library.cache_clear()
     assert not (tmp_path / "d").exists() and not (tmp_path / "m").exists()
     marked = types.SimpleNamespace(get_closest_marker=lambda name: object() if name == "needs_espeak" else None)
     with pytest.raises(pytest.skip.Exception, match=re.escape(NO_ESPEAK)):

@@ -1,5 +1,6 @@
 """The multimodal model: placeholder merge, save/load (and configs saved before issue #18), media bad input,
 two images + a clip in one prompt, and check_inputs (issue #19: what answer() refuses, e.g. no image)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -243,12 +244,16 @@ def test_old_flat_config_reads_as_the_per_kind_configs_the_shipped_ones_were_mig
                                                  norm=True, pos_embed=True)
     assert cfg.audio_adapter == CTCAdapterConfig(kind="audio_ctc", in_dim=192, out_dim=192, vocab_size=483)
     for name in SHIPPED:  # a field added since (audio narrowband_fill_db) reads as its default
-        assert ModelConfig.from_dict(json.loads((ROOT / "checkpoints" / name / "config.json").read_text())) == cfg
+        shipped = ModelConfig.from_dict(json.loads((ROOT / "checkpoints" / name / "config.json").read_text()))
+        if name == "mmdiff-tiny":  # its speech path is Whisper tiny.en since issue #22
+            shipped = dataclasses.replace(shipped, audio=cfg.audio, audio_adapter=cfg.audio_adapter)
+        assert shipped == cfg
 
 
 def test_directory_with_an_old_flat_config_loads_the_same_model(tmp_path):
-    """The shipped weights under the pre-#18 config.json: the same configs and weights, so the same answers."""
-    shipped = ROOT / "checkpoints" / "mmdiff-tiny"
+    """The shipped AR checkpoint's weights (the same network, with the pre-#22 speech path) under the pre-#18
+    config.json: the same configs and weights, so the same answers."""
+    shipped = ROOT / "checkpoints" / "mmdiff-tiny-ar"
     for f in shipped.iterdir():
         if f.is_file() and f.name != "config.json":
             (tmp_path / f.name).symlink_to(f)

@@ -114,6 +114,46 @@ def test_ctc_adapter_is_trained_by_the_asr_stage_and_kept(tmp_path):
     assert torch.equal(mask, mask2)
 
 
+@pytest.mark.needs_espeak
+def test_speech_recipe_starts_from_a_trained_model_and_trains_only_its_speech_path(tmp_path):
+    """``init`` keeps every part whose config is unchanged; a frozen pretrained Whisper encoder (its states
+    cached once) feeds a new CTC adapter; the encoder is saved in float16 and loads without its source."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from mmdiff.io import load_safetensors
+
+    base_cfg = tiny_config(tmp_path, audio=True, steps=2, audio_adapter="audio_ctc")
+    base_cfg.update(ctc_lm_order=3, ctc_lm_texts=60)
+    Trainer(TrainConfig.from_file(write(tmp_path, base_cfg)), progress=False).run()
+    whisper = tmp_path / "whisper"
+    sizes = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=80,
+                 max_source_positions=400)
+    WhisperForConditionalGeneration(WhisperConfig(**sizes, decoder_layers=1, decoder_attention_heads=2,
+                                                  decoder_ffn_dim=32, vocab_size=60, pad_token_id=0, bos_token_id=0,
+                                                  eos_token_id=0, decoder_start_token_id=1)).half().save_pretrained(whisper)
+    speech = dict(base_cfg, init=str(tmp_path / "model"), out=str(tmp_path / "speech"), fp16_parts=["audio"],
+                  stages=[{"name": "asr", "kind": "asr", "steps": 3, "batch_size": 4, "train": ["audio_adapter"],
+                           "warmup": 1}], eval_every=3)
+    speech["model"] = dict(base_cfg["model"], audio={**sizes, "checkpoint": str(whisper), "max_seconds": 8.0},
+                           audio_adapter={"kind": "audio_ctc", "in_dim": 16, "out_dim": 32, "layers": 1, "hidden": 8,
+                                          "heads": 2})
+    trainer = Trainer(TrainConfig.from_file(write(tmp_path, speech)), progress=False)
+    trainer.run()
+    assert trainer.speech.features is not None  # computed once by the frozen encoder, kept
+    base = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
+    (whisper / "model.safetensors").unlink()  # the shipped model never needs its source
+    model = MultimodalDiffusionLM.from_pretrained(tmp_path / "speech")
+    assert model.cfg.audio.checkpoint is None and model.audio_adapter.lm.to_dict() == base.audio_adapter.lm.to_dict()
+    for part in ("decoder", "vision", "vision_adapter"):
+        for (name, a), b in zip(getattr(model, part).state_dict().items(), getattr(base, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{name} changed"
+    saved = load_safetensors(tmp_path / "speech" / "model.safetensors")
+    assert {v.dtype for k, v in saved.items() if k.startswith("audio.")} == {torch.float16}
+    assert {v.dtype for k, v in saved.items() if not k.startswith("audio.")} == {torch.float32}
+    log = [json.loads(l) for l in (tmp_path / "speech.train_log.jsonl").read_text().splitlines()]
+    assert any("val_asr" in r for r in log)
+
+
 def test_ground_loss_targets(tmp_path):
     """Focus groups (named object, second object, relation region) and object ranks become per-cell targets."""
     import random

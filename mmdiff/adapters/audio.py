@@ -92,6 +92,10 @@ class CTCAdapterConfig(AdapterConfig):
     """``audio_ctc``'s sizes and its LM beam's settings (the beam runs at inference with a ``ctc_lm.json``)."""
 
     vocab_size: int = 0  # the decoder's vocabulary size (0: the decoder's, filled in by resolve)
+    layers: int = 0  # bidirectional transformer layers between the encoder states and the CTC head (0: linear head)
+    hidden: int = 256  # their width (the states are projected to it)
+    heads: int = 4  # their attention heads
+    stride: int = 1  # the layers run on the mean of every ``stride`` frames; each label is repeated ``stride`` times
     beam_width: int = 8  # prefix beam width (0 = soft best-path runs)
     lm_weight: float = 0.3  # alpha, weight of the token n-gram LM in the beam (bench/ctc_lm_sweep.py)
     length_bonus: float = 1.5  # beta, score bonus per emitted token in the beam
@@ -332,7 +336,8 @@ class DiffaAdapter(nn.Module):
 
 @ADAPTERS.register("audio_ctc")
 class CTCAdapter(nn.Module):
-    """Linear CTC head over ``vocab_size`` tokens + blank (last index), then CTC compression.
+    """CTC head over ``vocab_size`` tokens + blank (last index), then CTC compression. The head is linear,
+    or ``layers`` bidirectional transformer layers (padded frames masked) then linear.
 
     ``forward`` returns per clip the kept positions' token distributions (blank removed,
     renormalised) and a mask; ``logits`` gives the raw per-frame CTC logits for the CTC loss.
@@ -347,8 +352,19 @@ class CTCAdapter(nn.Module):
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError(f"{cfg.kind}: vocab_size (the decoder's vocabulary size) must be set, got {cfg.vocab_size}")
+        if cfg.layers < 0 or cfg.stride < 1 or (cfg.layers and cfg.hidden % cfg.heads):
+            raise ValueError(f"{cfg.kind}: layers must be >= 0, stride >= 1 and hidden {cfg.hidden} divisible by "
+                             f"heads {cfg.heads}")
         self.cfg = cfg
-        self.ctc = nn.Linear(cfg.in_dim, cfg.vocab_size + 1)
+        width = cfg.in_dim
+        if cfg.layers:  # a frozen pretrained encoder's states need context mixing before a per-frame label
+            width = cfg.hidden
+            self.proj = nn.Linear(cfg.in_dim, width)
+            layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, cfg.layers, norm=nn.LayerNorm(width),
+                                                enable_nested_tensor=False)
+        self.ctc = nn.Linear(width, cfg.vocab_size + 1)
         self.blank = cfg.vocab_size
         self.lm: TokenNGram | None = None  # inference LM (ctc_lm.json); not a parameter
 
@@ -376,7 +392,14 @@ class CTCAdapter(nn.Module):
 
     def logits(self, feats: AudioFeatures) -> torch.Tensor:
         """(B, T, vocab + 1) per-frame CTC logits; the blank is the last class."""
-        return self.ctc(feats.last)
+        if not self.cfg.layers:
+            return self.ctc(feats.last)
+        s, (B, T, D) = self.cfg.stride, feats.last.shape
+        pad = -T % s  # padded frames are zero, so a clip pools alike alone or in a batch
+        x = F.pad(feats.last, (0, 0, 0, pad)).view(B, -1, s, D).mean(2)  # (B, ceil(T/s), D)
+        keep = F.pad(feats.mask, (0, pad)).view(B, -1, s).any(-1)  # (B, ceil(T/s))
+        x = self.blocks(self.proj(x), src_key_padding_mask=~keep)  # (B, ceil(T/s), hidden)
+        return self.ctc(x.repeat_interleave(s, dim=1)[:, :T])  # (B, T, vocab + 1)
 
     def forward(self, feats: AudioFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         if self.uses_beam:

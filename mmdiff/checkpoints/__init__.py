@@ -6,7 +6,8 @@
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
 * :mod:`~mmdiff.checkpoints.diffa`: DIFFA (LLaDA + Whisper + dual adapter) likewise;
 * :mod:`~mmdiff.checkpoints.mmada`: MMaDA (LLaDA + MAGVIT-v2 image tokens) likewise;
-* :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``.
+* :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``;
+* :mod:`~mmdiff.checkpoints.whisper_ct2`: ``mmdiff convert-whisper`` (CTranslate2 Whisper -> transformers Whisper).
 
 :func:`mmdiff.load` (:mod:`mmdiff.loading`) dispatches over all of them.
 """
@@ -61,6 +62,7 @@ from .mmada import (
     mmada_model_config,
 )
 from .tokenizers import LLADA_MASK_TOKEN, MEDIA_LAYOUTS, ReleasedTokenizer, require_tokenizer
+from .whisper_ct2 import convert_whisper, read_ct2_model
 
 __all__ = [
     "DIFFA_SYSTEM_PROMPT", "DIFFA_TAPS", "DiffaTokenizer", "diffa_model_config", "is_diffa", "load_diffa",
@@ -70,6 +72,7 @@ __all__ = [
     "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "is_mmada", "llada_decoder_config",
     "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_mmada", "load_pretrained", "magvit2_name",
     "mmada_model_config", "load_tokenizer_if_present",
+    "convert_whisper", "read_ct2_model",
     "open_checkpoint", "read_weights", "require_tokenizer", "run", "save_decoder", "shard_index", "special_ids_from_configs",
     "tokenizer_files",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..io import check_output_dir
 from .dataset import RowError, read_rows, write_split
 from .scenes import SPLITS
-from .speech import ESPEAK, espeak_available
+from .speech import NO_SYNTHESISER, espeak_available
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="train", help="which split's scenes to draw")
     parser.add_argument("--n", type=int, default=1000, help="number of rows (several rows per image)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
-    parser.add_argument("--audio", action="store_true", help=f"also speak questions with {ESPEAK} (16 kHz wav)")
+    parser.add_argument("--audio", action="store_true", help="also speak questions with espeak-ng (libespeak-ng; 16 kHz wav)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         args: parsed ``mmdiff data`` arguments.
     """
     if args.audio and not espeak_available():
-        raise FileNotFoundError(f"--audio needs {ESPEAK} on PATH (apt-get install -y {ESPEAK})")
+        raise FileNotFoundError(f"--audio: {NO_SYNTHESISER}")
     check_output_dir(args.out)
     path = write_split(args.out, split=args.split, n=args.n, seed=args.seed, audio=args.audio,
                        progress=not args.quiet)

@@ -73,7 +73,7 @@ def write_split(out_dir: str | Path, *, split: str, n: int, seed: int, audio: bo
         split: "train", "val" or "test" (test audio uses held-out voices).
         n: number of rows.
         seed: generation seed.
-        audio: also synthesize spoken questions with espeak-ng (needs the program installed).
+        audio: also synthesize spoken questions with espeak-ng (libespeak-ng, from the espeakng-loader package).
         progress: show a tqdm progress bar.
     """
     check_split(split)

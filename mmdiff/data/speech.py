@@ -1,4 +1,5 @@
-"""Spoken questions: espeak-ng synthesis, resampled to 16 kHz mono, with white noise at a random SNR.
+"""Spoken questions: espeak-ng synthesis (libespeak-ng from the ``espeakng-loader`` package; no program
+needed), resampled to 16 kHz mono, with white noise at a random SNR.
 
 Voices are espeak-ng voice names with variants ("en-gb+f2" = British English, female variant 2).
 Training and validation clips use :data:`TRAIN_VOICES`; split "test" uses only the disjoint
@@ -6,11 +7,11 @@ Training and validation clips use :data:`TRAIN_VOICES`; split "test" uses only t
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import random
-import shutil
-import subprocess
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,14 @@ import soundfile as sf
 
 from .scenes import check_split
 
-ESPEAK = "espeak-ng"
+#: the one reason given wherever speech cannot be synthesised (errors, skipped tests)
+NO_SYNTHESISER = ("libespeak-ng not found: spoken questions need the espeakng-loader package "
+                  "(pip install espeakng-loader)")
+# espeak_lib.h: synchronous output, espeakRATE / espeakPITCH, POS_CHARACTER, and the espeak-ng program's
+# flags espeakCHARS_AUTO | espeakPHONEMES | espeakENDPAUSE
+_AUDIO_OUTPUT_SYNCHRONOUS, _ESPEAK_RATE, _ESPEAK_PITCH, _POS_CHARACTER = 2, 1, 3, 1
+_SYNTH_FLAGS = 0x0 | 0x100 | 0x1000
+_FORK_LOCK = threading.Lock()
 SAMPLE_RATE = 16_000  # Hz, what the audio encoders expect
 #: training accents and voice variants; every pairing is a training voice (50 speakers)
 TRAIN_ACCENTS: tuple[str, ...] = ("en-us", "en-gb", "en-029", "en-gb-x-gbclan", "en-gb-x-rp")
@@ -53,8 +61,113 @@ class VoiceParams:
 
 
 def espeak_available() -> bool:
-    """Whether the espeak-ng program is on PATH."""
-    return shutil.which(ESPEAK) is not None
+    """Whether libespeak-ng can be loaded (the ``espeakng-loader`` package ships it with its voice data)."""
+    try:
+        _library()
+    except RuntimeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL, int]:
+    """libespeak-ng from ``espeakng-loader``, initialised for synchronous synthesis; (library, sample rate).
+
+    Raises:
+        RuntimeError: :data:`NO_SYNTHESISER`, when the package or its library is missing.
+    """
+    try:
+        import espeakng_loader
+    except ImportError:
+        raise RuntimeError(NO_SYNTHESISER) from None
+    try:
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        data = espeakng_loader.get_data_path()
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f"{NO_SYNTHESISER} ({e})") from None
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), 0)
+    if sample_rate <= 0:
+        raise RuntimeError(f"{NO_SYNTHESISER} (espeak_Initialize failed with {data})")
+    lib.espeak_SetSynthCallback(_on_samples)
+    return lib, sample_rate
+
+
+class _VoiceSpec(ctypes.Structure):
+    """espeak_VOICE (speak_lib.h): voice properties to select by, here the language only."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("languages", ctypes.c_char_p), ("identifier", ctypes.c_char_p),
+                ("gender", ctypes.c_ubyte), ("age", ctypes.c_ubyte), ("variant", ctypes.c_ubyte),
+                ("xx1", ctypes.c_ubyte), ("score", ctypes.c_int), ("spare", ctypes.c_void_p)]
+
+
+_chunks: list[bytes] = []  # 16-bit samples handed over by libespeak-ng (in the forked child only)
+
+
+@ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+def _on_samples(wav, n: int, events) -> int:
+    if n > 0:
+        _chunks.append(ctypes.string_at(wav, 2 * n))
+    return 0  # 0 = go on
+
+
+def espeak_wave(text: str, *, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    """Speak ``text`` with libespeak-ng as ``espeak-ng -v VOICE -s SPEED -p PITCH -w out.wav -- TEXT`` does.
+
+    libespeak-ng keeps state between utterances (its pitch flutter phase, its noise generator), so a
+    clip would depend on every clip spoken before it in the process. Each clip is therefore spoken in
+    a forked child of the process that initialised the library and never speaks itself: every clip
+    starts from the same fresh state, as each run of the ``espeak-ng`` program does, and is the same
+    whatever was spoken before.
+
+    Returns:
+        (samples (T,) int16 mono, sample rate) -- libespeak-ng's own rate (22050 Hz).
+
+    Raises:
+        RuntimeError: no synthesiser (:data:`NO_SYNTHESISER`), or it failed (the voice is named).
+    """
+    with _FORK_LOCK:  # one thread at a time initialises the library (once) and forks
+        lib, sample_rate = _library()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+    if pid == 0:  # the child: speak, send the samples, exit without running the parent's cleanup
+        status = 1
+        try:
+            os.close(read_end)
+            status = _speak_into(lib, text, voice, speed, pitch, write_end)
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not payload:
+        raise RuntimeError(f"libespeak-ng failed for voice {voice!r}: "
+                           f"{payload.decode(errors='replace') or 'no samples'}")
+    return np.frombuffer(payload, dtype="<i2").copy(), sample_rate
+
+
+def _speak_into(lib: ctypes.CDLL, text: str, voice: str, speed: int, pitch: int, fd: int) -> int:
+    """(In the forked child.) Synthesise and write the samples to ``fd``; an error message instead on failure.
+    Returns the exit status."""
+    with os.fdopen(fd, "wb") as out:
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0 and lib.espeak_SetVoiceByProperties(
+                ctypes.byref(_VoiceSpec(languages=voice.encode()))) != 0:  # the espeak-ng program's fallback
+            out.write(b"unknown voice")
+            return 2
+        lib.espeak_SetParameter(_ESPEAK_RATE, speed, 0)
+        lib.espeak_SetParameter(_ESPEAK_PITCH, pitch, 0)
+        raw = text.encode()
+        if lib.espeak_Synth(raw, len(raw) + 1, 0, _POS_CHARACTER, 0, _SYNTH_FLAGS, None, None) != 0:
+            out.write(b"espeak_Synth failed")
+            return 3
+        lib.espeak_Synchronize()
+        out.write(b"".join(_chunks))
+    return 0
 
 
 def voices_for(split: str) -> tuple[str, ...]:
@@ -117,7 +230,8 @@ def add_noise(wave: np.ndarray, snr_db: float, rng: random.Random) -> np.ndarray
 
 def synthesize(text: str, path: str | Path, *, voice: str, speed: int, pitch: int, snr_db: float,
                rng: random.Random) -> Path:
-    """Speak ``text`` with espeak-ng and write a 16 kHz mono 16-bit PCM wav with added noise.
+    """Speak ``text`` with libespeak-ng (:func:`espeak_wave`) and write a 16 kHz mono 16-bit PCM wav with
+    added noise.
 
     Args:
         text: what to say.
@@ -129,23 +243,13 @@ def synthesize(text: str, path: str | Path, *, voice: str, speed: int, pitch: in
         rng: random source for the noise.
 
     Raises:
-        RuntimeError: espeak-ng is not installed, or it failed (its message is included).
+        RuntimeError: no synthesiser (:data:`NO_SYNTHESISER`), or it failed for this voice.
     """
-    if not espeak_available():
-        raise RuntimeError(f"{ESPEAK} not found on PATH: spoken questions need it (apt-get install -y espeak-ng)")
+    samples, sr = espeak_wave(text, voice=voice, speed=speed, pitch=pitch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, raw = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".espeak.wav")
-    os.close(fd)
-    try:
-        cmd = [ESPEAK, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw, "--", text]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{ESPEAK} failed for voice {voice!r}: {proc.stderr.strip() or proc.stdout.strip()}")
-        wave, sr = sf.read(raw, dtype="float32", always_2d=True)  # (T, C)
-    finally:
-        os.unlink(raw)
-    wave = resample(wave.mean(axis=1), sr, SAMPLE_RATE)  # (T',) mono
+    wave = samples.astype(np.float32) / 32768.0  # what soundfile reads from the program's 16-bit wav
+    wave = resample(wave, sr, SAMPLE_RATE)  # (T',)
     wave = np.clip(add_noise(wave, snr_db, rng), -1.0, 1.0)
     sf.write(path, wave, SAMPLE_RATE, subtype="PCM_16")
     return path

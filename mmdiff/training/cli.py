@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..data.speech import ESPEAK, espeak_available
+from ..data.speech import NO_SYNTHESISER, espeak_available
 from ..io import check_output_dir
 from .recipe import TrainConfig
 from .trainer import Trainer
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(cfg, flag="--out" if args.out else f"{args.config}: out")
     if cfg.speech_clips > 0 and not espeak_available():
         raise FileNotFoundError(f"{args.config} trains on spoken questions (speech_clips {cfg.speech_clips}): "
-                                f"it needs {ESPEAK} on PATH (apt-get install -y {ESPEAK})")
+                                f"{NO_SYNTHESISER}")
     Trainer(cfg, resume=not args.fresh, progress=not args.no_progress).run()
     return 0
 

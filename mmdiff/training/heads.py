@@ -10,9 +10,23 @@ import torch.nn.functional as F
 
 from ..data.questions import OPERATORS, operator_of
 from ..data.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES
+from ..encoders.audio import AudioFeatures
 from ..model import IMAGE
 from .banks import SceneBank
 from .batches import Example
+
+
+class CTCHead(nn.Module):
+    """A training-only linear CTC head over the encoder's final states, for models whose audio adapter has
+    none of its own; ``logits`` as :meth:`mmdiff.adapters.audio.CTCAdapter.logits`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def logits(self, feats: AudioFeatures) -> torch.Tensor:
+        """(B, T, vocab + 1) per-frame CTC logits."""
+        return self.linear(feats.last)
 
 
 class CellHead(nn.Module):

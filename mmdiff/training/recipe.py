@@ -46,6 +46,12 @@ class TrainConfig(JsonConfig):
     out: str  # output model directory
     model: dict  # ModelConfig sections (decoder, vision, vision_adapter, ...); decoder vocab set from tokenizer
     stages: list[StageConfig]
+    #: start from this trained model directory: its tokenizer, CTC LM and the weights of ``init_parts`` (whose
+    #: configs must equal the recipe's); every other part is built anew from the recipe. None = from scratch
+    init: str | None = None
+    init_parts: list[str] = field(default_factory=lambda: ["vision", "vision_adapter", "decoder"])
+    log: str | None = None  # the JSONL training log (default: beside ``out``, named ``<out>.train_log.jsonl``)
+    fp16_parts: list[str] = field(default_factory=list)  # parts saved in float16 (e.g. a released fp16 encoder)
     seed: int = 0
     vocab_size: int = 768  # tokenizer size
     tokenizer_texts: int = 20000  # generated texts used to train the tokenizer

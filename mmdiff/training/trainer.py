@@ -24,14 +24,14 @@ from ..data.questions import world_texts
 from ..data.scenes import COLOURS, SHAPES, SIZES
 from ..io import read_json
 from ..losses import ar_loss, diffusion_loss, forward_mask
-from ..model import ModelConfig, MultimodalDiffusionLM
+from ..model import PARTS, ModelConfig, MultimodalDiffusionLM
 from ..tokenizer import train_tokenizer
-from .augment import spec_augment
-from .banks import SceneBank, SpeechBank
+from .augment import spec_augment, state_augment
+from .banks import SceneBank, SpeechBank, audio_batch
 from .batches import Batcher, Example, embed_batch
 from .ctc_lm import fit_ctc_lm
 from .distributed import allreduce_grads, dist_info, sync_params
-from .heads import CellHead, GroundHead
+from .heads import CellHead, CTCHead, GroundHead
 from .recipe import StageConfig, TrainConfig
 from .state import STATE_NAME, load_optimizer, save_state
 from .validation import asr_eval, cell_accuracy, quick_eval
@@ -55,7 +55,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out)
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
-        self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
+        self.log_path = Path(cfg.log) if cfg.log else self.out.with_name(self.out.name + ".train_log.jsonl")
         self.state = {"stage": 0, "step": 0}
         if not resume and self.rank == 0 and self.log_path.exists():
             self.log_path.unlink()  # a fresh run starts a fresh log
@@ -64,6 +64,8 @@ class Trainer:
             self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
             self.state = read_json(self.state_dir / STATE_NAME)
             log.info("resuming from %s at stage %d step %d", self.state_dir, self.state["stage"], self.state["step"])
+        elif cfg.init:
+            self.model = self._from_init(cfg.init)
         else:
             tok = self._tokenizer()
             mcfg = ModelConfig.from_dict({"model_type": "mmdiff", **cfg.model}, source="the recipe's model section")
@@ -80,6 +82,29 @@ class Trainer:
         self.parts: dict[str, float] = {}  # loss components of the last step, for the log
 
     # -- pieces -----------------------------------------------------------------------------------
+    def _from_init(self, directory: str) -> MultimodalDiffusionLM:
+        """The recipe's model, started from the trained model in ``directory``: its tokenizer and LM, and the
+        weights of ``init_parts``; the other parts are built anew from the recipe.
+
+        Raises:
+            ValueError: an unknown part, or one whose config differs between the recipe and ``directory``.
+        """
+        base = MultimodalDiffusionLM.from_pretrained(directory)
+        mcfg = ModelConfig.from_dict({"model_type": "mmdiff", **self.cfg.model}, source="the recipe's model section")
+        mcfg.decoder.vocab_size = base.cfg.decoder.vocab_size
+        model = MultimodalDiffusionLM(mcfg, base.tokenizer)
+        for part in self.cfg.init_parts:
+            if part not in PARTS:
+                raise ValueError(f"init_parts: unknown part {part!r}; known: {PARTS}")
+            if getattr(model.cfg, part) != getattr(base.cfg, part):
+                raise ValueError(f"init_parts: {part} of {directory} has another config than the recipe's "
+                                 f"({getattr(base.cfg, part)} vs {getattr(model.cfg, part)})")
+            getattr(model, part).load_state_dict(getattr(base, part).state_dict())
+        if hasattr(model.audio_adapter, "lm"):
+            model.audio_adapter.lm = getattr(base.audio_adapter, "lm", None)
+        log.info("started from %s: kept %s, built anew the others", directory, self.cfg.init_parts)
+        return model
+
     def _tokenizer(self):
         return train_tokenizer(world_texts(self.cfg.tokenizer_texts, seed=self.cfg.seed), vocab_size=self.cfg.vocab_size,
                                split_words=self.cfg.split_words)
@@ -101,6 +126,9 @@ class Trainer:
                                            progress=self.progress)
             self.val_speech = SpeechBank.build(self.model, self.val, n=cfg.speech_val_clips, split="val",
                                                seed=cfg.seed, desc="speaking val questions", progress=self.progress)
+        if stage.kind == "asr" and "audio" not in stage.train and self.speech.features is None:
+            self.speech.encode(self.model)  # a frozen encoder: its states are computed once, not every epoch
+            self.val_speech.encode(self.model)
         if stage.kind in ("ar", "diffusion"):
             if self.bank.features is None:
                 self.bank.encode(self.model)
@@ -117,9 +145,10 @@ class Trainer:
             return CellHead(model.vision.out_dim, model.vision.grid,
                             n_classes={"shape": len(SHAPES) + 1, "colour": len(COLOURS) + 1, "size": len(SIZES) + 1})
         if stage.kind == "asr":  # CTC head over the tokenizer's vocabulary plus a blank
-            # the audio_ctc adapter's own head (kept: inference compresses with it), else a training-only one
-            ctc = getattr(model.audio_adapter, "ctc", None)
-            return ctc if ctc is not None else nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1)
+            # the audio_ctc adapter itself (kept: inference compresses with it), else a training-only linear head
+            if hasattr(model.audio_adapter, "logits"):
+                return model.audio_adapter
+            return CTCHead(nn.Linear(model.audio.out_dim, len(model.tokenizer) + 1))
         if cfg.ground_weight > 0 or cfg.rank_weight > 0 or cfg.readout_weight > 0 or cfg.relate_weight > 0:
             return GroundHead(model.cfg.decoder.d_model, n_groups=cfg.ground_groups, readout=cfg.readout_weight > 0,
                               relate=cfg.relate_weight > 0)  # probes on the decoder's states
@@ -151,7 +180,7 @@ class Trainer:
                     self.model.save_pretrained(stage.save_as)
         if self.rank == 0:
             self.model.eval()
-            self.model.save_pretrained(self.out)
+            self.model.save_pretrained(self.out, fp16_parts=self.cfg.fp16_parts)
             log.info("wrote %s", self.out)
         if self.world > 1:  # every replica leaves together: no rank exits while gloo still talks to it
             torch.distributed.barrier()
@@ -205,7 +234,7 @@ class Trainer:
                 save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1})
         if stage.kind == "cells":
             self.bank.features = None  # encoder changed: features are recomputed when needed
-        if stage.kind == "asr":
+        if stage.kind == "asr" and "audio" in stage.train:
             self.speech.features = None
 
     def _validate(self, stage: StageConfig, head: nn.Module | None, step: int) -> None:
@@ -290,11 +319,17 @@ class Trainer:
     def _ctc_loss(self, head: nn.Module, idx: list[int]) -> tuple[torch.Tensor, int]:
         """CTC loss of the speech encoder + head on the transcripts of training clips ``idx``."""
         speech = self.speech
-        feats, mask = self.model.audio.batch_mels([speech.mels[i] for i in idx])
-        if self.cfg.spec_augment:
-            feats = spec_augment(feats, random.Random(idx[0] * 7919 + len(idx)))
-        out = self.model.audio(feats, mask)
-        logp = head(out.last).float().log_softmax(-1)  # (B, T', V+1)
+        if speech.features is not None:  # the encoder is frozen: its cached states
+            out = audio_batch([speech.features[i] for i in idx])
+            if self.cfg.spec_augment:
+                out.last = state_augment(out.last, random.Random(idx[0] * 7919 + len(idx)))
+        else:
+            feats, mask = self.model.audio.batch_mels([speech.mels[i] for i in idx])
+            if self.cfg.spec_augment:
+                feats = spec_augment(feats, random.Random(idx[0] * 7919 + len(idx)))
+            out = self.model.audio(feats, mask)
+        mask = out.mask
+        logp = head.logits(out).float().log_softmax(-1)  # (B, T', V+1)
         targets = [torch.tensor(self.batcher.answer_ids(speech.qas[i].question)) for i in idx]
         loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(targets), mask.sum(-1), torch.tensor([len(t) for t in targets]),
                           blank=logp.shape[-1] - 1, zero_infinity=True)

@@ -18,7 +18,7 @@ from ..evaluation.metrics import exact_match, normalize_answer, word_error_rate
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
-from .banks import SceneBank, SpeechBank
+from .banks import SceneBank, SpeechBank, audio_batch
 from .batches import LONG_TYPES, Batcher, Example, embed_batch
 from .heads import CellHead
 
@@ -81,16 +81,20 @@ def asr_eval(model: MultimodalDiffusionLM, head: nn.Module, speech: SpeechBank) 
     """Greedy CTC transcripts of ``speech``'s clips by the speech encoder + ``head``: word error rate
     and exact match, both on :func:`~mmdiff.evaluation.metrics.normalize_answer`'d text."""
     model.audio.eval()
+    head.eval()
     refs, hyps = [], []
     for i in range(0, len(speech), 64):
         idx = list(range(i, min(i + 64, len(speech))))
-        feats, mask = model.audio.batch_mels([speech.mels[k] for k in idx])
-        out = model.audio(feats, mask)
-        logp = head(out.last).log_softmax(-1)
-        for k, ids in zip(idx, ctc_greedy(logp, mask.sum(-1), logp.shape[-1] - 1)):
+        if speech.features is not None:  # a frozen encoder's cached states
+            out = audio_batch([speech.features[k] for k in idx])
+        else:
+            out = model.audio(*model.audio.batch_mels([speech.mels[k] for k in idx]))
+        logp = head.logits(out).float().log_softmax(-1)
+        for k, ids in zip(idx, ctc_greedy(logp, out.mask.sum(-1), logp.shape[-1] - 1)):
             refs.append(normalize_answer(speech.qas[k].question))
             hyps.append(normalize_answer(model.tokenizer.decode(ids)))
     model.audio.train()
+    head.train()
     return {"wer": word_error_rate(refs, hyps), "exact": sum(r == h for r, h in zip(refs, hyps)) / len(refs)}
 
 
