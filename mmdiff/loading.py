@@ -11,7 +11,9 @@ import torch
 from .checkpoints import (
     SPECIAL_TOKENS_NAME,
     ReleasedTokenizer,
+    is_dimple,
     is_llada_v,
+    load_dimple,
     load_llada_v,
     load_pretrained,
     open_checkpoint,
@@ -25,6 +27,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
+    * Dimple: M-RoPE decoder, Qwen2.5-VL tower and projector (:func:`~mmdiff.checkpoints.load_dimple`);
     * LLaDA / Dream / a converted decoder with ``special_tokens.json``: a text-only model (no
       encoders yet; :mod:`mmdiff.training.adapters` attaches and trains them), with the directory's
       tokenizer under mmdiff's names (:class:`~mmdiff.checkpoints.ReleasedTokenizer`);
@@ -40,6 +43,8 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
         return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
     if is_llada_v(config):
         return load_llada_v(directory, dtype=dtype, device=device)
+    if is_dimple(config):
+        return load_dimple(directory, dtype=dtype, device=device)
     loaded = load_pretrained(directory, dtype=dtype, device=device, tokenizer=False)
     if loaded.special_ids is None:
         raise ValueError(f"{directory}: no {SPECIAL_TOKENS_NAME}, so the special-token ids are unknown "

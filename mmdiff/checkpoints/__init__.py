@@ -4,11 +4,13 @@
   :class:`~mmdiff.decoder.Decoder`; shards, weight checks and memory-frugal loading shared by all;
 * :mod:`~mmdiff.checkpoints.tokenizers`: released tokenizers under mmdiff's special-token names;
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
+* :mod:`~mmdiff.checkpoints.dimple`: Dimple into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
 * :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``.
 
 :func:`mmdiff.load` (:mod:`mmdiff.loading`) dispatches over all of them.
 """
 from .convert import add_arguments, convert, run, save_decoder
+from .dimple import DIMPLE_MEDIA_FORMAT, dimple_model_config, dimple_weight_names, is_dimple, load_dimple
 from .formats import (
     DECODER_NAMES,
     DREAM_WEIGHTS,
@@ -44,11 +46,11 @@ from .llada_v import (
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
 
 __all__ = [
-    "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
+    "DECODER_NAMES", "DIMPLE_MEDIA_FORMAT", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",
-    "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "llada_decoder_config",
-    "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_pretrained", "load_tokenizer_if_present",
+    "detect_format", "dimple_model_config", "dimple_weight_names", "dream_decoder_config", "expand_names", "is_dimple", "is_llada_v", "llada_decoder_config",
+    "llada_v_model_config", "load_checkpoint", "load_dimple", "load_llada_v", "load_pretrained", "load_tokenizer_if_present",
     "open_checkpoint", "read_weights", "require_tokenizer", "run", "save_decoder", "shard_index", "special_ids_from_configs",
     "tokenizer_files",
 ]

@@ -29,7 +29,8 @@ class ReleasedTokenizer:
     placeholders. This wrapper answers mmdiff's MASK / PAD / EOS / BOS names with the ids the
     checkpoint declares, adds ``<image>`` and ``<audio>`` to the tokenizer as special tokens (their
     embeddings are never read: :meth:`~mmdiff.model.MultimodalDiffusionLM.embed_prompt` replaces
-    them), and writes a placeholder as LLaVA does, on its own line before the text. Prompts use the
+    them), and writes a placeholder before the text in the family's layout (``media_format``; LLaVA's
+    default: on its own line; Qwen2-VL's: between vision start/end tokens). Prompts use the
     tokenizer's own chat template, after the model's system prompt when it has one; a tokenizer
     without a template (a base model's) gets the bare text.
 
@@ -38,9 +39,12 @@ class ReleasedTokenizer:
         special: the ids the checkpoint declares.
         vocab_size: rows of the model's embedding; the placeholder ids must fall below it.
         system: system prompt put before the conversation when it has none (LLaDA-V's).
+        media_format: how one placeholder is written before the text, ``{}`` standing for it
+            (LLaVA: ``"{}\n"``; Dimple / Qwen2-VL: ``"<|vision_start|>{}<|vision_end|>"``).
     """
 
-    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None,
+                 media_format: str = "{}\n") -> None:
         tokenizer.add_tokens([st.IMAGE, st.AUDIO], special_tokens=True)
         image, audio = (int(tokenizer.convert_tokens_to_ids(t)) for t in (st.IMAGE, st.AUDIO))
         taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
@@ -48,7 +52,7 @@ class ReleasedTokenizer:
             if i >= vocab_size or i in taken:
                 raise ValueError(f"placeholder {name} got id {i}, which is outside the model's {vocab_size} "
                                  f"embedding rows or is one of its special ids {taken}")
-        self.tokenizer, self.system = tokenizer, system
+        self.tokenizer, self.system, self.media_format = tokenizer, system, media_format
         self.special = replace(special, image=image, audio=audio)
         self._ids: dict[str, int | None] = {st.MASK: special.mask, st.PAD: special.pad, st.EOS: special.eos,
                                             st.BOS: special.bos, st.IMAGE: image, st.AUDIO: audio}
@@ -79,9 +83,9 @@ class ReleasedTokenizer:
         return self.tokenizer.decode(list(ids), **kwargs)
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
-        """The tokenizer's chat template in LLaVA's layout: media placeholders first, each on its own
-        line, then the text (``<image>\\nquestion``), wherever mmdiff's prompt placed them."""
-        messages = [{**m, "content": _llava_layout(m["content"])} for m in messages]
+        """The tokenizer's chat template with media placeholders first, each in ``media_format``
+        (LLaVA's ``<image>\\nquestion``), then the text, wherever mmdiff's prompt placed them."""
+        messages = [{**m, "content": _media_first(m["content"], self.media_format)} for m in messages]
         if self.system is not None and messages and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]
         if self.tokenizer.chat_template is None:  # base models: the text itself
@@ -90,11 +94,12 @@ class ReleasedTokenizer:
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
 
-def _llava_layout(content: str) -> str:
-    """Move ``<image>`` / ``<audio>`` placeholders to the front, one per line, keeping their order."""
+def _media_first(content: str, media_format: str = "{}\n") -> str:
+    """Move ``<image>`` / ``<audio>`` placeholders to the front, each written in ``media_format``,
+    keeping their order."""
     placeholders = re.findall(f"{re.escape(st.IMAGE)}|{re.escape(st.AUDIO)}", content)
     text = content.replace(st.IMAGE, "").replace(st.AUDIO, "")
-    return "".join(p + "\n" for p in placeholders) + text
+    return "".join(media_format.format(p) for p in placeholders) + text
 
 
 def require_tokenizer(directory: Path) -> Any:
