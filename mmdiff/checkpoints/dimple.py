@@ -18,10 +18,13 @@ carries over to mmdiff's one decoder and sampler:
   prompt's keys/values after the first step while the response changes: that is the approximate
   ``block`` cache with one block over the whole canvas; ``dual`` and ``prefix`` are the other
   approximations available.
-* **confident decoding**: the released ``alg_p_threshold`` (``decoding_pipeline="dim"``) fixes at
-  each step every masked position whose confidence exceeds the threshold, and when none does, the
-  schedule's number of most confident ones: mmdiff's ``threshold`` transfer rule with the same
-  threshold (Fast-dLLM's parallel decoding has the same form).
+* **confident decoding** (Dimple §4.2): the released ``alg_p_threshold`` p (``decoding_pipeline="dim"``)
+  fixes at each step every masked position whose confidence (probability of its predicted token)
+  is > p; when none is, it falls back to the schedule's count for the remaining mask ratio (at
+  least one), picked at random (``alg="origin"``) or by confidence (``maskgit_plus``), and it fixes
+  everything left at the last step. mmdiff's ``--transfer threshold --threshold p`` is the same rule
+  with >= p and a fallback of the single most confident position; the two samplers are not
+  token-identical (not tested against the released loop).
 * **structure priors** (Dimple §4.3, fixing tokens such as the answer format at chosen positions
   before decoding) are mmdiff's structure strategies.
 
