@@ -175,3 +175,45 @@ def test_bad_config_on_disk_is_refused_by_load(tmp_path):
         mmdiff.load(bad)
     with pytest.raises(ValueError, match="mrope_section"):
         DecoderConfig(d_model=32, n_heads=2, n_kv_heads=1, mrope_section=[1, 1, 1])
+
+
+def test_engine_batches_dimple_image_requests_as_generate_does(model, image):
+    """The serving engine carries each request's M-RoPE positions (left padded with its batch); the
+    PrefixCache path is covered by test_prefix_cache_rows_keep_their_positions_when_stacked."""
+    from mmdiff.serving.engine import Engine
+
+    wide = Image.new("RGB", (112, 56), (10, 200, 30))  # another grid: 1 x 2 x 4 tokens
+    requests = [("What is in the picture?", image), ("Describe this image.", wide), ("What colour?", image)]
+    decode = DecodeConfig(sampler=SamplerConfig(gen_length=6, steps=3), cache="none")  # the exact one for Dimple
+    engine = Engine(model, max_batch=8)
+    handles = [engine.submit(q, image=im, decode=decode) for q, im in requests]
+    engine.run_until_idle()
+    for h, (q, im) in zip(handles, requests):
+        assert h.result(timeout=0).tokens == model.generate([q], images=[im], decode=decode)[0].tokens
+
+
+def test_search_on_an_image_is_refused_for_dimple(model, image):
+    from mmdiff.sampling import SearchConfig
+    from mmdiff.search import answer
+
+    decode = DecodeConfig(sampler=SamplerConfig(gen_length=4, steps=2), search=SearchConfig(strategy="best_of_n"))
+    with pytest.raises(ValueError, match="M-RoPE"):
+        answer(model, ["What is in the picture?"], images=[image], audios=[None], decode=decode)
+
+
+@torch.no_grad()
+def test_prefix_cache_rows_keep_their_positions_when_stacked(model, image):
+    """PrefixCache (the engine's stacked rows) continues each canvas after its own M-RoPE prompt."""
+    from mmdiff.sampling.denoisers import PrefixCache
+
+    questions, images = ["What is in the picture?", "Describe it."], [image, Image.new("RGB", (112, 56))]
+    embeds, valid, kinds, positions = model.prepare(questions, images=images, return_positions=True)
+    batch = PrefixCache(model.decoder, embeds, valid, positions=positions)
+    alone = [PrefixCache(model.decoder, *model.prepare([q], images=[im], return_positions=True)[:2],
+                         positions=model.prepare([q], images=[im], return_positions=True)[3])
+             for q, im in zip(questions, images)]
+    stacked = PrefixCache.stack(alone)
+    assert torch.equal(stacked.first_position, batch.first_position)
+    state = StepState(canvas=torch.full((2, 4), model.special.mask), step=0, block=0, block_slice=slice(0, 4),
+                      mask_id=model.special.mask)
+    assert rel(stacked.logits(state), batch.logits(state)) < TOL
