@@ -240,13 +240,15 @@ class MultimodalDiffusionLM(nn.Module):
         return (embeds, valid, kinds) if return_kinds else (embeds, valid)
 
     def forward(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor, *,
-                attn_mode: str | None = None) -> torch.Tensor:
+                attn_mode: str | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) for the response positions, aligned (position i predicts token i).
 
         Meant for the bidirectional / prefix masks of masked diffusion; the causal AR phase reads
-        next-token logits from the decoder directly (``training.losses.ar_loss``).
+        next-token logits from the decoder directly (``training.losses.ar_loss``). ``positions``:
+        (3, B, P) M-RoPE prompt positions (:meth:`prepare`), None to count over valid tokens.
         """
-        return self.decoder.forward_response(prompt_embeds, prompt_valid, response, attn_mode=attn_mode)[0]
+        return self.decoder.forward_response(prompt_embeds, prompt_valid, response, attn_mode=attn_mode,
+                                             prompt_positions=positions)[0]
 
     # -- prompts ----------------------------------------------------------------------------------
     def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0) -> list[int]:
@@ -342,6 +344,8 @@ class MultimodalDiffusionLM(nn.Module):
         the same-size autoregressive baseline). Arguments as in :meth:`generate`."""
 
         t0 = time.perf_counter()
+        if self.cfg.decoder.mrope_section is not None and images is not None and any(i is not None for i in images):
+            raise ValueError("the AR baseline decodes with 1-D positions: not for M-RoPE models (Dimple) with an image")
         embeds, valid, _ = self.prepare(questions, images=images, audios=audios)
         out = ar_generate(self.decoder, embeds, valid, max_new_tokens=max_new_tokens, eos_id=self.special.eos,
                           pad_id=self.special.pad)

@@ -96,6 +96,8 @@ def test_image_pixels_prompt_positions_and_logits_match_reference(model, expecte
     L = int(expected["canvas_length"])
     canvas = torch.full((1, L), model.special.mask)
     _, out = model.decoder.forward_response(embeds, valid, canvas, prompt_positions=positions)
+    shifted = model(embeds, valid, canvas, positions=positions)  # (1, L, V): token i read at i-1
+    assert torch.equal(shifted, out.logits[:, embeds.shape[1] - 1:-1])
     after = (positions.max() + 1 + torch.arange(L)).expand(3, 1, L)
     assert torch.equal(torch.cat([positions, after], -1), torch.from_numpy(expected["image_position_ids"]))
     assert rel(out.logits, torch.from_numpy(expected["image_logits"])) < TOL
@@ -130,6 +132,8 @@ def test_image_prompt_without_positions_is_refused(model, image):
     embeds, valid, kinds = model.prepare(["What is in the picture?"], images=[image])
     with pytest.raises(ValueError, match="M-RoPE"):
         model.sample(embeds, valid, kinds=kinds)
+    with pytest.raises(ValueError, match="M-RoPE"):
+        model.generate_ar(["What is in the picture?"], images=[image])
 
 
 def test_mrope_with_equal_positions_is_1d_rope():
