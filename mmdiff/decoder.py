@@ -11,6 +11,12 @@ The attention mask is switchable per call (:func:`attention_mask`):
 * ``prefix``: prompt/media tokens see only the prompt; response tokens see everything (LaViDa's
   prefix-DLM), so the prompt's keys/values never depend on the response and can be cached exactly.
 
+Positions are 1-D RoPE positions by default. With ``mrope_section`` set, RoPE is Qwen2-VL's
+multimodal RoPE (M-RoPE, Wang et al. 2024, §2.1; Dimple's LLM): each position has a (temporal,
+height, width) triple and the head's frequency bands are split among the three axes. Text has
+three equal components, where M-RoPE equals 1-D RoPE; image tokens get their grid coordinates
+(:func:`multimodal_positions`).
+
 Fast inference goes through one optional argument of :meth:`Decoder.forward`: a :class:`LayerPlan`,
 consulted at each layer boundary, may drop tokens from that layer on (visual-token pruning: FastV,
 DivPrune, VTW) or skip the layer. The decoder reports the shapes it actually ran
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,6 +55,7 @@ class DecoderConfig(JsonConfig):
     logit_shift: bool = False  # Dream: the prediction for position i is read at position i-1
     attn_mode: str = "bidirectional"  # default mask: bidirectional | causal | prefix
     max_seq_len: int = 2048  # longest sequence accepted
+    mrope_section: list[int] | None = None  # M-RoPE bands (t, h, w) summing to head_dim/2; None = 1-D RoPE
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -59,6 +66,11 @@ class DecoderConfig(JsonConfig):
             raise ValueError(f"attn_mode {self.attn_mode!r} not in {ATTN_MODES}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dimension must be even for RoPE")
+        if self.mrope_section is not None:
+            self.mrope_section = [int(s) for s in self.mrope_section]  # JSON gives a list
+            if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+                raise ValueError(f"mrope_section {self.mrope_section} must be 3 bands (t, h, w) summing to "
+                                 f"head_dim/2 = {self.head_dim // 2}")
 
     @property
     def head_dim(self) -> int:
@@ -121,15 +133,73 @@ def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, *,
+                 mrope_section: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, head_dim) for RoPE (Su et al. 2021), computed in float32.
 
     inv_freq_j = theta^(-2j/d); the two halves of each head share frequencies ("rotate_half").
+    With ``mrope_section`` (t, h, w) (M-RoPE, Qwen2-VL): ``positions`` is (3, B, T) (or (B, T), the
+    same for all three axes) and frequency band k of sizes (t, h, w) rotates by axis k's position.
+
+    Args:
+        positions: (B, T) positions, or (3, B, T) (temporal, height, width) positions for M-RoPE.
+        head_dim: the head width d.
+        theta: RoPE base.
+        mrope_section: M-RoPE band sizes summing to d/2, or None for 1-D RoPE.
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    ang = positions.float()[..., None] * inv_freq  # (B, T, d/2)
+    if mrope_section is None:
+        if positions.dim() != 2:
+            raise ValueError(f"1-D RoPE takes (B, T) positions, got shape {tuple(positions.shape)}")
+        ang = positions.float()[..., None] * inv_freq  # (B, T, d/2)
+    else:
+        if positions.dim() == 2:
+            positions = positions.expand(3, *positions.shape)
+        per_axis = positions.float()[..., None] * inv_freq  # (3, B, T, d/2)
+        bands = per_axis.split(list(mrope_section), dim=-1)  # band k: (3, B, T, s_k)
+        ang = torch.cat([band[k] for k, band in enumerate(bands)], dim=-1)  # (B, T, d/2)
     ang = torch.cat([ang, ang], dim=-1)[:, None]  # (B, 1, T, d)
     return ang.cos(), ang.sin()
+
+
+def multimodal_positions(spans: Sequence[int | tuple[int, int, int]], *, start: int = 0) -> torch.Tensor:
+    """M-RoPE positions (3, T) of a sequence of text runs and media grids (Qwen2-VL's ``get_rope_index``).
+
+    A text run of n tokens continues 1-D from the next free position p (all three axes p, p+1, ...).
+    A media grid (t, h, w) of t*h*w tokens (row-major, time slowest) gets (p + i_t, p + i_h, p + i_w).
+    The next free position is one past the largest position used so far.
+
+    Args:
+        spans: text run lengths (int) and media token grids ((t, h, w) tuples), in sequence order.
+        start: the first position.
+    """
+    parts, nxt = [], start
+    for span in spans:
+        if isinstance(span, int):
+            pos = (nxt + torch.arange(span)).expand(3, span)  # (3, n)
+        else:
+            t, h, w = span
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            pos = nxt + grid.reshape(3, -1)  # (3, t*h*w)
+        parts.append(pos)
+        if pos.numel():
+            nxt = int(pos.max()) + 1
+    return torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.long)
+
+
+def next_positions(prompt_positions: torch.Tensor, prompt_valid: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) 1-D positions of ``length`` tokens after a prompt: one past its largest valid
+    position (= the number of valid tokens for 1-D positions), as Qwen2-VL's ``get_rope_index``
+    continues text after media.
+
+    Args:
+        prompt_positions: (B, P) or (3, B, P) prompt positions.
+        prompt_valid: (B, P) bool, False at padding.
+        length: tokens to place.
+    """
+    pos = prompt_positions if prompt_positions.dim() == 3 else prompt_positions[None]
+    last = pos.masked_fill(~prompt_valid[None], -1).amax(dim=(0, 2))  # (B,)
+    return last[:, None] + 1 + torch.arange(length, device=pos.device)  # (B, length)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -468,8 +538,8 @@ class Decoder(nn.Module):
         (``logit_shift``), LLaDA at position i."""
         return raw[:, :-1] if self.cfg.logit_shift else raw[:, 1:]
 
-    def forward_response(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor,
-                         **kwargs) -> tuple[torch.Tensor, DecoderOutput]:
+    def forward_response(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor, *,
+                         prompt_positions: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, DecoderOutput]:
         """Prompt and response in one forward: (B, L, V) response logits (position i predicts
         response token i, :meth:`shifted`) and the whole output.
 
@@ -477,12 +547,17 @@ class Decoder(nn.Module):
             prompt_embeds: (B, P, D) prompt embeddings, left padded.
             prompt_valid: (B, P) bool, False at padding.
             response: (B, L) response token ids (the mask id where undecided).
+            prompt_positions: (3, B, P) M-RoPE positions of the prompt (media grids); the response
+                continues after them (:func:`next_positions`). None: counted over valid tokens.
             **kwargs: further :meth:`forward` arguments (``attn_mode``, ``plan``, ``store_cache``,
                 ``output_hidden_states``).
         """
         P = prompt_embeds.shape[1]
         x = torch.cat([prompt_embeds, self.embed(response)], dim=1)  # (B, P+L, D)
         valid = torch.cat([prompt_valid, torch.ones_like(response, dtype=torch.bool)], dim=1)  # (B, P+L)
+        if prompt_positions is not None:
+            after = next_positions(prompt_positions, prompt_valid, response.shape[1])  # (B, L)
+            kwargs["position_ids"] = torch.cat([prompt_positions, after.expand(3, *after.shape)], dim=-1)
         out = self(inputs_embeds=x, valid=valid, prefix_len=P, **kwargs)
         return self.shifted(out.logits[:, P - 1:]), out
 
@@ -499,7 +574,8 @@ class Decoder(nn.Module):
             attn_mode: mask kind; defaults to ``cfg.attn_mode``.
             valid: (B, Tc+T) bool over cached + new positions, False at (left) padding.
             prefix_len: prompt length for ``prefix`` mode, counted from the first cached position.
-            position_ids: (B, T) RoPE positions; by default counted over ``valid`` tokens.
+            position_ids: (B, T) RoPE positions, or (3, B, T) with ``cfg.mrope_section``; by default
+                counted over ``valid`` tokens.
             cache: keys/values of earlier positions, prepended to this call's.
             store_cache: append this call's keys/values to ``cache``.
             output_hidden_states: also return the residual stream after embedding and every layer.
@@ -523,7 +599,10 @@ class Decoder(nn.Module):
         mask = None
         if mode != "bidirectional" or not bool(valid.all()):
             mask = attention_mask(mode, valid, q_len=T, prefix_len=prefix_len)  # (B, 1, T, Tc+T)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        if position_ids.dim() == 3 and self.cfg.mrope_section is None:
+            raise ValueError("(3, B, T) M-RoPE positions given to a decoder without mrope_section")
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
+                                mrope_section=self.cfg.mrope_section)
         hidden = [x] if output_hidden_states else None
         if cache is None and store_cache:
             cache = KVCache.empty(self.cfg.n_layers)

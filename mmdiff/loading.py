@@ -20,6 +20,8 @@ from .checkpoints import (
     is_llada_v,
     load_diffa,
     is_mmada,
+    is_dimple,
+    load_dimple,
     load_llada_v,
     load_mmada,
     load_pretrained,
@@ -49,6 +51,7 @@ class Family:
 #: mmdiff's own directories are handled by :func:`load` itself
 FAMILIES: tuple[Family, ...] = (
     Family("llada-v", is_llada_v, load_llada_v),
+    Family("dimple", is_dimple, load_dimple),
     Family("diffa", is_diffa, load_diffa, tokenizer_dir="llm"),
     Family("mmada", is_mmada, load_mmada),
 )
@@ -128,6 +131,7 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
     """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
+    * Dimple: M-RoPE decoder, Qwen2.5-VL tower and projector (:func:`~mmdiff.checkpoints.load_dimple`);
     * DIFFA: LLaDA, Whisper encoder and dual adapter, from the directory and its ``whisper/`` and
       ``llm/`` sub-directories (:func:`~mmdiff.checkpoints.load_diffa`);
     * MMaDA: decoder and MAGVIT-v2 image tokenizer from ``vq_model/`` (:func:`~mmdiff.checkpoints.load_mmada`);

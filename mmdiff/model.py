@@ -30,7 +30,7 @@ import torch.nn as nn
 from . import special_tokens as st
 from .adapters import adapter_config_from_dict, build_adapter
 from .adapters.ctc import LM_NAME, TokenNGram
-from .decoder import Decoder, DecoderConfig
+from .decoder import Decoder, DecoderConfig, multimodal_positions
 from .encoders import AudioEncoderConfig, VisionEncoderConfig, build_audio_encoder, build_vision_encoder
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
@@ -134,12 +134,16 @@ class MultimodalDiffusionLM(nn.Module):
                 module.requires_grad_(not frozen)
 
     # -- stages -----------------------------------------------------------------------------------
-    def encode_image(self, images: Sequence) -> torch.Tensor:
-        """Images (paths or PIL) -> (B, N, D) decoder-space tokens: encoder then adapter."""
+    def encode_image(self, images: Sequence) -> torch.Tensor | list[torch.Tensor]:
+        """Images (paths or PIL) -> (B, N, D) decoder-space tokens: encoder then adapter. A
+        native-resolution encoder (``qwen2_5_vl``) gives each image its own N: a list of (N_i, D)."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder, but an image was given")
-        pixels = self.vision.preprocess(images).to(self.device)
-        return self.adapt_image(self.vision(pixels))
+        pixels = self.vision.preprocess(images).to(device=self.device)
+        features = self.vision(pixels)
+        if isinstance(features, list):
+            return [self.adapt_image(f[None])[0] for f in features]
+        return self.adapt_image(features)
 
     def image_tokens(self, images: Sequence) -> list[torch.Tensor]:
         """The tokens each image (path or PIL) puts in the prompt: (N_i, D) per image.
@@ -276,13 +280,15 @@ class MultimodalDiffusionLM(nn.Module):
         return (embeds, valid, kinds) if return_kinds else (embeds, valid)
 
     def forward(self, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, response: torch.Tensor, *,
-                attn_mode: str | None = None) -> torch.Tensor:
+                attn_mode: str | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) for the response positions, aligned (position i predicts token i).
 
         Meant for the bidirectional / prefix masks of masked diffusion; the causal AR phase reads
-        next-token logits from the decoder directly (``training.losses.ar_loss``).
+        next-token logits from the decoder directly (``training.losses.ar_loss``). ``positions``:
+        (3, B, P) M-RoPE prompt positions (:meth:`prepare`), None to count over valid tokens.
         """
-        return self.decoder.forward_response(prompt_embeds, prompt_valid, response, attn_mode=attn_mode)[0]
+        return self.decoder.forward_response(prompt_embeds, prompt_valid, response, attn_mode=attn_mode,
+                                             prompt_positions=positions)[0]
 
     # -- prompts ----------------------------------------------------------------------------------
     def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0) -> list[int]:
@@ -371,9 +377,9 @@ class MultimodalDiffusionLM(nn.Module):
             raise ValueError(f"generate decodes plainly but a {decode.search.strategy} search is set: "
                              "use mmdiff.search.answer (or search) for a test-time search")
         t0 = time.perf_counter()
-        embeds, valid, kinds = self.prepare(questions, images=images, audios=audios)
-        out = self.sample(embeds, valid, kinds=kinds, decode=decode, strategies=strategies, callback=callback,
-                          counter=counter)
+        embeds, valid, kinds, positions = self.prepare(questions, images=images, audios=audios, return_positions=True)
+        out = self.sample(embeds, valid, kinds=kinds, positions=positions, decode=decode, strategies=strategies,
+                          callback=callback, counter=counter)
         return self._results(out, time.perf_counter() - t0)
 
     @torch.no_grad()
@@ -383,17 +389,23 @@ class MultimodalDiffusionLM(nn.Module):
         the same-size autoregressive baseline). Arguments as in :meth:`generate`."""
 
         t0 = time.perf_counter()
+        if self.cfg.decoder.mrope_section is not None and images is not None and any(i is not None for i in images):
+            raise ValueError("the AR baseline decodes with 1-D positions: not for M-RoPE models (Dimple) with an image")
         embeds, valid, _ = self.prepare(questions, images=images, audios=audios)
         out = ar_generate(self.decoder, embeds, valid, max_new_tokens=max_new_tokens, eos_id=self.special.eos,
                           pad_id=self.special.pad)
         return self._results(out, time.perf_counter() - t0)
 
     def prepare(self, questions: Sequence[str] | str, *, images: Sequence | None = None,
-                audios: Sequence | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                audios: Sequence | None = None, return_positions: bool = False):
         """Encode the media and embed the chat prompts of a batch (see :meth:`generate`).
 
+        Args:
+            return_positions: also return the prompt's M-RoPE positions (:meth:`prompt_positions`).
+
         Returns:
-            embeds (B, P, D), valid (B, P) and position kinds (B, P) (:data:`TEXT` / :data:`IMAGE` / :data:`AUDIO`).
+            embeds (B, P, D), valid (B, P) and position kinds (B, P) (:data:`TEXT` / :data:`IMAGE` /
+            :data:`AUDIO`) [, positions (3, B, P) or None when the decoder has 1-D RoPE].
         """
         if isinstance(questions, str):
             questions = [questions]
@@ -413,14 +425,56 @@ class MultimodalDiffusionLM(nn.Module):
                 raise ValueError(f"sample {b}: {NO_QUESTION}")
         prompts = [self.format_prompt(q, n_images=len(per_img[b]), n_audio=len(per_aud[b]))
                    for b, q in enumerate(questions)]
-        return self.embed_prompt(prompts, images=per_img, audios=per_aud, return_kinds=True)
+        embeds, valid, kinds = self.embed_prompt(prompts, images=per_img, audios=per_aud, return_kinds=True)
+        if not return_positions:
+            return embeds, valid, kinds
+        if self.cfg.decoder.mrope_section is None:
+            return embeds, valid, kinds, None
+        grids = self.vision.token_grids([images[i] for i in img_idx]) if img_idx else []
+        per_grid = [[grids[img_idx.index(b)]] if b in img_idx else [] for b in range(B)]
+        return embeds, valid, kinds, self.prompt_positions(kinds, valid, per_grid)
+
+    @staticmethod
+    def prompt_positions(kinds: torch.Tensor, valid: torch.Tensor,
+                         grids: Sequence[Sequence[tuple[int, int, int]]]) -> torch.Tensor:
+        """M-RoPE positions (3, B, P) of embedded prompts (:func:`~mmdiff.decoder.multimodal_positions`):
+        each run of :data:`IMAGE` positions is placed by its image's token grid, everything else as
+        text; left padding gets position 0 (it is masked).
+
+        Args:
+            kinds: (B, P) what fills each position (:meth:`embed_prompt`).
+            valid: (B, P) bool, False at left padding.
+            grids: per sample, the (t, h, w) token grid of each of its images, in prompt order.
+        """
+        B, P = kinds.shape
+        out = torch.zeros(3, B, P, dtype=torch.long)
+        for b in range(B):
+            row = kinds[b][valid[b]].tolist()
+            spans: list = []
+            queue, i = list(grids[b]), 0
+            while i < len(row):
+                if row[i] == IMAGE:
+                    if not queue:
+                        raise ValueError(f"prompt {b} has more image tokens than image grids")
+                    grid = tuple(int(g) for g in queue.pop(0))
+                    spans.append(grid)
+                    i += grid[0] * grid[1] * grid[2]
+                else:
+                    n = next((j for j in range(i, len(row)) if row[j] == IMAGE), len(row)) - i
+                    spans.append(n)
+                    i += n
+            if queue or i != len(row):
+                raise ValueError(f"prompt {b}: its image tokens do not match its image grids {list(grids[b])}")
+            out[:, b, P - len(row):] = multimodal_positions(spans)
+        return out.to(kinds.device)
 
     def _results(self, out: SampleOutput, latency: float) -> list[GenerationResult]:
         return [GenerationResult(self.decode(t.tolist()), t.tolist(), out.nfe, latency, f.tolist())
                 for t, f in zip(out.tokens, out.fixed_at)]
 
     def denoiser(self, embeds: torch.Tensor, valid: torch.Tensor, *, kinds: torch.Tensor | None, decode: DecodeConfig,
-                 sampler: SamplerConfig | None = None, counter: FlopCounter | None = None) -> Denoiser:
+                 sampler: SamplerConfig | None = None, counter: FlopCounter | None = None,
+                 positions: torch.Tensor | None = None) -> Denoiser:
         """The denoiser of ``decode.cache`` on prepared prompt embeddings, with ``decode.pruning``'s
         token pruning / layer skipping planned over ``sampler``'s steps (default ``decode.sampler``).
 
@@ -431,7 +485,13 @@ class MultimodalDiffusionLM(nn.Module):
             decode: cache and pruning settings.
             sampler: the sampler settings the denoiser serves (a search resumes with others).
             counter: accumulates the decoder FLOPs.
+            positions: (3, B, P) M-RoPE prompt positions (``prepare(..., return_positions=True)``);
+                required when an M-RoPE decoder (Dimple) reads image tokens.
         """
+        if (positions is None and self.cfg.decoder.mrope_section is not None and kinds is not None
+                and bool((kinds == IMAGE).any())):
+            raise ValueError("this model places image tokens by M-RoPE grid positions: pass positions "
+                             "(model.prepare(..., return_positions=True))")
         pruning, sampler = decode.pruning, sampler or decode.sampler
         planner = None
         if pruning.active:
@@ -441,15 +501,15 @@ class MultimodalDiffusionLM(nn.Module):
             planner = LayerPlanner(pruning, prompt_embeds=embeds, media=media, n_layers=self.cfg.decoder.n_layers,
                                    total_steps=sampler.steps or sampler.gen_length)
         return build_denoiser(decode.cache, self.decoder, embeds, valid, attn_mode=self.cfg.decoder.attn_mode,
-                              planner=planner, counter=counter)
+                              planner=planner, counter=counter, positions=positions)
 
     def sample(self, embeds: torch.Tensor, valid: torch.Tensor, *, kinds: torch.Tensor | None = None,
                decode: DecodeConfig | None = None, strategies: Sequence[Strategy] = (),
-               callback: Callable[[StepEvent], None] | None = None, counter: FlopCounter | None = None
-               ) -> SampleOutput:
+               callback: Callable[[StepEvent], None] | None = None, counter: FlopCounter | None = None,
+               positions: torch.Tensor | None = None) -> SampleOutput:
         """Run the one sampler on prepared prompt embeddings (see :meth:`denoiser`)."""
         decode = decode or DecodeConfig()
-        denoiser = self.denoiser(embeds, valid, kinds=kinds, decode=decode, counter=counter)
+        denoiser = self.denoiser(embeds, valid, kinds=kinds, decode=decode, counter=counter, positions=positions)
         return sample(denoiser, batch_size=embeds.shape[0], config=decode.sampler, mask_id=self.special.mask,
                       suppress_ids=(self.special.eos, self.special.pad), strategies=strategies,
                       callback=callback, device=embeds.device)

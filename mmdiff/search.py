@@ -218,6 +218,9 @@ class SearchRun:
         self.model, self.question, self.decode = model, question, decode
         self.config, self.search = decode.sampler, decode.search
         self.images, self.audios = media
+        if self.images and model.cfg.decoder.mrope_section is not None:
+            raise ValueError("a test-time search on an image is not supported for M-RoPE models (Dimple) yet: "
+                             "decode plainly (no --search)")
         prompt = model.format_prompt(question, n_images=len(self.images), n_audio=len(self.audios))
         self.embeds, self.valid, self.kinds = model.embed_prompt([prompt], images=[self.images], audios=[self.audios],
                                                                  return_kinds=True)  # (1, P, D), (1, P), (1, P)

@@ -41,7 +41,8 @@ def tiny_clip_config(tmp_path_factory):
 def tiny_vision_cfg(kind: str, **kw) -> VisionEncoderConfig:
     base = {"timm": preset("tiny-test"), "open_clip": VisionEncoderConfig(kind="open_clip", name=TINY_CLIP),
             "siglip": VisionEncoderConfig(kind="siglip", name="siglip-tiny-test"),
-            "magvit2": VisionEncoderConfig(kind="magvit2", name="magvitv2-tiny-test", img_size=32)}[kind]
+            "magvit2": VisionEncoderConfig(kind="magvit2", name="magvitv2-tiny-test", img_size=32),
+            "qwen2_5_vl": VisionEncoderConfig(kind="qwen2_5_vl", name="qwen2.5-vl-tiny-test")}[kind]
     return VisionEncoderConfig.from_dict({**base.to_dict(), **kw})
 
 
@@ -134,11 +135,15 @@ def test_load_audio_bad_clips_name_the_file_and_problem(tmp_path):
 # vision encoders
 # ------------------------------------------------------------------------------------------------
 def test_tiny_configs_cover_the_registry():
-    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip", "siglip", "magvit2"}
+    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip", "siglip", "magvit2", "qwen2_5_vl"}
     assert AUDIO_ENCODERS.names() == ["whisper"]
 
 
-@pytest.mark.parametrize("kind", VISION_ENCODERS.names())
+#: encoders that keep each image's resolution: per-image token counts, tested on their own
+NATIVE_RESOLUTION = ("qwen2_5_vl",)
+
+
+@pytest.mark.parametrize("kind", [k for k in VISION_ENCODERS.names() if k not in NATIVE_RESOLUTION])
 def test_vision_encoder_builds_and_runs(kind, tmp_path):
     enc = build_vision_encoder(tiny_vision_cfg(kind)).eval()
     path = tmp_path / "wide.png"
@@ -153,6 +158,24 @@ def test_vision_encoder_builds_and_runs(kind, tmp_path):
     assert enc.emits == "features"
     assert enc.grid == (4, 4) and enc.num_tokens == 16 and enc.out_dim == 32
     assert tokens.shape == (2, 16, 32) and torch.isfinite(tokens).all()
+
+
+@pytest.mark.parametrize("kind", NATIVE_RESOLUTION)
+def test_native_resolution_encoder_builds_and_runs(kind, tmp_path):
+    """Each image keeps its aspect ratio: sides rounded to 28 px, one token per 2x2 patches of 14 px."""
+    enc = build_vision_encoder(tiny_vision_cfg(kind)).eval()
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (90, 60), (255, 0, 0)).save(path)
+    images = [path, Image.new("RGB", (56, 56), (0, 0, 255))]
+    batch = enc.preprocess(images)
+    assert batch.grid_thw.tolist() == [[1, 4, 6], [1, 4, 4]] and batch.patches.shape == (40, 3 * 2 * 14 * 14)
+    assert enc.token_grids(images) == [(1, 2, 3), (1, 2, 2)]
+    with torch.no_grad():
+        tokens = enc(batch)
+    assert [tuple(t.shape) for t in tokens] == [(6, enc.out_dim), (4, enc.out_dim)]
+    assert all(torch.isfinite(t).all() for t in tokens)
+    with pytest.raises(ValueError, match="smaller than the 28 px"):
+        enc.preprocess([Image.new("RGB", (20, 60))])
 
 
 @pytest.mark.parametrize("layer", [-2, -1, 0])
@@ -222,7 +245,7 @@ def test_pad_to_square_centres_on_fill():
 
 
 def test_vision_encoder_errors(tmp_path):
-    with pytest.raises(ValueError, match="Unknown vision encoder 'clip'; known: magvit2, open_clip, siglip, timm"):
+    with pytest.raises(ValueError, match="Unknown vision encoder 'clip'; known: magvit2, open_clip, qwen2_5_vl, siglip, timm"):
         build_vision_encoder(VisionEncoderConfig(kind="clip"))
     with pytest.raises(ValueError, match="layer 2 is out of range for a 2-block"):
         build_vision_encoder(tiny_vision_cfg("timm", layer=2))
@@ -232,6 +255,8 @@ def test_vision_encoder_errors(tmp_path):
         build_vision_encoder(VisionEncoderConfig(name="vit_nope"))
     with pytest.raises(ValueError, match="unknown open_clip model config 'nope'"):
         build_vision_encoder(VisionEncoderConfig(kind="open_clip", name="nope"))
+    with pytest.raises(ValueError, match="unknown Qwen2.5-VL tower 'nope'; known"):
+        build_vision_encoder(VisionEncoderConfig(kind="qwen2_5_vl", name="nope"))
     with pytest.raises(ValueError, match=r"unknown VisionEncoderConfig keys \['size'\]"):
         VisionEncoderConfig.from_dict({"size": 3})
     bad = tmp_path / "bad.png"

@@ -1,7 +1,8 @@
 """Vision adapters: patch tokens -> (optional k x k grid pooling) -> projection -> (optional position embedding).
 
 ``mlp2x_gelu`` is LLaVA-1.5's projector (Linear -> GELU -> Linear); its ``proj.0`` / ``proj.2`` are
-LLaDA-V's ``mm_projector.0`` / ``mm_projector.2``. Pooling the grid before projecting is LaViDa's
+LLaDA-V's ``mm_projector.0`` / ``mm_projector.2``. ``mlp2x_silu`` is the same with SiLU, Dimple's
+``img_projector`` (``linear_1`` / ``linear_2``, after Qwen2.5-VL's patch merger). Pooling the grid before projecting is LaViDa's
 token compression (2 x 2 there); a 9 x 9 grid pooled 3 x 3 gives one token per cell of a 3 x 3 scene.
 ``vq_ids`` places a discrete tokenizer's codes (:mod:`mmdiff.encoders.vq`) in the decoder's vocabulary.
 """
@@ -176,3 +177,12 @@ class VQTokens(nn.Module):
         prefix = torch.tensor(self.cfg.prefix_ids, dtype=torch.long, device=codes.device).expand(B, -1)
         suffix = torch.tensor(self.cfg.suffix_ids, dtype=torch.long, device=codes.device).expand(B, -1)
         return torch.cat([prefix, codes + self.cfg.offset, suffix], dim=1)  # (B, N')
+
+
+@ADAPTERS.register("mlp2x_silu")
+class MLP2xSiLU(VisionAdapter):
+    """Dimple's projector (LLaVA's with the LLM's activation, SiLU): Linear(in, out) -> SiLU -> Linear(out, out)."""
+
+    def __init__(self, cfg: ProjectorConfig) -> None:
+        super().__init__(cfg, nn.Sequential(nn.Linear(cfg.in_dim, cfg.out_dim), nn.SiLU(),
+                                            nn.Linear(cfg.out_dim, cfg.out_dim)))

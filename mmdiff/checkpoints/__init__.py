@@ -4,6 +4,7 @@
   :class:`~mmdiff.decoder.Decoder`; shards, weight checks and memory-frugal loading shared by all;
 * :mod:`~mmdiff.checkpoints.tokenizers`: released tokenizers under mmdiff's special-token names;
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
+* :mod:`~mmdiff.checkpoints.dimple`: Dimple (Dream with M-RoPE + Qwen2.5-VL tower) likewise;
 * :mod:`~mmdiff.checkpoints.diffa`: DIFFA (LLaDA + Whisper + dual adapter) likewise;
 * :mod:`~mmdiff.checkpoints.mmada`: MMaDA (LLaDA + MAGVIT-v2 image tokens) likewise;
 * :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``;
@@ -20,6 +21,7 @@ from .diffa import (
     is_diffa,
     load_diffa,
 )
+from .dimple import DIMPLE_MEDIA_FORMAT, dimple_model_config, dimple_weight_names, is_dimple, load_dimple
 from .formats import (
     CODE_TOKENIZER_CLASSES,
     DECODER_NAMES,
@@ -65,6 +67,7 @@ from .tokenizers import LLADA_MASK_TOKEN, MEDIA_LAYOUTS, ReleasedTokenizer, requ
 from .whisper_ct2 import convert_whisper, read_ct2_model
 
 __all__ = [
+    "DIMPLE_MEDIA_FORMAT", "dimple_model_config", "dimple_weight_names", "is_dimple", "load_dimple",
     "DIFFA_SYSTEM_PROMPT", "DIFFA_TAPS", "DiffaTokenizer", "diffa_model_config", "is_diffa", "load_diffa",
     "CODE_TOKENIZER_CLASSES", "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "MEDIA_LAYOUTS", "MMADA_RESERVED_IDS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "VQ_SUBDIR", "CheckpointFormat",

@@ -29,7 +29,8 @@ class ReleasedTokenizer:
     placeholders. This wrapper answers mmdiff's MASK / PAD / EOS / BOS names with the ids the
     checkpoint declares, adds ``<image>`` and ``<audio>`` to the tokenizer as special tokens (their
     embeddings are never read: :meth:`~mmdiff.model.MultimodalDiffusionLM.embed_prompt` replaces
-    them), and writes a placeholder as LLaVA does, on its own line before the text. Prompts use the
+    them), and writes a placeholder before the text in the family's layout (``media_format``; LLaVA's
+    default: on its own line; Qwen2-VL's: between vision start/end tokens). Prompts use the
     tokenizer's own chat template, after the model's system prompt when it has one; a tokenizer
     without a template (a base model's) gets the bare text.
 
@@ -41,6 +42,8 @@ class ReleasedTokenizer:
         media_layout: where media placeholders go (:data:`MEDIA_LAYOUTS`): ``llava``, on their own
             line before the user's text; ``before_chat``, in front of the whole chat text (MMaDA: the
             image block, then the chat template from its BOS on).
+        media_format: ``llava`` layout: how one placeholder is written before the text, ``{}``
+            standing for it (LLaVA: ``"{}\n"``; Dimple / Qwen2-VL: ``"<|vision_start|>{}<|vision_end|>"``).
     """
 
     #: mmdiff's placeholder name -> the string added to the tokenizer for it (a family whose prompts hold
@@ -48,10 +51,10 @@ class ReleasedTokenizer:
     PLACEHOLDERS: dict[str, str] = {st.IMAGE: st.IMAGE, st.AUDIO: st.AUDIO}
 
     def __init__(self, tokenizer: Any, special: SpecialIds, *, vocab_size: int, system: str | None = None,
-                 media_layout: str = "llava") -> None:
+                 media_layout: str = "llava", media_format: str = "{}\n") -> None:
         if media_layout not in MEDIA_LAYOUTS:
             raise ValueError(f"unknown media layout {media_layout!r}; known: {list(MEDIA_LAYOUTS)}")
-        self.media_layout = media_layout
+        self.media_layout, self.media_format = media_layout, media_format
         tokenizer.add_tokens([self.PLACEHOLDERS[st.IMAGE], self.PLACEHOLDERS[st.AUDIO]], special_tokens=True)
         image, audio = (int(tokenizer.convert_tokens_to_ids(self.PLACEHOLDERS[t])) for t in (st.IMAGE, st.AUDIO))
         taken = sorted({i for i in (special.mask, special.pad, special.eos, special.bos) if i is not None})
@@ -105,8 +108,9 @@ class ReleasedTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         """The tokenizer's chat template with the media placeholders where the family expects them
-        (``media_layout``), wherever mmdiff's prompt placed them: LLaVA's, first in the message, each on
-        its own line (``<image>\\nquestion``; :meth:`layout`); ``before_chat``, in front of the chat text."""
+        (``media_layout``), wherever mmdiff's prompt placed them: ``llava``, first in the message, each
+        in ``media_format`` (``<image>\\nquestion``; :meth:`layout`); ``before_chat``, in front of the
+        chat text."""
         if self.media_layout == "before_chat":
             media = "".join("".join(_placeholders(m["content"])) for m in messages)
             messages = [{**m, "content": _strip_placeholders(m["content"])} for m in messages]
@@ -117,7 +121,7 @@ class ReleasedTokenizer:
 
     def layout(self, content: str) -> str:
         """A message's content with mmdiff's placeholders where this family puts its media (LLaVA's layout)."""
-        return _llava_layout(content)
+        return _media_first(content, self.media_format)
 
     def _chat_text(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> str:
         if self.system is not None and messages and messages[0]["role"] != "system":
@@ -139,9 +143,10 @@ def _strip_placeholders(content: str) -> str:
     return content.replace(st.IMAGE, "").replace(st.AUDIO, "")
 
 
-def _llava_layout(content: str) -> str:
-    """Move ``<image>`` / ``<audio>`` placeholders to the front, one per line, keeping their order."""
-    return "".join(p + "\n" for p in _placeholders(content)) + _strip_placeholders(content)
+def _media_first(content: str, media_format: str = "{}\n") -> str:
+    """Move ``<image>`` / ``<audio>`` placeholders to the front, each written in ``media_format``,
+    keeping their order."""
+    return "".join(media_format.format(p) for p in _placeholders(content)) + _strip_placeholders(content)
 
 
 def require_tokenizer(directory: Path) -> Any:

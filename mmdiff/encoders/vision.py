@@ -11,8 +11,10 @@ Three backends, one registry (:data:`VISION_ENCODERS`):
   e.g. the shipped scene encoder is ``vit_tiny_patch16_224`` at 72 px, patch 8, width 128.
 * ``open_clip``: the vision tower of an open_clip ``VisionTransformer`` config; tokens have the
   tower's *width* (not the CLIP embedding dim, which only exists after pooling and projection).
-* ``siglip``: a SigLIP tower (LLaDA-V's), written out in plain torch under transformers' names
-  (end of this file).
+* ``siglip``: a SigLIP tower (LLaDA-V's), written out in plain torch under transformers' names;
+* ``qwen2_5_vl``: Qwen2.5-VL's native-resolution tower (Dimple's), transformers' own module
+  (end of this file). Its images keep their aspect ratio, so each gives its own number of tokens:
+  ``forward`` returns a list of (N_i, D) tensors and ``token_grids`` the (t, h, w) grid of each.
 
 Weights come from a local file only (``weights``); nothing is downloaded. How a picture becomes the
 crops the tower sees (the whole image, or LLaVA-NeXT's ``anyres`` tiles) is the config's ``views``
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,6 +61,9 @@ class VisionEncoderConfig(JsonConfig):
     views: str = "single"  # how an image becomes crops: single (whole image) | anyres (tiles + base view)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: candidate (width, height) canvases, pixels
     max_tiles: int | None = None  # anyres: shrink the tile map to about this many tiles' tokens (anyres_max_N)
+
+    min_pixels: int | None = None  # qwen2_5_vl: fewest pixels after the resize (None = the tower's)
+    max_pixels: int | None = None  # qwen2_5_vl: most pixels after the resize (None = the tower's)
 
     def __post_init__(self) -> None:
         self.grid_pinpoints = tuple((int(w), int(h)) for w, h in self.grid_pinpoints)  # JSON gives lists
@@ -409,3 +415,127 @@ class SiglipVisionEncoder(VisionEncoder):
         for block in self.encoder["layers"]:
             x = block(x)
         return x  # (B, N, D): output of block ``index``, before any final norm
+
+
+# ================================================================================================
+# Qwen2.5-VL (Bai et al. 2025): native-resolution tower with window attention (Dimple's)
+# ================================================================================================
+#: Released Qwen2.5-VL towers: transformers' ``Qwen2_5_VLVisionConfig`` fields, plus the image
+#: processor's pixel bounds. ``qwen2.5-vl-7b`` is ``DimpleVisionConfig``'s defaults (Dimple-7B).
+QWEN_VL_TOWERS: dict[str, dict] = {
+    "qwen2.5-vl-7b": dict(depth=32, hidden_size=1280, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                          in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                          out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
+    "qwen2.5-vl-tiny-test": dict(depth=3, hidden_size=32, hidden_act="silu", intermediate_size=64, num_heads=2,
+                                 in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                 window_size=56, out_hidden_size=24, fullatt_block_indexes=[1]),
+}
+QWEN_VL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as Qwen2-VL's image processor
+QWEN_VL_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN_VL_MIN_PIXELS = 56 * 56  # Qwen2-VL / Dimple image processor defaults
+QWEN_VL_MAX_PIXELS = 28 * 28 * 1280
+
+
+def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize target: both sides multiples of ``factor`` (patch * merge), the pixel count
+    within [min_pixels, max_pixels], the aspect ratio kept as closely as possible."""
+    if height < factor or width < factor:
+        raise ValueError(f"image of {width}x{height} px is smaller than the {factor} px the vision tower needs")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {width}x{height} px: aspect ratio above 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+@dataclass
+class PatchBatch:
+    """Flattened patches of several images (Qwen2-VL's ``pixel_values``) and their patch grids."""
+
+    patches: torch.Tensor  # (sum_i t_i*h_i*w_i, C * temporal * patch * patch)
+    grid_thw: torch.Tensor  # (n_images, 3) patch grid (t, h, w) of each image
+
+    def to(self, *args, **kwargs) -> "PatchBatch":
+        return PatchBatch(self.patches.to(*args, **kwargs), self.grid_thw.to(kwargs.get("device", self.grid_thw.device)))
+
+
+@VISION_ENCODERS.register("qwen2_5_vl")
+class QwenVLVisionEncoder(VisionEncoder):
+    """Qwen2.5-VL's vision tower, transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (under
+    ``visual``, so a checkpoint's ``visual.*`` tensors map by prefix), read after its patch merger.
+
+    ``cfg.name`` picks a :data:`QWEN_VL_TOWERS` entry; ``cfg.min_pixels`` / ``cfg.max_pixels`` bound
+    the resize. Each image is resized to multiples of 28 px keeping its aspect ratio
+    (:func:`smart_resize`), normalised with CLIP's statistics, repeated over the 2-frame temporal
+    patch and cut into 14 px patches in the merger's 2x2 order (Qwen2-VL's image processor); the
+    tower gives one token per 2x2 patches. The LLM places the tokens by their (t, h, w) grid
+    (:meth:`token_grids`, M-RoPE).
+    """
+
+    def __init__(self, cfg: VisionEncoderConfig) -> None:
+        super().__init__(cfg)
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        if cfg.name not in QWEN_VL_TOWERS:
+            raise ValueError(f"unknown Qwen2.5-VL tower {cfg.name!r}; known: {sorted(QWEN_VL_TOWERS)}")
+        if cfg.weights is not None:
+            raise ValueError("qwen2_5_vl towers load with their checkpoint (mmdiff.load), not from a weights file")
+        self.size = dict(QWEN_VL_TOWERS[cfg.name])
+        tower_cfg = Qwen2_5_VLVisionConfig(**self.size)
+        tower_cfg._attn_implementation = "sdpa"
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel(tower_cfg)
+        self.out_dim = self.size["out_hidden_size"]
+        self.merge = self.size["spatial_merge_size"]
+        self.grid = (0, 0)  # no fixed grid: see token_grids
+        self.mean = QWEN_VL_MEAN
+        self.min_pixels = cfg.min_pixels or QWEN_VL_MIN_PIXELS
+        self.max_pixels = cfg.max_pixels or QWEN_VL_MAX_PIXELS
+        _log_init(cfg, None)
+
+    def reset_buffers(self) -> None:
+        """Recompute the rotary table (a non-persistent buffer, absent when built on the meta device)."""
+        rope = self.visual.rotary_pos_emb
+        device = self.visual.patch_embed.proj.weight.device
+        inv_freq, _ = rope.compute_axial_rope_parameters(rope.config, device)
+        rope.inv_freq, rope.original_inv_freq = inv_freq, inv_freq.clone()
+
+    def _target(self, image: Image.Image) -> tuple[int, int]:
+        factor = self.size["patch_size"] * self.merge
+        return smart_resize(image.height, image.width, factor=factor, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+
+    def token_grids(self, images: Sequence[str | Path | Image.Image]) -> list[tuple[int, int, int]]:
+        """The (t, h, w) grid of tokens each image becomes (after the 2x2 merge)."""
+        p = self.size["patch_size"] * self.merge
+        return [(1, h // p, w // p) for h, w in (self._target(load_image(im)) for im in images)]
+
+    def preprocess(self, images: Sequence[str | Path | Image.Image]) -> PatchBatch:
+        """Resize (bicubic), rescale to [0, 1], normalise, patchify as Qwen2-VL's image processor."""
+        if not images:
+            raise ValueError("preprocess needs at least one image")
+        P, T, M = self.size["patch_size"], self.size["temporal_patch_size"], self.merge
+        patches, grids = [], []
+        for im in images:
+            im = load_image(im)
+            h, w = self._target(im)
+            x = (np.asarray(im.resize((w, h), Image.Resampling.BICUBIC)).astype(np.float64) * (1 / 255)).astype(np.float32)
+            x = (x - np.array(QWEN_VL_MEAN, dtype=np.float32)) / np.array(QWEN_VL_STD, dtype=np.float32)
+            x = torch.from_numpy(x).permute(2, 0, 1)[None].expand(T, -1, -1, -1)  # (T, C, h, w): a still frame
+            gh, gw = h // P, w // P
+            x = x.reshape(1, T, 3, gh // M, M, P, gw // M, M, P).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+            patches.append(x.reshape(gh * gw, 3 * T * P * P))  # (gh*gw, C*T*P*P), merger 2x2 units contiguous
+            grids.append((1, gh, gw))
+        return PatchBatch(torch.cat(patches), torch.tensor(grids))
+
+    def forward(self, pixels: PatchBatch) -> list[torch.Tensor]:
+        """Patches of several images -> per image (N_i, out_dim) merged tokens, row-major over its grid."""
+        dtype = self.visual.patch_embed.proj.weight.dtype
+        out = self.visual(pixels.patches.to(dtype), grid_thw=pixels.grid_thw).pooler_output  # (sum N_i, out_dim)
+        sizes = (pixels.grid_thw.prod(-1) // (self.merge * self.merge)).tolist()
+        return list(out.split(sizes))

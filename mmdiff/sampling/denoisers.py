@@ -10,6 +10,10 @@ Cache strategies (``CACHES``, the ``cache=`` of ``model.sample`` / ``--cache``):
   2025, §3.2) for models trained with the full bidirectional mask: at each block start one full
   forward refreshes the keys/values; within the block only part of the canvas runs.
 
+Prompt positions are counted over its valid tokens, unless M-RoPE ``positions`` (3, B, P) are given
+(Dimple: image tokens placed by their grid); the canvas then continues one past the largest
+(:func:`~mmdiff.decoder.next_positions`).
+
 Every denoiser owns its cache object, takes an optional :class:`~mmdiff.sampling.pruning.LayerPlanner`
 (token pruning, layer skipping: a :class:`~mmdiff.decoder.LayerPlan` per decoder call) and an
 optional :class:`~mmdiff.flops.FlopCounter` it updates after every decoder forward.
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..decoder import Decoder, DecoderOutput, KVCache, LayerPlan
+from ..decoder import Decoder, DecoderOutput, KVCache, LayerPlan, next_positions, positions_from_valid
 from ..registry import Registry
 from .sampler import Denoiser, StepState
 
@@ -38,6 +42,7 @@ class _Denoiser:
     decoder: Decoder
     planner: LayerPlanner | None
     counter: FlopCounter | None
+    positions: torch.Tensor | None = None  # (3, B, P) M-RoPE prompt positions, or None (counted over valid)
 
     def _plan(self, step: int, queries: torch.Tensor, *, n_cached: int) -> LayerPlan | None:
         """The plan of a decoder call at ``step``; ``queries`` (B, T) marks the call's response tokens."""
@@ -57,6 +62,7 @@ class _Denoiser:
         queries = torch.cat([torch.zeros_like(self.prompt_valid, dtype=torch.float),
                              torch.ones_like(canvas, dtype=torch.float)], dim=1)  # (B, P+L): the response rows
         logits, out = self.decoder.forward_response(self.prompt_embeds, self.prompt_valid, canvas,
+                                                    prompt_positions=self.positions,
                                                     plan=self._plan(step, queries, n_cached=0), **kwargs)
         return logits, self._count(out)
 
@@ -71,13 +77,14 @@ class FullRecompute(_Denoiser):
         attn_mode: attention mask kind for the whole sequence.
         planner: per-step token pruning / layer skipping.
         counter: FLOP counter to update.
+        positions: (3, B, P) M-RoPE prompt positions, or None.
     """
 
     def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
                  attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
-                 counter: FlopCounter | None = None) -> None:
+                 counter: FlopCounter | None = None, positions: torch.Tensor | None = None) -> None:
         self.decoder, self.prompt_embeds, self.prompt_valid = decoder, prompt_embeds, prompt_valid
-        self.attn_mode, self.planner, self.counter = attn_mode, planner, counter
+        self.attn_mode, self.planner, self.counter, self.positions = attn_mode, planner, counter, positions
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
@@ -93,13 +100,16 @@ class PrefixCache(_Denoiser):
     """
 
     def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
-                 planner: LayerPlanner | None = None, counter: FlopCounter | None = None) -> None:
+                 planner: LayerPlanner | None = None, counter: FlopCounter | None = None,
+                 positions: torch.Tensor | None = None) -> None:
         self.decoder, self.prompt_valid = decoder, prompt_valid
         self.planner, self.counter = planner, counter
         self.P = prompt_embeds.shape[1]
+        prompt_positions = positions_from_valid(prompt_valid) if positions is None else positions
+        self.first_position = next_positions(prompt_positions, prompt_valid, 1)  # (B, 1): canvas token 0
         with torch.no_grad():
             out = self._count(decoder(inputs_embeds=prompt_embeds, valid=prompt_valid, attn_mode="prefix",
-                                      prefix_len=self.P, store_cache=True))
+                                      prefix_len=self.P, position_ids=prompt_positions, store_cache=True))
         self.cache: KVCache = out.cache
         self.last_prompt_logits = out.logits[:, -1:]  # (B, 1, V): Dream-style shift reads it
 
@@ -111,6 +121,7 @@ class PrefixCache(_Denoiser):
             row = PrefixCache.__new__(PrefixCache)
             row.decoder, row.planner, row.counter, row.P = self.decoder, self.planner, self.counter, self.P
             row.prompt_valid, row.last_prompt_logits = self.prompt_valid[b:b + 1], self.last_prompt_logits[b:b + 1]
+            row.first_position = self.first_position[b:b + 1]
             row.cache = KVCache([k[b:b + 1] for k in self.cache.keys], [v[b:b + 1] for v in self.cache.values],
                                 [None if a is None else a[b:b + 1] for a in self.cache.alive])
             out.append(row)
@@ -139,14 +150,16 @@ class PrefixCache(_Denoiser):
                             [torch.cat([F.pad(p.cache.values[i], d) for p, d in zip(parts, pad)])
                              for i in range(n_layers)], [None] * n_layers)
         out.last_prompt_logits = torch.cat([p.last_prompt_logits for p in parts])  # (B, 1, V)
+        out.first_position = torch.cat([p.first_position for p in parts])  # (B, 1): unchanged by left padding
         return out
 
     @torch.no_grad()
     def logits(self, state: StepState) -> torch.Tensor:
         valid = torch.cat([self.prompt_valid, torch.ones_like(state.canvas, dtype=torch.bool)], dim=1)
+        positions = self.first_position + torch.arange(state.canvas.shape[1], device=state.canvas.device)  # (B, L)
         out = self._forward(state.step, torch.ones_like(state.canvas, dtype=torch.float), n_cached=self.P,
                             input_ids=state.canvas, valid=valid, attn_mode="prefix", prefix_len=self.P,
-                            cache=self.cache)
+                            position_ids=positions, cache=self.cache)
         return self.decoder.shifted(torch.cat([self.last_prompt_logits, out.logits], dim=1))  # (B, L, V)
 
 
@@ -174,18 +187,21 @@ class BlockCache(_Denoiser):
         planner: per-step token pruning / layer skipping (a refresh pass that prunes stores the
             cache without the dropped tokens' keys in the later layers).
         counter: FLOP counter to update.
+        positions: (3, B, P) M-RoPE prompt positions, or None.
     """
 
     def __init__(self, decoder: Decoder, prompt_embeds: torch.Tensor, prompt_valid: torch.Tensor, *,
                  dual: bool = False, attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
-                 counter: FlopCounter | None = None) -> None:
+                 counter: FlopCounter | None = None, positions: torch.Tensor | None = None) -> None:
         if dual and attn_mode == "causal":
             raise ValueError("the dual cache runs the block after the cached suffix: it needs a bidirectional "
                              "or prefix mask, not causal")
         self.decoder, self.prompt_embeds, self.prompt_valid = decoder, prompt_embeds, prompt_valid
         self.dual, self.attn_mode, self.planner, self.counter = dual, attn_mode, planner, counter
         self.P = prompt_embeds.shape[1]
-        self.first_position = prompt_valid.sum(-1, keepdim=True)  # (B, 1): RoPE position of canvas token 0
+        self.positions = positions
+        prompt_positions = positions_from_valid(prompt_valid) if positions is None else positions
+        self.first_position = next_positions(prompt_positions, prompt_valid, 1)  # (B, 1): RoPE position of canvas token 0
         self.cache: KVCache | None = None
         self.block: int | None = None
         self.raw: torch.Tensor | None = None  # (B, 1+L, V) raw logits of the last prompt row and the canvas
@@ -225,31 +241,39 @@ DenoiserFactory = Callable[..., Denoiser]
 
 @CACHES.register("none")
 def _no_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
-              planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
-    return FullRecompute(decoder, embeds, valid, attn_mode=attn_mode, planner=planner, counter=counter)
+              planner: LayerPlanner | None, counter: FlopCounter | None,
+              positions: torch.Tensor | None = None) -> Denoiser:
+    return FullRecompute(decoder, embeds, valid, attn_mode=attn_mode, planner=planner, counter=counter,
+                         positions=positions)
 
 
 @CACHES.register("prefix")
 def _prefix_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
-                  planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
-    return PrefixCache(decoder, embeds, valid, planner=planner, counter=counter)
+                  planner: LayerPlanner | None, counter: FlopCounter | None,
+                  positions: torch.Tensor | None = None) -> Denoiser:
+    return PrefixCache(decoder, embeds, valid, planner=planner, counter=counter,
+                       positions=positions)
 
 
 @CACHES.register("block")
 def _block_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
-                 planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
-    return BlockCache(decoder, embeds, valid, dual=False, attn_mode=attn_mode, planner=planner, counter=counter)
+                 planner: LayerPlanner | None, counter: FlopCounter | None,
+                 positions: torch.Tensor | None = None) -> Denoiser:
+    return BlockCache(decoder, embeds, valid, dual=False, attn_mode=attn_mode, planner=planner, counter=counter,
+                      positions=positions)
 
 
 @CACHES.register("dual")
 def _dual_cache(decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *, attn_mode: str,
-                planner: LayerPlanner | None, counter: FlopCounter | None) -> Denoiser:
-    return BlockCache(decoder, embeds, valid, dual=True, attn_mode=attn_mode, planner=planner, counter=counter)
+                planner: LayerPlanner | None, counter: FlopCounter | None,
+                positions: torch.Tensor | None = None) -> Denoiser:
+    return BlockCache(decoder, embeds, valid, dual=True, attn_mode=attn_mode, planner=planner, counter=counter,
+                      positions=positions)
 
 
 def build_denoiser(cache: str, decoder: Decoder, embeds: torch.Tensor, valid: torch.Tensor, *,
                    attn_mode: str = "bidirectional", planner: LayerPlanner | None = None,
-                   counter: FlopCounter | None = None) -> Denoiser:
+                   counter: FlopCounter | None = None, positions: torch.Tensor | None = None) -> Denoiser:
     """The denoiser of cache strategy ``cache`` (``CACHES``: none, prefix, block, dual).
 
     Args:
@@ -259,5 +283,7 @@ def build_denoiser(cache: str, decoder: Decoder, embeds: torch.Tensor, valid: to
         attn_mode: the model's attention mask (``prefix`` always runs the prefix mask).
         planner: token pruning / layer skipping, or None.
         counter: FLOP counter, or None.
+        positions: (3, B, P) M-RoPE prompt positions, or None (counted over valid tokens).
     """
-    return CACHES.get(cache)(decoder, embeds, valid, attn_mode=attn_mode, planner=planner, counter=counter)
+    return CACHES.get(cache)(decoder, embeds, valid, attn_mode=attn_mode, planner=planner, counter=counter,
+                             positions=positions)

@@ -62,6 +62,7 @@ class _Request:
     t_submit: float
     embeds: torch.Tensor | None = None  # (1, P, D) after admission, left padded with its admission batch
     valid: torch.Tensor | None = None  # (1, P)
+    positions: torch.Tensor | None = None  # (3, 1, P) M-RoPE prompt positions (Dimple), None for 1-D RoPE
     prefix: PrefixCache | None = None  # the prompt's keys/values (cache "prefix"), after admission
 
 
@@ -242,8 +243,8 @@ class Engine:
         if not new:
             return
         try:  # the admitted requests' media and prompts, encoded as one batch
-            embeds, valid, _ = self.model.prepare([r.question for r in new], images=[r.image for r in new],
-                                                  audios=[r.audio for r in new])  # (B, P, D), (B, P)
+            embeds, valid, _, positions = self.model.prepare([r.question for r in new], images=[r.image for r in new],
+                                                             audios=[r.audio for r in new], return_positions=True)
         except ValueError as e:
             if len(new) == 1:
                 self.stats.failed += 1
@@ -256,12 +257,14 @@ class Engine:
             return
         for i, req in enumerate(new):
             req.embeds, req.valid = embeds[i:i + 1], valid[i:i + 1]
+            req.positions = None if positions is None else positions[:, i:i + 1]
             req.handle.prompt_tokens = int(valid[i].sum())
         prefixed = [r for r in new if r.decode.cache == "prefix"]
         if prefixed:  # one batched prompt pass; each request keeps its row of the cache
             idx = [new.index(r) for r in prefixed]
+            rows = None if positions is None else positions[:, idx]
             batch = self._forward(len(prefixed), lambda: PrefixCache(self.model.decoder, embeds[idx], valid[idx],
-                                                                     counter=self._counter))
+                                                                     counter=self._counter, positions=rows))
             for req, part in zip(prefixed, batch.split()):
                 req.prefix = part
         self._active.extend(new)
@@ -287,8 +290,10 @@ class Engine:
             P = max(r.embeds.shape[1] for r in group)
             embeds = torch.cat([F.pad(r.embeds, (0, 0, P - r.embeds.shape[1], 0)) for r in group])  # (B, P, D)
             valid = torch.cat([F.pad(r.valid, (P - r.valid.shape[1], 0), value=False) for r in group])  # (B, P)
+            positions = None if group[0].positions is None else torch.cat(
+                [F.pad(r.positions, (P - r.positions.shape[2], 0)) for r in group], dim=1)  # (3, B, P)
             denoiser = FullRecompute(self.model.decoder, embeds, valid, attn_mode=self.model.cfg.decoder.attn_mode,
-                                     counter=self._counter)
+                                     counter=self._counter, positions=positions)
         self._stacked[key] = (ids, denoiser)
         return denoiser
 
