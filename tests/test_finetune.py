@@ -191,3 +191,19 @@ def test_lora_trains_and_merges(tmp_path, tiny_model_dir):
 def test_bad_train_part_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="unknown part 'wings'"):
         FineTuner(config(tmp_path, llava_file(tmp_path), tiny_model_dir, train=["wings"]), resume=False)
+
+
+def test_train_adapter_on_an_mmdiff_model_writes_a_model_directory(tmp_path, tiny_model_dir):
+    img = image(tmp_path / "images" / "0.png")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": str(i), "image": img, "question": "what is it?",
+                                                          "answers": ["red"], "type": "colour"}) + "\n" for i in range(4)))
+    before = (tiny_model_dir / "model.safetensors").read_bytes()
+    out = tmp_path / "adapter"
+    r = subprocess.run([sys.executable, "-m", "mmdiff", "train-adapter", "--base", str(tiny_model_dir), "--data",
+                        str(tmp_path / "d.jsonl"), "--modality", "image", "--out", str(out), "--steps", "2",
+                        "--batch-size", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert (tiny_model_dir / "model.safetensors").read_bytes() == before  # the base is never written
+    r = subprocess.run([sys.executable, "-m", "mmdiff", "ask", "--model", str(out), "--image",
+                        str(tmp_path / img), "what is it?"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
