@@ -60,6 +60,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 #: short world questions replayed (captions need the long canvas: left out of replay)
 REPLAY_TYPES = tuple(t for t in QUESTION_TYPES if t not in ("caption", "caption_json"))
 SHORT_CANVAS = 8
+#: the media path (encoders and adapters): a foreign image set moves it furthest from where it was trained
+MEDIA_PARTS = ("vision", "vision_adapter", "audio", "audio_adapter")
 
 
 @dataclass
@@ -72,16 +74,18 @@ class FinetuneConfig(JsonConfig):
     val: str | None = None  # validation data (None: val_rows held out from data)
     format: str = "auto"  # dataset format: auto | mmdiff | llava | hf
     train: list[str] = field(default_factory=lambda: ["all"])  # parts with gradients (see GROUPS, lora)
-    steps: int = 1200  # masked-diffusion steps
+    steps: int = 2500  # masked-diffusion steps (at most: see stop_at)
     ar_steps: int = 0  # AR (phase-1) steps before them
-    batch_size: int = 48
+    batch_size: int = 32
     lr: float = 1e-3
+    media_lr_scale: float = 3.0  # the encoders' and adapters' learning rate is lr times this
     warmup: int = 50
     weight_decay: float = 0.01
     replay: float = -1.0  # share of each batch from the original world (-1: 0.25 when the model can, else 0)
     replay_scenes: int = 3000  # world scenes rendered for replay
     val_rows: int = 300  # questions held out from data when no val is given
-    eval_every: int = 300  # validation interval in steps (0: only at the end)
+    eval_every: int = 250  # validation interval in steps (0: only at the end)
+    stop_at: float = 0.99  # stop once validation accuracy reaches this (1.0: never stop early)
     save_every: int = 100  # resumable state interval in steps
     max_answer_tokens: int = 64  # longer answers are skipped (counted)
     lora_rank: int = 16
@@ -275,8 +279,13 @@ class FineTuner:
         if not train:
             raise ValueError(f"--data {cfg.data}: no usable questions for this model ({dict(skipped)})")
         self.train_items, self.val_items = train, val
-        longest = max(len(it.answer) for it in train + val) + 1
-        self.canvas = max(SHORT_CANVAS, CANVAS_MULTIPLE * math.ceil(longest / CANVAS_MULTIPLE))
+        longest: dict[str, int] = defaultdict(int)
+        for it in train + val:
+            longest[it.type] = max(longest[it.type], len(it.answer) + 1)
+        # each kind trains on canvases up to the one mmdiff eval gives it (its longest answer + EOS, rounded up)
+        self.type_canvas = {t: max(SHORT_CANVAS, CANVAS_MULTIPLE * math.ceil(n / CANVAS_MULTIPLE))
+                            for t, n in longest.items()}
+        self.canvas = max(self.type_canvas.values())
         self.bank = None
         extra = None
         if self.replay > 0:
@@ -339,7 +348,8 @@ class FineTuner:
         items = [self.train_items[rng.randrange(len(self.train_items))] for _ in range(cfg.batch_size - n_replay)]
         items += self._replay_items(rng, n_replay) if n_replay else []
         longest = max(len(it.answer) for it in items) + 1
-        L = rng.randint(longest, max(longest, self.canvas))  # the model learns to end with EOS on any canvas
+        widest = max(self.type_canvas.get(it.type, SHORT_CANVAS) for it in items)
+        L = rng.randint(longest, max(longest, widest))  # the model learns to end with EOS on any canvas
         ar = step < cfg.ar_steps
         response, loss_mask = self._response(items, L, eos_fill=not ar)
         embeds, valid = self._embed(items)
@@ -419,6 +429,13 @@ class FineTuner:
         else:
             self.model.save_pretrained(self.out)
 
+    def _stop(self, done: int) -> bool:
+        """Every rank stops together once rank 0's validation reached ``stop_at``."""
+        flag = torch.tensor([float(self.rank == 0 and self.state["best"] >= self.cfg.stop_at)])
+        if self.world > 1:
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _log(self, record: dict) -> None:
         if self.rank == 0:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,11 +451,15 @@ class FineTuner:
         if LORA in self.parts:
             self._add_lora()
         m.freeze([p for p in self.parts if p != LORA], frozen=False)
-        params = [p for n, p in m.named_parameters() if p.requires_grad or "lora_" in n]
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad or "lora_" in n]
+        params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
         sync_params(params, self.world)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        media = [p for n, p in named if n.split(".")[0] in MEDIA_PARTS]
+        rest = [p for n, p in named if n.split(".")[0] not in MEDIA_PARTS]
+        opt = torch.optim.AdamW([{"params": rest, "scale": 1.0}, {"params": media, "scale": cfg.media_lr_scale}],
+                                lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         start = self.state["step"]
         if start:
             load_optimizer(self.state_dir, m, opt, self.state.get("adam_steps", {}))
@@ -448,7 +469,7 @@ class FineTuner:
         for step in bar:
             rng = random.Random(f"{cfg.seed}-{self.rank}-{step}")
             for g in opt.param_groups:
-                g["lr"] = self._lr(step)
+                g["lr"] = self._lr(step) * g["scale"]
             loss = self._loss(step, rng)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {step}; last checkpoint: {self.state_dir}")
@@ -468,6 +489,10 @@ class FineTuner:
                 if acc["overall"] > self.state["best"]:
                     self.state.update(best=acc["overall"], best_step=done, best_val=acc)
                     self._save_best()
+            if self._stop(done):
+                self._say(f"[fine-tune] validation accuracy {self.state['best']:.3f} >= stop_at {cfg.stop_at}: "
+                          f"stopping at step {done} of {total}")
+                break
             if self.rank == 0 and done % cfg.save_every == 0 and done < total and LORA not in self.parts:
                 save_state(self.state_dir, m, opt, {**self.state, "step": done, "config": cfg.to_dict()})
         if self.rank == 0:
