@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--format", choices=("auto", "mmdiff", "llava", "hf"), help="dataset format (default: auto)")
     g.add_argument("--train", help="comma-separated parts with gradients: all (default), adapters, encoders, "
                    "decoder, vision, vision_adapter, audio_adapter, lora (LoRA on the decoder, via peft)")
-    g.add_argument("--steps", type=int, help="masked-diffusion steps (default 1200)")
+    g.add_argument("--steps", type=int, help="masked-diffusion steps, at most (default 3000; it stops once validation reaches stop_at, 0.99)")
     g.add_argument("--ar-steps", type=int, help="autoregressive (phase-1) steps before them (default 0)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)

@@ -47,6 +47,7 @@ from ..io import JsonConfig, check_output_dir, config_from_dict, read_json, writ
 from ..losses import ar_loss, diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
+from ..sampling.autoregressive import ar_generate
 from .distributed import allreduce_grads, dist_info, sync_params
 from .state import STATE_NAME, load_optimizer, save_state
 
@@ -74,10 +75,10 @@ class FinetuneConfig(JsonConfig):
     val: str | None = None  # validation data (None: val_rows held out from data)
     format: str = "auto"  # dataset format: auto | mmdiff | llava | hf
     train: list[str] = field(default_factory=lambda: ["all"])  # parts with gradients (see GROUPS, lora)
-    steps: int = 2500  # masked-diffusion steps (at most: see stop_at)
+    steps: int = 3000  # masked-diffusion steps (at most: see stop_at)
     ar_steps: int = 0  # AR (phase-1) steps before them
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-4
     media_lr_scale: float = 3.0  # the encoders' and adapters' learning rate is lr times this
     warmup: int = 50
     weight_decay: float = 0.01
@@ -365,9 +366,10 @@ class FineTuner:
 
     # -- validation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self, items: list[Item] | None = None, batch: int = 64) -> dict[str, float]:
+    def validate(self, items: list[Item] | None = None, batch: int = 64, *, ar: bool = False) -> dict[str, float]:
         """Exact match (``mmdiff eval``'s metric) per question type and ``overall`` (over questions),
-        each type decoded on the canvas ``mmdiff eval`` would give it, one token per step."""
+        each type decoded on the canvas ``mmdiff eval`` would give it, one token per step (``ar``: KV-cached
+        greedy left-to-right decoding, for the AR phase)."""
         m = self.model
         items = self.val_items if items is None else items
         was = m.training
@@ -383,7 +385,11 @@ class FineTuner:
             for i in range(0, len(group), batch):
                 chunk = group[i:i + batch]
                 embeds, valid = self._embed(chunk)
-                out = m.sample(embeds, valid, decode=decode)
+                if ar:
+                    out = ar_generate(m.decoder, embeds, valid, max_new_tokens=L, eos_id=m.special.eos,
+                                      pad_id=m.special.pad)
+                else:
+                    out = m.sample(embeds, valid, decode=decode)
                 hits += sum(exact_match(m.decode(t.tolist()), it.answers) for t, it in zip(out.tokens, chunk))
             acc[qtype] = hits / len(group)
             right += hits
@@ -483,10 +489,10 @@ class FineTuner:
                 self._log({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": time.time()})
             done = step + 1
             if self.rank == 0 and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total):
-                acc = self.validate()
+                acc = self.validate(ar=done <= cfg.ar_steps)
                 self._say(f"[fine-tune] step {done} val " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
                 self._log({"step": done, "val": acc, "elapsed_s": time.perf_counter() - t0})
-                if acc["overall"] > self.state["best"]:
+                if done > cfg.ar_steps and acc["overall"] > self.state["best"]:  # ask / eval decode by diffusion
                     self.state.update(best=acc["overall"], best_step=done, best_val=acc)
                     self._save_best()
             if self._stop(done):
