@@ -207,3 +207,10 @@ def test_train_adapter_on_an_mmdiff_model_writes_a_model_directory(tmp_path, tin
     r = subprocess.run([sys.executable, "-m", "mmdiff", "ask", "--model", str(out), "--image",
                         str(tmp_path / img), "what is it?"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_original_split_accuracy_has_every_family(tiny_model_dir):
+    from mmdiff.training.finetune import ORIGINAL_TYPES, original_accuracy
+
+    acc = original_accuracy(tiny_model_dir, per_type=2)
+    assert set(acc) == {*ORIGINAL_TYPES, "typed"} and all(0 <= v <= 1 for v in acc.values())
