@@ -136,6 +136,13 @@ def load_init(path: str | Path) -> MultimodalDiffusionLM:
         raise ValueError(f"--init {path}: not a model directory mmdiff can load ({e})") from None
 
 
+def image_key(c: Conversation) -> str:
+    """What identifies a conversation's image (a path, a decoded image object, or the record when none)."""
+    if c.image is None:
+        return f"id:{c.id}"
+    return str(c.image) if isinstance(c.image, (str, Path)) else f"obj:{id(c.image)}"
+
+
 class PixelStore:
     """Every distinct image preprocessed once for the vision encoder (float16)."""
 
@@ -145,7 +152,7 @@ class PixelStore:
         self.features: torch.Tensor | None = None
 
     def slot(self, image: Any) -> int:
-        key = str(image) if isinstance(image, (str, Path)) else id(image)
+        key = str(image) if isinstance(image, (str, Path)) else id(image)  # decoded images: one slot per object
         if key not in self.keys:
             self.keys[key] = len(self.images)
             self.images.append(image)
@@ -223,8 +230,10 @@ class FineTuner:
             tqdm.write(text)
 
     def _world_model(self) -> bool:
-        return self.model.vision is not None and hasattr(self.model.tokenizer, "backend_tokenizer") and \
-            self.model.cfg.vision.kind == "timm"
+        """Whether the model can rehearse the synthetic world: mmdiff's own tokenizer and a vision encoder."""
+        from ..checkpoints import ReleasedTokenizer
+
+        return self.model.vision is not None and not isinstance(self.model.tokenizer, ReleasedTokenizer)
 
     def _items(self, conversations: list[Conversation], store: PixelStore | None, skipped: dict[str, int]) -> list[Item]:
         """Every assistant turn as an :class:`Item` (answers too long for the model are skipped and counted)."""
@@ -264,17 +273,27 @@ class FineTuner:
         cfg = self.cfg
         self.store = PixelStore(self.model) if self.model.vision is not None else None
         skipped: dict[str, int] = defaultdict(int)
-        train = self._items(self.train_data.conversations, self.store, skipped)
+        convs = self.train_data.conversations
         if self.val_data is not None:
-            val = self._items(self.val_data.conversations, self.store, skipped)
-        else:  # hold out val_rows questions of the training data (whole conversations)
-            rng = random.Random(f"val-{cfg.seed}")
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            n = min(cfg.val_rows, len(train) // 10)
-            held = set(order[:n])
-            val = [it for i, it in enumerate(train) if i in held]
-            train = [it for i, it in enumerate(train) if i not in held]
+            train_convs, val_convs = convs, self.val_data.conversations
+        else:  # hold out every question of some images (no image in both) until val_rows, at most a tenth
+            groups: dict[str, list[int]] = defaultdict(list)
+            for i, c in enumerate(convs):
+                groups[image_key(c)].append(i)
+            keys = sorted(groups)
+            random.Random(f"val-{cfg.seed}").shuffle(keys)
+            want = min(cfg.val_rows, sum(len(c.turns) for c in convs) // 10)
+            held: set[int] = set()
+            n_held = 0
+            for k in keys:
+                if n_held >= want:
+                    break
+                held.update(groups[k])
+                n_held += sum(len(convs[i].turns) for i in groups[k])
+            train_convs = [c for i, c in enumerate(convs) if i not in held]
+            val_convs = [c for i, c in enumerate(convs) if i in held]
+        train = self._items(train_convs, self.store, skipped)
+        val = self._items(val_convs, self.store, skipped)
         for reason, n in skipped.items():
             self._say(f"  skipped {n} question(s): {reason}")
         if not train:
