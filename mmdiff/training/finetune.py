@@ -78,8 +78,8 @@ class FinetuneConfig(JsonConfig):
     steps: int = 3000  # masked-diffusion steps (at most: see stop_at)
     ar_steps: int = 0  # AR (phase-1) steps before them
     batch_size: int = 32
-    lr: float = 1e-3
-    media_lr_scale: float = 3.0  # the encoders' and adapters' learning rate is lr times this
+    lr: float = 3e-4
+    media_lr_scale: float = 1.0  # the encoders' and adapters' learning rate is lr times this
     warmup: int = 50
     weight_decay: float = 0.01
     replay: float = -1.0  # share of each batch from the original world (-1: 0.25 when the model can, else 0)
