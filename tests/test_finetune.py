@@ -214,3 +214,21 @@ def test_original_split_accuracy_has_every_family(tiny_model_dir):
 
     acc = original_accuracy(tiny_model_dir, per_type=2)
     assert set(acc) == {*ORIGINAL_TYPES, "typed"} and all(0 <= v <= 1 for v in acc.values())
+
+
+def test_vqav2_style_parquet_with_image_bytes_and_answer_dicts(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(buf, format="PNG")
+    table = pa.table({"image": [{"bytes": buf.getvalue(), "path": None}, {"bytes": b"not a png", "path": None}],
+                      "question": ["what colour?", "what colour?"], "question_type": ["colour", "colour"],
+                      "answers": [[{"answer": "green", "answer_id": 1}], [{"answer": "red", "answer_id": 1}]]})
+    pq.write_table(table, tmp_path / "v.parquet")
+    res = read_dataset(tmp_path / "v.parquet")
+    [c] = res.conversations
+    assert c.turns[0].answers == ["green"] and c.turns[0].type == "colour" and c.image.size == (64, 64)
+    assert len(res.errors) == 1 and "unreadable image" in res.errors[0].reason

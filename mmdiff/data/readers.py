@@ -39,6 +39,8 @@ DEFAULT_TYPE = "vqa"
 #: what looks like a media placeholder (``<image>``, ``<video>``, ``<img>``); only IMAGE and AUDIO are known
 PLACEHOLDER = re.compile(r"<(?:image|audio|video|img|speech|sound)[^>\s]*>", re.IGNORECASE)
 HF_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+#: columns that hold a row's answer(s), first found wins (VQAv2 has both)
+ANSWER_KEYS = ("answers", "answer", "multiple_choice_answer")
 #: first reasons printed by :func:`report`
 SHOWN_REASONS = 5
 
@@ -173,8 +175,10 @@ def _hf_records(path: Path) -> Iterator[tuple[int, Any]]:
     for i, rec in enumerate(ds, start=1):
         rec = dict(rec)
         if "conversations" not in rec:
-            answers = rec.get("answers", rec.get("answer"))
+            answers = next((rec[k] for k in ANSWER_KEYS if rec.get(k) is not None), None)
             answers = answers if isinstance(answers, list) else [answers]
+            # VQAv2 layout: [{"answer": "2", "answer_confidence": "yes", ...}, ...]
+            answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
             rec["conversations"] = [{"from": "human", "value": rec.get("question")}] + [
                 {"from": "gpt", "value": answers[0] if answers else None, "answers": answers}]
         rec.setdefault("id", str(i))
@@ -209,7 +213,17 @@ def parse_llava(record: Any, line_no: int, root: Path) -> Conversation | RowErro
     image = None
     if images:
         image = images[0]
-        if isinstance(image, dict) and image.get("path"):  # datasets' undecoded Image feature
+        if isinstance(image, dict) and image.get("bytes"):  # datasets' undecoded Image feature
+            import io
+
+            from PIL import Image
+
+            try:
+                image = Image.open(io.BytesIO(image["bytes"]))
+                image.load()
+            except OSError as e:
+                return error(f"unreadable image bytes ({e})")
+        elif isinstance(image, dict) and image.get("path"):
             image = image["path"]
         if isinstance(image, str):
             if _bad_text(image):
