@@ -251,6 +251,8 @@ def parse_llava(record: Any, line_no: int, root: Path) -> Conversation | RowErro
         role, value = msg.get("from", msg.get("role")), msg.get("value", msg.get("content"))
         if _bad_text(value):
             return error(f"turn {k}: {_bad_text(value)}")
+        if role == "system":  # mmdiff's chat template has no per-dataset system prompt: not used
+            continue
         if role in HUMAN_ROLES:
             if pending is not None:
                 return error(f"turn {k}: two user turns in a row")
