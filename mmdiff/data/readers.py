@@ -93,7 +93,7 @@ def detect_format(path: str | Path) -> str:
     if path.is_dir() or path.suffix in HF_SUFFIXES:
         return "hf"
     if not path.is_file():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise FileNotFoundError(f"dataset file not found: {path}")
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"["):
@@ -113,7 +113,7 @@ def read_dataset(path: str | Path, *, fmt: str = "auto") -> ReadResult:
         raise ValueError(f"unknown dataset format {fmt!r}; known: {', '.join(FORMATS)}")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise FileNotFoundError(f"dataset file not found: {path}")
     fmt = detect_format(path) if fmt == "auto" else fmt
     out = ReadResult(str(path), fmt)
     if fmt == "mmdiff":
