@@ -291,16 +291,22 @@ class MultimodalDiffusionLM(nn.Module):
                                              prompt_positions=positions)[0]
 
     # -- prompts ----------------------------------------------------------------------------------
-    def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0) -> list[int]:
+    def format_prompt(self, question: str, *, n_images: int = 0, n_audio: int = 0,
+                      history: Sequence[tuple[str, str]] = ()) -> list[int]:
         """Chat-formatted prompt ids: the question, then the audio, then the image placeholders.
 
         Media come after the question so that, even under the causal mask of the AR phase, image
         tokens can attend to the (typed or spoken) question: the decoder then computes question-
-        conditioned cell features, the grounding the training recipe supervises.
+        conditioned cell features, the grounding the training recipe supervises. With ``history``
+        (earlier (question, answer) turns of a conversation) the media follow the first question.
         """
-        content = question + st.AUDIO * n_audio + st.IMAGE * n_images
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
+        turns = [*history, (question, None)]
+        messages = []
+        for k, (q, a) in enumerate(turns):
+            messages.append({"role": "user", "content": q + (st.AUDIO * n_audio + st.IMAGE * n_images if k == 0 else "")})
+            if a is not None:
+                messages.append({"role": "assistant", "content": a})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, tokens: Sequence[int]) -> str:

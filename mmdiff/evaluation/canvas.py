@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.dataset import Row, read_rows
+from ..data.dataset import Row
+from ..data.readers import iter_rows
 from ..loading import text_tokenizer
 from ..sampling import DecodeConfig
 
@@ -60,6 +61,6 @@ def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfi
     """
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    rows = [r for r in read_rows(data) if isinstance(r, Row)]
+    rows = [r for r in iter_rows(data) if isinstance(r, Row)]
     multiple = math.lcm(CANVAS_MULTIPLE, decode.sampler.block_length or 1)
     return canvas_per_type(rows, text_tokenizer(model_dir), multiple=multiple)

@@ -46,7 +46,8 @@ BARRIER_TIMEOUT = timedelta(hours=24)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``mmdiff eval`` options to ``p``."""
-    p.add_argument("--data", type=Path, help="JSONL file of VQA rows (media paths relative to it)")
+    p.add_argument("--data", type=Path, help="VQA rows: mmdiff JSONL, LLaVA JSON/JSONL (each turn a row) or a folder / "
+                   ".parquet / .arrow read by HF datasets (media paths relative to it)")
     p.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL_DIR),
                    help=f"{MODEL_HELP} (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--out", type=Path, help="output folder; rerunning into it resumes")

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..data.dataset import Row, RowError, read_rows
+from ..data.dataset import Row, RowError
+from ..data.readers import iter_rows
 from ..io import atomic_write_bytes, check_output_dir, read_json, write_json
 from ..loading import checkpoint_files, load
 from ..model import MultimodalDiffusionLM
@@ -101,7 +102,8 @@ def load_items(path: str | Path, *, limit: int | None = None, shard: Shard | Non
     (ids identify finished rows on resume).
 
     Args:
-        path: the JSONL file (see :mod:`mmdiff.data.dataset`).
+        path: the dataset: mmdiff JSONL (:mod:`mmdiff.data.dataset`), LLaVA JSON / JSONL or a ``datasets``
+            folder / file (:mod:`mmdiff.data.readers`; each turn of a conversation is a row).
         limit: keep only the first ``limit`` rows of the file (before sharding).
         shard: keep only this shard's rows.
 
@@ -112,7 +114,7 @@ def load_items(path: str | Path, *, limit: int | None = None, shard: Shard | Non
         raise ValueError(f"--limit must be positive, got {limit}")
     first_line: dict[str, int] = {}
     items = []
-    for index, entry in enumerate(read_rows(path)):
+    for index, entry in enumerate(iter_rows(path)):
         if limit is not None and index >= limit:
             break
         if isinstance(entry, Row):
@@ -128,7 +130,7 @@ def load_items(path: str | Path, *, limit: int | None = None, shard: Shard | Non
 # -- identity of a run ----------------------------------------------------------------------------
 def _sha256(paths: Iterable[Path]) -> str:
     h = hashlib.sha256()
-    for path in paths:
+    for path in [f for p in paths for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]:
         if not path.is_file():
             raise FileNotFoundError(f"{path.parent}: missing {path.name}")
         with path.open("rb") as f:

@@ -22,6 +22,9 @@ one all-reduce per step, so every rank holds the same adapter.
 
 The output directory holds ``adapter.safetensors`` (the adapter's state) and ``adapter.json`` (the
 modality, the base, the encoder and adapter configs); :func:`attach_trained_adapter` reads it back.
+With an mmdiff base (its own tokenizer) the output is also a whole model directory (``config.json``,
+``model.safetensors``, ``tokenizer.json``): ``mmdiff ask / eval / demo --model OUT`` load it unchanged,
+and the base directory is never written.
 """
 from __future__ import annotations
 
@@ -42,11 +45,11 @@ from ..checkpoints import DTYPES
 from ..data.dataset import Row, RowError, read_rows
 from ..encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from ..encoders.vision import PRESETS, VisionEncoderConfig, build_vision_encoder, preset
-from ..io import (check_device, check_output_dir, load_safetensors, load_state_checked, read_json, save_weights,
+from ..io import (CONFIG_NAME, check_device, check_output_dir, load_safetensors, load_state_checked, read_json, save_weights,
                   write_json)
 from ..loading import load
 from ..losses import diffusion_loss, forward_mask
-from ..model import PARTS, MultimodalDiffusionLM
+from ..model import MODEL_TYPE, PARTS, MultimodalDiffusionLM
 from .distributed import allreduce_grads, dist_info, sync_params
 
 log = logging.getLogger("mmdiff")
@@ -366,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         save_trained_adapter(model, args.modality, args.out, base=str(args.base), training={
             "data": str(args.data), "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
             "world_size": world, "seed": args.seed, "final_loss": losses[-1]})
+        if read_json(Path(args.base) / CONFIG_NAME).get("model_type") == MODEL_TYPE:
+            model.save_pretrained(args.out)  # a whole model directory: ask / eval / demo load it unchanged
         print(f"trained the {args.modality} adapter for {args.steps} steps on {world} process(es) "
               f"(loss {losses[0]:.4f} -> {losses[-1]:.4f}); wrote {args.out}")
     return 0
