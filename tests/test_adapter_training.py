@@ -182,7 +182,7 @@ def test_command_writes_an_adapter_that_loads_back(base, data, tmp_path, capsys)
     assert model.generate(["what is this?"], images=[image])[0].tokens
     # an adapter.json written before issue #18 (one flat adapter config for every kind) loads the same adapter
     assert meta["adapter"] == {"kind": "mlp2x_gelu", "in_dim": 32, "out_dim": 64, "pool": 1, "grid": [4, 4],
-                               "norm": False, "pos_embed": False}
+                               "norm": False, "pos_embed": False, "newline": False}
     meta["adapter"].update(subsample=4, num_queries=16, qformer_layers=2, qformer_heads=4, n_encoder_layers=1,
                            vocab_size=0, words=None, word_ids=None, position_weight=1.0, empty_weight=1.0,
                            beam_width=8, lm_weight=0.3, length_bonus=1.5)
