@@ -11,7 +11,9 @@ import torch
 from .checkpoints import (
     SPECIAL_TOKENS_NAME,
     ReleasedTokenizer,
+    is_lavida,
     is_llada_v,
+    load_lavida,
     load_llada_v,
     load_pretrained,
     open_checkpoint,
@@ -25,6 +27,8 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
+    * LaViDa (LLaDA or Dream variant): decoder under the prefix-DLM mask, SigLIP tower, projector and
+      the ``anyres`` image layout (:func:`~mmdiff.checkpoints.load_lavida`);
     * LLaDA / Dream / a converted decoder with ``special_tokens.json``: a text-only model (no
       encoders yet; :mod:`mmdiff.training.adapters` attaches and trains them), with the directory's
       tokenizer under mmdiff's names (:class:`~mmdiff.checkpoints.ReleasedTokenizer`);
@@ -38,6 +42,8 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None,
     directory, config = open_checkpoint(path)
     if config.get("model_type") == MODEL_TYPE:
         return MultimodalDiffusionLM.from_pretrained(directory, device=device, dtype=dtype)
+    if is_lavida(config):
+        return load_lavida(directory, dtype=dtype, device=device)
     if is_llada_v(config):
         return load_llada_v(directory, dtype=dtype, device=device)
     loaded = load_pretrained(directory, dtype=dtype, device=device, tokenizer=False)

@@ -29,10 +29,17 @@ from . import special_tokens as st
 from .adapters import adapter_config_from_dict, build_adapter
 from .adapters.ctc import LM_NAME, TokenNGram
 from .decoder import Decoder, DecoderConfig
-from .encoders import AudioEncoderConfig, VisionEncoderConfig, build_audio_encoder, build_vision_encoder
+from .encoders import (
+    AudioEncoderConfig,
+    ImageLayoutConfig,
+    VisionEncoderConfig,
+    build_audio_encoder,
+    build_image_layout,
+    build_vision_encoder,
+)
 from .flops import FlopCounter
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_checked, read_json, save_weights, write_json
-from .media import read_question
+from .media import load_image, read_question
 from .sampling import DecodeConfig, Denoiser, SampleOutput, SamplerConfig, StepEvent, Strategy, sample
 from .sampling.autoregressive import ar_generate
 from .sampling.denoisers import build_denoiser
@@ -59,10 +66,12 @@ class ModelConfig:
     vision_adapter: object | None = None  # adapters.AdapterConfig (its kind's subclass)
     audio: object | None = None  # encoders.AudioEncoderConfig
     audio_adapter: object | None = None  # adapters.AdapterConfig (its kind's subclass)
+    vision_layout: object | None = None  # encoders.ImageLayoutConfig: views + token arrangement (anyres)
 
     def to_dict(self) -> dict:
         return {"model_type": MODEL_TYPE, **{k: None if getattr(self, k) is None else getattr(self, k).to_dict()
-                                             for k in ("decoder", "vision", "vision_adapter", "audio", "audio_adapter")}}
+                                             for k in ("decoder", "vision", "vision_adapter", "audio", "audio_adapter")},
+                **({} if self.vision_layout is None else {"vision_layout": self.vision_layout.to_dict()})}
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config.json") -> "ModelConfig":
@@ -71,7 +80,7 @@ class ModelConfig:
             raise ValueError(f"{source}: not an mmdiff multimodal model config (model_type != {MODEL_TYPE!r})")
         readers = {"decoder": DecoderConfig.from_dict, "vision": VisionEncoderConfig.from_dict,
                    "vision_adapter": adapter_config_from_dict, "audio": AudioEncoderConfig.from_dict,
-                   "audio_adapter": adapter_config_from_dict}
+                   "audio_adapter": adapter_config_from_dict, "vision_layout": ImageLayoutConfig.from_dict}
         unknown = sorted(set(data) - set(readers))
         if unknown:
             raise ValueError(f"{source}: unknown sections {unknown}; known: {sorted(readers)}")
@@ -106,10 +115,12 @@ class MultimodalDiffusionLM(nn.Module):
         self.tokenizer = tokenizer
         self.special = SpecialIds.from_tokenizer(tokenizer)
         self.decoder = Decoder(cfg.decoder)
-        self.vision = self.vision_adapter = self.audio = self.audio_adapter = None
+        self.vision = self.vision_adapter = self.vision_layout = self.audio = self.audio_adapter = None
         if cfg.vision is not None:
             self.vision = build_vision_encoder(cfg.vision)
             self.vision_adapter = build_adapter(cfg.vision_adapter)
+            if cfg.vision_layout is not None:
+                self.vision_layout = build_image_layout(cfg.vision_layout, cfg.decoder.d_model)
         if cfg.audio is not None:
             self.audio = build_audio_encoder(cfg.audio)
             self.audio_adapter = build_adapter(cfg.audio_adapter)
@@ -129,12 +140,23 @@ class MultimodalDiffusionLM(nn.Module):
                 module.requires_grad_(not frozen)
 
     # -- stages -----------------------------------------------------------------------------------
-    def encode_image(self, images: Sequence) -> torch.Tensor:
-        """Images (paths or PIL) -> (B, N, D) decoder-space tokens: encoder then adapter."""
+    def encode_image(self, images: Sequence) -> torch.Tensor | list[torch.Tensor]:
+        """Images (paths or PIL) -> (B, N, D) decoder-space tokens: encoder then adapter. With an image
+        layout (``anyres``), each image is encoded as its views and arranged by the layout: a list of
+        (N_i, D) tensors, N_i depending on the image's size."""
         if self.vision is None:
             raise ValueError("this model has no vision encoder, but an image was given")
+        if self.vision_layout is not None:
+            return [self._encode_views(load_image(im)) for im in images]
         pixels = self.vision.preprocess(images).to(self.device)
         return self.adapt_image(self.vision(pixels))
+
+    def _encode_views(self, image) -> torch.Tensor:
+        """One image through :attr:`vision_layout`: views -> tower -> adapter -> arranged (N, D) tokens."""
+        views, grid = self.vision_layout.views(image, self.vision.input_size)
+        pixels = torch.stack([self.vision.transform(v) for v in views]).to(self.device)  # (V, 3, H, W)
+        feats = self.adapt_image(self.vision(pixels))  # (V, h*w, D)
+        return self.vision_layout.arrange(feats, grid, self.vision.grid, image.size)
 
     def adapt_image(self, features: torch.Tensor) -> torch.Tensor:
         """Vision encoder tokens (B, N, C) -> (B, N', D) decoder-space tokens (see :meth:`_in_decoder_space`)."""

@@ -83,13 +83,8 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
         qkv_bias=False, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=False,
         attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
     )
-    tower = Path(str(c["mm_vision_tower"])).name
-    if tower not in SIGLIP_TOWERS:
-        raise ValueError(f"{source}: mm_vision_tower {c['mm_vision_tower']!r} is not a known SigLIP tower; "
-                         f"known: {sorted(SIGLIP_TOWERS)}")
+    tower = siglip_tower(c, source=source)
     width = SIGLIP_TOWERS[tower]["embed_dim"]
-    if c["mm_hidden_size"] != width:
-        raise ValueError(f"{source}: mm_hidden_size {c['mm_hidden_size']} differs from the {width}-wide {tower} tower")
     if c["image_aspect_ratio"] != "square" or c["mm_patch_merge_type"] != "flat":
         log.warning("%s: image_aspect_ratio %r / mm_patch_merge_type %r: mmdiff encodes only the base view "
                     "(the whole image resized to the tower's input); anyres tiles and image_newline are not used",
@@ -98,13 +93,35 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
                        vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model))
 
 
-def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
-    """LLaDA-V tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
+def siglip_tower(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> str:
+    """The :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` name of a LLaVA config's ``mm_vision_tower``
+    (its last path component), after checking ``mm_hidden_size`` against the tower's width."""
+    tower = Path(str(config["mm_vision_tower"])).name
+    if tower not in SIGLIP_TOWERS:
+        raise ValueError(f"{source}: mm_vision_tower {config['mm_vision_tower']!r} is not a known SigLIP tower; "
+                         f"known: {sorted(SIGLIP_TOWERS)}")
+    width = SIGLIP_TOWERS[tower]["embed_dim"]
+    if config["mm_hidden_size"] != width:
+        raise ValueError(f"{source}: mm_hidden_size {config['mm_hidden_size']} differs from the {width}-wide "
+                         f"{tower} tower")
+    return tower
+
+
+def llada_v_weight_names(expected: Iterable[str], n_layers: int, *, llm: Mapping[str, str] = DREAM_WEIGHTS,
+                         prefixes: Mapping[str, str] = LLADA_V_PREFIXES) -> dict[str, str]:
+    """LLaVA-layout tensor name -> MultimodalDiffusionLM name, for every name in ``expected``.
+
+    Args:
+        expected: the model's state-dict names.
+        n_layers: decoder blocks.
+        llm: the LLM's name table (LLaDA-V: Llama names; LaViDa: LLaDA's or Dream's own).
+        prefixes: checkpoint prefix -> model prefix of the parts outside the LLM.
+    """
     expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
+    rename = {src: f"decoder.{dst}" for src, dst in expand_names(llm, n_layers).items()
               if f"decoder.{dst}" in expected}
     for name in expected:
-        for src, dst in LLADA_V_PREFIXES.items():
+        for src, dst in prefixes.items():
             if name.startswith(dst):
                 rename[src + name[len(dst):]] = name
     return rename

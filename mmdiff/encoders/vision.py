@@ -98,15 +98,17 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
 
 
 class VisionEncoder(nn.Module):
-    """Images -> patch tokens. Subclasses set ``out_dim``, ``grid``, ``transform`` and ``mean``.
+    """Images -> patch tokens. Subclasses set ``out_dim``, ``grid``, ``input_size``, ``transform`` and ``mean``.
 
     Attributes:
         out_dim: token width D.
         grid: patch grid (h, w); ``num_tokens = h * w``.
+        input_size: side of the (square) input in pixels (an ``anyres`` tile's side).
     """
 
     out_dim: int
     grid: tuple[int, int]
+    input_size: int
     transform: Callable[[Image.Image], torch.Tensor]  # the backbone's eval transform
     mean: tuple[float, float, float]  # normalisation mean, also the padding colour
 
@@ -183,6 +185,7 @@ class TimmVisionEncoder(VisionEncoder):
         model.prune_intermediate_layers([self.index], prune_norm=True, prune_head=True)
         self.model = model
         self.grid = tuple(model.patch_embed.grid_size)
+        self.input_size = int(model.patch_embed.img_size[0])
         self.out_dim = model.embed_dim
         data = resolve_model_data_config(model)
         data.update(input_size=(3, *model.patch_embed.img_size), crop_pct=1.0, crop_mode="center")
@@ -226,6 +229,7 @@ class OpenClipVisionEncoder(VisionEncoder):
         visual.prune_intermediate_layers([self.index], prune_norm=True, prune_head=True)
         self.visual = visual
         self.grid = tuple(visual.grid_size)
+        self.input_size = int(visual.image_size[0])  # (h, w)
         self.out_dim = visual.transformer.width
         self.mean = tuple(visual.preprocess_cfg["mean"])
         self.transform = transform
@@ -261,6 +265,8 @@ SIGLIP_TOWERS: dict[str, dict[str, int]] = {
     "siglip-base-patch16-224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                                     mlp_dim=3072),
     "siglip-tiny-test": dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=64),
+    # tests/fixtures/lavida-*-tiny: an odd 5 x 5 patch grid, as so400m's 27 x 27 (pooling rounds up)
+    "siglip-tiny-lavida-test": dict(img_size=40, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=64),
 }
 SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalises every channel to [-1, 1]
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -353,6 +359,7 @@ class SiglipVisionEncoder(VisionEncoder):
         self.index = _resolve_layer(cfg.layer, size["depth"])
         side = size["img_size"] // size["patch_size"]
         self.grid = (side, side)
+        self.input_size = size["img_size"]
         self.out_dim = size["embed_dim"]
         self.mean = SIGLIP_MEAN
         self.transform = functools.partial(siglip_transform, size=size["img_size"])
