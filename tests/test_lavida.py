@@ -29,7 +29,7 @@ from mmdiff.checkpoints import (
     lavida_model_config,
     lavida_variant,
 )
-from mmdiff.encoders.layouts import ImageLayoutConfig, select_best_resolution, unpad
+from mmdiff.encoders.layouts import ImageLayoutConfig, build_image_layout, select_best_resolution, unpad
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 from mmdiff.sampling.denoisers import build_denoiser
 from mmdiff.sampling.sampler import StepState
@@ -214,3 +214,26 @@ def test_anyres_arithmetic_is_llava_next_s():
     x = torch.arange(6 * 6.).view(1, 6, 6)
     assert unpad(x, (90, 50)).shape == (1, 4, 6)  # int(50 * 6 / 90) = 3 rows shown -> pad 1 above and below
     assert unpad(x, (30, 60)).shape == (1, 6, 4)
+
+
+def test_saved_model_keeps_the_layout(case, tmp_path):
+    _, d, model, _ = case
+    model.save_pretrained(tmp_path / "saved")
+    again = mmdiff.load(tmp_path / "saved")
+    assert again.cfg.vision_layout == model.cfg.vision_layout
+    with torch.no_grad():
+        assert torch.equal(again.encode_image([image_of(d)])[0], model.encode_image([image_of(d)])[0])
+
+
+def test_layout_configs_and_the_single_view_path():
+    with pytest.raises(ValueError, match="pool 'conv' not in"):
+        ImageLayoutConfig(grid_pinpoints=[(40, 40)], pool="conv")
+    with pytest.raises(ValueError, match="needs grid_pinpoints"):
+        ImageLayoutConfig()
+    with pytest.raises(ValueError, match="Unknown image layout 'tiles'"):
+        build_image_layout(ImageLayoutConfig(kind="tiles", grid_pinpoints=[(40, 40)]), 4)
+    layout = build_image_layout(ImageLayoutConfig(grid_pinpoints=[(40, 40)], pool="average"), 4)
+    with torch.no_grad():
+        layout.image_newline.fill_(7.0)
+    out = layout.arrange(torch.ones(1, 16, 4), (1, 1), (4, 4), (40, 40))  # base view only: 2 x 2 + newline
+    assert out.shape == (5, 4) and bool((out[-1] == 7).all())
