@@ -13,25 +13,39 @@ LaViDa is LLaVA-NeXT over a diffusion LLM, in two variants that differ only as d
 
 Both share the multimodal part: a SigLIP tower under ``model.vision_tower.vision_tower.vision_model.*``
 (LLaVA drops its last block and reads the new last one), an ``mlp2x_gelu`` projector
-``model.mm_projector.{0,2}`` and ``model.image_newline``. Images go through LLaVA-NeXT's ``anyres``
-tiling (``image_grid_pinpoints``: 384 x 768 ... 768 x 768 at full size, so at most 4 tiles + the base
-view), each view's projected 27 x 27 grid is pooled to 14 x 14 (``get_2dPool``, bilinear, stride 2:
-always on for images in the released code, ``ALWASY_DO_2DPOOL``), and the views are arranged by
-``spatial_unpad`` with a newline token per row: the general ``anyres`` image layout
-(:mod:`mmdiff.encoders.layouts`). Prompts: LaViDa's ``llada`` / ``dream`` conversation templates are
-the checkpoint tokenizer's chat template after LLaVA's system prompt (the LLaDA-V one), with
-``<image>\\n`` before the question.
+``model.mm_projector.{0,2}`` and ``model.image_newline`` (loaded as the projector's
+``image_newline``, :class:`~mmdiff.adapters.ProjectorConfig` ``newline``). Images go through
+LLaVA-NeXT's ``anyres`` views (:mod:`mmdiff.encoders.views`, the same code as LLaDA-V's tiling:
+``image_grid_pinpoints`` 384 x 768 ... 768 x 768 at full size, so at most 4 tiles + the base view),
+with every view's projected 27 x 27 grid pooled to 14 x 14 first (``VisionEncoderConfig.view_pool``
+= ``mm_spatial_pool_mode``, stride 2: LLaVA-OneVision's ``get_2dPool``, bilinear rounding up; always on
+for images in the released code, ``ALWASY_DO_2DPOOL``), then the ``spatial_unpad`` merge with a newline
+token per row. Prompts: LaViDa's ``llada`` / ``dream`` conversation templates are the checkpoint
+tokenizer's chat template after LLaVA's system prompt (the LLaDA-V one), with ``<image>\\n`` before the
+question.
 
 **Prefix-DLM cache.** LaViDa decodes with ``prefix_lm=True`` (every released eval script): the prompt,
 image tokens included, is run once alone and its keys/values are reused at every step while only the
 response canvas runs; the prompt never sees the response. That is mmdiff's ``prefix`` attention mode,
 so the decoder is configured with ``attn_mode="prefix"`` and :class:`~mmdiff.sampling.denoisers.PrefixCache`
 (``cache="prefix"``, :attr:`MultimodalDiffusionLM.exact_cache`) is *exact*: it gives the same logits
-as a full recomputation under that mask, and the same logits as LaViDa's cached forward
-(``tests/test_lavida.py``). The released uncached path (``prefix_lm=False``) is a plain bidirectional
-forward (``attn_mode="bidirectional"``). One sampler-level difference: with the prefix cache, LaViDa's
-Dream sampler fixes the first response token to the prefill's argmax before the first step; mmdiff
-decodes that position like the others, from the same logits.
+as a full recomputation under that mask, and the same logits as LaViDa's cached forward. The released
+uncached path (``prefix_lm=False``) is a plain bidirectional forward (``attn_mode="bidirectional"``).
+One sampler-level difference: with the prefix cache, LaViDa's Dream sampler fixes the first response
+token to the prefill's argmax before the first step; mmdiff decodes that position like the others,
+from the same logits.
+
+**What is verified** (``tests/test_lavida.py``, on the tiny random fixtures
+``tests/fixtures/lavida-{llada,dream}-tiny`` whose reference values the released LaViDa code computed;
+each README names the commit, seeds and shims), for both variants, at relative error < 1e-4: the
+``anyres`` views' pixels (the released preprocessing), the prompt embeddings after the image merge
+(pooling, unpad, newlines: text and image prompts), the uncached logits, and the prefix-DLM cached
+logits through :class:`~mmdiff.sampling.denoisers.PrefixCache`; also the prompt ids against the released
+conversation, generation with and without the cache giving the same tokens, the bfloat16 load,
+detection apart from LLaDA-V and the refusals of unsupported configs. ``tests/test_doors.py`` runs the
+commands (ask, eval, caption, demo, serve, plugin, search) on both fixtures. Not verified: the real
+released checkpoints (not loaded here), answer quality, speed, GPU runs; the fixtures' tokenizers are
+stand-ins written from the released chat templates (their READMEs say so).
 """
 from __future__ import annotations
 
