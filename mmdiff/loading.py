@@ -17,8 +17,10 @@ from .checkpoints import (
     SPECIAL_TOKENS_NAME,
     ReleasedTokenizer,
     is_diffa,
+    is_lavida,
     is_llada_v,
     load_diffa,
+    load_lavida,
     is_mmada,
     is_dimple,
     load_dimple,
@@ -50,6 +52,7 @@ class Family:
 #: the released multimodal families, first match wins; text-only LLaDA / Dream / mmdiff-decoder and
 #: mmdiff's own directories are handled by :func:`load` itself
 FAMILIES: tuple[Family, ...] = (
+    Family("lavida", is_lavida, load_lavida),  # before llada-v: both are model_type llava_llada
     Family("llada-v", is_llada_v, load_llada_v),
     Family("dimple", is_dimple, load_dimple),
     Family("diffa", is_diffa, load_diffa, tokenizer_dir="llm"),
@@ -131,6 +134,8 @@ def load(path: str | Path, *, dtype: str | torch.dtype | None = "auto",
     """Any loadable directory as a :class:`~mmdiff.model.MultimodalDiffusionLM`.
 
     * LLaDA-V: decoder, SigLIP tower and projector (:func:`~mmdiff.checkpoints.load_llada_v`);
+    * LaViDa (LLaDA or Dream variant): decoder under the prefix-DLM mask, SigLIP tower, projector and
+      ``anyres`` views pooled per view (:func:`~mmdiff.checkpoints.load_lavida`);
     * Dimple: M-RoPE decoder, Qwen2.5-VL tower and projector (:func:`~mmdiff.checkpoints.load_dimple`);
     * DIFFA: LLaDA, Whisper encoder and dual adapter, from the directory and its ``whisper/`` and
       ``llm/`` sub-directories (:func:`~mmdiff.checkpoints.load_diffa`);

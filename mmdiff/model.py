@@ -157,8 +157,10 @@ class MultimodalDiffusionLM(nn.Module):
         if self.vision is None:
             raise ValueError("this model has no vision encoder, but an image was given")
         views = self.vision.views
-        if views.single:
+        if views.single and views.pool == "none":
             return list(self.encode_image(images))
+        if views.single:  # pooled per view
+            return [views.merge(t[None], None, grid=self.vision.grid, newline=None) for t in self.encode_image(images)]
         out = []
         for image in images:
             crops, layout = views.split(load_image(image), tile=self.vision.input_size)
@@ -171,7 +173,7 @@ class MultimodalDiffusionLM(nn.Module):
         if self.vision is None:
             return 0
         per_view = self.vision_adapter.num_tokens(self.vision.num_tokens)
-        if self.vision.views.single:
+        if self.vision.views.single and self.vision.views.pool == "none":
             return per_view
         return self.vision.views.num_tokens(load_image(image).size, tile=self.vision.input_size, grid=self.vision.grid,
                                             n_per_view=per_view)

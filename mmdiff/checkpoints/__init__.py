@@ -4,6 +4,7 @@
   :class:`~mmdiff.decoder.Decoder`; shards, weight checks and memory-frugal loading shared by all;
 * :mod:`~mmdiff.checkpoints.tokenizers`: released tokenizers under mmdiff's special-token names;
 * :mod:`~mmdiff.checkpoints.llada_v`: LLaDA-V into a :class:`~mmdiff.model.MultimodalDiffusionLM`;
+* :mod:`~mmdiff.checkpoints.lavida`: LaViDa (LLaDA and Dream variants) likewise;
 * :mod:`~mmdiff.checkpoints.dimple`: Dimple (Dream with M-RoPE + Qwen2.5-VL tower) likewise;
 * :mod:`~mmdiff.checkpoints.diffa`: DIFFA (LLaDA + Whisper + dual adapter) likewise;
 * :mod:`~mmdiff.checkpoints.mmada`: MMaDA (LLaDA + MAGVIT-v2 image tokens) likewise;
@@ -38,6 +39,7 @@ from .formats import (
     detect_format,
     dream_decoder_config,
     expand_names,
+    is_lavida,
     is_llada_v,
     llada_decoder_config,
     load_checkpoint,
@@ -48,6 +50,15 @@ from .formats import (
     shard_index,
     special_ids_from_configs,
     tokenizer_files,
+)
+from .lavida import (
+    DREAM_MASK_TOKEN,
+    LAVIDA_SYSTEM_PROMPT,
+    LAVIDA_UNUSED,
+    LAVIDA_VARIANTS,
+    lavida_model_config,
+    lavida_variant,
+    load_lavida,
 )
 from .llada_v import (
     LLADA_V_SYSTEM_PROMPT,
@@ -72,10 +83,12 @@ __all__ = [
     "CODE_TOKENIZER_CLASSES", "DECODER_NAMES", "DREAM_WEIGHTS", "DTYPES", "FORMATS", "LLADA_MASK_TOKEN", "LLADA_V_SYSTEM_PROMPT",
     "LLADA_V_UNUSED", "LLADA_WEIGHTS", "MEDIA_LAYOUTS", "MMADA_RESERVED_IDS", "SPECIAL_TOKENS_NAME", "TOKENIZER_FILES", "VQ_SUBDIR", "CheckpointFormat",
     "LoadedCheckpoint", "ReleasedTokenizer", "add_arguments", "assert_materialised", "check_weights", "convert",
-    "detect_format", "dream_decoder_config", "expand_names", "is_llada_v", "is_mmada", "llada_decoder_config",
+    "detect_format", "dream_decoder_config", "expand_names", "is_lavida", "is_llada_v", "is_mmada", "llada_decoder_config",
     "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_mmada", "load_pretrained", "magvit2_name",
     "mmada_model_config", "load_tokenizer_if_present",
     "convert_whisper", "read_ct2_model",
+    "DREAM_MASK_TOKEN", "LAVIDA_SYSTEM_PROMPT", "LAVIDA_UNUSED", "LAVIDA_VARIANTS", "lavida_model_config",
+    "lavida_variant", "load_lavida",
     "open_checkpoint", "read_weights", "require_tokenizer", "run", "save_decoder", "shard_index", "special_ids_from_configs",
     "tokenizer_files",
 ]

@@ -268,26 +268,42 @@ for _fmt in (
     FORMATS.register(_fmt.name)(_fmt)
 
 LLADA_V_MODEL_TYPES: tuple[str, ...] = ("llava_llada",)
+#: LaViDa's classes (:mod:`mmdiff.checkpoints.lavida`); its LLaDA variant shares LLaDA-V's model_type
+LAVIDA_ARCHITECTURES: tuple[str, ...] = ("LlavaLladaForMaskedDiffusion", "LlavaDreamForMaskedDiffusion")
+LAVIDA_MODEL_TYPES: tuple[str, ...] = ("llava_dream",)
 #: config keys that mark a LLaVA-style multimodal checkpoint
 VISION_KEYS: tuple[str, ...] = ("mm_vision_tower", "vision_tower", "mm_projector_type", "vision_config")
 
 
-def is_llada_v(config: Mapping[str, Any]) -> bool:
-    """Whether a ``config.json`` is LLaDA-V's (model_type ``llava_llada``, or LLaDA with vision keys)."""
+def is_lavida(config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` is LaViDa's: its architectures, model_type ``llava_dream``, or
+    ``llava_llada`` over LLaDA's own keys (``d_model``; LLaDA-V's LLM has Llama keys)."""
     architectures = list(config.get("architectures") or [])
-    return config.get("model_type") in LLADA_V_MODEL_TYPES or (
-        any("LLaDA" in a for a in architectures) and any(k in config for k in VISION_KEYS))
+    return (any(a in LAVIDA_ARCHITECTURES for a in architectures) or config.get("model_type") in LAVIDA_MODEL_TYPES
+            or (config.get("model_type") in LLADA_V_MODEL_TYPES and "d_model" in config))
+
+
+def is_llada_v(config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` is LLaDA-V's (model_type ``llava_llada``, or LLaDA with vision keys),
+    and not LaViDa's (:func:`is_lavida`)."""
+    architectures = list(config.get("architectures") or [])
+    return not is_lavida(config) and (config.get("model_type") in LLADA_V_MODEL_TYPES or (
+        any("LLaDA" in a for a in architectures) and any(k in config for k in VISION_KEYS)))
 
 
 def detect_format(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> CheckpointFormat:
     """The format of a checkpoint, from its ``config.json`` (``model_type`` / ``architectures``).
 
     Raises:
-        ValueError: for LLaDA-V (multimodal: :func:`mmdiff.load`) and for any unsupported model,
+        ValueError: for LLaDA-V and LaViDa (multimodal: :func:`mmdiff.load`) and for any unsupported model,
             naming its model_type and architectures and the supported ones.
     """
     model_type = config.get("model_type")
     architectures = list(config.get("architectures") or [])
+    if is_lavida(config):
+        raise ValueError(f"{source}: a LaViDa checkpoint (model_type {model_type!r}, architectures "
+                         f"{architectures}) is multimodal: load it with mmdiff.load(path); "
+                         "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
     if is_llada_v(config):
         raise ValueError(f"{source}: a LLaDA-V checkpoint (model_type {model_type!r}, architectures "
                          f"{architectures}) is multimodal: load it with mmdiff.load(path); "

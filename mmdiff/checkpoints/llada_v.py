@@ -89,20 +89,15 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
         qkv_bias=False, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=False,
         attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
     )
-    tower = Path(str(c["mm_vision_tower"])).name
-    if tower not in SIGLIP_TOWERS:
-        raise ValueError(f"{source}: mm_vision_tower {c['mm_vision_tower']!r} is not a known SigLIP tower; "
-                         f"known: {sorted(SIGLIP_TOWERS)}")
+    tower = siglip_tower(c, source=source)
     width = SIGLIP_TOWERS[tower]["embed_dim"]
-    if c["mm_hidden_size"] != width:
-        raise ValueError(f"{source}: mm_hidden_size {c['mm_hidden_size']} differs from the {width}-wide {tower} tower")
-    views = _views(c, tile=SIGLIP_TOWERS[tower]["img_size"], source=source)
+    views = llava_views(c, tile=SIGLIP_TOWERS[tower]["img_size"], source=source)
     return ModelConfig(decoder=decoder, vision=VisionEncoderConfig(kind="siglip", name=tower, layer=-2, **views),
                        vision_adapter=ProjectorConfig(kind="mlp2x_gelu", in_dim=width, out_dim=decoder.d_model,
                                                       newline=views["views"] == "anyres"))
 
 
-def _views(c: Mapping[str, Any], *, tile: int, source: str) -> dict[str, Any]:
+def llava_views(c: Mapping[str, Any], *, tile: int, source: str) -> dict[str, Any]:
     """The :class:`VisionEncoderConfig` views fields of LLaVA's ``image_aspect_ratio``,
     ``mm_patch_merge_type`` and ``image_grid_pinpoints`` (a list of [width, height], or LLaVA's
     ``"(1x1),...,(6x6)"``: every tile grid from the first to the last, in tiles of ``tile`` pixels)."""
@@ -125,13 +120,35 @@ def _views(c: Mapping[str, Any], *, tile: int, source: str) -> dict[str, Any]:
                 max_tiles=int(anyres.group(1)) if anyres.group(1) else None)
 
 
-def llada_v_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
-    """LLaDA-V tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
+def siglip_tower(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> str:
+    """The :data:`~mmdiff.encoders.vision.SIGLIP_TOWERS` name of a LLaVA config's ``mm_vision_tower``
+    (its last path component), after checking ``mm_hidden_size`` against the tower's width."""
+    tower = Path(str(config["mm_vision_tower"])).name
+    if tower not in SIGLIP_TOWERS:
+        raise ValueError(f"{source}: mm_vision_tower {config['mm_vision_tower']!r} is not a known SigLIP tower; "
+                         f"known: {sorted(SIGLIP_TOWERS)}")
+    width = SIGLIP_TOWERS[tower]["embed_dim"]
+    if config["mm_hidden_size"] != width:
+        raise ValueError(f"{source}: mm_hidden_size {config['mm_hidden_size']} differs from the {width}-wide "
+                         f"{tower} tower")
+    return tower
+
+
+def llada_v_weight_names(expected: Iterable[str], n_layers: int, *, llm: Mapping[str, str] = DREAM_WEIGHTS,
+                         prefixes: Mapping[str, str] = LLADA_V_PREFIXES) -> dict[str, str]:
+    """LLaVA-layout tensor name -> MultimodalDiffusionLM name, for every name in ``expected``.
+
+    Args:
+        expected: the model's state-dict names.
+        n_layers: decoder blocks.
+        llm: the LLM's name table (LLaDA-V: Llama names; LaViDa: LLaDA's or Dream's own).
+        prefixes: checkpoint prefix -> model prefix of the parts outside the LLM.
+    """
     expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
+    rename = {src: f"decoder.{dst}" for src, dst in expand_names(llm, n_layers).items()
               if f"decoder.{dst}" in expected}
     for name in expected:
-        for src, dst in LLADA_V_PREFIXES.items():
+        for src, dst in prefixes.items():
             if name.startswith(dst) and name != NEWLINE:
                 rename[src + name[len(dst):]] = name
     if NEWLINE in expected:

@@ -11,6 +11,10 @@ back together into the tokens the picture puts in the prompt.
   with the learned ``image_newline`` token (``mm_patch_merge_type: spatial_unpad``). The prompt gets
   the base view's tokens, then the map's, row by row.
 
+Either strategy can first pool each view's projected token grid (``pool``: LLaVA-OneVision's
+``get_2dPool`` with ``mm_spatial_pool_mode``; bilinear to ``ceil(side / stride)``, or average / max
+pooling), as LaViDa does for every image view (``ALWASY_DO_2DPOOL``: 27 x 27 -> 14 x 14 per view).
+
 The arithmetic is LLaVA-NeXT's ``llava/mm_utils.py`` (``select_best_resolution``,
 ``resize_and_pad_image``, ``divide_to_patches``, ``process_anyres_image``) and ``llava_arch.py``
 (``unpad_image`` and the ``spatial_unpad`` branch of ``prepare_inputs_labels_for_multimodal``);
@@ -33,6 +37,8 @@ from ..registry import Registry
 IMAGE_VIEWS: Registry[type["ImageViews"]] = Registry("image views")
 #: a feature map this much larger than ``max_tiles`` tiles' worth is shrunk (LLaVA's 1.1)
 SHRINK_ABOVE = 1.1
+#: per-view pooling of the projected token grid (LLaVA's ``mm_spatial_pool_mode``; ``none``: off)
+VIEW_POOLS: tuple[str, ...] = ("none", "bilinear", "average", "max")
 
 
 @dataclass(frozen=True)
@@ -49,13 +55,38 @@ class ImageViews:
     Args:
         grid_pinpoints: candidate canvases (width, height) in pixels (anyres).
         max_tiles: shrink the stitched map to about this many tiles' worth of tokens (anyres_max_N).
+        pool: pooling of each view's projected token grid before merging (:data:`VIEW_POOLS`).
+        pool_stride: its stride (bilinear: output side ``ceil(side / pool_stride)``).
     """
 
     single = True  # one view per image: the tower and adapter run on a batch of images at once
 
-    def __init__(self, *, grid_pinpoints: Sequence[tuple[int, int]] = (), max_tiles: int | None = None) -> None:
+    def __init__(self, *, grid_pinpoints: Sequence[tuple[int, int]] = (), max_tiles: int | None = None,
+                 pool: str = "none", pool_stride: int = 2) -> None:
         self.grid_pinpoints = [tuple(int(v) for v in p) for p in grid_pinpoints]
         self.max_tiles = max_tiles
+        if pool not in VIEW_POOLS:
+            raise ValueError(f"unknown view pooling {pool!r}; known: {', '.join(VIEW_POOLS)}")
+        if pool_stride < 1:
+            raise ValueError(f"view pooling stride must be >= 1, got {pool_stride}")
+        self.pool, self.pool_stride = pool, pool_stride
+
+    def pool_views(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(V, h*w, D) view tokens on a row-major ``grid`` (h, w) -> pooled (V, h'*w', D) and (h', w')
+        (LLaVA-OneVision's ``get_2dPool``; unchanged when ``pool`` is ``none``)."""
+        if self.pool == "none":
+            return tokens, grid
+        V, _, D = tokens.shape
+        x = tokens.view(V, *grid, D).permute(0, 3, 1, 2)  # (V, D, h, w)
+        if self.pool == "average":
+            x = F.avg_pool2d(x, self.pool_stride)
+        elif self.pool == "max":
+            x = F.max_pool2d(x, self.pool_stride)
+        else:
+            h, w = grid
+            x = F.interpolate(x, size=[math.ceil(h / self.pool_stride), math.ceil(w / self.pool_stride)],
+                              mode="bilinear")
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
 
     def split(self, image: Image.Image, *, tile: int) -> tuple[list[Image.Image], Layout]:
         """The crops to encode (each resized to ``tile`` x ``tile`` by the tower's preprocessing)."""
@@ -64,11 +95,11 @@ class ImageViews:
     def merge(self, tokens: torch.Tensor, layout: Layout, *, grid: tuple[int, int],
               newline: torch.Tensor | None) -> torch.Tensor:
         """(V, N, D) tokens of the views (after the adapter) -> (M, D), the image's prompt tokens."""
-        return tokens[0]
+        return self.pool_views(tokens, grid)[0][0]
 
     def num_tokens(self, size: tuple[int, int], *, tile: int, grid: tuple[int, int], n_per_view: int) -> int:
         """Prompt tokens of an image of ``size`` (width, height), without running the tower."""
-        if self.single:
+        if self.single and self.pool == "none":
             return n_per_view
         crops, layout = self.split(Image.new("RGB", size), tile=tile)
         dummy = torch.zeros(len(crops), n_per_view, 1)  # the merge only moves and resizes tokens
@@ -84,8 +115,9 @@ class AnyResViews(ImageViews):
 
     single = False
 
-    def __init__(self, *, grid_pinpoints: Sequence[tuple[int, int]] = (), max_tiles: int | None = None) -> None:
-        super().__init__(grid_pinpoints=grid_pinpoints, max_tiles=max_tiles)
+    def __init__(self, *, grid_pinpoints: Sequence[tuple[int, int]] = (), max_tiles: int | None = None,
+                 pool: str = "none", pool_stride: int = 2) -> None:
+        super().__init__(grid_pinpoints=grid_pinpoints, max_tiles=max_tiles, pool=pool, pool_stride=pool_stride)
         if not self.grid_pinpoints:
             raise ValueError("anyres views need grid_pinpoints: the candidate (width, height) canvases")
         if max_tiles is not None and max_tiles < 1:
@@ -103,9 +135,11 @@ class AnyResViews(ImageViews):
 
     def merge(self, tokens: torch.Tensor, layout: Layout, *, grid: tuple[int, int],
               newline: torch.Tensor | None) -> torch.Tensor:
-        """Base tokens, then the stitched, unpadded (and shrunk) tile map with ``newline`` ending each row."""
+        """Base tokens, then the stitched, unpadded (and shrunk) tile map with ``newline`` ending each row
+        (every view's grid pooled first when ``pool`` is set)."""
         if newline is None:
             raise ValueError("anyres views need the adapter's image_newline token (ProjectorConfig.newline)")
+        tokens, grid = self.pool_views(tokens, grid)
         h, w = grid
         cols, rows = layout.tiles
         base, tiles = tokens[0], tokens[1:]  # (N, D), (rows*cols, N, D)
@@ -121,10 +155,11 @@ class AnyResViews(ImageViews):
         return torch.cat([base, x.flatten(1).transpose(0, 1)], dim=0)  # (N + H' (W' + 1), D)
 
 
-def build_views(kind: str, *, grid_pinpoints: Sequence[tuple[int, int]] = (), max_tiles: int | None = None
-                ) -> ImageViews:
-    """The views strategy registered under ``kind`` (``single``, ``anyres``)."""
-    return IMAGE_VIEWS.get(kind)(grid_pinpoints=grid_pinpoints, max_tiles=max_tiles)
+def build_views(kind: str, *, grid_pinpoints: Sequence[tuple[int, int]] = (), max_tiles: int | None = None,
+                pool: str = "none", pool_stride: int = 2) -> ImageViews:
+    """The views strategy registered under ``kind`` (``single``, ``anyres``), with per-view ``pool``."""
+    return IMAGE_VIEWS.get(kind)(grid_pinpoints=grid_pinpoints, max_tiles=max_tiles, pool=pool,
+                                 pool_stride=pool_stride)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from PIL import Image
 from ..io import JsonConfig, load_safetensors, load_state_checked
 from ..media import load_image
 from ..registry import Registry
-from .views import IMAGE_VIEWS, ImageViews, build_views
+from .views import IMAGE_VIEWS, VIEW_POOLS, ImageViews, build_views
 
 logger = logging.getLogger("mmdiff")
 
@@ -61,6 +61,8 @@ class VisionEncoderConfig(JsonConfig):
     views: str = "single"  # how an image becomes crops: single (whole image) | anyres (tiles + base view)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres: candidate (width, height) canvases, pixels
     max_tiles: int | None = None  # anyres: shrink the tile map to about this many tiles' tokens (anyres_max_N)
+    view_pool: str = "none"  # pool each view's projected grid: none | bilinear | average | max (LaViDa: bilinear)
+    view_pool_stride: int = 2  # its stride (bilinear: side ceil(side / stride), LLaVA's get_2dPool)
 
     min_pixels: int | None = None  # qwen2_5_vl: fewest pixels after the resize (None = the tower's)
     max_pixels: int | None = None  # qwen2_5_vl: most pixels after the resize (None = the tower's)
@@ -69,6 +71,10 @@ class VisionEncoderConfig(JsonConfig):
         self.grid_pinpoints = tuple((int(w), int(h)) for w, h in self.grid_pinpoints)  # JSON gives lists
         if self.views not in IMAGE_VIEWS.names():
             raise ValueError(f"unknown image views {self.views!r}; known: {', '.join(IMAGE_VIEWS.names())}")
+        if self.view_pool not in VIEW_POOLS:
+            raise ValueError(f"unknown view_pool {self.view_pool!r}; known: {', '.join(VIEW_POOLS)}")
+        if self.view_pool_stride < 1:
+            raise ValueError(f"view_pool_stride must be >= 1, got {self.view_pool_stride}")
 
     def overrides(self) -> dict[str, int]:
         """The size fields that are set, under timm's keyword names."""
@@ -134,7 +140,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.views: ImageViews = build_views(cfg.views, grid_pinpoints=cfg.grid_pinpoints, max_tiles=cfg.max_tiles)
+        self.views: ImageViews = build_views(cfg.views, grid_pinpoints=cfg.grid_pinpoints, max_tiles=cfg.max_tiles,
+                                             pool=cfg.view_pool, pool_stride=cfg.view_pool_stride)
 
     @property
     def num_tokens(self) -> int:
@@ -285,6 +292,8 @@ SIGLIP_TOWERS: dict[str, dict[str, int]] = {
     "siglip-base-patch16-224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                                     mlp_dim=3072),
     "siglip-tiny-test": dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=64),
+    # tests/fixtures/lavida-*-tiny: an odd 5 x 5 patch grid, as so400m's 27 x 27 (pooling rounds up)
+    "siglip-tiny-lavida-test": dict(img_size=40, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=64),
 }
 SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP normalises every channel to [-1, 1]
 SIGLIP_STD = (0.5, 0.5, 0.5)
