@@ -46,6 +46,7 @@ class Family:
     name: str
     detect: Callable[[Mapping[str, Any]], bool]  # config dict -> is this family
     load: Callable[..., MultimodalDiffusionLM]  # (directory, *, dtype, device) -> model
+    media: tuple[str, ...] = ("image",)  # what its encoders read: "image", "audio"
     tokenizer_dir: str = ""  # sub-directory that holds the tokenizer files ("" = the directory itself)
 
 
@@ -55,9 +56,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("lavida", is_lavida, load_lavida),  # before llada-v: both are model_type llava_llada
     Family("llada-v", is_llada_v, load_llada_v),
     Family("dimple", is_dimple, load_dimple),
-    Family("diffa", is_diffa, load_diffa, tokenizer_dir="llm"),
+    Family("diffa", is_diffa, load_diffa, media=("audio",), tokenizer_dir="llm"),
     Family("mmada", is_mmada, load_mmada),
 )
+
+
+def media_of(path: str | Path) -> tuple[str, ...]:
+    """What a directory's model can read ("image", "audio"), from its ``config.json`` alone: so a
+    command refuses a medium before loading (minutes, for a 7-8B checkpoint), not after. A text-only
+    LLaDA / Dream / mmdiff-decoder directory reads neither."""
+    directory, config = open_checkpoint(path)
+    if config.get("model_type") == MODEL_TYPE:
+        return tuple(m for m, key in (("image", "vision"), ("audio", "audio")) if config.get(key))
+    family = family_of(config)
+    return family.media if family else ()
 
 
 def family_of(config: Mapping[str, Any]) -> Family | None:

@@ -18,7 +18,7 @@ import torch
 from conftest import FIXTURES, media_for
 
 from mmdiff import cli
-from mmdiff.loading import load, resolve_dtype
+from mmdiff.loading import load, media_of, resolve_dtype
 from mmdiff.model import NO_HEARING, NO_VISION
 from mmdiff.sampling import DecodeConfig, SamplerConfig
 
@@ -211,6 +211,21 @@ def test_a_medium_the_model_lacks_is_refused_in_one_line(fixture_dir, fixture_mo
         assert cli.main(["ask", QUESTION, "--model", str(fixture_dir), *FAST, *flags]) == 2
         line = one_line_error(capsys)
         assert line.startswith("mmdiff ask: error: ") and message in line
+
+
+def test_the_config_says_what_a_model_reads_and_ask_refuses_before_loading(fixture_dir, fixture_model, media_files,
+                                                                          monkeypatch, capsys):
+    """media_of(config.json) agrees with the loaded model's encoders (MMaDA's tokenizer ships in vq_model/),
+    and a medium the model cannot read is refused before mmdiff.load runs (a 7-8B load takes minutes)."""
+    import mmdiff.loading
+
+    assert set(media_of(fixture_dir)) == {m for m, enc in (("image", fixture_model.vision),
+                                                          ("audio", fixture_model.audio)) if enc is not None}
+    monkeypatch.setattr(mmdiff.loading, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for flag, medium, message in (("--image", "image", NO_VISION), ("--audio", "audio", NO_HEARING)):
+        if medium not in media_of(fixture_dir):
+            assert cli.main(["ask", QUESTION, "--model", str(fixture_dir), *FAST, flag, str(media_files[medium])]) == 2
+            assert one_line_error(capsys) == f"mmdiff ask: error: {message}"
 
 
 def test_generate_refuses_a_medium_the_model_lacks(fixture_model, media_files):

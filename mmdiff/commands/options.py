@@ -37,10 +37,12 @@ def add_model_arguments(p: argparse.ArgumentParser, *, device_default: str = "au
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
-    """Refuse, before any work, a ``--model`` that is not a directory with a config.json and a
-    ``--device`` this machine lacks (one line each)."""
+    """Refuse, before any work, a ``--model`` that is not a directory with a config.json, a
+    ``--device`` this machine lacks, and an ``--image`` / ``--audio`` the model cannot read (one line
+    each; from its config.json, so a 7-8B checkpoint is not loaded first)."""
     from ..io import CONFIG_NAME
-    from ..loading import resolve_device
+    from ..loading import media_of, resolve_device
+    from ..model import NO_HEARING, NO_VISION
 
     model = Path(args.model)
     if not model.is_dir():
@@ -48,6 +50,10 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     if not (model / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"--model {model}: no {CONFIG_NAME}, so it is not a model directory")
     resolve_device(args.device)
+    media = media_of(model)
+    for flag, medium, refusal in (("image", "image", NO_VISION), ("audio", "audio", NO_HEARING)):
+        if getattr(args, flag, None) and medium not in media:
+            raise ValueError(refusal)
 
 
 def load_model(args: argparse.Namespace):
