@@ -33,7 +33,6 @@ from ..io import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
-    _hf_special_ids,
     assert_materialised,
     check_weights,
     expand_names,
@@ -42,7 +41,7 @@ from .formats import (
     read_weights,
     shard_index,
 )
-from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
 
 log = logging.getLogger("mmdiff")
 
@@ -182,9 +181,7 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
     whisper_config, llm_config = read_json(dirs["whisper"] / CONFIG_NAME), read_json(dirs["llm"] / CONFIG_NAME)
     cfg = diffa_model_config(config, whisper_config, llm_config, source=str(directory / CONFIG_NAME))
     hf_tokenizer = require_tokenizer(dirs["llm"])
-    mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
-    special = _hf_special_ids(dirs["llm"], llm_config, fallback={
-        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
+    special = released_special_ids(dirs["llm"], llm_config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = DiffaTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size, system=DIFFA_SYSTEM_PROMPT)
     with torch.device("meta"):
         model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only

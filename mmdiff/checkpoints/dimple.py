@@ -46,17 +46,16 @@ import torch
 from ..adapters import ProjectorConfig
 from ..decoder import DecoderConfig
 from ..encoders.vision import QWEN_VL_TOWERS, VisionEncoderConfig
-from ..io import CONFIG_NAME, load_state_checked, read_json
+from ..io import CONFIG_NAME, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     DREAM_WEIGHTS,
     _hf_special_ids,
     _read_config,
     assert_materialised,
-    check_weights,
+    assign_weights,
     expand_names,
     open_checkpoint,
-    read_weights,
     shard_index,
 )
 from .tokenizers import ReleasedTokenizer, require_tokenizer
@@ -180,9 +179,7 @@ def load_dimple(path: str | Path, *, dtype: torch.dtype | None = None,
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     files = shard_index(directory)
     rename = dimple_weight_names(expected, cfg.decoder.n_layers)
-    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
-    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
-                       assign=True)
+    assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     model.vision.reset_buffers()
     assert_materialised(model)
     log.info("loaded Dimple %s (vision tower %s, %s)", directory, cfg.vision.name, next(model.parameters()).dtype)

@@ -417,6 +417,15 @@ def read_weights(files: Mapping[str, Path], rename: Mapping[str, str], *, dtype:
     return state
 
 
+def assign_weights(model: torch.nn.Module, files: Mapping[str, Path], rename: Mapping[str, str],
+                   expected: Mapping[str, tuple[int, ...]], *, dtype: torch.dtype | None,
+                   device: str | torch.device, source: str) -> None:
+    """Check every header (:func:`check_weights`), then read, cast and assign each tensor onto ``model``
+    (built on the meta device) one at a time (:func:`read_weights`)."""
+    check_weights(files, rename, expected, dtype=dtype, source=source)
+    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=source, assign=True)
+
+
 def assert_materialised(module: torch.nn.Module) -> None:
     """Raise if a parameter or buffer is still on the meta device (it would compute garbage)."""
     stray = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
@@ -464,9 +473,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     expected = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
     rename = {src: dst for src, dst in expand_names(fmt.weights, cfg.n_layers).items() if dst in expected}
     files = shard_index(directory)
-    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
-    state = read_weights(files, rename, dtype=dtype, device=device)
-    load_state_checked(decoder, state, source=str(directory), assign=True)
+    assign_weights(decoder, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(decoder)
     decoder.eval()
     return LoadedCheckpoint(decoder, fmt.special_ids(directory, config),

@@ -59,19 +59,17 @@ import torch
 from ..adapters import ProjectorConfig
 from ..decoder import DecoderConfig
 from ..encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
-from ..io import CONFIG_NAME, load_state_checked
+from ..io import CONFIG_NAME
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     DREAM_WEIGHTS,
     LLADA_WEIGHTS,
-    _hf_special_ids,
     _read_config,
     assert_materialised,
-    check_weights,
+    assign_weights,
     dream_decoder_config,
     llada_decoder_config,
     open_checkpoint,
-    read_weights,
     shard_index,
 )
 from .llada_v import (
@@ -82,7 +80,7 @@ from .llada_v import (
     llava_views,
     siglip_tower,
 )
-from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
 
 log = logging.getLogger("mmdiff")
 
@@ -181,9 +179,7 @@ def load_lavida(path: str | Path, *, dtype: torch.dtype | None = None,
     variant = lavida_variant(config, source=source)
     cfg = lavida_model_config(config, source=source)
     hf_tokenizer = require_tokenizer(directory)
-    mask = hf_tokenizer.convert_tokens_to_ids(variant.mask_token)
-    special = _hf_special_ids(directory, config, fallback={
-        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
+    special = released_special_ids(directory, config, hf_tokenizer, mask_token=variant.mask_token)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LAVIDA_SYSTEM_PROMPT)
     with torch.device("meta"):
@@ -195,9 +191,7 @@ def load_lavida(path: str | Path, *, dtype: torch.dtype | None = None,
         log.info("%s: not used by LaViDa: %s", directory, unused)
     files = {n: p for n, p in files.items() if n not in unused}
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers, llm=variant.weights, prefixes=LLADA_V_PREFIXES)
-    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
-    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
-                       assign=True)
+    assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(model)
     log.info("loaded LaViDa-%s %s (vision tower %s, %s)", variant.name, directory, cfg.vision.name,
              next(model.parameters()).dtype)

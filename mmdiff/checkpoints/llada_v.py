@@ -21,20 +21,18 @@ import torch
 from ..adapters import ProjectorConfig
 from ..decoder import DecoderConfig
 from ..encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
-from ..io import CONFIG_NAME, load_state_checked
+from ..io import CONFIG_NAME
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     DREAM_WEIGHTS,
-    _hf_special_ids,
     _read_config,
     assert_materialised,
-    check_weights,
+    assign_weights,
     expand_names,
     open_checkpoint,
-    read_weights,
     shard_index,
 )
-from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
 
 log = logging.getLogger("mmdiff")
 
@@ -176,9 +174,7 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     directory, config = open_checkpoint(path)
     cfg = llada_v_model_config(config, source=str(directory / CONFIG_NAME))
     hf_tokenizer = require_tokenizer(directory)
-    mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
-    special = _hf_special_ids(directory, config, fallback={
-        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
+    special = released_special_ids(directory, config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LLADA_V_SYSTEM_PROMPT)
     with torch.device("meta"):
@@ -191,9 +187,7 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
         log.info("%s: not used: %s", directory, unused)
     files = {n: p for n, p in files.items() if n not in unused}
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
-    check_weights(files, rename, expected, dtype=dtype, source=str(directory))
-    load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=str(directory),
-                       assign=True)
+    assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(model)
     log.info("loaded LLaDA-V %s (vision tower %s, %s)", directory, cfg.vision.name, next(model.parameters()).dtype)
     return model.eval()

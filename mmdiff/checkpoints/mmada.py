@@ -34,7 +34,6 @@ from ..io import CONFIG_NAME, load_state_checked, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
-    _hf_special_ids,
     assert_materialised,
     check_weights,
     expand_names,
@@ -43,7 +42,7 @@ from .formats import (
     read_weights,
     shard_index,
 )
-from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, require_tokenizer
+from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
 
 log = logging.getLogger("mmdiff")
 
@@ -197,9 +196,7 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         image_size = (vq_config.get("encoder_config") or {}).get("resolution")  # a test model's input side
     cfg = mmada_model_config(config, offset=offset, markers=markers, vq_name=vq_name, image_size=image_size,
                              source=source)
-    mask = hf_tokenizer.convert_tokens_to_ids(LLADA_MASK_TOKEN)
-    special = _hf_special_ids(directory, config, fallback={
-        "mask_token_id": None if mask is None or mask == hf_tokenizer.unk_token_id else mask})
+    special = released_special_ids(directory, config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size, media_layout="before_chat")
     with torch.device("meta"):
         model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only

@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .. import special_tokens as st
 from ..special_tokens import SpecialIds
-from .formats import TOKENIZER_FILES, load_tokenizer_if_present
+from .formats import TOKENIZER_FILES, _hf_special_ids, load_tokenizer_if_present
 
 # ------------------------------------------------------------------------------------------------
 # released tokenizers under mmdiff's special-token names
@@ -155,3 +155,12 @@ def require_tokenizer(directory: Path) -> Any:
         raise FileNotFoundError(f"{directory} has no tokenizer files (any of {list(TOKENIZER_FILES)}); "
                                 "a multimodal model needs the checkpoint's tokenizer")
     return tokenizer
+
+
+def released_special_ids(directory: Path, config: Mapping[str, Any], tokenizer: Any, *,
+                         mask_token: str = LLADA_MASK_TOKEN) -> SpecialIds:
+    """A released checkpoint's special ids (``config.json``, else ``generation_config.json``), the mask
+    id falling back to the tokenizer's ``mask_token`` when no config declares one."""
+    mask = tokenizer.convert_tokens_to_ids(mask_token)
+    return _hf_special_ids(directory, config, fallback={
+        "mask_token_id": None if mask is None or mask == tokenizer.unk_token_id else mask})
