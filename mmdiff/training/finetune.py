@@ -48,6 +48,7 @@ from ..losses import ar_loss, diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
+from .batches import response_canvas
 from .distributed import allreduce_grads, dist_info, sync_params
 from .state import STATE_NAME, load_optimizer, save_state
 
@@ -358,9 +359,7 @@ class FineTuner:
         sp = self.model.special
         fill = sp.eos if eos_fill else sp.pad
         answers = [list(it.answer)[:L - 1] + [sp.eos] for it in items]
-        response = torch.tensor([a + [fill] * (L - len(a)) for a in answers])  # (B, L)
-        loss_mask = torch.tensor([[1] * len(a) + [int(eos_fill)] * (L - len(a)) for a in answers], dtype=torch.bool)
-        return response, loss_mask
+        return response_canvas(answers, L, fill=fill, eos_fill=eos_fill)
 
     def _loss(self, step: int, rng: random.Random) -> torch.Tensor:
         cfg, m = self.cfg, self.model
