@@ -41,16 +41,17 @@ from tqdm import tqdm
 
 from ..data.questions import QUESTION_TYPES, ask
 from ..data.readers import Conversation, ReadResult, check_usable, read_dataset, report
-from ..evaluation.canvas import CANVAS_MULTIPLE
+from ..evaluation.canvas import canvas_length
 from ..evaluation.metrics import exact_match
 from ..io import JsonConfig, check_output_dir, config_from_dict, read_json, write_json
 from ..losses import ar_loss, diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
+from .banks import frozen_features
 from .batches import response_canvas
 from .distributed import allreduce_grads, dist_info, sync_params
-from .state import STATE_NAME, load_optimizer, save_state
+from .state import STATE_NAME, append_log, load_optimizer, save_state
 
 log = logging.getLogger("mmdiff")
 
@@ -175,7 +176,7 @@ class PixelStore:
         v = self.model.vision
         was = v.training
         v.eval()
-        self.features = torch.cat([v(self.pixels[i:i + batch].float()).half() for i in range(0, len(self.pixels), batch)])
+        self.features = frozen_features(v, self.pixels, batch)
         v.train(was)
 
 
@@ -302,10 +303,9 @@ class FineTuner:
         self.train_items, self.val_items = train, val
         longest: dict[str, int] = defaultdict(int)
         for it in train + val:
-            longest[it.type] = max(longest[it.type], len(it.answer) + 1)
+            longest[it.type] = max(longest[it.type], len(it.answer))
         # each kind trains on canvases up to the one mmdiff eval gives it (its longest answer + EOS, rounded up)
-        self.type_canvas = {t: max(SHORT_CANVAS, CANVAS_MULTIPLE * math.ceil(n / CANVAS_MULTIPLE))
-                            for t, n in longest.items()}
+        self.type_canvas = {t: max(SHORT_CANVAS, canvas_length(n)) for t, n in longest.items()}
         self.canvas = max(self.type_canvas.values())
         self.bank = None
         extra = None
@@ -397,7 +397,7 @@ class FineTuner:
             by_type[it.type].append(it)
         acc, right = {}, 0
         for qtype, group in sorted(by_type.items()):
-            L = CANVAS_MULTIPLE * math.ceil((max(len(it.answer) for it in group) + 1) / CANVAS_MULTIPLE)
+            L = canvas_length(max(len(it.answer) for it in group))
             decode = DecodeConfig(sampler=SamplerConfig(gen_length=L, steps=L, block_length=L), cache=m.exact_cache)
             hits = 0
             for i in range(0, len(group), batch):
@@ -462,9 +462,7 @@ class FineTuner:
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.log_path, record)
 
     def run(self) -> dict[str, float]:
         """Train, validate, keep the best checkpoint in ``out``; returns its validation accuracy."""
