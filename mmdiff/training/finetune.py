@@ -140,9 +140,12 @@ def load_init(path: str | Path) -> MultimodalDiffusionLM:
 
 def image_key(c: Conversation) -> str:
     """What identifies a conversation's image (a path, a decoded image object, or the record when none)."""
-    if c.image is None:
-        return f"id:{c.id}"
-    return str(c.image) if isinstance(c.image, (str, Path)) else f"obj:{id(c.image)}"
+    return f"id:{c.id}" if c.image is None else _image_id(c.image)
+
+
+def _image_id(image: Any) -> str:
+    """A path's text, or the identity of a decoded image object (one per object)."""
+    return str(image) if isinstance(image, (str, Path)) else f"obj:{id(image)}"
 
 
 class PixelStore:
@@ -154,7 +157,7 @@ class PixelStore:
         self.features: torch.Tensor | None = None
 
     def slot(self, image: Any) -> int:
-        key = str(image) if isinstance(image, (str, Path)) else id(image)  # decoded images: one slot per object
+        key = _image_id(image)  # decoded images: one slot per object
         if key not in self.keys:
             self.keys[key] = len(self.images)
             self.images.append(image)
