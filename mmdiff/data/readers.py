@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,8 +323,3 @@ def check_usable(result: ReadResult, *, name: str = "--data") -> None:
     if not result.conversations:
         first = f"; first: line {result.errors[0].line_no}: {result.errors[0].reason}" if result.errors else ""
         raise ValueError(f"{name} {result.path}: no usable rows ({len(result.errors)} skipped{first})")
-
-
-def flatten_types(conversations: Sequence[Conversation]) -> Counter:
-    """Questions per type."""
-    return Counter(t.type for c in conversations for t in c.turns)

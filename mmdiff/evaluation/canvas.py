@@ -23,6 +23,11 @@ from ..sampling import DecodeConfig
 CANVAS_MULTIPLE = 8
 
 
+def canvas_length(answer_tokens: int, multiple: int = CANVAS_MULTIPLE) -> int:
+    """The canvas of an answer of ``answer_tokens`` tokens: them + EOS, rounded up to ``multiple``."""
+    return multiple * math.ceil((answer_tokens + 1) / multiple)
+
+
 @dataclass(frozen=True)
 class Canvas:
     """The canvas of one question type and why."""
@@ -49,7 +54,7 @@ def canvas_per_type(rows: Iterable[Row], tokenizer, *, multiple: int = CANVAS_MU
         n = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in row.answers)
         longest[row.type] = max(longest.get(row.type, 0), n)
         count[row.type] = count.get(row.type, 0) + 1
-    return {t: Canvas(multiple * math.ceil((longest[t] + 1) / multiple), longest[t], count[t]) for t in sorted(longest)}
+    return {t: Canvas(canvas_length(longest[t], multiple), longest[t], count[t]) for t in sorted(longest)}
 
 
 def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfig) -> dict[str, Canvas]:

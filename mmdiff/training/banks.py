@@ -58,8 +58,13 @@ class SceneBank:
     def encode(self, model: MultimodalDiffusionLM, batch_size: int = 256) -> None:
         """Run the (frozen) vision encoder once over every image."""
         model.vision.eval()
-        self.features = torch.cat([model.vision(self.pixels[i:i + batch_size].float()).half()
-                                   for i in range(0, len(self.scenes), batch_size)])
+        self.features = frozen_features(model.vision, self.pixels, batch_size)
+
+
+@torch.no_grad()
+def frozen_features(vision: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, n_patches, C) float16 states of ``vision`` over preprocessed ``pixels``, ``batch_size`` at a time."""
+    return torch.cat([vision(pixels[i:i + batch_size].float()).half() for i in range(0, len(pixels), batch_size)])
 
 
 @dataclass

@@ -84,10 +84,16 @@ class Batcher:
         else:
             L = self.cfg.long_length if rng is None else rng.randint(min(longest, self.cfg.long_length), self.cfg.long_length)
         answers = [a[:L] for a in answers]
-        fill = sp.eos if eos_fill else sp.pad
-        response = torch.tensor([list(a) + [fill] * (L - len(a)) for a in answers])  # (B, L)
-        loss_mask = torch.tensor([[1] * len(a) + [int(eos_fill)] * (L - len(a)) for a in answers], dtype=torch.bool)
+        response, loss_mask = response_canvas(answers, L, fill=sp.eos if eos_fill else sp.pad, eos_fill=eos_fill)
         return {"prompts": prompts, "items": items, "response": response, "loss_mask": loss_mask}
+
+
+def response_canvas(answers: list, L: int, *, fill: int, eos_fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) responses (each answer + EOS, at most ``L`` ids) filled with ``fill``, and the loss mask:
+    the answer, plus the fill when it is EOS (LLaDA SFT: the model learns to end); PAD fill is ignored (AR)."""
+    response = torch.tensor([list(a) + [fill] * (L - len(a)) for a in answers])  # (B, L)
+    loss_mask = torch.tensor([[1] * len(a) + [int(eos_fill)] * (L - len(a)) for a in answers], dtype=torch.bool)
+    return response, loss_mask
 
 
 def embed_batch(model: MultimodalDiffusionLM, bank: SceneBank, batch: dict,

@@ -41,15 +41,17 @@ from tqdm import tqdm
 
 from ..data.questions import QUESTION_TYPES, ask
 from ..data.readers import Conversation, ReadResult, check_usable, read_dataset, report
-from ..evaluation.canvas import CANVAS_MULTIPLE
+from ..evaluation.canvas import canvas_length
 from ..evaluation.metrics import exact_match
 from ..io import JsonConfig, check_output_dir, config_from_dict, read_json, write_json
 from ..losses import ar_loss, diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
+from .banks import frozen_features
+from .batches import response_canvas
 from .distributed import allreduce_grads, dist_info, sync_params
-from .state import STATE_NAME, load_optimizer, save_state
+from .state import STATE_NAME, append_log, load_optimizer, save_state
 
 log = logging.getLogger("mmdiff")
 
@@ -138,9 +140,12 @@ def load_init(path: str | Path) -> MultimodalDiffusionLM:
 
 def image_key(c: Conversation) -> str:
     """What identifies a conversation's image (a path, a decoded image object, or the record when none)."""
-    if c.image is None:
-        return f"id:{c.id}"
-    return str(c.image) if isinstance(c.image, (str, Path)) else f"obj:{id(c.image)}"
+    return f"id:{c.id}" if c.image is None else _image_id(c.image)
+
+
+def _image_id(image: Any) -> str:
+    """A path's text, or the identity of a decoded image object (one per object)."""
+    return str(image) if isinstance(image, (str, Path)) else f"obj:{id(image)}"
 
 
 class PixelStore:
@@ -152,7 +157,7 @@ class PixelStore:
         self.features: torch.Tensor | None = None
 
     def slot(self, image: Any) -> int:
-        key = str(image) if isinstance(image, (str, Path)) else id(image)  # decoded images: one slot per object
+        key = _image_id(image)  # decoded images: one slot per object
         if key not in self.keys:
             self.keys[key] = len(self.images)
             self.images.append(image)
@@ -174,7 +179,7 @@ class PixelStore:
         v = self.model.vision
         was = v.training
         v.eval()
-        self.features = torch.cat([v(self.pixels[i:i + batch].float()).half() for i in range(0, len(self.pixels), batch)])
+        self.features = frozen_features(v, self.pixels, batch)
         v.train(was)
 
 
@@ -301,10 +306,9 @@ class FineTuner:
         self.train_items, self.val_items = train, val
         longest: dict[str, int] = defaultdict(int)
         for it in train + val:
-            longest[it.type] = max(longest[it.type], len(it.answer) + 1)
+            longest[it.type] = max(longest[it.type], len(it.answer))
         # each kind trains on canvases up to the one mmdiff eval gives it (its longest answer + EOS, rounded up)
-        self.type_canvas = {t: max(SHORT_CANVAS, CANVAS_MULTIPLE * math.ceil(n / CANVAS_MULTIPLE))
-                            for t, n in longest.items()}
+        self.type_canvas = {t: max(SHORT_CANVAS, canvas_length(n)) for t, n in longest.items()}
         self.canvas = max(self.type_canvas.values())
         self.bank = None
         extra = None
@@ -358,9 +362,7 @@ class FineTuner:
         sp = self.model.special
         fill = sp.eos if eos_fill else sp.pad
         answers = [list(it.answer)[:L - 1] + [sp.eos] for it in items]
-        response = torch.tensor([a + [fill] * (L - len(a)) for a in answers])  # (B, L)
-        loss_mask = torch.tensor([[1] * len(a) + [int(eos_fill)] * (L - len(a)) for a in answers], dtype=torch.bool)
-        return response, loss_mask
+        return response_canvas(answers, L, fill=fill, eos_fill=eos_fill)
 
     def _loss(self, step: int, rng: random.Random) -> torch.Tensor:
         cfg, m = self.cfg, self.model
@@ -398,7 +400,7 @@ class FineTuner:
             by_type[it.type].append(it)
         acc, right = {}, 0
         for qtype, group in sorted(by_type.items()):
-            L = CANVAS_MULTIPLE * math.ceil((max(len(it.answer) for it in group) + 1) / CANVAS_MULTIPLE)
+            L = canvas_length(max(len(it.answer) for it in group))
             decode = DecodeConfig(sampler=SamplerConfig(gen_length=L, steps=L, block_length=L), cache=m.exact_cache)
             hits = 0
             for i in range(0, len(group), batch):
@@ -463,9 +465,7 @@ class FineTuner:
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.log_path, record)
 
     def run(self) -> dict[str, float]:
         """Train, validate, keep the best checkpoint in ``out``; returns its validation accuracy."""

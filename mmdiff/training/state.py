@@ -2,6 +2,7 @@
 written to a temporary directory and then renamed, so a crash never leaves a torn checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,13 @@ from ..model import MultimodalDiffusionLM
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "train_state.json"
+
+
+def append_log(path: Path, record: dict) -> None:
+    """Append one JSON record as a line of the training log ``path`` (its folder is made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def save_state(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer | None, state: dict) -> None:

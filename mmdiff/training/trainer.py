@@ -8,7 +8,6 @@ atomic resumable checkpoints (:mod:`~mmdiff.training.state`) and a NaN guard. Da
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,7 +32,7 @@ from .ctc_lm import fit_ctc_lm
 from .distributed import allreduce_grads, dist_info, sync_params
 from .heads import CellHead, CTCHead, GroundHead
 from .recipe import StageConfig, TrainConfig
-from .state import STATE_NAME, load_optimizer, save_state
+from .state import STATE_NAME, append_log, load_optimizer, save_state
 from .validation import asr_eval, cell_accuracy, quick_eval
 
 log = logging.getLogger("mmdiff")
@@ -156,9 +155,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.log_path, record)
 
     def _lr(self, stage: StageConfig, step: int) -> float:
         if step < stage.warmup:
