@@ -168,6 +168,9 @@ def _hf_records(path: Path) -> Iterator[tuple[int, Any]]:
         ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     elif path.suffix == ".arrow":
         ds = datasets.Dataset.from_file(str(path))
+    elif path.suffix not in HF_SUFFIXES:
+        raise ValueError(f"{path}: format hf reads a folder or a {', '.join(HF_SUFFIXES)} file, "
+                         f"not {path.suffix or 'a file without a suffix'}")
     else:
         ds = datasets.load_dataset(HF_SUFFIXES[path.suffix], data_files=str(path), split="train")
     if isinstance(ds, datasets.DatasetDict):
