@@ -281,3 +281,38 @@ def test_without_espeak_speech_is_refused_by_name_and_its_tests_skip(tmp_path: P
     marked = types.SimpleNamespace(get_closest_marker=lambda name: object() if name == "needs_espeak" else None)
     with pytest.raises(pytest.skip.Exception, match=re.escape(NO_ESPEAK)):
         pytest_runtest_setup(marked)
+
+
+def _door_argv(command: str, model: Path, tmp_path: Path) -> list[str]:
+    """A minimal argv of each model-loading door (its required inputs given, all real files)."""
+    from PIL import Image
+
+    img = tmp_path / "i.png"
+    Image.new("RGB", (8, 8)).save(img)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "image": str(img), "question": "q?", "answers": ["a"]}) + "\n")
+    return {"ask": ["ask", "what?", "--image", str(img)], "caption": ["caption", "--image", str(img)],
+            "eval": ["eval", "--data", str(data), "--out", str(tmp_path / "o")],
+            "demo": ["demo"], "serve": ["serve"]}[command] + ["--model", str(model)]
+
+
+@NO_GPU
+@pytest.mark.parametrize("command", ["ask", "caption", "eval", "demo", "serve"])
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "banana"], "--device 'banana' is not a device name; available: cpu"),
+    (["--device", "cuda:7"], "--device cuda:7: not available on this machine; available: cpu"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8' (choose from 'auto', 'float32', 'bfloat16', "
+                          "'float16')"),
+])
+def test_every_door_refuses_a_bad_device_or_dtype_in_one_line(command, extra, message, tiny_model_dir,
+                                                               tmp_path: Path, capsys) -> None:
+    argv = _door_argv(command, tiny_model_dir, tmp_path) + extra
+    try:
+        line = fails(argv, capsys)
+    except SystemExit as e:  # argparse's own refusal (choices)
+        assert e.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        line = err.strip()
+    assert line.startswith(f"mmdiff {command}: error: ") and message in line, line
+    assert not (tmp_path / "o").exists()

@@ -344,6 +344,27 @@ def test_missing_data_or_model_stops_with_a_clear_error(tmp_path: Path, mixed_da
     assert not out.exists()
 
 
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.parquet", None, "dataset file not found: {p}"),
+    ("broken.json", '[{"id": "a", "conversations": [', "{p}: not a valid JSON list (Expecting value"),
+    ("garbage.parquet", "not parquet at all", "{p}: not readable as a HF dataset (Parquet magic bytes not found"),
+    ("emptydir", "", "{p}: not readable as a HF dataset (The directory at {p} doesn't contain any data files)"),
+])
+def test_unreadable_llava_or_parquet_data_is_one_line(tmp_path: Path, model_dir: Path, capsys, name, content,
+                                                      message) -> None:
+    """``mmdiff eval --data`` on a LLaVA / HF path that cannot be read: exit 2, one line naming the file."""
+    path = tmp_path / name
+    if content == "":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    assert mmdiff_eval("--data", path, "--out", tmp_path / "out", model=model_dir) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message.format(p=path) in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

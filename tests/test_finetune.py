@@ -232,3 +232,39 @@ def test_vqav2_style_parquet_with_image_bytes_and_answer_dicts(tmp_path):
     [c] = res.conversations
     assert c.turns[0].answers == ["green"] and c.turns[0].type == "colour" and c.image.size == (64, 64)
     assert len(res.errors) == 1 and "unreadable image" in res.errors[0].reason
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "-1"], "--steps -1: must be at least 0"),
+    (["--steps", "0", "--ar-steps", "0"], "--steps 0 and --ar-steps 0: nothing to train; give at least one step"),
+    (["--ar-steps", "-3"], "--ar-steps -3: must be at least 0"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--replay", "1.5"], "--replay 1.5: must be a share in [0, 1) (0 = off)"),
+    (["--train", "lora", "--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+    (["--train", "wings"], "--train: unknown part 'wings'"),
+    (["--also-eval", "0"], "--also-eval 0: must be at least 1 question per type"),
+    (["--val", "VAL_MISSING"], "--val: dataset file not found:"),
+    (["--data", "VAL_MISSING"], "--data: dataset file not found:"),
+    (["--format", "hf"], "format hf reads a folder or a .parquet, .arrow, .csv file, not .json"),
+    (["--format", "xx"], "argument --format: invalid choice: 'xx'"),
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--out", "OUT_IS_FILE"], "--out"),
+])
+def test_every_finetune_flag_refuses_a_bad_value_in_one_line(tmp_path, tiny_model_dir, capsys, extra, message):
+    """Each fine-tune flag's bad value: exit 2, one line naming it, nothing written."""
+    from mmdiff import cli
+
+    (tmp_path / "file").write_text("x")
+    swap = {"VAL_MISSING": str(tmp_path / "nope.json"), "OUT_IS_FILE": str(tmp_path / "file")}
+    argv = ["train", "--data", str(llava_file(tmp_path / "g")), "--init", str(tiny_model_dir),
+            "--out", str(tmp_path / "o"), "--no-progress", *[swap.get(a, a) for a in extra]]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own refusals (type, choices)
+        rc = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and " INFO " not in line
+           and "random init" not in line]
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.train_state").exists()

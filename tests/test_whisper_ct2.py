@@ -4,6 +4,7 @@ transformers Whisper giving the same logits, and is read by mmdiff's audio encod
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -153,3 +154,31 @@ def test_convert_whisper_refuses_bad_sources(reference, tmp_path, capsys):
     (tmp_path / "out2" / "x").write_text("x")
     assert cli_main(["convert-whisper", str(tmp_path / "ct2"), str(tmp_path / "out2")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_convert_whisper_refuses_a_missing_source_and_a_malformed_sha256(reference, tmp_path, capsys):
+    assert cli_main(["convert-whisper", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'nope'}: no model.bin" in one_line_error(capsys)
+    write_ct2_whisper(reference, tmp_path / "ct2")
+    assert cli_main(["convert-whisper", str(tmp_path / "ct2"), str(tmp_path / "out"), "--sha256", "xyz"]) == 2
+    assert "--sha256 'xyz': not a SHA-256 (64 hex digits)" in one_line_error(capsys)
+    assert cli_main(["convert-whisper", str(tmp_path / "ct2"), str(tmp_path / "out"), "--sha256", "ab" * 32]) == 2
+    assert f"is not the pinned {'ab' * 32}" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_whisper_pins_the_sha256_it_converts_with():
+    """``make whisper`` passes its pinned SHA-256 to convert-whisper, so a different model.bin is refused
+    (the refusal itself: test_convert_whisper_refuses_a_missing_source_and_a_malformed_sha256)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    pin = re.search(r"^WHISPER_SHA256 := (\S+)$", text, re.M)
+    assert pin and re.fullmatch(r"[0-9a-f]{64}", pin.group(1))
+    assert "convert-whisper --sha256 $(WHISPER_SHA256)" in text

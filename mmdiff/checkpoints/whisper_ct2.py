@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -285,6 +286,8 @@ def convert_whisper(src: str | Path, dst: str | Path, *, sha256: str | None = No
         raise ValueError(f"destination {dst} exists and is not empty")
     if not (src / MODEL_BIN).is_file():
         raise ValueError(f"{src}: no {MODEL_BIN}; expected a CTranslate2 Whisper directory")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(f"--sha256 {sha256!r}: not a SHA-256 (64 hex digits)")
     if sha256 is not None and (got := sha256_of(src / MODEL_BIN)) != sha256.lower():
         raise ValueError(f"{src / MODEL_BIN}: SHA-256 {got} is not the pinned {sha256.lower()}")
     model = read_ct2_model(src / MODEL_BIN)

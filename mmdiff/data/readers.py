@@ -162,14 +162,25 @@ def _hf_records(path: Path) -> Iterator[tuple[int, Any]]:
     """Records of a ``datasets``-readable path, as LLaVA-like dicts (image decoded by ``datasets``)."""
     import datasets
 
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        ds = datasets.load_from_disk(str(path))
-    elif path.is_dir():
-        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-    elif path.suffix == ".arrow":
-        ds = datasets.Dataset.from_file(str(path))
-    else:
-        ds = datasets.load_dataset(HF_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    if path.is_file() and path.suffix not in HF_SUFFIXES:
+        raise ValueError(f"{path}: format hf reads a folder or a {', '.join(HF_SUFFIXES)} file, "
+                         f"not {path.suffix or 'a file without a suffix'}")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log line would repeat the error
+    try:
+        if path.is_dir() and (path / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        elif path.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path))
+        else:
+            ds = datasets.load_dataset(HF_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise many kinds; one line naming the file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not readable as a HF dataset ({reason})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[next(iter(ds))]
     for i, rec in enumerate(ds, start=1):

@@ -81,6 +81,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("data", "init", "out") if not values.get(k)]
     if missing:
         raise ValueError(f"fine-tuning needs {', '.join(missing)}")
+    if args.also_eval is not None and args.also_eval < 1:
+        raise ValueError(f"--also-eval {args.also_eval}: must be at least 1 question per type")
     cfg = FinetuneConfig.from_dict(values, source=args.config or "mmdiff train flags")
     check_ft(cfg)
     before = original_accuracy(cfg.init, per_type=args.also_eval) if args.also_eval else None

@@ -95,6 +95,21 @@ class FinetuneConfig(JsonConfig):
     seed: int = 0
     threads: int = 0  # torch threads (0 = torch default)
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, by flag, before any work (one clear line each)."""
+        if not self.train:
+            raise ValueError("--train: no part given; e.g. all, adapters, decoder or lora")
+        for flag, value, least in (("--steps", self.steps, 0), ("--ar-steps", self.ar_steps, 0),
+                                   ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1)):
+            if value < least:
+                raise ValueError(f"{flag} {value}: must be at least {least}")
+        if self.steps + self.ar_steps < 1:
+            raise ValueError("--steps 0 and --ar-steps 0: nothing to train; give at least one step")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr {self.lr}: must be a positive number")
+        if self.replay != -1.0 and not 0.0 <= self.replay < 1.0:
+            raise ValueError(f"--replay {self.replay}: must be a share in [0, 1) (0 = off)")
+
     @classmethod
     def from_file(cls, path: str | Path) -> "FinetuneConfig":
         return config_from_dict(cls, read_json(path), source=str(path))
@@ -123,6 +138,14 @@ def trainable_parts(names: list[str]) -> list[str]:
         else:
             raise ValueError(f"--train: unknown part {n!r}; known: {', '.join([*GROUPS, *PARTS, LORA])}")
     return list(dict.fromkeys(out))
+
+
+def read_flag(path: str, fmt: str, flag: str) -> ReadResult:
+    """``read_dataset``, its refusal (missing file, wrong format) named by the flag that gave the path."""
+    try:
+        return read_dataset(path, fmt=fmt)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def load_init(path: str | Path) -> MultimodalDiffusionLM:
@@ -202,12 +225,12 @@ class FineTuner:
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
         self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
         # data first: a dataset with no usable row fails before any model is loaded
-        self.train_data = read_dataset(cfg.data, fmt=cfg.format)
+        self.train_data = read_flag(cfg.data, cfg.format, "--data")
         self._say(report(self.train_data, name="--data"))
         check_usable(self.train_data, name="--data")
         self.val_data: ReadResult | None = None
         if cfg.val:
-            self.val_data = read_dataset(cfg.val, fmt=cfg.format)
+            self.val_data = read_flag(cfg.val, cfg.format, "--val")
             self._say(report(self.val_data, name="--val"))
             check_usable(self.val_data, name="--val")
         self.model = load_init(cfg.init)
