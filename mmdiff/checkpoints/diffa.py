@@ -35,7 +35,7 @@ from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
     check_weights,
-    expand_names,
+    decoder_weight_names,
     llada_decoder_config,
     open_checkpoint,
     read_weights,
@@ -188,8 +188,7 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     llm_files = shard_index(dirs["llm"])
-    llm_names = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
-                 if f"decoder.{dst}" in expected}
+    llm_names = decoder_weight_names(LLADA_WEIGHTS, cfg.decoder.n_layers, expected)
     whisper_files = shard_index(dirs["whisper"])
     prefix = next((p for p in WHISPER_PREFIXES if any(n.startswith(p) for n in whisper_files)), "")
     encoder = {n: p for n, p in whisper_files.items() if n.startswith(prefix)}

@@ -54,10 +54,10 @@ from .formats import (
     _read_config,
     assert_materialised,
     assign_weights,
-    expand_names,
     open_checkpoint,
     shard_index,
 )
+from .llada_v import llada_v_weight_names
 from .tokenizers import ReleasedTokenizer, require_tokenizer
 
 log = logging.getLogger("mmdiff")
@@ -136,14 +136,7 @@ def dimple_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME,
 
 def dimple_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
     """Dimple tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
-    expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
-              if f"decoder.{dst}" in expected}
-    for name in expected:
-        for src, dst in DIMPLE_PREFIXES.items():
-            if name.startswith(dst):
-                rename[src + name[len(dst):]] = name
-    return rename
+    return llada_v_weight_names(expected, n_layers, llm=DREAM_WEIGHTS, prefixes=DIMPLE_PREFIXES)
 
 
 def load_dimple(path: str | Path, *, dtype: torch.dtype | None = None,

@@ -23,7 +23,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -117,6 +117,12 @@ def expand_names(table: Mapping[str, str], n_layers: int) -> dict[str, str]:
         else:
             out[src] = dst
     return out
+
+
+def decoder_weight_names(table: Mapping[str, str], n_layers: int, expected: Iterable[str]) -> dict[str, str]:
+    """Checkpoint name -> ``decoder.<name>`` of a :class:`~mmdiff.model.MultimodalDiffusionLM`, for the
+    LLM tensors of ``table`` (:func:`expand_names`) the model has (``expected``: its state-dict names)."""
+    return {src: f"decoder.{dst}" for src, dst in expand_names(table, n_layers).items() if f"decoder.{dst}" in expected}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,9 +358,14 @@ def shard_index(directory: str | Path) -> dict[str, Path]:
         return {name: directory / f for name, f in weight_map.items()}
     single = directory / WEIGHTS_NAME
     if single.is_file():
-        with _safe_open(single) as f:
-            return {name: single for name in f.keys()}
+        return shard_index_of_file(single)
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+
+
+def shard_index_of_file(path: Path) -> dict[str, Path]:
+    """Tensor name -> ``path`` for every tensor of one safetensors file."""
+    with _safe_open(path) as f:
+        return {name: path for name in f.keys()}
 
 
 def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:

@@ -28,7 +28,7 @@ from .formats import (
     _read_config,
     assert_materialised,
     assign_weights,
-    expand_names,
+    decoder_weight_names,
     open_checkpoint,
     shard_index,
 )
@@ -139,12 +139,11 @@ def llada_v_weight_names(expected: Iterable[str], n_layers: int, *, llm: Mapping
     Args:
         expected: the model's state-dict names.
         n_layers: decoder blocks.
-        llm: the LLM's name table (LLaDA-V: Llama names; LaViDa: LLaDA's or Dream's own).
+        llm: the LLM's name table (LLaDA-V: Llama names; LaViDa: LLaDA's or Dream's own; Dimple: Dream's).
         prefixes: checkpoint prefix -> model prefix of the parts outside the LLM.
     """
     expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(llm, n_layers).items()
-              if f"decoder.{dst}" in expected}
+    rename = decoder_weight_names(llm, n_layers, expected)
     for name in expected:
         for src, dst in prefixes.items():
             if name.startswith(dst) and name != NEWLINE:

@@ -36,11 +36,12 @@ from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
     check_weights,
-    expand_names,
+    decoder_weight_names,
     llada_decoder_config,
     open_checkpoint,
     read_weights,
     shard_index,
+    shard_index_of_file,
 )
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
 
@@ -201,8 +202,7 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     with torch.device("meta"):
         model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    llm_rename = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
-                  if f"decoder.{dst}" in expected}
+    llm_rename = decoder_weight_names(LLADA_WEIGHTS, cfg.decoder.n_layers, expected)
     parts = [(shard_index(directory), llm_rename, dtype, str(directory))]
     if vq_dir is not None:
         weights = vq_weight_file(vq_dir)
@@ -217,11 +217,3 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
     assert_materialised(model)
     log.info("loaded MMaDA %s (%s)", directory, f"image tokenizer {vq_name}" if vq_name else "text only")
     return model.eval()
-
-
-def shard_index_of_file(path: Path) -> dict[str, Path]:
-    """Tensor name -> ``path`` for every tensor of one safetensors file."""
-    from .formats import _safe_open
-
-    with _safe_open(path) as f:
-        return {name: path for name in f.keys()}
