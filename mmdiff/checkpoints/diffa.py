@@ -34,6 +34,7 @@ from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
+    build_on_meta,
     check_weights,
     decoder_weight_names,
     llada_decoder_config,
@@ -183,9 +184,7 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
     hf_tokenizer = require_tokenizer(dirs["llm"])
     special = released_special_ids(dirs["llm"], llm_config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = DiffaTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size, system=DIFFA_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
 
     llm_files = shard_index(dirs["llm"])
     llm_names = decoder_weight_names(LLADA_WEIGHTS, cfg.decoder.n_layers, expected)

@@ -53,6 +53,7 @@ from .formats import (
     _hf_special_ids,
     _read_config,
     assert_materialised,
+    build_on_meta,
     assign_weights,
     open_checkpoint,
     shard_index,
@@ -167,9 +168,7 @@ def load_dimple(path: str | Path, *, dtype: torch.dtype | None = None,
     special = _hf_special_ids(directory, c)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   media_format=DIMPLE_MEDIA_FORMAT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
     files = shard_index(directory)
     rename = dimple_weight_names(expected, cfg.decoder.n_layers)
     assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))

@@ -23,7 +23,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -31,6 +31,9 @@ from ..decoder import Decoder, DecoderConfig
 from ..io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json
 from ..registry import Registry
 from ..special_tokens import SpecialIds
+
+if TYPE_CHECKING:
+    from ..model import ModelConfig, MultimodalDiffusionLM
 
 log = logging.getLogger("mmdiff")
 
@@ -435,6 +438,16 @@ def assign_weights(model: torch.nn.Module, files: Mapping[str, Path], rename: Ma
     (built on the meta device) one at a time (:func:`read_weights`)."""
     check_weights(files, rename, expected, dtype=dtype, source=source)
     load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=source, assign=True)
+
+
+def build_on_meta(cfg: ModelConfig, tokenizer: Any) -> tuple[MultimodalDiffusionLM, dict[str, tuple[int, ...]]]:
+    """A :class:`~mmdiff.model.MultimodalDiffusionLM` of shapes only (built on the meta device: no memory,
+    no init cost) and its state-dict name -> shape, for :func:`assign_weights` to fill."""
+    from ..model import MultimodalDiffusionLM
+
+    with torch.device("meta"):
+        model = MultimodalDiffusionLM(cfg, tokenizer)
+    return model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def assert_materialised(module: torch.nn.Module) -> None:

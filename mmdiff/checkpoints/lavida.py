@@ -66,6 +66,7 @@ from .formats import (
     LLADA_WEIGHTS,
     _read_config,
     assert_materialised,
+    build_on_meta,
     assign_weights,
     dream_decoder_config,
     llada_decoder_config,
@@ -182,9 +183,7 @@ def load_lavida(path: str | Path, *, dtype: torch.dtype | None = None,
     special = released_special_ids(directory, config, hf_tokenizer, mask_token=variant.mask_token)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LAVIDA_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
     files = shard_index(directory)
     unused = sorted(n for n in files if n.startswith(LAVIDA_UNUSED))
     if unused:

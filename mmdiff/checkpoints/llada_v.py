@@ -27,6 +27,7 @@ from .formats import (
     DREAM_WEIGHTS,
     _read_config,
     assert_materialised,
+    build_on_meta,
     assign_weights,
     decoder_weight_names,
     open_checkpoint,
@@ -176,9 +177,7 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     special = released_special_ids(directory, config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LLADA_V_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
     files = shard_index(directory)
     unused = sorted(n for n in files
                     if n.startswith(LLADA_V_UNUSED) or (n == LLADA_V_NEWLINE and NEWLINE not in expected))

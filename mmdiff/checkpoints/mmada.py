@@ -35,6 +35,7 @@ from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
+    build_on_meta,
     check_weights,
     decoder_weight_names,
     llada_decoder_config,
@@ -199,9 +200,7 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
                              source=source)
     special = released_special_ids(directory, config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size, media_layout="before_chat")
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
     llm_rename = decoder_weight_names(LLADA_WEIGHTS, cfg.decoder.n_layers, expected)
     parts = [(shard_index(directory), llm_rename, dtype, str(directory))]
     if vq_dir is not None:
