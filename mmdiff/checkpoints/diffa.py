@@ -35,6 +35,7 @@ from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
     build_on_meta,
+    drop_unused,
     check_weights,
     decoder_weight_names,
     llada_decoder_config,
@@ -191,15 +192,13 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
     whisper_files = shard_index(dirs["whisper"])
     prefix = next((p for p in WHISPER_PREFIXES if any(n.startswith(p) for n in whisper_files)), "")
     encoder = {n: p for n, p in whisper_files.items() if n.startswith(prefix)}
-    adapters = _adapter_files(directory)
-    unused = sorted(n for n in adapters if n.startswith(DIFFA_UNUSED))
-    if unused:
-        log.info("%s: not used at inference: %s", directory, unused)
+    adapters = drop_unused(_adapter_files(directory), lambda n: n.startswith(DIFFA_UNUSED), source=str(directory),
+                           why="not used at inference")
     # each directory keeps its own dtype when dtype is None (the release runs LLaDA in bf16, Whisper and the
     # adapters in fp32; the adapters' tokens are cast to the decoder's dtype when placed in the prompt)
     sources = ((dirs["llm"], llm_files, llm_names),
                (dirs["whisper"], encoder, {n: "audio.encoder." + n[len(prefix):] for n in encoder}),
-               (directory, {n: p for n, p in adapters.items() if n not in unused}, diffa_adapter_names(cfg.audio_adapter)))
+               (directory, adapters, diffa_adapter_names(cfg.audio_adapter)))
     state: dict[str, torch.Tensor] = {}
     for source, files, rename in sources:
         check_weights(files, rename, {d: expected.get(d, ()) for d in rename.values()}, dtype=dtype, source=str(source))

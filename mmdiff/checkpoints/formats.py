@@ -371,6 +371,16 @@ def shard_index_of_file(path: Path) -> dict[str, Path]:
         return {name: path for name in f.keys()}
 
 
+def drop_unused(files: Mapping[str, Path], unused: Callable[[str], bool], *, source: str,
+                why: str = "not used") -> dict[str, Path]:
+    """``files`` (:func:`shard_index`) without the stored tensors a model never reads (``unused(name)``),
+    which are logged as skipped, not refused as unknown by :func:`check_weights`."""
+    dropped = {n for n in files if unused(n)}
+    if dropped:
+        log.info("%s: %s: %s", source, why, sorted(dropped))
+    return {n: p for n, p in files.items() if n not in dropped}
+
+
 def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
     groups: dict[Path, list[str]] = {}
     for name, path in files.items():

@@ -67,6 +67,7 @@ from .formats import (
     _read_config,
     assert_materialised,
     build_on_meta,
+    drop_unused,
     assign_weights,
     dream_decoder_config,
     llada_decoder_config,
@@ -184,11 +185,8 @@ def load_lavida(path: str | Path, *, dtype: torch.dtype | None = None,
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LAVIDA_SYSTEM_PROMPT)
     model, expected = build_on_meta(cfg, tokenizer)
-    files = shard_index(directory)
-    unused = sorted(n for n in files if n.startswith(LAVIDA_UNUSED))
-    if unused:
-        log.info("%s: not used by LaViDa: %s", directory, unused)
-    files = {n: p for n, p in files.items() if n not in unused}
+    files = drop_unused(shard_index(directory), lambda n: n.startswith(LAVIDA_UNUSED), source=str(directory),
+                        why="not used by LaViDa")
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers, llm=variant.weights, prefixes=LLADA_V_PREFIXES)
     assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(model)

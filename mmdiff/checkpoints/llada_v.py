@@ -28,6 +28,7 @@ from .formats import (
     _read_config,
     assert_materialised,
     build_on_meta,
+    drop_unused,
     assign_weights,
     decoder_weight_names,
     open_checkpoint,
@@ -178,12 +179,8 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LLADA_V_SYSTEM_PROMPT)
     model, expected = build_on_meta(cfg, tokenizer)
-    files = shard_index(directory)
-    unused = sorted(n for n in files
-                    if n.startswith(LLADA_V_UNUSED) or (n == LLADA_V_NEWLINE and NEWLINE not in expected))
-    if unused:
-        log.info("%s: not used: %s", directory, unused)
-    files = {n: p for n, p in files.items() if n not in unused}
+    files = drop_unused(shard_index(directory), lambda n: n.startswith(LLADA_V_UNUSED) or (
+        n == LLADA_V_NEWLINE and NEWLINE not in expected), source=str(directory))
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
     assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(model)
