@@ -309,14 +309,11 @@ def detect_format(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> Ch
     """
     model_type = config.get("model_type")
     architectures = list(config.get("architectures") or [])
-    if is_lavida(config):
-        raise ValueError(f"{source}: a LaViDa checkpoint (model_type {model_type!r}, architectures "
-                         f"{architectures}) is multimodal: load it with mmdiff.load(path); "
-                         "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
-    if is_llada_v(config):
-        raise ValueError(f"{source}: a LLaDA-V checkpoint (model_type {model_type!r}, architectures "
-                         f"{architectures}) is multimodal: load it with mmdiff.load(path); "
-                         "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
+    for family, detect in (("LaViDa", is_lavida), ("LLaDA-V", is_llada_v)):  # LaViDa first: both are llava_llada
+        if detect(config):
+            raise ValueError(f"{source}: a {family} checkpoint (model_type {model_type!r}, architectures "
+                             f"{architectures}) is multimodal: load it with mmdiff.load(path); "
+                             "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
     formats = [FORMATS.get(name) for name in FORMATS.names()]
     for fmt in formats:
         if model_type in fmt.model_types or any(a in fmt.architectures for a in architectures):
