@@ -29,18 +29,17 @@ import torch
 from .. import special_tokens as st
 from ..adapters import DiffaAdapterConfig
 from ..encoders.audio import AudioEncoderConfig
-from ..io import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, read_json
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
+    assign_parts,
     build_on_meta,
     drop_unused,
-    check_weights,
     decoder_weight_names,
     llada_decoder_config,
     open_checkpoint,
-    read_weights,
     shard_index,
 )
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
@@ -196,14 +195,10 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
                            why="not used at inference")
     # each directory keeps its own dtype when dtype is None (the release runs LLaDA in bf16, Whisper and the
     # adapters in fp32; the adapters' tokens are cast to the decoder's dtype when placed in the prompt)
-    sources = ((dirs["llm"], llm_files, llm_names),
-               (dirs["whisper"], encoder, {n: "audio.encoder." + n[len(prefix):] for n in encoder}),
-               (directory, adapters, diffa_adapter_names(cfg.audio_adapter)))
-    state: dict[str, torch.Tensor] = {}
-    for source, files, rename in sources:
-        check_weights(files, rename, {d: expected.get(d, ()) for d in rename.values()}, dtype=dtype, source=str(source))
-        state |= read_weights(files, rename, dtype=dtype, device=device)
-    load_state_checked(model, state, source=str(directory), assign=True)
+    parts = ((llm_files, llm_names, dtype, str(dirs["llm"])),
+             (encoder, {n: "audio.encoder." + n[len(prefix):] for n in encoder}, dtype, str(dirs["whisper"])),
+             (adapters, diffa_adapter_names(cfg.audio_adapter), dtype, str(directory)))
+    assign_parts(model, parts, expected, device=device, source=str(directory))
     assert_materialised(model)
     log.info("loaded DIFFA %s (Whisper %s, LLaDA %s, %s)", directory, dirs["whisper"], dirs["llm"],
              next(model.parameters()).dtype)

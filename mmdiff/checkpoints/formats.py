@@ -447,6 +447,19 @@ def assign_weights(model: torch.nn.Module, files: Mapping[str, Path], rename: Ma
     load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=source, assign=True)
 
 
+def assign_parts(model: torch.nn.Module,
+                 parts: Iterable[tuple[Mapping[str, Path], Mapping[str, str], torch.dtype | None, str]],
+                 expected: Mapping[str, tuple[int, ...]], *, device: str | torch.device, source: str) -> None:
+    """:func:`assign_weights` over several checkpoints (``(files, rename, dtype, where)`` each: a model
+    made of separately released parts, each keeping its own dtype when that is None): each part's
+    headers are checked before it is read, then the model is assigned once."""
+    state: dict[str, torch.Tensor] = {}
+    for files, rename, dtype, where in parts:
+        check_weights(files, rename, {d: expected.get(d, ()) for d in rename.values()}, dtype=dtype, source=where)
+        state.update(read_weights(files, rename, dtype=dtype, device=device))
+    load_state_checked(model, state, source=source, assign=True)
+
+
 def build_on_meta(cfg: ModelConfig, tokenizer: Any) -> tuple[MultimodalDiffusionLM, dict[str, tuple[int, ...]]]:
     """A :class:`~mmdiff.model.MultimodalDiffusionLM` of shapes only (built on the meta device: no memory,
     no init cost) and its state-dict name -> shape, for :func:`assign_weights` to fill."""

@@ -30,17 +30,16 @@ import torch
 from ..adapters import VQTokensConfig
 from ..encoders.vision import VisionEncoderConfig
 from ..encoders.vq import MAGVIT2_TOKENIZERS
-from ..io import CONFIG_NAME, load_state_checked, read_json
+from ..io import CONFIG_NAME, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
+    assign_parts,
     build_on_meta,
-    check_weights,
     decoder_weight_names,
     llada_decoder_config,
     open_checkpoint,
-    read_weights,
     shard_index,
     shard_index_of_file,
 )
@@ -208,11 +207,7 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
         vq_files = {n: p for n, p in shard_index_of_file(weights).items() if not n.startswith(VQ_UNUSED)}
         parts.append((vq_files, {n: f"vision.{n}" for n in vq_files if f"vision.{n}" in expected}, VQ_DTYPE,
                       str(weights)))
-    state: dict[str, torch.Tensor] = {}
-    for files, rename, part_dtype, where in parts:
-        check_weights(files, rename, expected, dtype=part_dtype, source=where)
-        state.update(read_weights(files, rename, dtype=part_dtype, device=device))
-    load_state_checked(model, state, source=str(directory), assign=True)
+    assign_parts(model, parts, expected, device=device, source=str(directory))
     assert_materialised(model)
     log.info("loaded MMaDA %s (%s)", directory, f"image tokenizer {vq_name}" if vq_name else "text only")
     return model.eval()
