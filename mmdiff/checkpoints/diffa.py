@@ -29,16 +29,17 @@ import torch
 from .. import special_tokens as st
 from ..adapters import DiffaAdapterConfig
 from ..encoders.audio import AudioEncoderConfig
-from ..io import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, read_json
+from ..io import CONFIG_NAME, WEIGHTS_NAME, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
-    check_weights,
-    expand_names,
+    assign_parts,
+    build_on_meta,
+    drop_unused,
+    decoder_weight_names,
     llada_decoder_config,
     open_checkpoint,
-    read_weights,
     shard_index,
 )
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
@@ -183,30 +184,21 @@ def load_diffa(path: str | Path, *, whisper: str | Path | None = None, llm: str 
     hf_tokenizer = require_tokenizer(dirs["llm"])
     special = released_special_ids(dirs["llm"], llm_config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = DiffaTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size, system=DIFFA_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
 
     llm_files = shard_index(dirs["llm"])
-    llm_names = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
-                 if f"decoder.{dst}" in expected}
+    llm_names = decoder_weight_names(LLADA_WEIGHTS, cfg.decoder.n_layers, expected)
     whisper_files = shard_index(dirs["whisper"])
     prefix = next((p for p in WHISPER_PREFIXES if any(n.startswith(p) for n in whisper_files)), "")
     encoder = {n: p for n, p in whisper_files.items() if n.startswith(prefix)}
-    adapters = _adapter_files(directory)
-    unused = sorted(n for n in adapters if n.startswith(DIFFA_UNUSED))
-    if unused:
-        log.info("%s: not used at inference: %s", directory, unused)
+    adapters = drop_unused(_adapter_files(directory), lambda n: n.startswith(DIFFA_UNUSED), source=str(directory),
+                           why="not used at inference")
     # each directory keeps its own dtype when dtype is None (the release runs LLaDA in bf16, Whisper and the
     # adapters in fp32; the adapters' tokens are cast to the decoder's dtype when placed in the prompt)
-    sources = ((dirs["llm"], llm_files, llm_names),
-               (dirs["whisper"], encoder, {n: "audio.encoder." + n[len(prefix):] for n in encoder}),
-               (directory, {n: p for n, p in adapters.items() if n not in unused}, diffa_adapter_names(cfg.audio_adapter)))
-    state: dict[str, torch.Tensor] = {}
-    for source, files, rename in sources:
-        check_weights(files, rename, {d: expected.get(d, ()) for d in rename.values()}, dtype=dtype, source=str(source))
-        state |= read_weights(files, rename, dtype=dtype, device=device)
-    load_state_checked(model, state, source=str(directory), assign=True)
+    parts = ((llm_files, llm_names, dtype, str(dirs["llm"])),
+             (encoder, {n: "audio.encoder." + n[len(prefix):] for n in encoder}, dtype, str(dirs["whisper"])),
+             (adapters, diffa_adapter_names(cfg.audio_adapter), dtype, str(directory)))
+    assign_parts(model, parts, expected, device=device, source=str(directory))
     assert_materialised(model)
     log.info("loaded DIFFA %s (Whisper %s, LLaDA %s, %s)", directory, dirs["whisper"], dirs["llm"],
              next(model.parameters()).dtype)

@@ -53,11 +53,12 @@ from .formats import (
     _hf_special_ids,
     _read_config,
     assert_materialised,
+    build_on_meta,
     assign_weights,
-    expand_names,
     open_checkpoint,
     shard_index,
 )
+from .llada_v import llada_v_weight_names
 from .tokenizers import ReleasedTokenizer, require_tokenizer
 
 log = logging.getLogger("mmdiff")
@@ -136,14 +137,7 @@ def dimple_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME,
 
 def dimple_weight_names(expected: Iterable[str], n_layers: int) -> dict[str, str]:
     """Dimple tensor name -> MultimodalDiffusionLM name, for every name in ``expected``."""
-    expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(DREAM_WEIGHTS, n_layers).items()
-              if f"decoder.{dst}" in expected}
-    for name in expected:
-        for src, dst in DIMPLE_PREFIXES.items():
-            if name.startswith(dst):
-                rename[src + name[len(dst):]] = name
-    return rename
+    return llada_v_weight_names(expected, n_layers, llm=DREAM_WEIGHTS, prefixes=DIMPLE_PREFIXES)
 
 
 def load_dimple(path: str | Path, *, dtype: torch.dtype | None = None,
@@ -174,9 +168,7 @@ def load_dimple(path: str | Path, *, dtype: torch.dtype | None = None,
     special = _hf_special_ids(directory, c)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   media_format=DIMPLE_MEDIA_FORMAT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model, expected = build_on_meta(cfg, tokenizer)
     files = shard_index(directory)
     rename = dimple_weight_names(expected, cfg.decoder.n_layers)
     assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))

@@ -23,7 +23,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -31,6 +31,9 @@ from ..decoder import Decoder, DecoderConfig
 from ..io import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_state_checked, read_json
 from ..registry import Registry
 from ..special_tokens import SpecialIds
+
+if TYPE_CHECKING:
+    from ..model import ModelConfig, MultimodalDiffusionLM
 
 log = logging.getLogger("mmdiff")
 
@@ -117,6 +120,12 @@ def expand_names(table: Mapping[str, str], n_layers: int) -> dict[str, str]:
         else:
             out[src] = dst
     return out
+
+
+def decoder_weight_names(table: Mapping[str, str], n_layers: int, expected: Iterable[str]) -> dict[str, str]:
+    """Checkpoint name -> ``decoder.<name>`` of a :class:`~mmdiff.model.MultimodalDiffusionLM`, for the
+    LLM tensors of ``table`` (:func:`expand_names`) the model has (``expected``: its state-dict names)."""
+    return {src: f"decoder.{dst}" for src, dst in expand_names(table, n_layers).items() if f"decoder.{dst}" in expected}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,14 +309,11 @@ def detect_format(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> Ch
     """
     model_type = config.get("model_type")
     architectures = list(config.get("architectures") or [])
-    if is_lavida(config):
-        raise ValueError(f"{source}: a LaViDa checkpoint (model_type {model_type!r}, architectures "
-                         f"{architectures}) is multimodal: load it with mmdiff.load(path); "
-                         "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
-    if is_llada_v(config):
-        raise ValueError(f"{source}: a LLaDA-V checkpoint (model_type {model_type!r}, architectures "
-                         f"{architectures}) is multimodal: load it with mmdiff.load(path); "
-                         "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
+    for family, detect in (("LaViDa", is_lavida), ("LLaDA-V", is_llada_v)):  # LaViDa first: both are llava_llada
+        if detect(config):
+            raise ValueError(f"{source}: a {family} checkpoint (model_type {model_type!r}, architectures "
+                             f"{architectures}) is multimodal: load it with mmdiff.load(path); "
+                             "the Decoder loader and mmdiff convert take text-only LLaDA and Dream checkpoints")
     formats = [FORMATS.get(name) for name in FORMATS.names()]
     for fmt in formats:
         if model_type in fmt.model_types or any(a in fmt.architectures for a in architectures):
@@ -352,9 +358,24 @@ def shard_index(directory: str | Path) -> dict[str, Path]:
         return {name: directory / f for name, f in weight_map.items()}
     single = directory / WEIGHTS_NAME
     if single.is_file():
-        with _safe_open(single) as f:
-            return {name: single for name in f.keys()}
+        return shard_index_of_file(single)
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+
+
+def shard_index_of_file(path: Path) -> dict[str, Path]:
+    """Tensor name -> ``path`` for every tensor of one safetensors file."""
+    with _safe_open(path) as f:
+        return {name: path for name in f.keys()}
+
+
+def drop_unused(files: Mapping[str, Path], unused: Callable[[str], bool], *, source: str,
+                why: str = "not used") -> dict[str, Path]:
+    """``files`` (:func:`shard_index`) without the stored tensors a model never reads (``unused(name)``),
+    which are logged as skipped, not refused as unknown by :func:`check_weights`."""
+    dropped = {n for n in files if unused(n)}
+    if dropped:
+        log.info("%s: %s: %s", source, why, sorted(dropped))
+    return {n: p for n, p in files.items() if n not in dropped}
 
 
 def _group_by_file(files: Mapping[str, Path]) -> dict[Path, list[str]]:
@@ -424,6 +445,29 @@ def assign_weights(model: torch.nn.Module, files: Mapping[str, Path], rename: Ma
     (built on the meta device) one at a time (:func:`read_weights`)."""
     check_weights(files, rename, expected, dtype=dtype, source=source)
     load_state_checked(model, read_weights(files, rename, dtype=dtype, device=device), source=source, assign=True)
+
+
+def assign_parts(model: torch.nn.Module,
+                 parts: Iterable[tuple[Mapping[str, Path], Mapping[str, str], torch.dtype | None, str]],
+                 expected: Mapping[str, tuple[int, ...]], *, device: str | torch.device, source: str) -> None:
+    """:func:`assign_weights` over several checkpoints (``(files, rename, dtype, where)`` each: a model
+    made of separately released parts, each keeping its own dtype when that is None): each part's
+    headers are checked before it is read, then the model is assigned once."""
+    state: dict[str, torch.Tensor] = {}
+    for files, rename, dtype, where in parts:
+        check_weights(files, rename, {d: expected.get(d, ()) for d in rename.values()}, dtype=dtype, source=where)
+        state.update(read_weights(files, rename, dtype=dtype, device=device))
+    load_state_checked(model, state, source=source, assign=True)
+
+
+def build_on_meta(cfg: ModelConfig, tokenizer: Any) -> tuple[MultimodalDiffusionLM, dict[str, tuple[int, ...]]]:
+    """A :class:`~mmdiff.model.MultimodalDiffusionLM` of shapes only (built on the meta device: no memory,
+    no init cost) and its state-dict name -> shape, for :func:`assign_weights` to fill."""
+    from ..model import MultimodalDiffusionLM
+
+    with torch.device("meta"):
+        model = MultimodalDiffusionLM(cfg, tokenizer)
+    return model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def assert_materialised(module: torch.nn.Module) -> None:

@@ -66,6 +66,8 @@ from .formats import (
     LLADA_WEIGHTS,
     _read_config,
     assert_materialised,
+    build_on_meta,
+    drop_unused,
     assign_weights,
     dream_decoder_config,
     llada_decoder_config,
@@ -182,14 +184,9 @@ def load_lavida(path: str | Path, *, dtype: torch.dtype | None = None,
     special = released_special_ids(directory, config, hf_tokenizer, mask_token=variant.mask_token)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LAVIDA_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files = shard_index(directory)
-    unused = sorted(n for n in files if n.startswith(LAVIDA_UNUSED))
-    if unused:
-        log.info("%s: not used by LaViDa: %s", directory, unused)
-    files = {n: p for n, p in files.items() if n not in unused}
+    model, expected = build_on_meta(cfg, tokenizer)
+    files = drop_unused(shard_index(directory), lambda n: n.startswith(LAVIDA_UNUSED), source=str(directory),
+                        why="not used by LaViDa")
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers, llm=variant.weights, prefixes=LLADA_V_PREFIXES)
     assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(model)

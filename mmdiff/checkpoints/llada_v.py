@@ -27,8 +27,10 @@ from .formats import (
     DREAM_WEIGHTS,
     _read_config,
     assert_materialised,
+    build_on_meta,
+    drop_unused,
     assign_weights,
-    expand_names,
+    decoder_weight_names,
     open_checkpoint,
     shard_index,
 )
@@ -139,12 +141,11 @@ def llada_v_weight_names(expected: Iterable[str], n_layers: int, *, llm: Mapping
     Args:
         expected: the model's state-dict names.
         n_layers: decoder blocks.
-        llm: the LLM's name table (LLaDA-V: Llama names; LaViDa: LLaDA's or Dream's own).
+        llm: the LLM's name table (LLaDA-V: Llama names; LaViDa: LLaDA's or Dream's own; Dimple: Dream's).
         prefixes: checkpoint prefix -> model prefix of the parts outside the LLM.
     """
     expected = set(expected)
-    rename = {src: f"decoder.{dst}" for src, dst in expand_names(llm, n_layers).items()
-              if f"decoder.{dst}" in expected}
+    rename = decoder_weight_names(llm, n_layers, expected)
     for name in expected:
         for src, dst in prefixes.items():
             if name.startswith(dst) and name != NEWLINE:
@@ -177,15 +178,9 @@ def load_llada_v(path: str | Path, *, dtype: torch.dtype | None = None,
     special = released_special_ids(directory, config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size,
                                   system=LLADA_V_SYSTEM_PROMPT)
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files = shard_index(directory)
-    unused = sorted(n for n in files
-                    if n.startswith(LLADA_V_UNUSED) or (n == LLADA_V_NEWLINE and NEWLINE not in expected))
-    if unused:
-        log.info("%s: not used: %s", directory, unused)
-    files = {n: p for n, p in files.items() if n not in unused}
+    model, expected = build_on_meta(cfg, tokenizer)
+    files = drop_unused(shard_index(directory), lambda n: n.startswith(LLADA_V_UNUSED) or (
+        n == LLADA_V_NEWLINE and NEWLINE not in expected), source=str(directory))
     rename = llada_v_weight_names(expected, cfg.decoder.n_layers)
     assign_weights(model, files, rename, expected, dtype=dtype, device=device, source=str(directory))
     assert_materialised(model)

@@ -30,17 +30,18 @@ import torch
 from ..adapters import VQTokensConfig
 from ..encoders.vision import VisionEncoderConfig
 from ..encoders.vq import MAGVIT2_TOKENIZERS
-from ..io import CONFIG_NAME, load_state_checked, read_json
+from ..io import CONFIG_NAME, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     LLADA_WEIGHTS,
     assert_materialised,
-    check_weights,
-    expand_names,
+    assign_parts,
+    build_on_meta,
+    decoder_weight_names,
     llada_decoder_config,
     open_checkpoint,
-    read_weights,
     shard_index,
+    shard_index_of_file,
 )
 from .tokenizers import LLADA_MASK_TOKEN, ReleasedTokenizer, released_special_ids, require_tokenizer
 
@@ -198,30 +199,15 @@ def load_mmada(path: str | Path, *, dtype: torch.dtype | None = None, device: st
                              source=source)
     special = released_special_ids(directory, config, hf_tokenizer, mask_token=LLADA_MASK_TOKEN)
     tokenizer = ReleasedTokenizer(hf_tokenizer, special, vocab_size=cfg.decoder.vocab_size, media_layout="before_chat")
-    with torch.device("meta"):
-        model = MultimodalDiffusionLM(cfg, tokenizer)  # shapes only
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    llm_rename = {src: f"decoder.{dst}" for src, dst in expand_names(LLADA_WEIGHTS, cfg.decoder.n_layers).items()
-                  if f"decoder.{dst}" in expected}
+    model, expected = build_on_meta(cfg, tokenizer)
+    llm_rename = decoder_weight_names(LLADA_WEIGHTS, cfg.decoder.n_layers, expected)
     parts = [(shard_index(directory), llm_rename, dtype, str(directory))]
     if vq_dir is not None:
         weights = vq_weight_file(vq_dir)
         vq_files = {n: p for n, p in shard_index_of_file(weights).items() if not n.startswith(VQ_UNUSED)}
         parts.append((vq_files, {n: f"vision.{n}" for n in vq_files if f"vision.{n}" in expected}, VQ_DTYPE,
                       str(weights)))
-    state: dict[str, torch.Tensor] = {}
-    for files, rename, part_dtype, where in parts:
-        check_weights(files, rename, expected, dtype=part_dtype, source=where)
-        state.update(read_weights(files, rename, dtype=part_dtype, device=device))
-    load_state_checked(model, state, source=str(directory), assign=True)
+    assign_parts(model, parts, expected, device=device, source=str(directory))
     assert_materialised(model)
     log.info("loaded MMaDA %s (%s)", directory, f"image tokenizer {vq_name}" if vq_name else "text only")
     return model.eval()
-
-
-def shard_index_of_file(path: Path) -> dict[str, Path]:
-    """Tensor name -> ``path`` for every tensor of one safetensors file."""
-    from .formats import _safe_open
-
-    with _safe_open(path) as f:
-        return {name: path for name in f.keys()}

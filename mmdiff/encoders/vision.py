@@ -135,6 +135,7 @@ class VisionEncoder(nn.Module):
     input_size: int
     transform: Callable[[Image.Image], torch.Tensor]  # the backbone's eval transform
     mean: tuple[float, float, float]  # normalisation mean, also the padding colour
+    pad: bool = True  # preprocess pads each image to a square of the mean colour (False: the whole image as is)
     emits: str = "features"  # forward's output: "features" (B, N, out_dim) or "ids" (B, N) codes (encoders.vq)
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
@@ -148,9 +149,11 @@ class VisionEncoder(nn.Module):
         return self.grid[0] * self.grid[1]
 
     def preprocess(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
-        """Load, pad to square, resize and normalise with the backbone's data config -> (B, 3, H, W)."""
+        """Load, pad to square (when ``pad``), resize and normalise with the backbone's data config -> (B, 3, H, W)."""
         if not images:
             raise ValueError("preprocess needs at least one image")
+        if not self.pad:
+            return torch.stack([self.transform(load_image(im)) for im in images])
         fill = tuple(round(255 * m) for m in self.mean)
         return torch.stack([self.transform(pad_to_square(load_image(im), fill)) for im in images])
 
@@ -378,6 +381,8 @@ class SiglipVisionEncoder(VisionEncoder):
     Plain torch only (no buffers), so it can be built on the meta device and loaded by assignment.
     """
 
+    pad = False  # preprocess resizes the whole image (see above)
+
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__(cfg)
         if cfg.name not in SIGLIP_TOWERS:
@@ -412,12 +417,6 @@ class SiglipVisionEncoder(VisionEncoder):
             return True
         parts = name.split(".")
         return parts[:2] == ["encoder", "layers"] and int(parts[2]) > self.index
-
-    def preprocess(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
-        """Load and resize each whole image (no padding), normalise -> (B, 3, H, W)."""
-        if not images:
-            raise ValueError("preprocess needs at least one image")
-        return torch.stack([self.transform(load_image(im)) for im in images])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixels)  # (B, N, D)

@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from ..media import load_image
 from .vision import VISION_ENCODERS, VisionEncoder, VisionEncoderConfig, _check_weights, _log_init
 
 #: MAGVIT-v2 tokenizers by name: encoder sizes and the LFQ code width ``codebook_dim`` (= z_channels).
@@ -177,6 +176,7 @@ class Magvit2Tokenizer(VisionEncoder):
     """
 
     emits = "ids"  # forward gives code ids in [0, out_dim), which the model embeds with the decoder's table
+    pad = False  # preprocess: the transform resizes the shorter side and centre-crops, no padding
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__(cfg)
@@ -204,12 +204,6 @@ class Magvit2Tokenizer(VisionEncoder):
 
         state = load_safetensors(path)
         load_state_checked(self, {k: v for k, v in state.items() if k.startswith("encoder.")}, source=str(path))
-
-    def preprocess(self, images: Sequence) -> torch.Tensor:
-        """Load, resize the shorter side, centre crop, normalise -> (B, 3, H, W)."""
-        if not images:
-            raise ValueError("preprocess needs at least one image")
-        return torch.stack([self.transform(load_image(im)) for im in images])
 
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the continuous latents before quantisation (B, z_channels, h, w)."""
