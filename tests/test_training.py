@@ -372,3 +372,20 @@ def test_relate_loss_targets(tmp_path):
     expected = sum(F.cross_entropy(head.relate[k](state[[r for r, _ in t]]), torch.tensor([y for _, y in t]))
                    for k, t in targets.items() if t)
     torch.testing.assert_close(loss, expected)
+
+
+def test_cell_states_pools_a_patch_grid_to_cells():
+    """A token-rich model's 6 x 6 patch states reach the cell probes as the mean of each cell's 2 x 2 patches
+    (reading order); one token per cell passes unchanged; a grid that does not split into cells is refused."""
+    from mmdiff.data.scenes import GRID
+    from mmdiff.training.heads import cell_states
+
+    tokens = torch.randn(2, 36, 5)
+    grid = tokens.view(2, 6, 6, 5)
+    want = torch.stack([grid[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].mean(dim=(1, 2))
+                        for r in range(GRID) for c in range(GRID)], dim=1)
+    torch.testing.assert_close(cell_states(tokens), want)
+    nine = torch.randn(2, GRID * GRID, 5)
+    assert cell_states(nine) is nine
+    with pytest.raises(ValueError, match="square patch grid"):
+        cell_states(torch.randn(1, 20, 5))

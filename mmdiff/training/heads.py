@@ -44,6 +44,21 @@ class CellHead(nn.Module):
         return {k: h(x) for k, h in self.heads.items()}  # name -> (B, 9, classes)
 
 
+def cell_states(tokens: torch.Tensor) -> torch.Tensor:
+    """The image-token states ``tokens`` (B, N, D) as one state per grid cell (B, GRID * GRID, D): unchanged
+    when there is one token per cell (the shipped model's 2x2-pooled projector); a finer square patch grid
+    (a token-rich model: 6 x 6 patches, 36 tokens) is average-pooled to the cells, so the cell probes
+    read the mean of each cell's patches."""
+    B, N, D = tokens.shape
+    if N == GRID * GRID:
+        return tokens
+    side = round(N ** 0.5)
+    if side * side != N or side % GRID:
+        raise ValueError(f"{N} image tokens are not a square patch grid divisible into {GRID} x {GRID} cells")
+    x = tokens.transpose(1, 2).reshape(B, D, side, side)
+    return F.adaptive_avg_pool2d(x, GRID).flatten(2).transpose(1, 2)
+
+
 def _probe_loss(probes: nn.ModuleDict, state: torch.Tensor, targets: dict[str, list[tuple[int, int]]]) -> torch.Tensor:
     """Sum over probes k of the cross-entropy of ``probes[k]`` on the rows of ``state`` (B, D) that
     ``targets[k]`` lists as (row, class); probes without targets are skipped (zero when none has any)."""
@@ -55,7 +70,7 @@ def _probe_loss(probes: nn.ModuleDict, state: torch.Tensor, targets: dict[str, l
 class GroundHead(nn.Module):
     """Training-only probes on the decoder's states.
 
-    On the image-token states (one token per grid cell):
+    On the image-token states (one per grid cell; finer patch grids pooled to cells by :func:`cell_states`):
     ``focus`` (3 logits per cell): is the cell in focus group 1, 2, 3 of the question
     (:attr:`mmdiff.data.questions.QA.focus`: named object, second object, relation region).
     ``rank`` (MAX_OBJECTS + 1 classes per cell): the cell's object index in reading order, or
@@ -114,8 +129,8 @@ class GroundHead(nn.Module):
         layer = layer if layer >= 0 else len(hidden) // 2
         img = kinds[rows] == IMAGE  # (B', P)
         h = hidden[layer][rows, : img.shape[1]]  # (B', P, D): prompt positions
-        n_cells = int(img[0].sum())
-        states = h[img].view(len(rows), n_cells, -1)  # (B', cells, D) in reading order
+        states = cell_states(h[img].view(len(rows), int(img[0].sum()), -1))  # (B', cells, D) in reading order
+        n_cells = states.shape[1]
         rank_target = torch.full((len(rows), n_cells), self.rank.out_features - 1, dtype=torch.long)
         focus_target = torch.zeros(len(rows), n_cells, self.n_groups)
         has_focus = torch.zeros(len(rows), dtype=torch.bool)
