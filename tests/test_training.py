@@ -133,7 +133,7 @@ def test_speech_recipe_starts_from_a_trained_model_and_trains_only_its_speech_pa
                                                   eos_token_id=0, decoder_start_token_id=1)).half().save_pretrained(whisper)
     speech = dict(base_cfg, init=str(tmp_path / "model"), out=str(tmp_path / "speech"), fp16_parts=["audio"],
                   stages=[{"name": "asr", "kind": "asr", "steps": 3, "batch_size": 4, "train": ["audio_adapter"],
-                           "warmup": 1}], eval_every=3)
+                           "warmup": 1, "save_as": str(tmp_path / "speech-asr")}], eval_every=3)
     speech["model"] = dict(base_cfg["model"], audio={**sizes, "checkpoint": str(whisper), "max_seconds": 8.0},
                            audio_adapter={"kind": "audio_ctc", "in_dim": 16, "out_dim": 32, "layers": 1, "hidden": 8,
                                           "heads": 2})
@@ -147,9 +147,10 @@ def test_speech_recipe_starts_from_a_trained_model_and_trains_only_its_speech_pa
     for part in ("decoder", "vision", "vision_adapter"):
         for (name, a), b in zip(getattr(model, part).state_dict().items(), getattr(base, part).state_dict().values()):
             assert torch.equal(a, b), f"{part}.{name} changed"
-    saved = load_safetensors(tmp_path / "speech" / "model.safetensors")
-    assert {v.dtype for k, v in saved.items() if k.startswith("audio.")} == {torch.float16}
-    assert {v.dtype for k, v in saved.items() if not k.startswith("audio.")} == {torch.float32}
+    for out in ("speech", "speech-asr"):  # a stage's export (save_as) keeps the float16 parts too
+        saved = load_safetensors(tmp_path / out / "model.safetensors")
+        assert {v.dtype for k, v in saved.items() if k.startswith("audio.")} == {torch.float16}
+        assert {v.dtype for k, v in saved.items() if not k.startswith("audio.")} == {torch.float32}
     log = [json.loads(l) for l in (tmp_path / "speech.train_log.jsonl").read_text().splitlines()]
     assert any("val_asr" in r for r in log)
 
@@ -389,3 +390,27 @@ def test_cell_states_pools_a_patch_grid_to_cells():
     assert cell_states(nine) is nine
     with pytest.raises(ValueError, match="square patch grid"):
         cell_states(torch.randn(1, 20, 5))
+
+
+def test_token_rich_recipes_parse_and_train_a_36_token_model(tmp_path):
+    """The token-rich recipes of issue #24 (hybrid and diffusion-only): one image is the 6 x 6 patch grid (36
+    tokens, no cell pooling) and no speech path; a tiny model of that layout trains through every stage with the
+    cell probes (patches pooled to cells) and answers with 36 image tokens in its prompt."""
+    for name, last in (("mmdiff-tiny-rich.json", "diffusion"), ("mmdiff-tiny-rich-diffusion-only.json", "diffusion")):
+        cfg = TrainConfig.from_file(ROOT / "configs" / name)
+        assert cfg.model["vision_adapter"]["pool"] == 1 and "audio" not in cfg.model and cfg.speech_clips == 0
+        assert cfg.stages[-1].kind == last and all(s.kind != "asr" for s in cfg.stages)
+    tiny = tiny_config(tmp_path, steps=2)
+    tiny["model"]["vision"]["img_size"] = 72  # 6 x 6 patches of 12 px
+    tiny["model"]["vision_adapter"]["grid"] = [6, 6]
+    Trainer(TrainConfig.from_file(write(tmp_path, tiny)), progress=False).run()
+    model = MultimodalDiffusionLM.from_pretrained(tmp_path / "model")
+    import random
+
+    from mmdiff.data.scenes import render, sample_scene
+
+    image = render(sample_scene(random.Random(0), "test"))
+    assert model.num_image_tokens(image) == 36 and model.image_tokens([image])[0].shape[0] == 36
+    assert model.generate(["what colour is the object in the centre?"], images=[image])[0].nfe >= 1
+    log = [json.loads(line) for line in (tmp_path / "model.train_log.jsonl").read_text().splitlines()]
+    assert all(r["rank"] > 0 and r["readout"] > 0 for r in log if r["stage"] == "diffusion" and "loss" in r)

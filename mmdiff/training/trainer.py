@@ -174,7 +174,7 @@ class Trainer:
             if self.rank == 0:
                 save_state(self.state_dir, self.model, None, self.state)
                 if stage.save_as:
-                    self.model.save_pretrained(stage.save_as)
+                    self.model.save_pretrained(stage.save_as, fp16_parts=self.cfg.fp16_parts)
         if self.rank == 0:
             self.model.eval()
             self.model.save_pretrained(self.out, fp16_parts=self.cfg.fp16_parts)
