@@ -1,23 +1,15 @@
 """bench/redundancy.py on a tiny random prefix-LM model: its table's columns, the FLOPs pruning and
 layer skipping save, the Wilson interval, the JSON report and bad --models items."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_redundancy", ROOT / "bench" / "redundancy.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("redundancy", monkeypatch)
 
 
 @pytest.fixture(scope="module")
