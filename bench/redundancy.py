@@ -34,6 +34,7 @@ cut >= 25% of the decoder FLOPs at <= 1 point accuracy loss (point estimates).
         from-scratch=checkpoints/mmdiff-tiny-rich-diffusion-only] [--n 300] [--n-long 30]
         [--ratios 0.75,0.5,0.25] [--long-length 152] [--long-steps N] [--repeats 1] [--json OUT.json]
     python bench/redundancy.py --smoke --models shipped=checkpoints/mmdiff-tiny
+    python bench/redundancy.py --tables OUT.json   # the tables of a saved run, e.g. for docs
 """
 from __future__ import annotations
 
@@ -148,6 +149,14 @@ def study(model, examples: list[Example], *, length: int, settings: list[Setting
     return rows
 
 
+def format_workload(entry: dict, workload: str, *, threads: int) -> str:
+    """A heading line and the table of one model's workload in a report (see ``--json``)."""
+    w = entry["workloads"][workload]
+    return (f"\n### {entry['name']} ({entry['dir']}), {workload} answers: {w['n']} examples, canvas {w['canvas']}, "
+            f"{w['steps']} steps, {w['visual_tokens']} visual of {w['prompt_tokens']} prompt tokens, "
+            f"torch threads {threads}\n\n{format_table(w['rows'])}")
+
+
 def format_table(rows: list[dict]) -> str:
     """One markdown table of :func:`study`'s rows."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -208,9 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caches", default=",".join(CACHES), help="comma-separated cache modes (default: none,prefix)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of every example (default: 1)")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--tables", metavar="REPORT.json", help="print the tables of a saved --json report and stop")
     p.add_argument("--smoke", action="store_true",
                    help="a short check: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items()))
     args = p.parse_args(argv)
+    if args.tables:
+        report = json.loads(Path(args.tables).read_text())
+        for entry in report["models"]:
+            for w in entry["workloads"]:
+                print(format_workload(entry, w, threads=report["threads"]))
+        return 0
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
@@ -255,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             visual, prompt = prompt_tokens(model, examples[0])
             entry["workloads"][w] = {"n": len(examples), "canvas": L, "steps": steps, "visual_tokens": visual,
                                      "prompt_tokens": prompt, "rows": rows}
-            print(f"\n### {name} ({path}), {w} answers: {len(examples)} examples, canvas {L}, {steps} steps, "
-                  f"{visual} visual of {prompt} prompt tokens, torch threads {torch.get_num_threads()}\n")
-            print(format_table(rows), flush=True)
+            print(format_workload(entry, w, threads=report["threads"]), flush=True)
         report["models"].append(entry)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

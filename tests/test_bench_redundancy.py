@@ -77,6 +77,8 @@ def test_main_writes_every_number(bench, model_dir, tmp_path, capsys):
     assert short["n"] == 2 and short["visual_tokens"] > 0 and short["prompt_tokens"] > short["visual_tokens"]
     assert {r["method"] for r in short["rows"]} == {"none", "FastV", "DivPrune", "VTW"}
     assert report["models"][0]["workloads"]["long"]["canvas"] == 8
+    assert bench.main(["--tables", str(out)]) == 0  # the tables again, from the saved numbers
+    assert capsys.readouterr().out.strip() == printed.strip()
 
 
 @pytest.mark.parametrize("argv, message", [(["--models", "tiny"], "NAME=DIR items"),
