@@ -113,7 +113,7 @@ def row_of(r: Result, base: Result) -> dict:
     """One table row's numbers: ``r`` against the unpruned ``base`` of the same cache mode."""
     n = len(r.correct)
     lo, hi = wilson(sum(r.correct), n)
-    delta = 100 * (r.accuracy - base.accuracy)
+    delta = 100 * (sum(r.correct) - sum(base.correct)) / n  # exactly -1.0 for 3 of 300 lost
     cut = 1 - r.gflop / base.gflop if base.gflop else 0.0
     s = r.setting
     return {"cache": s.cache, "method": s.family, "setting": s.name,
@@ -198,7 +198,7 @@ def prompt_tokens(model, ex: Example) -> tuple[int, int]:
     return int((kinds == IMAGE).sum()), int(valid.sum())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     p = common.parser(__doc__, threads=1)
     p.set_defaults(model=None)  # --models names the models
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME=DIR",
@@ -212,14 +212,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="short,long", help="comma-separated: short, long (default: both)")
     p.add_argument("--ratios", default="0.75,0.5,0.25", help="kept shares of FastV / DivPrune (default: 0.75,0.5,0.25)")
     p.add_argument("--vtw-layers", help="K of the VTW rows (default: half the depth and the last layer)")
-    p.add_argument("--skip", help="layers the skipping rows leave out (default: the two after the middle "
-                                  "layer; 'none' for no skipping rows)")
+    p.add_argument("--skip", help="layers the skipping rows leave out (default: the middle layer and the next; "
+                                  "'none' for no skipping rows)")
     p.add_argument("--caches", default=",".join(CACHES), help="comma-separated cache modes (default: none,prefix)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of every example (default: 1)")
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("--tables", metavar="REPORT.json", help="print the tables of a saved --json report and stop")
     p.add_argument("--smoke", action="store_true",
                    help="a short check: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items()))
+    return p
+
+
+def run_model(p, args, name: str, path: str, data: dict[str, list[Example]], *, workloads: list[str],
+              ratios: tuple[float, ...], caches: tuple[str, ...], threads: int) -> dict:
+    """One model's report entry: every workload's rows, each table printed as soon as it is measured."""
+    torch.manual_seed(0)
+    model = common.load_model(args, path)
+    n_layers = model.cfg.decoder.n_layers
+    vtw = int_list(args.vtw_layers) if args.vtw_layers else tuple(sorted({n_layers // 2, n_layers - 1}))
+    skip = (() if args.skip == "none" else int_list(args.skip) if args.skip
+            else tuple(sorted({min(n_layers - 1, n_layers // 2 + i) for i in (0, 1)})))
+    bad = [k for k in (*vtw, *skip) if not 0 <= k < n_layers]
+    if bad:
+        p.error(f"--models {name}: layer {bad[0]} of --vtw-layers / --skip is out of range for its "
+                f"{n_layers} decoder layers")
+    if "prefix" in caches and model.exact_cache != "prefix":
+        p.error(f"--models {name}: the prefix cache is exact only for models trained with the prefix mask; "
+                f"this one runs {model.cfg.decoder.attn_mode} attention (use --caches none)")
+    lengths = {"short": (args.gen_length, args.gen_length),
+               "long": (args.long_length, args.long_steps or args.long_length)}
+    entry = {"name": name, "dir": path, "n_layers": n_layers, "workloads": {}}
+    for w in workloads:
+        (L, steps), examples = lengths[w], data[w]
+        print(f"[{name}] {w} ...", file=sys.stderr, flush=True)
+        settings = study_settings(steps, n_layers, ratios=ratios, vtw_layers=vtw, skip=skip)
+        rows = study(model, examples, length=L, settings=settings, repeats=args.repeats, caches=caches)
+        visual, prompt = prompt_tokens(model, examples[0])
+        entry["workloads"][w] = {"n": len(examples), "canvas": L, "steps": steps, "visual_tokens": visual,
+                                 "prompt_tokens": prompt, "rows": rows}
+        print(format_workload(entry, w, threads=threads), flush=True)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.tables:
         report = json.loads(Path(args.tables).read_text())
@@ -247,34 +283,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--models {name}: no model at {path} (train it first: its recipe is in configs/)")
     common.start(p, args)
     data = common.test_split(args.n, args.n_long, args.data_seed)
-    lengths = {"short": (args.gen_length, args.gen_length), "long": (args.long_length, args.long_steps or args.long_length)}
+    empty = [w for w in workloads if not data[w]]
+    if empty:
+        p.error(f"no examples for the {empty[0]} workload")
     report: dict = {"argv": sys.argv[1:] if argv is None else list(argv), "threads": torch.get_num_threads(),
                     "repeats": args.repeats, "models": []}
     for name, path in models:
-        torch.manual_seed(0)
-        model = common.load_model(args, path)
-        n_layers = model.cfg.decoder.n_layers
-        if "prefix" in caches and model.exact_cache != "prefix":
-            p.error(f"--models {name}: the prefix cache is exact only for models trained with the prefix mask; "
-                    f"this one runs {model.cfg.decoder.attn_mode} attention (use --caches none)")
-        vtw = int_list(args.vtw_layers) if args.vtw_layers else tuple(sorted({n_layers // 2, n_layers - 1}))
-        skip = (() if args.skip == "none" else int_list(args.skip) if args.skip
-                else tuple(sorted({min(n_layers - 1, n_layers // 2 + i) for i in (0, 1)})))
-        entry = {"name": name, "dir": path, "n_layers": n_layers, "workloads": {}}
-        for w in workloads:
-            (L, steps), examples = lengths[w], data[w]
-            if not examples:
-                p.error(f"no examples for the {w} workload")
-            print(f"[{name}] {w} ...", file=sys.stderr, flush=True)
-            settings = study_settings(steps, n_layers, ratios=ratios, vtw_layers=vtw, skip=skip)
-            rows = study(model, examples, length=L, settings=settings, repeats=args.repeats, caches=caches)
-            visual, prompt = prompt_tokens(model, examples[0])
-            entry["workloads"][w] = {"n": len(examples), "canvas": L, "steps": steps, "visual_tokens": visual,
-                                     "prompt_tokens": prompt, "rows": rows}
-            print(format_workload(entry, w, threads=report["threads"]), flush=True)
-        report["models"].append(entry)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        report["models"].append(run_model(p, args, name, path, data, workloads=workloads, ratios=ratios,
+                                          caches=caches, threads=report["threads"]))
+        if args.json:  # after every model, so a long run leaves its numbers behind
+            Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 
