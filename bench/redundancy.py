@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = tuple(float(v) for v in args.ratios.split(",") if v.strip())
         workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
         caches = tuple(c.strip() for c in args.caches.split(",") if c.strip())
+        if not ratios or not all(0 <= r < 1 for r in ratios):
+            raise ValueError(f"--ratios takes kept shares in [0, 1), got {args.ratios!r}")
         bad = [w for w in workloads if w not in ("short", "long")] + [c for c in caches if c not in CACHES]
         if bad:
             raise ValueError(f"unknown workload or cache {bad[0]!r}; workloads: short, long; caches: none, prefix")

@@ -85,7 +85,8 @@ def test_main_writes_every_number(bench, model_dir, tmp_path, capsys):
                                            (["--models", "a=x", "a=y"], "names 'a' twice"),
                                            (["--models", "a=/nonexistent"], "no model at /nonexistent"),
                                            (["--model", "x", "--models", "a=x"], "--models NAME=DIR"),
-                                           (["--models", "a=x", "--caches", "dual"], "unknown workload or cache")])
+                                           (["--models", "a=x", "--caches", "dual"], "unknown workload or cache"),
+                                           (["--models", "a=x", "--ratios", "0.5,1.5"], "kept shares in [0, 1)")])
 def test_bad_arguments_are_one_line(bench, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
