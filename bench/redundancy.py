@@ -80,7 +80,7 @@ def study_settings(steps: int, n_layers: int, *, ratios: tuple[float, ...], vtw_
     sampler = {"steps": steps}
     times = (("step 0", {}), (f"late (from step {mid})", {"prune_from_step": mid}),
              ("progressive", {"prune_schedule": "progressive"}))
-    out = [Setting("unpruned", "none", sampler)]
+    out = [Setting("unpruned", "baseline", sampler)]
     for family, label, k in (("FastV", "fastv", 2 if n_layers > 2 else 1), ("DivPrune", "divprune", 0)):
         out += [Setting(f"keep {r:.0%} K={k}, {when}", family, sampler,
                         pruning=PruningConfig(prune=label, keep_ratio=r, prune_layer=k, **extra))

@@ -41,7 +41,7 @@ def test_study_table_columns_and_flops(bench, model_dir):
                  ((30, 200, 30), "yes", "no")]]
     n_layers = model.cfg.decoder.n_layers
     settings = bench.study_settings(4, n_layers, ratios=(0.5,), vtw_layers=(1,), skip=(n_layers - 1,))
-    assert [s.family for s in settings] == ["none"] + ["FastV"] * 3 + ["DivPrune"] * 3 + ["VTW"] * 2 + ["layer skip"] * 2
+    assert [s.family for s in settings] == ["baseline"] + ["FastV"] * 3 + ["DivPrune"] * 3 + ["VTW"] * 2 + ["layer skip"] * 2
     rows = bench.study(model, examples, length=4, settings=settings, repeats=1)
     assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 11 + ["prefix"] * 11
     table = bench.format_table(rows).splitlines()
@@ -75,7 +75,7 @@ def test_main_writes_every_number(bench, model_dir, tmp_path, capsys):
     report = json.loads(out.read_text())
     short = report["models"][0]["workloads"]["short"]
     assert short["n"] == 2 and short["visual_tokens"] > 0 and short["prompt_tokens"] > short["visual_tokens"]
-    assert {r["method"] for r in short["rows"]} == {"none", "FastV", "DivPrune", "VTW"}
+    assert {r["method"] for r in short["rows"]} == {"baseline", "FastV", "DivPrune", "VTW"}
     assert report["models"][0]["workloads"]["long"]["canvas"] == 8
     assert bench.main(["--tables", str(out)]) == 0  # the tables again, from the saved numbers
     assert capsys.readouterr().out.strip() == printed.strip()
