@@ -37,11 +37,12 @@ def test_study_table_columns_and_flops(bench, model_dir):
 
     model = load(model_dir, dtype="float32", device="cpu")
     examples = [bench.Example(Image.new("RGB", (32, 32), c), q, [a]) for c, q, a in
-                [((200, 30, 30), "how many red circles are there?", "1"), ((0, 0, 200), "where is the blue square?", "top left"),
-                 ((30, 200, 30), "yes", "no")]]
+                [((200, 30, 30), "how many red circles are there?", "1"),
+                 ((0, 0, 200), "where is the blue square?", "top left"), ((30, 200, 30), "yes", "no")]]
     n_layers = model.cfg.decoder.n_layers
     settings = bench.study_settings(4, n_layers, ratios=(0.5,), vtw_layers=(1,), skip=(n_layers - 1,))
-    assert [s.family for s in settings] == ["baseline"] + ["FastV"] * 3 + ["DivPrune"] * 3 + ["VTW"] * 2 + ["layer skip"] * 2
+    families = ["baseline"] + ["FastV"] * 3 + ["DivPrune"] * 3 + ["VTW"] * 2 + ["layer skip"] * 2
+    assert [s.family for s in settings] == families
     rows = bench.study(model, examples, length=4, settings=settings, repeats=1)
     assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 11 + ["prefix"] * 11
     table = bench.format_table(rows).splitlines()
