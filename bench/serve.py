@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from fast_inference import DEFAULT_AR_MODEL, Example, answer_tokens, test_split
+from common import Example, answer_tokens, test_split
+from fast_inference import DEFAULT_AR_MODEL
 
 import common
 from mmdiff.commands.options import add_decode_arguments, decode_config_from_args

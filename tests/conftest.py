@@ -1,3 +1,4 @@
+import importlib.util
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,19 @@ from mmdiff.data.speech import NO_SYNTHESISER, espeak_available
 torch.set_num_threads(1)
 # the bench scripts import their shared module as ``common``, as ``python bench/<name>.py`` finds it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str, monkeypatch) -> object:
+    """``bench/<name>.py`` as a module (registered in ``sys.modules`` for the test's duration, as
+    dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    return bench
+
 
 #: the one reason every speech-synthesis test gives when it skips
 NO_ESPEAK = f"{NO_SYNTHESISER}: tests that synthesise speech skip"

@@ -1,25 +1,12 @@
 """bench/serve.py end to end on a tiny random model: one table row per system and concurrency, the
 engine's answers equal to the per-request loop's, and a burst against a one-request waiting line."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
-    return bench
+from conftest import load_bench
 
 
 def test_serve_bench_prints_its_table_peak_and_burst_lines(tiny_model_dir, capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("serve", monkeypatch)
     threads = torch.get_num_threads()
     try:  # the tiny model is not a prefix-LM: its engine runs without a cache
         assert bench.main(["--model", str(tiny_model_dir), "--ar-model", str(tiny_model_dir), "--cache", "none",
@@ -41,7 +28,7 @@ def test_serve_bench_prints_its_table_peak_and_burst_lines(tiny_model_dir, capsy
 
 
 def test_serve_bench_refuses_settings_the_engine_cannot_batch(tiny_model_dir, capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("serve", monkeypatch)
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as stopped:  # the default prefix cache, on a bidirectional model

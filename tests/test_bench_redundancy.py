@@ -1,0 +1,97 @@
+"""bench/redundancy.py on a tiny random prefix-LM model: its table's columns, the FLOPs pruning and
+layer skipping save, the Wilson interval, the JSON report and bad --models items."""
+import json
+
+import pytest
+import torch
+from conftest import load_bench
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    return load_bench("redundancy", monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random image-question model with the prefix mask (its exact cache is ``prefix``)."""
+    from mmdiff import decoder
+    from mmdiff.adapters import ProjectorConfig
+    from mmdiff.encoders import vision
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer), attn_mode="prefix")
+    vis = vision.preset("tiny-test")
+    cfg = ModelConfig(decoder=dec, vision=vis,
+                      vision_adapter=ProjectorConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("redundancy") / "m"
+    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)
+    return path
+
+
+def test_study_table_columns_and_flops(bench, model_dir):
+    from PIL import Image
+
+    from mmdiff import load
+
+    model = load(model_dir, dtype="float32", device="cpu")
+    examples = [bench.Example(Image.new("RGB", (32, 32), c), q, [a]) for c, q, a in
+                [((200, 30, 30), "how many red circles are there?", "1"),
+                 ((0, 0, 200), "where is the blue square?", "top left"), ((30, 200, 30), "yes", "no")]]
+    n_layers = model.cfg.decoder.n_layers
+    settings = bench.study_settings(4, n_layers, ratios=(0.5,), vtw_layers=(1,), skip=(n_layers - 1,))
+    families = ["baseline"] + ["FastV"] * 3 + ["DivPrune"] * 3 + ["VTW"] * 2 + ["layer skip"] * 2
+    assert [s.family for s in settings] == families
+    rows = bench.study(model, examples, length=4, settings=settings, repeats=1)
+    assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 11 + ["prefix"] * 11
+    table = bench.format_table(rows).splitlines()
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == list(bench.COLUMNS)
+    assert len(table) == 2 + len(rows)
+    for cache in ("none", "prefix"):
+        mine = [r for r in rows if r["cache"] == cache]
+        base = mine[0]
+        assert base["setting"] == "unpruned" and base["flops_cut"] == 0 and base["delta_points"] == 0
+        assert base["changed"] == 0 and base["ci95"][0] <= base["accuracy"] <= base["ci95"][1]
+        skipped = [r for r in mine if r["method"] == "layer skip"]
+        assert all(r["flops_cut"] > 0 for r in skipped)  # layer skipping saves FLOPs with and without the cache
+    plain = {r["setting"]: r for r in rows if r["cache"] == "none"}
+    for name in ("keep 50% K=0, step 0", "K=1, step 0"):  # DivPrune, VTW from step 0: image tokens dropped
+        assert plain[name]["gflop"] < plain["unpruned"]["gflop"] and plain[name]["flops_cut"] > 0
+    assert plain["keep 50% K=0, step 0"]["flops_cut"] > plain["keep 50% K=0, late (from step 2)"]["flops_cut"] > 0
+    cached = {r["setting"]: r for r in rows if r["cache"] == "prefix"}
+    # with the prefix cache, pruned image keys are masked, not removed: mmdiff.flops counts no saving
+    assert cached["keep 50% K=0, step 0"]["flops_cut"] == pytest.approx(0) == cached["K=1, step 0"]["flops_cut"]
+
+
+def test_wilson_interval(bench):
+    lo, hi = bench.wilson(285, 300)
+    assert lo == pytest.approx(0.9192, abs=1e-4) and hi == pytest.approx(0.9695, abs=1e-4)
+    assert bench.wilson(0, 30)[0] == 0.0 and bench.wilson(30, 30)[1] == 1.0 and 0 < bench.wilson(0, 30)[1] < 0.12
+
+
+def test_main_writes_every_number(bench, model_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench.main(["--models", f"tiny={model_dir}", "--n", "2", "--n-long", "1", "--gen-length", "4",
+                       "--long-length", "8", "--ratios", "0.5", "--skip", "none", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("### tiny (") == 2 and printed.count("| cache | method |") == 2
+    report = json.loads(out.read_text())
+    short = report["models"][0]["workloads"]["short"]
+    assert short["n"] == 2 and short["visual_tokens"] > 0 and short["prompt_tokens"] > short["visual_tokens"]
+    assert {r["method"] for r in short["rows"]} == {"baseline", "FastV", "DivPrune", "VTW"}
+    assert report["models"][0]["workloads"]["long"]["canvas"] == 8
+    assert bench.main(["--tables", str(out)]) == 0  # the tables again, from the saved numbers
+    assert capsys.readouterr().out.strip() == printed.strip()
+
+
+@pytest.mark.parametrize("argv, message", [(["--models", "tiny"], "NAME=DIR items"),
+                                           (["--models", "a=x", "a=y"], "names 'a' twice"),
+                                           (["--models", "a=/nonexistent"], "no model at /nonexistent"),
+                                           (["--model", "x", "--models", "a=x"], "--models NAME=DIR"),
+                                           (["--models", "a=x", "--caches", "dual"], "unknown workload or cache"),
+                                           (["--models", "a=x", "--ratios", "0.5,1.5"], "kept shares in [0, 1)")])
+def test_bad_arguments_are_one_line(bench, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
