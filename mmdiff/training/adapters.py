@@ -189,9 +189,9 @@ def _media(model: MultimodalDiffusionLM, batch: Sequence[Row], modality: str
         tokens, tmask = model.adapt_audio(out)  # (B, N', D), (B, N')
         audios = [[t[m]] for t, m in zip(tokens, tmask)]
     prompts = []
-    for r in batch:
+    for r, imgs in zip(batch, images):
         text = r.question if modality == "image" or r.type == "asr" else ""
-        prompts.append(model.format_prompt(text, n_images=len(images[len(prompts)]), n_audio=int(modality == "audio")))
+        prompts.append(model.format_prompt(text, n_images=len(imgs), n_audio=int(modality == "audio")))
     return prompts, images, audios
 
 
