@@ -23,7 +23,8 @@ Forgetting: with ``replay`` > 0 that share of each batch is drawn from the synth
 model was trained on (test scenes never appear), so its own skills keep being rehearsed; on by
 default for mmdiff models with a vision encoder. When the model also has an audio path, a share
 (``replay_spoken``) of the replayed questions is spoken, as in the recipe's audio batches (spoken VQA
-and ASR; a few hundred espeak-ng clips synthesised once), so its speech is rehearsed too.
+and ASR; a few hundred espeak-ng clips synthesised once), so the decoder keeps reading its speech path;
+as in the recipe's decoder stages, the answer loss on these items does not train the speech path itself.
 
 Validation (per question type, ``mmdiff eval``'s exact match, on ``val`` or rows held out from the
 training data) picks the best checkpoint, which is what ``out`` holds; the run resumes from
@@ -410,16 +411,23 @@ class FineTuner:
                 audios[b] = [t]
         with_clip = [b for b, it in enumerate(items) if it.clip >= 0]
         if with_clip:
-            clips = [items[b].clip for b in with_clip]
-            if self.speech.features is not None:  # the frozen encoder's cached states
-                out = audio_batch([self.speech.features[k] for k in clips])
-            else:
-                feats, mask = m.audio.batch_mels([self.speech.mels[k] for k in clips])  # (B', n_mels, T), (B', T/2)
-                out = m.audio(feats.to(m.device), mask.to(m.device))
-            tokens, tmask = m.adapt_audio(out)  # (B', N, D), (B', N)
-            for b, t, keep in zip(with_clip, tokens, tmask):
-                audios[b] = [t[keep]]
+            for b, t in zip(with_clip, self._replay_audio([items[b].clip for b in with_clip])):
+                audios[b] = [t]
         return m.embed_prompt([it.prompt for it in items], images=images, audios=audios)
+
+    @torch.no_grad()
+    def _replay_audio(self, clips: list[int]) -> list[torch.Tensor]:
+        """(N_i, D) audio tokens of speech-bank clips. No gradient: as in the recipe's decoder stages, the
+        answer loss trains the decoder to read the speech path, never the path itself (a CTC adapter is
+        trained by its CTC loss only)."""
+        m = self.model
+        if self.speech.features is not None:  # the frozen encoder's cached states
+            out = audio_batch([self.speech.features[k] for k in clips])
+        else:
+            feats, mask = m.audio.batch_mels([self.speech.mels[k] for k in clips])  # (B', n_mels, T), (B', T/2)
+            out = m.audio(feats.to(m.device), mask.to(m.device))
+        tokens, keep = m.adapt_audio(out)  # (B', N, D), (B', N)
+        return [t[k] for t, k in zip(tokens, keep)]
 
     def _response(self, items: list[Item], L: int, *, eos_fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         sp = self.model.special
