@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch is not None and not args.engine:
         raise ValueError("--max-batch sets the engine's batch: give --engine too (or --batch-size without it)")
     decode = decode_config_from_args(args)
-    rows = iter_rows(args.data)  # a file with no usable row stops here, before any model loads
-    check_rows(rows, args.data, name="--data")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    rows = iter_rows(args.data)  # a file with no usable row stops here, before any model loads
+    check_rows(rows, args.data, name="--data")
     model = None
     if args.engine:  # refused before the data is read
         model = load(args.model, dtype=dtype, device=device)
