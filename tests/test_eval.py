@@ -365,6 +365,28 @@ def test_unreadable_llava_or_parquet_data_is_one_line(tmp_path: Path, model_dir:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags", [[], GEN, ["--engine"]], ids=["per-type-canvas", "gen-length", "engine"])
+def test_data_with_no_usable_row_exits_2_before_the_model_loads(tmp_path: Path, model_dir: Path, capsys,
+                                                                monkeypatch, flags) -> None:
+    """Every row bad: one line naming the file and the first reason, exit 2, no model loaded, nothing written."""
+    from mmdiff.evaluation import canvas, runner
+    from mmdiff.evaluation import cli as eval_cli
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    for module, name in ((runner, "load"), (eval_cli, "load"), (canvas, "text_tokenizer")):
+        monkeypatch.setattr(module, name, no_load)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "image": "nope.png", "question": "q?", "answers": ["a"]}) + "\n{oops\n")
+    argv = ["eval", "--model", str(model_dir), "--quiet", "--data", str(bad), "--out", str(tmp_path / "out"), *flags]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0] == (f"mmdiff eval: error: --data {bad}: no usable rows (2 skipped; first: "
+                                        f"line 1: image file not found: {tmp_path / 'nope.png'})"), err
+    assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -243,6 +243,8 @@ def test_vqav2_style_parquet_with_image_bytes_and_answer_dicts(tmp_path):
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--replay", "1.5"], "--replay 1.5: must be a share in [0, 1) (0 = off)"),
     (["--train", "lora", "--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+    (["--replay-spoken", "1.5"], "--replay-spoken 1.5: must be a share in [0, 1] (0 = off)"),
+    (["--replay-clips", "0"], "--replay-clips 0: must be at least 1"),
     (["--train", "wings"], "--train: unknown part 'wings'"),
     (["--also-eval", "0"], "--also-eval 0: must be at least 1 question per type"),
     (["--val", "VAL_MISSING"], "--val: dataset file not found:"),
@@ -268,3 +270,169 @@ def test_every_finetune_flag_refuses_a_bad_value_in_one_line(tmp_path, tiny_mode
            and "random init" not in line]
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.train_state").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# train-adapter reads every format; LoRA resumes; spoken replay
+# ------------------------------------------------------------------------------------------------
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
+    """``mmdiff ARGV`` in this process: its exit status, and its stdout / stderr lines (log lines dropped)."""
+    from mmdiff import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    keep = [line for line in err.splitlines() if line.strip() and " INFO " not in line and "random init" not in line]
+    return rc, out.splitlines(), keep
+
+
+def parquet_file(tmp_path: Path, n: int = 4) -> Path:
+    import datasets
+
+    paths = [str(tmp_path / image(tmp_path / "images" / f"p{i}.png", colour=(30 * i, 200, 0))) for i in range(n)]
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict({"image": paths + [str(tmp_path / "images" / "missing.png")],
+                                "question": ["what colour is it?"] * (n + 1), "answer": ["green"] * (n + 1),
+                                "type": ["colour"] * (n + 1)}).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["llava", "hf"])
+def test_train_adapter_reads_every_format_and_counts_bad_rows(tmp_path, tiny_model_dir, capsys, fmt):
+    """train-adapter reads what ``mmdiff train --data`` reads; a bad record is skipped and counted; the output loads."""
+    import mmdiff
+
+    if fmt == "llava":
+        data = llava_file(tmp_path, n=4)
+        recs = json.loads(data.read_text()) + [{"id": "bad", "image": "images/missing.png",
+                                                "conversations": turn("<image>\nwhat colour is it?", "red")}]
+        data.write_text(json.dumps(recs))
+    else:
+        data = parquet_file(tmp_path)
+    out = tmp_path / "adapter"
+    rc, stdout, err = run_cli(["train-adapter", "--base", tiny_model_dir, "--data", data, "--modality", "image",
+                               "--out", out, "--steps", "2", "--batch-size", "2"], capsys)
+    assert rc == 0, err
+    assert any(f"({fmt}): 4 usable records (4 questions), 1 skipped" in line for line in stdout), stdout
+    assert any("image file not found" in line for line in stdout)
+    model = mmdiff.load(out)  # a whole model directory: ask / eval / demo load it unchanged
+    [res] = model.generate(["what colour is it?"], images=[tmp_path / "images" / ("0.png" if fmt == "llava" else "p0.png")])
+    assert isinstance(res.text, str)
+
+
+def test_train_adapter_with_no_usable_row_stops_before_the_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from mmdiff.training import adapters
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(adapters, "load", no_load)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "image": "nope.png", "conversations": turn("<image> q", "a")}]))
+    rc, _, err = run_cli(["train-adapter", "--base", tiny_model_dir, "--data", bad, "--modality", "image",
+                          "--out", tmp_path / "o", "--steps", "2"], capsys)
+    assert rc == 2 and len(err) == 1 and "--data" in err[0], err
+    assert "no usable rows (1 skipped; first: line 1: image file not found" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_lora_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+    """A LoRA run stopped after 2 steps and resumed ends with the same adapters and merged model as one run."""
+    from safetensors.torch import load_file
+
+    from mmdiff.training.lora import LORA_NAME
+
+    data = llava_file(tmp_path, n=8, answer="teal")
+    whole = config(tmp_path / "a", data, tiny_model_dir, train=["lora"], lr=1e-2)
+    FineTuner(whole, resume=False, progress=False).run()
+    cut = config(tmp_path / "b", data, tiny_model_dir, train=["lora"], lr=1e-2)
+    real = FineTuner._loss
+
+    def stop_at_3(self, step, rng):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, rng)
+
+    monkeypatch.setattr(FineTuner, "_loss", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        FineTuner(cut, resume=False, progress=False).run()
+    state = tmp_path / "b" / "out.train_state"
+    assert json.loads((state / STATE_NAME).read_text())["step"] == 2
+    init = MultimodalDiffusionLM.from_pretrained(tiny_model_dir).state_dict()
+    base = MultimodalDiffusionLM.from_pretrained(state).state_dict()  # the un-merged base: a plain model
+    assert all(torch.equal(init[k], base[k]) for k in init)  # --train lora: only the adapters learn
+    assert load_file(state / LORA_NAME) and (state / "optimizer.safetensors").is_file()
+    monkeypatch.setattr(FineTuner, "_loss", real)
+    FineTuner(cut, resume=True, progress=False).run()
+    a, b = load_file(tmp_path / "a" / "out.train_state" / LORA_NAME), load_file(state / LORA_NAME)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    a = MultimodalDiffusionLM.from_pretrained(tmp_path / "a" / "out").state_dict()
+    b = MultimodalDiffusionLM.from_pretrained(tmp_path / "b" / "out").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # merged: it learnt
+
+
+@pytest.fixture(scope="module")
+def audio_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The tiny image model with a tiny speech path (Whisper-style encoder, semantic adapter)."""
+    from mmdiff import decoder
+    from mmdiff.adapters import ProjectorConfig, SemanticAdapterConfig
+    from mmdiff.encoders import vision
+    from mmdiff.encoders.audio import AudioEncoderConfig
+    from mmdiff.model import ModelConfig
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
+    vis = vision.preset("tiny-test")
+    cfg = ModelConfig(decoder=dec, vision=vis,
+                      vision_adapter=ProjectorConfig(kind="linear", in_dim=vis.embed_dim, out_dim=dec.d_model),
+                      audio=AudioEncoderConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                                               encoder_ffn_dim=64, max_source_positions=500, max_seconds=10.0),
+                      audio_adapter=SemanticAdapterConfig(kind="audio_semantic", in_dim=32, out_dim=dec.d_model))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-audio-model")
+    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.mark.needs_espeak
+def test_replay_speaks_a_share_of_its_questions_when_the_model_hears(tmp_path, audio_model_dir, monkeypatch):
+    """Image-only data, a model with a speech path: replayed questions are spoken (spoken VQA and ASR) and
+    reach the decoder through the speech path, which the answer loss leaves as it was (the recipe's way)."""
+    import random
+
+    data = llava_file(tmp_path, n=8)
+    cfg = config(tmp_path, data, audio_model_dir, replay=0.5, replay_scenes=8, replay_spoken=1.0, replay_clips=4,
+                 steps=2, lr=1e-2)
+    ft = FineTuner(cfg, resume=False, progress=False)
+    assert ft.speech is not None and len(ft.speech) == 4 and ft.speech.features is not None  # frozen encoder: cached
+    items = ft._replay_items(random.Random(0), 20)
+    assert all(it.clip >= 0 for it in items) and {it.type == "asr" for it in items} == {True, False}
+    embeds, valid = ft._embed(items[:2])
+    assert embeds.shape[1] > max(len(it.prompt) for it in items[:2])  # the clips' tokens are in the prompt
+    heard = []
+    real = ft._replay_audio
+    monkeypatch.setattr(ft, "_replay_audio", lambda clips: heard.append(len(clips)) or real(clips))
+    before = {k: v.clone() for k, v in ft.model.audio_adapter.state_dict().items()}
+    decoder = {k: v.clone() for k, v in ft.model.decoder.state_dict().items()}
+    ft.run()
+    assert heard and sum(heard) >= 2 * 2  # two spoken items in each of the two steps' batches
+    after = MultimodalDiffusionLM.from_pretrained(cfg.out)
+    assert all(torch.equal(before[k], v) for k, v in after.audio_adapter.state_dict().items())
+    assert any(not torch.equal(decoder[k], v) for k, v in after.decoder.state_dict().items())
+
+
+def test_spoken_replay_is_off_without_a_synthesiser_or_a_speech_path(tmp_path, audio_model_dir, tiny_model_dir,
+                                                                     monkeypatch, capsys):
+    from mmdiff.data.speech import NO_SYNTHESISER
+    from mmdiff.training import finetune
+
+    data = llava_file(tmp_path, n=8)
+    ft = FineTuner(config(tmp_path, data, tiny_model_dir, replay=0.5, replay_scenes=4), resume=False, progress=False)
+    out = capsys.readouterr().out
+    assert ft.speech is None and "no spoken questions" not in out and "of it spoken" not in out  # nothing to rehearse
+    monkeypatch.setattr(finetune, "espeak_available", lambda: False)
+    ft = FineTuner(config(tmp_path, data, audio_model_dir, replay=0.5, replay_scenes=4), resume=False, progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if NO_SYNTHESISER in line]
+    assert ft.speech is None and len(lines) == 1 and lines[0].startswith("replay: no spoken questions")

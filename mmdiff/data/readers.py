@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,5 +332,33 @@ def report(result: ReadResult, *, name: str = "data", shown: int = SHOWN_REASONS
 def check_usable(result: ReadResult, *, name: str = "--data") -> None:
     """One clear error when ``result`` has no usable record (before any training)."""
     if not result.conversations:
-        first = f"; first: line {result.errors[0].line_no}: {result.errors[0].reason}" if result.errors else ""
-        raise ValueError(f"{name} {result.path}: no usable rows ({len(result.errors)} skipped{first})")
+        raise no_usable_rows(name, result.path, result.errors)
+
+
+def check_rows(rows: list[Row | RowError], path: str | Path, *, name: str = "--data") -> None:
+    """:func:`check_usable` for :func:`iter_rows`' rows: one clear error when none is a :class:`Row`."""
+    if not any(isinstance(r, Row) for r in rows):
+        raise no_usable_rows(name, str(path), [r for r in rows if isinstance(r, RowError)])
+
+
+def no_usable_rows(name: str, path: str, errors: list[RowError]) -> ValueError:
+    """The one line naming a dataset with no usable row: how many were skipped and the first reason."""
+    first = f"; first: line {errors[0].line_no}: {errors[0].reason}" if errors else ""
+    return ValueError(f"{name} {path}: no usable rows ({len(errors)} skipped{first})")
+
+
+def read_usable(path: str | Path, *, fmt: str = "auto", name: str = "--data",
+                say: Callable[[str], None] = print) -> ReadResult:
+    """What training reads: :func:`read_dataset` with its refusals (missing file, wrong format) named by the
+    flag ``name``, its :func:`report` given to ``say``, then :func:`check_usable`.
+
+    Raises:
+        ValueError: the file is missing or unreadable as ``fmt``, or it has no usable record.
+    """
+    try:
+        result = read_dataset(path, fmt=fmt)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{name}: {e}") from None
+    say(report(result, name=name))
+    check_usable(result, name=name)
+    return result

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.dataset import Row
+from ..data.dataset import Row, RowError
 from ..data.readers import iter_rows
 from ..loading import text_tokenizer
 from ..sampling import DecodeConfig
@@ -57,15 +57,23 @@ def canvas_per_type(rows: Iterable[Row], tokenizer, *, multiple: int = CANVAS_MU
     return {t: Canvas(canvas_length(longest[t], multiple), longest[t], count[t]) for t in sorted(longest)}
 
 
-def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfig) -> dict[str, Canvas]:
-    """:func:`canvas_per_type` of a JSONL dataset for a model directory (any :func:`mmdiff.load` reads), rounded to a multiple of
-    :data:`CANVAS_MULTIPLE` and of ``decode``'s block length (which must divide the canvas).
+def choose_canvases(data: str | Path, model_dir: str | Path, decode: DecodeConfig, *,
+                    rows: list[Row | RowError] | None = None) -> dict[str, Canvas]:
+    """:func:`canvas_per_type` of a dataset (any format :func:`~mmdiff.data.readers.iter_rows` reads) for a
+    model directory (any :func:`mmdiff.load` reads), rounded to a multiple of :data:`CANVAS_MULTIPLE` and of
+    ``decode``'s block length (which must divide the canvas).
+
+    Args:
+        data: the dataset.
+        model_dir: the model (its tokenizer counts the answers' tokens).
+        decode: the decode settings (their block length).
+        rows: ``data``'s rows when already read (:func:`~mmdiff.data.readers.iter_rows`), else read here.
 
     Raises:
         FileNotFoundError: the data file or the model directory does not exist.
     """
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    rows = [r for r in iter_rows(data) if isinstance(r, Row)]
+    rows = [r for r in (iter_rows(data) if rows is None else rows) if isinstance(r, Row)]
     multiple = math.lcm(CANVAS_MULTIPLE, decode.sampler.block_length or 1)
     return canvas_per_type(rows, text_tokenizer(model_dir), multiple=multiple)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR
 from ..commands.options import MODEL_HELP, add_decode_arguments, decode_config_from_args
+from ..data.readers import check_rows, iter_rows
 from ..io import check_output_dir
 from ..loading import DTYPE_CHOICES, load, resolve_device, resolve_dtype
 from ..serving.engine import DEFAULT_MAX_BATCH
@@ -107,13 +108,15 @@ def run(args: argparse.Namespace) -> int:
     decode = decode_config_from_args(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    rows = iter_rows(args.data)  # a file with no usable row stops here, before any model loads
+    check_rows(rows, args.data, name="--data")
     model = None
     if args.engine:  # refused before the data is read
         model = load(args.model, dtype=dtype, device=device)
         check_engine(model, decode)
     canvases = None
     if args.gen_length is None:
-        chosen = choose_canvases(args.data, args.model, decode)
+        chosen = choose_canvases(args.data, args.model, decode, rows=rows)
         if int(os.environ.get("RANK", "0")) == 0:
             _say_canvases(chosen)
         canvases = {t: c.length for t, c in chosen.items()}

@@ -10,11 +10,15 @@ Nie et al. 2025, Eq. 5; :mod:`mmdiff.losses`):
 
 where the response is the first answer + EOS, EOS-filled to the batch's longest (LLaDA's SFT padding).
 
-Rows come from mmdiff's JSONL format (:func:`mmdiff.data.dataset.read_rows`):
+Rows come from any format ``mmdiff train --data`` reads (:func:`mmdiff.data.readers.read_usable`:
+mmdiff JSONL, LLaVA JSON / JSONL, HF ``datasets`` folders / Parquet / Arrow / CSV), each question
+of a conversation on its own (:func:`~mmdiff.data.readers.as_rows`); bad records are skipped,
+counted and their first reasons printed, and a file with no usable row stops before the model loads:
 
-* ``image``: prompt = ``<image>`` + question; rows without a question text and ASR rows are skipped.
-* ``audio``: prompt = ``<audio>`` (+ ``<image>`` when the model has a vision encoder, which stays
-  frozen) + text, the text being the instruction on ASR rows and empty on spoken-question rows.
+* ``image``: prompt = ``<image>`` + question; rows without an image or a question text and ASR rows
+  are skipped.
+* ``audio``: prompt = ``<audio>`` (+ ``<image>`` when the row has an image and the model a vision
+  encoder, which stays frozen) + text, the text being the instruction on ASR rows and empty on spoken-question rows.
 
 Data parallel under ``torchrun`` (gloo on CPU, nccl on GPU, :func:`~mmdiff.training.distributed.dist_info`):
 each rank draws its own batches, rank 0's adapter is broadcast first and gradients are averaged with
@@ -35,14 +39,15 @@ import os
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..adapters import ADAPTERS, AdapterConfig, adapter_config_from_dict, build_adapter
 from ..checkpoints import DTYPES
-from ..data.dataset import Row, RowError, read_rows
+from ..data.dataset import Row
+from ..data.readers import as_rows, read_usable
 from ..encoders.audio import AudioEncoderConfig, AudioFeatures, build_audio_encoder
 from ..encoders.vision import PRESETS, VisionEncoderConfig, build_vision_encoder, preset
 from ..io import (CONFIG_NAME, check_device, check_output_dir, load_safetensors, load_state_checked, read_json, save_weights,
@@ -153,12 +158,12 @@ def usable_rows(rows: Sequence[Row], modality: str) -> list[Row]:
     """The rows a modality trains on (see the module docstring)."""
     _check_modality(modality)
     if modality == "image":
-        return [r for r in rows if r.question is not None and r.type != "asr"]
+        return [r for r in rows if r.image is not None and r.question is not None and r.type != "asr"]
     return [r for r in rows if r.audio is not None]
 
 
-def _frozen_image_tokens(model: MultimodalDiffusionLM, images: Sequence[Path]) -> torch.Tensor:
-    """(B, N, C) encoder features, no gradient (the encoder is frozen)."""
+def _frozen_image_tokens(model: MultimodalDiffusionLM, images: Sequence[Any]) -> torch.Tensor:
+    """(B, N, C) encoder features of image paths or decoded images, no gradient (the encoder is frozen)."""
     dtype = next(model.vision.parameters()).dtype
     with torch.no_grad():
         return model.vision(model.vision.preprocess(list(images)).to(model.device, dtype))
@@ -169,11 +174,12 @@ def _media(model: MultimodalDiffusionLM, batch: Sequence[Row], modality: str
     """Prompt ids and per-sample image / audio tokens; only the trained adapter keeps its graph."""
     images: list[list[torch.Tensor]] = [[] for _ in batch]
     audios: list[list[torch.Tensor]] = [[] for _ in batch]
-    with_image = modality == "image" or model.vision is not None
+    with_image = [b for b, r in enumerate(batch) if r.image is not None and model.vision is not None]
     if with_image:
-        feats = _frozen_image_tokens(model, [r.image for r in batch])  # (B, N, C)
+        feats = _frozen_image_tokens(model, [batch[b].image for b in with_image])  # (B', N, C)
         feats = feats.to(next(model.vision_adapter.parameters()).dtype)
-        images = [[t] for t in model.adapt_image(feats)]  # each (N, D); a graph only when it trains
+        for b, t in zip(with_image, model.adapt_image(feats)):  # each (N, D); a graph only when it trains
+            images[b] = [t]
     if modality == "audio":
         features, mask = model.audio.preprocess([r.audio for r in batch])
         with torch.no_grad():
@@ -183,9 +189,9 @@ def _media(model: MultimodalDiffusionLM, batch: Sequence[Row], modality: str
         tokens, tmask = model.adapt_audio(out)  # (B, N', D), (B, N')
         audios = [[t[m]] for t, m in zip(tokens, tmask)]
     prompts = []
-    for r in batch:
+    for r, imgs in zip(batch, images):
         text = r.question if modality == "image" or r.type == "asr" else ""
-        prompts.append(model.format_prompt(text, n_images=int(with_image), n_audio=int(modality == "audio")))
+        prompts.append(model.format_prompt(text, n_images=len(imgs), n_audio=int(modality == "audio")))
     return prompts, images, audios
 
 
@@ -289,7 +295,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``mmdiff train-adapter``."""
     p.add_argument("--base", required=True, help="LLaDA / Dream / LLaDA-V directory (with its tokenizer), "
                                                  "or an mmdiff model directory")
-    p.add_argument("--data", required=True, help="dataset JSONL (mmdiff data format)")
+    p.add_argument("--data", required=True, help="training data: mmdiff JSONL, LLaVA JSON/JSONL, or a folder / "
+                   ".parquet / .arrow / .csv read by HF datasets (as mmdiff train --data)")
     p.add_argument("--modality", required=True, choices=MODALITIES, help="which adapter to train")
     p.add_argument("--out", required=True, help=f"output directory ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
     g = p.add_argument_group("encoder and adapter (when the base has no encoder for --modality)")
@@ -334,14 +341,14 @@ def _encoder_from_args(args: argparse.Namespace) -> VisionEncoderConfig | AudioE
     return AudioEncoderConfig.from_dict(read_json(args.audio_encoder), source=args.audio_encoder)
 
 
-def _read_dataset(path: str) -> list[Row]:
-    rows, errors = [], []
-    for r in read_rows(path):
-        (errors if isinstance(r, RowError) else rows).append(r)
-    if errors:
-        log.warning("%s: skipped %d bad line(s), e.g. line %d: %s", path, len(errors), errors[0].line_no,
-                    errors[0].reason)
-    return rows
+def read_training_rows(path: str | Path, *, say: Callable[[str], None] = print) -> list[Row]:
+    """Every usable question of ``path`` (any format of :mod:`mmdiff.data.readers`) as a :class:`Row`,
+    after the report of its bad records (given to ``say``).
+
+    Raises:
+        ValueError: the file is missing, unreadable, or has no usable record (one line naming ``--data``).
+    """
+    return [r for r in as_rows(read_usable(path, name="--data", say=say)) if isinstance(r, Row)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -354,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     encoder = _encoder_from_args(args)
+    rows = read_training_rows(args.data, say=print if rank == 0 else lambda _: None)  # before the model loads
     model = load(args.base, dtype=DTYPES[args.dtype] if args.dtype else None, device=device)
     if encoder is not None:
         pool = {"pool": args.pool} if args.modality == "image" else {}  # --pool: image adapters only
@@ -361,7 +369,6 @@ def run(args: argparse.Namespace) -> int:
     elif getattr(model, SLOTS[args.modality][0]) is None:
         flag = "--vision" if args.modality == "image" else "--audio-encoder"
         raise ValueError(f"{args.base} has no {args.modality} encoder: give {flag}")
-    rows = _read_dataset(args.data)
     losses = train_adapter(model, rows, modality=args.modality, steps=args.steps, lr=args.lr,
                            batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay,
                            attn_mode=args.attn_mode)

@@ -61,15 +61,7 @@ class Batcher:
 
     def spoken(self, speech: SpeechBank, rng: random.Random, n: int) -> list[Example]:
         """``n`` spoken items: spoken VQA (image + clip) or ASR (clip + instruction)."""
-        out = []
-        for _ in range(n):
-            k = rng.randrange(len(speech))
-            qa = speech.qas[k]
-            if rng.random() < self.cfg.asr_fraction:
-                out.append(Example(ASR_PROMPT, qa.question, "asr", clip=k))
-            else:
-                out.append(Example("", qa.answers[0], qa.type, scene=speech.scene[k], clip=k, focus=qa.focus))
-        return out
+        return spoken_examples(speech, rng, n, asr_fraction=self.cfg.asr_fraction)
 
     def make(self, items: list[Example], *, eos_fill: bool, rng: random.Random | None = None) -> dict:
         """Tokenise; response = answer + EOS, EOS-filled to the canvas length (LLaDA SFT) or
@@ -86,6 +78,20 @@ class Batcher:
         answers = [a[:L] for a in answers]
         response, loss_mask = response_canvas(answers, L, fill=sp.eos if eos_fill else sp.pad, eos_fill=eos_fill)
         return {"prompts": prompts, "items": items, "response": response, "loss_mask": loss_mask}
+
+
+def spoken_examples(speech: SpeechBank, rng: random.Random, n: int, *, asr_fraction: float) -> list[Example]:
+    """``n`` items of random ``speech`` clips: with probability ``asr_fraction`` an ASR item (clip +
+    instruction -> the transcript), else the spoken question about its scene (image + clip -> the answer)."""
+    out = []
+    for _ in range(n):
+        k = rng.randrange(len(speech))
+        qa = speech.qas[k]
+        if rng.random() < asr_fraction:
+            out.append(Example(ASR_PROMPT, qa.question, "asr", clip=k))
+        else:
+            out.append(Example("", qa.answers[0], qa.type, scene=speech.scene[k], clip=k, focus=qa.focus))
+    return out
 
 
 def response_canvas(answers: list, L: int, *, fill: int, eos_fill: bool) -> tuple[torch.Tensor, torch.Tensor]:

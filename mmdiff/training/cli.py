@@ -12,7 +12,7 @@ from .recipe import TrainConfig
 
 #: fine-tune flags -> FinetuneConfig fields (None: the config's default)
 FINETUNE_FLAGS = ("data", "val", "init", "format", "steps", "ar_steps", "batch_size", "lr", "replay",
-                  "replay_scenes", "eval_every", "seed", "lora_rank")
+                  "replay_scenes", "replay_spoken", "replay_clips", "eval_every", "seed", "lora_rank")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay", type=float, help="share of each batch replayed from the original synthetic world "
                    "(default 0.25 for mmdiff models, 0 = off)")
     g.add_argument("--replay-scenes", type=int)
+    g.add_argument("--replay-spoken", type=float, help="share of the replayed questions that are spoken, when the "
+                   "model has an audio path and espeak-ng is installed (default 0.1, 0 = off)")
+    g.add_argument("--replay-clips", type=int, help="spoken questions synthesised once for it (default 300)")
     g.add_argument("--lora-rank", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--also-eval", type=int, nargs="?", const=100, metavar="N",

@@ -14,15 +14,21 @@ makes it emit them; no token is added, so the output directory keeps the tokeniz
 size and the structure priors of its base (``bench/results/byod.md`` measures the new words' accuracy).
 
 What trains (``train``): any of ``vision``, ``vision_adapter``, ``audio``, ``audio_adapter``,
-``decoder``, or the groups ``adapters``, ``encoders``, ``all``; ``lora`` puts LoRA adapters (``peft``)
-on the decoder's linear layers instead of training it whole (for released 7-8B decoders loaded with
-:func:`mmdiff.load`) and merges them into the weights at the end.
+``decoder``, or the groups ``adapters``, ``encoders``, ``all``; ``lora`` puts LoRA adapters (``peft``,
+:mod:`mmdiff.training.lora`) on the decoder's linear layers instead of training it whole (for released
+7-8B decoders loaded with :func:`mmdiff.load`); ``out`` holds them merged into the weights, the
+resumable state the un-merged base and the adapters apart.
 
 Forgetting: with ``replay`` > 0 that share of each batch is drawn from the synthetic world the shipped
 model was trained on (test scenes never appear), so its own skills keep being rehearsed; on by
-default for mmdiff models with a vision encoder. Validation (per question type, ``mmdiff eval``'s
-exact match, on ``val`` or rows held out from the training data) picks the best checkpoint, which is
-what ``out`` holds; the run resumes from ``<out>.train_state`` and is data parallel under torchrun.
+default for mmdiff models with a vision encoder. When the model also has an audio path, a share
+(``replay_spoken``) of the replayed questions is spoken, as in the recipe's audio batches (spoken VQA
+and ASR; a few hundred espeak-ng clips synthesised once), so the decoder keeps reading its speech path;
+as in the recipe's decoder stages, the answer loss on these items does not train the speech path itself.
+
+Validation (per question type, ``mmdiff eval``'s exact match, on ``val`` or rows held out from the
+training data) picks the best checkpoint, which is what ``out`` holds; the run resumes from
+``<out>.train_state`` and is data parallel under torchrun.
 """
 from __future__ import annotations
 
@@ -37,10 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..data.questions import QUESTION_TYPES, ask
-from ..data.readers import Conversation, ReadResult, check_usable, read_dataset, report
+from ..data.readers import Conversation, ReadResult, read_usable
+from ..data.speech import NO_SYNTHESISER, espeak_available
 from ..evaluation.canvas import canvas_length
 from ..evaluation.metrics import exact_match
 from ..io import JsonConfig, check_output_dir, config_from_dict, read_json, write_json
@@ -48,9 +56,10 @@ from ..losses import ar_loss, diffusion_loss, forward_mask
 from ..model import PARTS, MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
-from .banks import frozen_features
-from .batches import response_canvas
+from .banks import SpeechBank, audio_batch, frozen_features
+from .batches import response_canvas, spoken_examples
 from .distributed import allreduce_grads, dist_info, sync_params
+from .lora import LORA_NAME, add_lora, load_lora, lora_state, merge_lora, without_lora
 from .state import STATE_NAME, append_log, load_optimizer, save_state
 
 log = logging.getLogger("mmdiff")
@@ -59,10 +68,11 @@ GROUPS: dict[str, tuple[str, ...]] = {"all": ("vision", "vision_adapter", "audio
                                       "adapters": ("vision_adapter", "audio_adapter"),
                                       "encoders": ("vision", "audio")}
 LORA = "lora"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: short world questions replayed (captions need the long canvas: left out of replay)
 REPLAY_TYPES = tuple(t for t in QUESTION_TYPES if t not in ("caption", "caption_json"))
 SHORT_CANVAS = 8
+#: share of the spoken replay items that are ASR ("transcribe the audio."), the shipped recipe's asr_fraction
+REPLAY_ASR = 0.3
 #: the media path (encoders and adapters): a foreign image set moves it furthest from where it was trained
 MEDIA_PARTS = ("vision", "vision_adapter", "audio", "audio_adapter")
 
@@ -86,6 +96,10 @@ class FinetuneConfig(JsonConfig):
     weight_decay: float = 0.01
     replay: float = -1.0  # share of each batch from the original world (-1: 0.25 when the model can, else 0)
     replay_scenes: int = 3000  # world scenes rendered for replay
+    #: share of the replayed questions that are spoken (spoken VQA and ASR, as the recipe's audio batches) when
+    #: the model has an audio path and espeak-ng is available, so its speech is rehearsed too (0 = off)
+    replay_spoken: float = 0.1
+    replay_clips: int = 300  # spoken questions synthesised once, at the start, for it
     val_rows: int = 300  # questions held out from data when no val is given
     eval_every: int = 250  # validation interval in steps (0: only at the end)
     stop_at: float = 0.99  # stop once validation accuracy reaches this (1.0: never stop early)
@@ -100,7 +114,8 @@ class FinetuneConfig(JsonConfig):
         if not self.train:
             raise ValueError("--train: no part given; e.g. all, adapters, decoder or lora")
         for flag, value, least in (("--steps", self.steps, 0), ("--ar-steps", self.ar_steps, 0),
-                                   ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1)):
+                                   ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1),
+                                   ("--replay-clips", self.replay_clips, 1)):
             if value < least:
                 raise ValueError(f"{flag} {value}: must be at least {least}")
         if self.steps + self.ar_steps < 1:
@@ -109,6 +124,8 @@ class FinetuneConfig(JsonConfig):
             raise ValueError(f"--lr {self.lr}: must be a positive number")
         if self.replay != -1.0 and not 0.0 <= self.replay < 1.0:
             raise ValueError(f"--replay {self.replay}: must be a share in [0, 1) (0 = off)")
+        if not 0.0 <= self.replay_spoken <= 1.0:
+            raise ValueError(f"--replay-spoken {self.replay_spoken}: must be a share in [0, 1] (0 = off)")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "FinetuneConfig":
@@ -124,7 +141,8 @@ class Item:
     image: int  # row of the pixel store (-1: none)
     type: str
     answers: list[str]
-    audio: Any = None
+    audio: Any = None  # the user's clip (a path), or None
+    clip: int = -1  # replay: the speech bank's clip (-1: none)
 
 
 def trainable_parts(names: list[str]) -> list[str]:
@@ -138,14 +156,6 @@ def trainable_parts(names: list[str]) -> list[str]:
         else:
             raise ValueError(f"--train: unknown part {n!r}; known: {', '.join([*GROUPS, *PARTS, LORA])}")
     return list(dict.fromkeys(out))
-
-
-def read_flag(path: str, fmt: str, flag: str) -> ReadResult:
-    """``read_dataset``, its refusal (missing file, wrong format) named by the flag that gave the path."""
-    try:
-        return read_dataset(path, fmt=fmt)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{flag}: {e}") from None
 
 
 def load_init(path: str | Path) -> MultimodalDiffusionLM:
@@ -225,14 +235,10 @@ class FineTuner:
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
         self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
         # data first: a dataset with no usable row fails before any model is loaded
-        self.train_data = read_flag(cfg.data, cfg.format, "--data")
-        self._say(report(self.train_data, name="--data"))
-        check_usable(self.train_data, name="--data")
+        self.train_data = read_usable(cfg.data, fmt=cfg.format, name="--data", say=self._say)
         self.val_data: ReadResult | None = None
         if cfg.val:
-            self.val_data = read_flag(cfg.val, cfg.format, "--val")
-            self._say(report(self.val_data, name="--val"))
-            check_usable(self.val_data, name="--val")
+            self.val_data = read_usable(cfg.val, fmt=cfg.format, name="--val", say=self._say)
         self.model = load_init(cfg.init)
         self.state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": 0}
         resuming = resume and (self.state_dir / STATE_NAME).exists()
@@ -244,8 +250,6 @@ class FineTuner:
             self._say(f"resuming from {self.state_dir} at step {self.state['step']}")
         elif self.rank == 0 and self.log_path.exists():
             self.log_path.unlink()
-        if LORA in self.parts and resuming:
-            raise ValueError("a LoRA run cannot resume (its adapters are merged when saved); use --fresh")
         self.replay = cfg.replay if cfg.replay >= 0 else (0.25 if self._world_model() else 0.0)
         if self.replay > 0 and not self._world_model():
             raise ValueError("--replay needs an mmdiff model with a vision encoder (it rehearses the synthetic world)")
@@ -334,6 +338,7 @@ class FineTuner:
         self.type_canvas = {t: max(SHORT_CANVAS, canvas_length(n)) for t, n in longest.items()}
         self.canvas = max(self.type_canvas.values())
         self.bank = None
+        self.speech: SpeechBank | None = None
         extra = None
         if self.replay > 0:
             from .banks import SceneBank
@@ -341,18 +346,43 @@ class FineTuner:
             self.bank = SceneBank.build(self.model, split="train", n=cfg.replay_scenes, seed=cfg.seed + 7,
                                         desc="rendering replay scenes", progress=self.progress)
             extra = self.bank.pixels
+            self.speech = self._replay_speech()
         if self.store is not None:
             n_user = len(self.store.images)
             self.store.build(extra, progress=self.progress and self.rank == 0)
             self.replay_offset = n_user
             if "vision" not in self.parts and self.store.pixels is not None:
                 self.store.encode()
+        spoken = f" ({cfg.replay_spoken:.0%} of it spoken)" if self.speech is not None else ""
         self._say(f"fine-tuning on {len(train)} questions ({len(val)} for validation), canvas up to {self.canvas}, "
-                  f"replay {self.replay:.0%}, training {', '.join(self.parts)}")
+                  f"replay {self.replay:.0%}{spoken}, training {', '.join(self.parts)}")
+
+    def _replay_speech(self) -> SpeechBank | None:
+        """Spoken questions about replay scenes (the recipe's :class:`~mmdiff.training.banks.SpeechBank`),
+        synthesised once; None when the model has no audio path, ``replay_spoken`` is 0 or no synthesiser
+        is installed (said in one line)."""
+        cfg, m = self.cfg, self.model
+        if cfg.replay_spoken <= 0 or m.audio is None or m.audio_adapter is None:
+            return None
+        if not espeak_available():
+            self._say(f"replay: no spoken questions ({NO_SYNTHESISER}); the speech path is not rehearsed")
+            return None
+        speech = SpeechBank.build(m, self.bank, n=cfg.replay_clips, split="train", seed=cfg.seed + 11,
+                                  desc="synthesising replay speech", progress=self.progress and self.rank == 0)
+        if "audio" not in self.parts:
+            speech.encode(m)  # a frozen speech encoder: its states once
+        return speech
 
     # -- batches ------------------------------------------------------------------------------------
     def _replay_items(self, rng: random.Random, n: int) -> list[Item]:
         m, out = self.model, []
+        if self.speech is not None:  # spoken VQA and ASR items, as the recipe's audio batches
+            n_spoken = sum(rng.random() < self.cfg.replay_spoken for _ in range(n))
+            for e in spoken_examples(self.speech, rng, n_spoken, asr_fraction=REPLAY_ASR):
+                out.append(Item(tuple(m.format_prompt(e.question, n_images=int(e.scene >= 0), n_audio=1)),
+                                tuple(m.tokenizer(e.answer, add_special_tokens=False)["input_ids"]),
+                                self.replay_offset + e.scene if e.scene >= 0 else -1, e.type, [e.answer],
+                                clip=e.clip))
         while len(out) < n:
             i = rng.randrange(len(self.bank.scenes))
             qa = ask(self.bank.scenes[i], rng, rng.choice(REPLAY_TYPES))
@@ -379,7 +409,25 @@ class FineTuner:
         if with_aud:
             for b, t in zip(with_aud, m.encode_audio([items[b].audio for b in with_aud])):
                 audios[b] = [t]
+        with_clip = [b for b, it in enumerate(items) if it.clip >= 0]
+        if with_clip:
+            for b, t in zip(with_clip, self._replay_audio([items[b].clip for b in with_clip])):
+                audios[b] = [t]
         return m.embed_prompt([it.prompt for it in items], images=images, audios=audios)
+
+    @torch.no_grad()
+    def _replay_audio(self, clips: list[int]) -> list[torch.Tensor]:
+        """(N_i, D) audio tokens of speech-bank clips. No gradient: as in the recipe's decoder stages, the
+        answer loss trains the decoder to read the speech path, never the path itself (a CTC adapter is
+        trained by its CTC loss only)."""
+        m = self.model
+        if self.speech.features is not None:  # the frozen encoder's cached states
+            out = audio_batch([self.speech.features[k] for k in clips])
+        else:
+            feats, mask = m.audio.batch_mels([self.speech.mels[k] for k in clips])  # (B', n_mels, T), (B', T/2)
+            out = m.audio(feats.to(m.device), mask.to(m.device))
+        tokens, keep = m.adapt_audio(out)  # (B', N, D), (B', N)
+        return [t[k] for t, k in zip(tokens, keep)]
 
     def _response(self, items: list[Item], L: int, *, eos_fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
         sp = self.model.special
@@ -441,25 +489,6 @@ class FineTuner:
         m.train(was)
         return acc
 
-    # -- LoRA ---------------------------------------------------------------------------------------
-    def _add_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        cfg = LoraConfig(r=self.cfg.lora_rank, lora_alpha=2 * self.cfg.lora_rank, lora_dropout=0.0,
-                         target_modules=list(LORA_TARGETS))
-        self.model.decoder = inject_adapter_in_model(cfg, self.model.decoder)
-
-    @staticmethod
-    def merge_lora(model: MultimodalDiffusionLM) -> None:
-        """Fold the LoRA updates into ``model``'s decoder weights and drop the adapter layers."""
-        from peft.tuners.lora import LoraLayer
-
-        for name, module in list(model.decoder.named_modules()):
-            if isinstance(module, LoraLayer):
-                module.merge()
-                parent = model.decoder.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.decoder
-                setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
-
     # -- main loop ----------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:
         cfg = self.cfg
@@ -474,10 +503,20 @@ class FineTuner:
             import copy
 
             merged = copy.deepcopy(self.model)  # the live model keeps its adapters
-            self.merge_lora(merged)
+            merge_lora(merged)
             merged.save_pretrained(self.out)
         else:
             self.model.save_pretrained(self.out)
+
+    def _save_state(self, opt: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        """The resumable state: the model (a LoRA run: the un-merged base and its adapters), AdamW's moments."""
+        write = self._write_lora_state if LORA in self.parts else None
+        save_state(self.state_dir, self.model, opt, state, write_model=write)
+
+    def _write_lora_state(self, directory: Path) -> None:
+        with without_lora(self.model):
+            self.model.save_pretrained(directory)
+        save_file(lora_state(self.model), str(directory / LORA_NAME))
 
     def _stop(self, done: int) -> bool:
         """Every rank stops together once rank 0's validation reached ``stop_at``."""
@@ -497,7 +536,9 @@ class FineTuner:
         m.train()
         m.freeze(PARTS)
         if LORA in self.parts:
-            self._add_lora()
+            add_lora(m, self.cfg.lora_rank)
+            if self.state["step"]:
+                load_lora(m, self.state_dir / LORA_NAME)
         m.freeze([p for p in self.parts if p != LORA], frozen=False)
         named = [(n, p) for n, p in m.named_parameters() if p.requires_grad or "lora_" in n]
         params = [p for _, p in named]
@@ -541,12 +582,11 @@ class FineTuner:
                 self._say(f"[fine-tune] validation accuracy {self.state['best']:.3f} >= stop_at {cfg.stop_at}: "
                           f"stopping at step {done} of {total}")
                 break
-            if self.rank == 0 and done % cfg.save_every == 0 and done < total and LORA not in self.parts:
-                save_state(self.state_dir, m, opt, {**self.state, "step": done, "config": cfg.to_dict()})
+            if self.rank == 0 and done % cfg.save_every == 0 and done < total:
+                self._save_state(opt, {**self.state, "step": done, "config": cfg.to_dict()})
         if self.rank == 0:
             self.state["step"] = total
-            if LORA not in self.parts:
-                save_state(self.state_dir, m, None, {**self.state, "config": cfg.to_dict()})
+            self._save_state(None, {**self.state, "config": cfg.to_dict()})
             write_json(self.out / "finetune.json", {"config": cfg.to_dict(), "best_step": self.state["best_step"],
                                                    "val": self.state.get("best_val", {})})
             self._say(f"wrote {self.out} (best validation {self.state['best']:.3f} at step {self.state['best_step']})")

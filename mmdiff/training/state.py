@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,19 +25,22 @@ def append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def save_state(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer | None, state: dict) -> None:
+def save_state(path: Path, model: MultimodalDiffusionLM, opt: torch.optim.Optimizer | None, state: dict, *,
+               write_model: Callable[[Path], None] | None = None) -> None:
     """Write ``model``, the AdamW moments of its parameters in ``opt`` (training-only heads are not
     checkpointed) and ``state`` to ``path`` atomically.
 
     Args:
         path: the checkpoint directory (replaced).
-        model: the model being trained.
+        model: the model being trained (its parameter names key the moments).
         opt: its AdamW optimizer (None: the model and the state only, as at a stage's end).
         state: ``{"stage": index, "step": steps done}``; the moments' step counts are added.
+        write_model: writes the model's files into the directory it is given (default:
+            ``model.save_pretrained``; a LoRA run writes the un-merged base and its adapters).
     """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    (write_model or model.save_pretrained)(tmp)
     if opt is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         tensors, steps = {}, {}
