@@ -152,11 +152,8 @@ def test_finetune_output_works_with_ask_and_eval_and_learns_a_new_word(tmp_path,
     assert metrics["n"] == 12 and metrics["accuracy"] == 1.0 and set(metrics["by_type"]) == {"colour"}
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
-    data = llava_file(tmp_path, n=8, answer="teal")
-    whole = config(tmp_path / "a", data, tiny_model_dir, replay=0.25, replay_scenes=8)
-    FineTuner(whole, resume=False, progress=False).run()
-    cut = config(tmp_path / "b", data, tiny_model_dir, replay=0.25, replay_scenes=8)
+def interrupted_at_step_3(cfg: FinetuneConfig, monkeypatch) -> Path:
+    """Run ``cfg`` until an interrupt at step 3 (the state of 2 steps is saved); returns its train-state dir."""
     real = FineTuner._loss
 
     def stop_at_3(self, step, rng):
@@ -164,12 +161,21 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
             raise KeyboardInterrupt
         return real(self, step, rng)
 
-    monkeypatch.setattr(FineTuner, "_loss", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        FineTuner(cut, resume=False, progress=False).run()
-    state = tmp_path / "b" / "out.train_state"
+    with monkeypatch.context() as m:
+        m.setattr(FineTuner, "_loss", stop_at_3)
+        with pytest.raises(KeyboardInterrupt):
+            FineTuner(cfg, resume=False, progress=False).run()
+    state = Path(cfg.out).with_name(Path(cfg.out).name + ".train_state")
     assert json.loads((state / STATE_NAME).read_text())["step"] == 2
-    monkeypatch.setattr(FineTuner, "_loss", real)
+    return state
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+    data = llava_file(tmp_path, n=8, answer="teal")
+    whole = config(tmp_path / "a", data, tiny_model_dir, replay=0.25, replay_scenes=8)
+    FineTuner(whole, resume=False, progress=False).run()
+    cut = config(tmp_path / "b", data, tiny_model_dir, replay=0.25, replay_scenes=8)
+    state = interrupted_at_step_3(cut, monkeypatch)
     FineTuner(cut, resume=True, progress=False).run()
     a = MultimodalDiffusionLM.from_pretrained(tmp_path / "a" / "out.train_state").state_dict()
     b = MultimodalDiffusionLM.from_pretrained(state).state_dict()
@@ -348,23 +354,11 @@ def test_lora_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch)
     whole = config(tmp_path / "a", data, tiny_model_dir, train=["lora"], lr=1e-2)
     FineTuner(whole, resume=False, progress=False).run()
     cut = config(tmp_path / "b", data, tiny_model_dir, train=["lora"], lr=1e-2)
-    real = FineTuner._loss
-
-    def stop_at_3(self, step, rng):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, step, rng)
-
-    monkeypatch.setattr(FineTuner, "_loss", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        FineTuner(cut, resume=False, progress=False).run()
-    state = tmp_path / "b" / "out.train_state"
-    assert json.loads((state / STATE_NAME).read_text())["step"] == 2
+    state = interrupted_at_step_3(cut, monkeypatch)
     init = MultimodalDiffusionLM.from_pretrained(tiny_model_dir).state_dict()
     base = MultimodalDiffusionLM.from_pretrained(state).state_dict()  # the un-merged base: a plain model
     assert all(torch.equal(init[k], base[k]) for k in init)  # --train lora: only the adapters learn
     assert load_file(state / LORA_NAME) and (state / "optimizer.safetensors").is_file()
-    monkeypatch.setattr(FineTuner, "_loss", real)
     FineTuner(cut, resume=True, progress=False).run()
     a, b = load_file(tmp_path / "a" / "out.train_state" / LORA_NAME), load_file(state / LORA_NAME)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
