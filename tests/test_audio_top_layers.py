@@ -109,8 +109,8 @@ def test_asr_stage_tunes_only_the_top_layer_and_the_model_keeps_it(tmp_path):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     whisper = tmp_path / "whisper"
-    sizes = dict(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=80,
-                 max_source_positions=400)
+    sizes = {"d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
+             "num_mel_bins": 80, "max_source_positions": 400}
     WhisperForConditionalGeneration(WhisperConfig(**sizes, decoder_layers=1, decoder_attention_heads=2,
                                                   decoder_ffn_dim=32, vocab_size=60, pad_token_id=0, bos_token_id=0,
                                                   eos_token_id=0, decoder_start_token_id=1)).half().save_pretrained(whisper)
