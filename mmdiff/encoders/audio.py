@@ -243,6 +243,11 @@ class AudioEncoder(nn.Module):
             features: (B, n_mels, T) log-mels, T even (T = 2 * max_source_positions with ``pad_to_window``).
             frame_mask: (B, T // 2) bool, True at the clips' own encoder frames.
         """
+        return self.forward_from(self.embed(features, frame_mask), frame_mask, start=0)
+
+    def embed(self, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden state 0: conv1 -> GELU -> conv2 (stride 2) -> GELU -> + the first T/2 positional
+        embeddings; (B, T/2, D) in the encoder's dtype. Arguments as :meth:`forward`."""
         enc = self.encoder
         T2 = features.shape[-1] // 2
         if features.shape[-1] % 2 or frame_mask.shape != (features.shape[0], T2):
@@ -255,23 +260,65 @@ class AudioEncoder(nn.Module):
                              f"mel frames, got {features.shape[-1]}")
         x = F.gelu(enc.conv1(features.to(enc.conv1.weight.dtype)))  # (B, D, T), in the encoder's dtype
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T/2, D)
-        x = x + enc.embed_positions.weight[:T2]
-        bias = None  # the window: every frame attends to every frame, padding included (Whisper)
-        if not self.cfg.pad_to_window:
-            keep = frame_mask[:, None, None, :]  # (B, 1, 1, T/2)
-            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
-        states = [x]
-        for layer in enc.layers:
+        return x + enc.embed_positions.weight[:T2]
+
+    def hidden_state(self, features: torch.Tensor, frame_mask: torch.Tensor, index: int) -> torch.Tensor:
+        """Hidden state ``index`` (0 = embeddings, i = after layer i; ``0 <= index < encoder_layers``, before
+        the final layer norm): what a frozen lower part hands the layers above it. Arguments as :meth:`forward`.
+
+        Returns:
+            (B, T/2, D) states; :meth:`forward_from` with ``start=index`` completes them to :meth:`forward`'s output.
+        """
+        if not 0 <= index < len(self.encoder.layers):
+            raise ValueError(f"hidden_state index {index} must be in [0, {len(self.encoder.layers)})")
+        x = self.embed(features, frame_mask)
+        bias = self._attention_bias(x, frame_mask)
+        for layer in self.encoder.layers[:index]:
             x = layer(x, bias)
-            states.append(x)
-        states[-1] = enc.layer_norm(x)
+        return x
+
+    def forward_from(self, x: torch.Tensor, frame_mask: torch.Tensor, *, start: int) -> AudioFeatures:
+        """The encoder from hidden state ``start`` on: layers ``start + 1 .. encoder_layers``, then the final
+        layer norm. ``forward_from(hidden_state(f, m, k), m, start=k)`` is ``forward(f, m)``, so a frozen
+        lower part's states can be computed once and only the top layers run (top-layer fine-tuning).
+
+        Args:
+            x: (B, T/2, D) hidden state ``start`` (:meth:`embed` for 0, else :meth:`hidden_state`).
+            frame_mask: (B, T/2) bool, True at the clips' own encoder frames.
+            start: which hidden state ``x`` is; every index in ``cfg.output_layers`` must be >= it.
+        """
+        n = len(self.encoder.layers)
+        wanted = [i % (n + 1) for i in self.cfg.output_layers]  # non-negative hidden-state indices
+        if not 0 <= start < n or min(wanted) < start:
+            raise ValueError(f"forward_from: start {start} must be in [0, {n}) and at most every output layer "
+                             f"{self.cfg.output_layers} (as non-negative indices {wanted})")
+        bias = self._attention_bias(x, frame_mask)
+        states = {start: x}
+        for i, layer in enumerate(self.encoder.layers[start:], start + 1):
+            x = layer(x, bias)
+            states[i] = x
+        states[n] = self.encoder.layer_norm(x)
         if self.cfg.pad_to_window:
-            return AudioFeatures(last=states[-1], layers=[states[i] for i in self.cfg.output_layers], mask=frame_mask,
-                                 window=True)
+            return AudioFeatures(last=states[n], layers=[states[i] for i in wanted], mask=frame_mask, window=True)
         zero_pad = frame_mask[..., None].to(x.dtype)  # (B, T/2, 1)
-        return AudioFeatures(last=states[-1] * zero_pad,
-                             layers=[states[i] * zero_pad for i in self.cfg.output_layers],
-                             mask=frame_mask)
+        return AudioFeatures(last=states[n] * zero_pad, layers=[states[i] * zero_pad for i in wanted], mask=frame_mask)
+
+    def _attention_bias(self, x: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, 1, T/2) additive key-padding bias for unpadded batches; None over the window (Whisper
+        attends to every frame, padding included)."""
+        if self.cfg.pad_to_window:
+            return None
+        keep = frame_mask[:, None, None, :]  # (B, 1, 1, T/2)
+        return torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+
+    def top_layers(self, k: int) -> list[nn.Module]:
+        """The modules fine-tuned when the top ``k`` layers are: the last ``k`` layers and the final layer norm
+        (``1 <= k <= encoder_layers``); the rest stays frozen and :meth:`hidden_state` ``encoder_layers - k``
+        can be cached."""
+        n = len(self.encoder.layers)
+        if not 1 <= k <= n:
+            raise ValueError(f"top_layers: k {k} must be in [1, {n}] (the encoder's layers)")
+        return [*self.encoder.layers[n - k:], self.encoder.layer_norm]
 
 
 def load_whisper_encoder(encoder: nn.Module, directory: str | Path, cfg: AudioEncoderConfig) -> None:

@@ -2,7 +2,8 @@
 
 Scenes are rendered and preprocessed once, and encoded once by the frozen vision encoder after the
 grounding stage; spoken questions are synthesised once (espeak-ng), their log-mels kept, and their
-frozen speech-encoder states cached after the ASR stage.
+frozen speech-encoder states cached (a frozen pretrained encoder's before the ASR stage; the frozen
+lower part's alone when its top layers are fine-tuned).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..data.speech import speak
 from ..encoders.audio import AudioFeatures, log_mel
 from ..media import load_audio
 from ..model import MultimodalDiffusionLM
+from .augment import spec_augment, state_augment
 
 
 @dataclass
@@ -75,6 +77,8 @@ class SpeechBank:
     qas: list  # QA whose question was spoken
     mels: list[torch.Tensor]  # (n_mels, T_i) float16 log-mels
     features: list[torch.Tensor] | None = None  # (T'_i, D) float16 frozen encoder states
+    hidden: list[torch.Tensor] | None = None  # (T'_i, D) hidden state ``hidden_index`` of a frozen lower part (encode_lower)
+    hidden_index: int = 0  # which hidden state ``hidden`` holds (AudioEncoder.hidden_state)
 
     def __len__(self) -> int:
         return len(self.qas)
@@ -114,6 +118,54 @@ class SpeechBank:
             feats, mask = model.audio.batch_mels(self.mels[i:i + batch_size])
             out = model.audio(feats, mask)
             self.features += [h[m].half() for h, m in zip(out.last, out.mask)]
+
+    @torch.no_grad()
+    def encode_lower(self, model: MultimodalDiffusionLM, index: int, batch_size: int = 64,
+                     dtype: torch.dtype = torch.float16) -> None:
+        """Run the frozen lower part of the speech encoder once over every clip: hidden state ``index``
+        (:meth:`~mmdiff.encoders.audio.AudioEncoder.hidden_state`), the input of the fine-tuned top layers,
+        stored in ``dtype`` (float16 like :meth:`encode`'s cache: half the memory; float32 keeps
+        :meth:`audio_features` equal to the whole encoder's output up to float rounding).
+
+        Raises:
+            ValueError: the encoder runs over Whisper's padded window (``pad_to_window``): its top layers
+                attend to the padding, which a per-clip cache does not keep.
+        """
+        if model.audio.cfg.pad_to_window:
+            raise ValueError("top-layer fine-tuning caches each clip's own frames, but pad_to_window attends over "
+                             "the padding too: use pad_to_window false")
+        model.audio.eval()
+        self.hidden, self.hidden_index = [], index
+        for i in range(0, len(self), batch_size):
+            feats, mask = model.audio.batch_mels(self.mels[i:i + batch_size])
+            h = model.audio.hidden_state(feats, mask, index)  # (B, T', D)
+            self.hidden += [x[m].to(dtype) for x, m in zip(h, mask)]
+
+    def audio_features(self, model: MultimodalDiffusionLM, idx: list[int], *,
+                       augment: random.Random | None = None) -> AudioFeatures:
+        """The speech encoder's output for clips ``idx``: the cached final states (a frozen encoder), the
+        top layers over the cached lower part's states (:meth:`encode_lower`), or the whole encoder
+        over the log-mels, in that order of preference.
+
+        Args:
+            model: the model whose ``audio`` encoder runs (with gradients where it has them).
+            idx: clip indices.
+            augment: random source of training augmentation (None: none): SpecAugment on the log-mels when
+                the whole encoder runs, else :func:`~mmdiff.training.augment.state_augment` on the final
+                states (the adapter's input, cached or not).
+        """
+        if self.features is not None:
+            out = audio_batch([self.features[i] for i in idx])
+        elif self.hidden is not None:
+            x = audio_batch([self.hidden[i] for i in idx])  # (B, T', D) zero-padded
+            out = model.audio.forward_from(x.last.to(next(model.audio.parameters()).dtype), x.mask,
+                                           start=self.hidden_index)
+        else:
+            feats, mask = model.audio.batch_mels([self.mels[i] for i in idx])
+            return model.audio(spec_augment(feats, augment) if augment else feats, mask)
+        if augment:
+            out.last = state_augment(out.last, augment)
+        return out
 
 
 def audio_batch(features: list[torch.Tensor]) -> AudioFeatures:

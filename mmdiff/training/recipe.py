@@ -18,10 +18,16 @@ class StageConfig(JsonConfig):
     transcripts of the spoken questions (the alignment a pretrained Whisper would bring); ``ar`` is
     phase 1 of Dimple's recipe (causal mask, next-token loss); ``diffusion`` is phase 2
     (masked-diffusion ELBO under ``attn_mode``).
+
+    ``audio_top_layers`` = k > 0 (``asr`` stages) fine-tunes the top k layers of a pretrained speech
+    encoder (and its final layer norm) with the adapter, the lower layers frozen: their output is
+    computed once and cached across epochs, so a step runs only the k layers and the adapter
+    (:meth:`~mmdiff.encoders.audio.AudioEncoder.forward_from`). ``train`` must then not name ``audio``
+    (that trains the whole encoder, from its log-mels).
     """
 
     name: str
-    kind: str  # cells | ar | diffusion
+    kind: str  # cells | asr | ar | diffusion
     steps: int
     lr: float = 1e-3
     batch_size: int = 128
@@ -33,10 +39,15 @@ class StageConfig(JsonConfig):
     long_fraction: float = 0.15  # fraction of batches holding long answers (captions)
     audio_fraction: float = 0.0  # fraction of batches with spoken questions (spoken VQA and ASR)
     save_as: str | None = None  # also export the model at the end of this stage to this directory
+    audio_top_layers: int = 0  # asr stages: also fine-tune the speech encoder's top k layers (0: encoder as ``train`` says)
+    audio_top_lr: float = 1e-4  # their peak AdamW learning rate (same warmup and cosine decay as ``lr``)
 
     def __post_init__(self) -> None:
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"stage {self.name!r}: kind {self.kind!r} not in {STAGE_KINDS}")
+        if self.audio_top_layers < 0 or (self.audio_top_layers and (self.kind != "asr" or "audio" in self.train)):
+            raise ValueError(f"stage {self.name!r}: audio_top_layers {self.audio_top_layers} must be >= 0, and > 0 "
+                             f"only in an asr stage whose train list does not name the whole encoder ('audio')")
 
 
 @dataclass

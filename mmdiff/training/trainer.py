@@ -25,8 +25,7 @@ from ..io import read_json
 from ..losses import ar_loss, diffusion_loss, forward_mask
 from ..model import PARTS, ModelConfig, MultimodalDiffusionLM
 from ..tokenizer import train_tokenizer
-from .augment import spec_augment, state_augment
-from .banks import SceneBank, SpeechBank, audio_batch
+from .banks import SceneBank, SpeechBank
 from .batches import Batcher, Example, embed_batch
 from .ctc_lm import fit_ctc_lm
 from .distributed import allreduce_grads, dist_info, sync_params
@@ -125,7 +124,14 @@ class Trainer:
                                            progress=self.progress)
             self.val_speech = SpeechBank.build(self.model, self.val, n=cfg.speech_val_clips, split="val",
                                                seed=cfg.seed, desc="speaking val questions", progress=self.progress)
-        if stage.kind == "asr" and "audio" not in stage.train and self.speech.features is None:
+        if stage.kind == "asr" and stage.audio_top_layers:  # the frozen lower layers run once, not every epoch
+            index = self.model.cfg.audio.encoder_layers - stage.audio_top_layers
+            self.model.audio.top_layers(stage.audio_top_layers)  # checks k against the encoder's depth
+            self.speech.features = self.val_speech.features = None
+            for bank in (self.speech, self.val_speech):
+                if bank.hidden is None or bank.hidden_index != index:
+                    bank.encode_lower(self.model, index)
+        elif stage.kind == "asr" and "audio" not in stage.train and self.speech.features is None:
             self.speech.encode(self.model)  # a frozen encoder: its states are computed once, not every epoch
             self.val_speech.encode(self.model)
         if stage.kind in ("ar", "diffusion"):
@@ -189,14 +195,21 @@ class Trainer:
         self._banks(stage)
         model.freeze(["vision", "vision_adapter", "audio", "audio_adapter", "decoder"])
         model.freeze(stage.train, frozen=False)
+        top = [p for m in (model.audio.top_layers(stage.audio_top_layers) if stage.audio_top_layers else [])
+               for p in m.parameters()]  # fine-tuned top layers of the speech encoder, at their own learning rate
+        for p in top:
+            p.requires_grad_(True)
         head = self._head(stage)
-        params = [p for p in model.parameters() if p.requires_grad]
+        tuned = {id(p) for p in top}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in tuned]
         owned = {id(p) for p in params}  # the audio_ctc head is part of the model: not listed twice
         params += [p for p in ([] if head is None else head.parameters()) if id(p) not in owned]
         if head is not None:
             head.requires_grad_(True)
+        groups = [{"params": params}] + ([{"params": top, "lr_scale": stage.audio_top_lr / stage.lr}] if top else [])
+        params = params + top
         sync_params(params, self.world)
-        opt = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay)
         start = self.state["step"] if self.state["stage"] == si else 0
         if start and stage.kind in ("ar", "diffusion"):
             load_optimizer(self.state_dir, model, opt, self.state.get("adam_steps", {}))
@@ -206,7 +219,7 @@ class Trainer:
         for step in bar:
             rng = random.Random(f"{cfg.seed}-{self.rank}-{si}-{step}")
             for g in opt.param_groups:
-                g["lr"] = self._lr(stage, step)
+                g["lr"] = self._lr(stage, step) * g.get("lr_scale", 1.0)
             loss, n_tokens = self._loss(stage, head, rng)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss ({loss.item()}) at stage {stage.name!r} step {step}, lr "
@@ -231,8 +244,9 @@ class Trainer:
                 save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1})
         if stage.kind == "cells":
             self.bank.features = None  # encoder changed: features are recomputed when needed
-        if stage.kind == "asr" and "audio" in stage.train:
-            self.speech.features = None
+        if stage.kind == "asr" and ("audio" in stage.train or stage.audio_top_layers):
+            self.speech.features = None  # the encoder changed: its states are recomputed when needed
+            self.speech.hidden = self.val_speech.hidden = None
 
     def _validate(self, stage: StageConfig, head: nn.Module | None, step: int) -> None:
         if stage.kind == "cells":
@@ -316,15 +330,8 @@ class Trainer:
     def _ctc_loss(self, head: nn.Module, idx: list[int]) -> tuple[torch.Tensor, int]:
         """CTC loss of the speech encoder + head on the transcripts of training clips ``idx``."""
         speech = self.speech
-        if speech.features is not None:  # the encoder is frozen: its cached states
-            out = audio_batch([speech.features[i] for i in idx])
-            if self.cfg.spec_augment:
-                out.last = state_augment(out.last, random.Random(idx[0] * 7919 + len(idx)))
-        else:
-            feats, mask = self.model.audio.batch_mels([speech.mels[i] for i in idx])
-            if self.cfg.spec_augment:
-                feats = spec_augment(feats, random.Random(idx[0] * 7919 + len(idx)))
-            out = self.model.audio(feats, mask)
+        augment = random.Random(idx[0] * 7919 + len(idx)) if self.cfg.spec_augment else None
+        out = speech.audio_features(self.model, idx, augment=augment)
         mask = out.mask
         logp = head.logits(out).float().log_softmax(-1)  # (B, T', V+1)
         targets = [torch.tensor(self.batcher.answer_ids(speech.qas[i].question)) for i in idx]

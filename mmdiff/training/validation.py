@@ -18,7 +18,7 @@ from ..evaluation.metrics import exact_match, normalize_answer, word_error_rate
 from ..model import MultimodalDiffusionLM
 from ..sampling import DecodeConfig, SamplerConfig
 from ..sampling.autoregressive import ar_generate
-from .banks import SceneBank, SpeechBank, audio_batch
+from .banks import SceneBank, SpeechBank
 from .batches import LONG_TYPES, Batcher, Example, embed_batch
 from .heads import CellHead
 
@@ -85,10 +85,7 @@ def asr_eval(model: MultimodalDiffusionLM, head: nn.Module, speech: SpeechBank) 
     refs, hyps = [], []
     for i in range(0, len(speech), 64):
         idx = list(range(i, min(i + 64, len(speech))))
-        if speech.features is not None:  # a frozen encoder's cached states
-            out = audio_batch([speech.features[k] for k in idx])
-        else:
-            out = model.audio(*model.audio.batch_mels([speech.mels[k] for k in idx]))
+        out = speech.audio_features(model, idx)  # cached states where the encoder (or its lower part) is frozen
         logp = head.logits(out).float().log_softmax(-1)
         for k, ids in zip(idx, ctc_greedy(logp, out.mask.sum(-1), logp.shape[-1] - 1)):
             refs.append(normalize_answer(speech.qas[k].question))
