@@ -11,7 +11,8 @@ decide each finding.
 Settings (all through ``model.generate``, i.e. the one sampler, one token per step unless
 ``--long-steps`` says otherwise), each run once without a cache and once with the exact prefix
 cache (``prefix``: the prompt, visual tokens included, is encoded once, unpruned; pruning then only
-masks cached image keys from the canvas queries and layer skipping skips the canvas' layers):
+leaves the pruned cached image keys out of the canvas queries' attention, and layer skipping skips
+the canvas' layers):
 
 * ``unpruned``: the reference row of its cache mode;
 * FastV (K=2: ranked by the attention the response pays at layer 1) and DivPrune (K=0: the most
@@ -25,8 +26,8 @@ Columns: accuracy (normalised exact match; JSON captions right when every object
 95% **Wilson score** interval; the accuracy change vs the unpruned row of the same cache mode in
 points; ``changed``: the share of answers whose text differs from that row's (a paired measure:
 \\|change\\| <= changed, so a row with <= 1% changed answers loses <= 1 point whatever the interval
-says); decoder GFLOP per answer (``mmdiff.flops``; with the cache, masked cached keys still count, as
-the attention kernel runs over them) and the FLOPs cut vs that row; NFE per answer; median
+says); decoder GFLOP per answer (``mmdiff.flops``; with the cache, pruned cached keys are gathered
+out of the key tensor, so only the later attention is saved) and the FLOPs cut vs that row; NFE per answer; median
 end-to-end latency per answer at batch 1 (image encoding included). ``target`` marks the rows that
 cut >= 25% of the decoder FLOPs at <= 1 point accuracy loss (point estimates).
 

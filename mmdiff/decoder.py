@@ -321,7 +321,7 @@ class LayerShape(NamedTuple):
     """The work one layer did for one sequence of a call (for FLOP counting)."""
 
     rows: int  # tokens that ran through the layer (queries, projections, MLP)
-    keys: int  # keys each query attended over (cached + new, masked ones included)
+    keys: int  # keys each query attended over (cached slots gathered + new; mask-only exclusions included)
     probe_rows: int = 0  # queries whose attention scores were also computed explicitly (probe)
 
 
@@ -340,7 +340,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
                 cache: KVCache | None = None, layer: int = 0, store: bool = False,
                 probe: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                n_new: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                n_new: int | None = None,
+                cached_cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attend; returns (output (B, T, D), attention received per key (B, Tk) or None).
 
         Args:
@@ -348,6 +349,7 @@ class Attention(nn.Module):
                 head-averaged attention those queries pay to every key (FastV-style scores).
             rows, n_new: the call's tokens were pruned: ``x`` holds rows ``rows`` (B, T) of
                 ``n_new`` new tokens (for storing keys at the right cache slots).
+            cached_cols: (B, Tc') the cached slots to attend (gathered from the cache), or None for all.
         """
         B, T, _ = x.shape
         hd, H, Hkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
@@ -357,8 +359,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_new, v_new = k, v
         if cache is not None and cache.keys[layer] is not None:
-            k = torch.cat([cache.keys[layer], k], dim=2)  # (B, Hkv, Tc+T, hd)
-            v = torch.cat([cache.values[layer], v], dim=2)
+            ck, cv = cache.keys[layer], cache.values[layer]  # (B, Hkv, Tc, hd)
+            if cached_cols is not None:
+                idx = cached_cols[:, None, :, None].expand(B, Hkv, -1, hd)
+                ck, cv = ck.gather(2, idx), cv.gather(2, idx)  # (B, Hkv, Tc', hd)
+            k = torch.cat([ck, k], dim=2)  # (B, Hkv, Tc'+T, hd)
+            v = torch.cat([cv, v], dim=2)
         if store and cache is not None:
             cache.append(layer, k_new, v_new, rows=rows, n_new=n_new)
         if Hkv != H:  # GQA: each kv head serves H/Hkv consecutive query heads
@@ -415,6 +421,8 @@ class _Pruned:
         self.rows: torch.Tensor | None = None  # (B, T') indices of the new tokens still running; None = all
         self.dead: torch.Tensor | None = None  # (B, Tc+T) bool, positions dropped in this call
         self._full: torch.Tensor | None = None  # (B, T, D) latest state of every new token
+        self.cached_cols: torch.Tensor | None = None  # (B, Tc') cached slots the current layer attends; None = all
+        self.cached_ok: torch.Tensor | None = None  # (B, Tc') False at the padding of rows with fewer live slots
 
     def _cur(self) -> torch.Tensor:
         return torch.arange(self.T, device=self.device).expand(self.B, -1) if self.rows is None else self.rows
@@ -455,11 +463,43 @@ class _Pruned:
         """Per-new-token weights (B, T) restricted to the running rows (B, T')."""
         return weights if self.rows is None else weights.gather(1, self.rows)
 
+    def select_cached(self, has_cached: bool, alive: torch.Tensor | None) -> torch.Tensor | None:
+        """Choose the cached slots a layer attends: every slot, or only the live ones gathered.
+
+        A cached slot is left out when the plan dropped its position in this call (``dead``) or
+        when the cache holds no keys there (``alive`` False: the position was dropped when it was
+        stored). Leaving such slots out of the key tensor, rather than masking them, gives the same
+        attention (a masked key has softmax weight exactly 0) and removes their QKᵀ and AV work, so a
+        pruned prompt saves attention FLOPs with the cache too. Rows with fewer live slots are padded
+        with their own last slots, masked (``cached_ok``).
+
+        Returns:
+            (B, Tc') the gathered slots, ascending, or None when every slot is attended.
+        """
+        self.cached_cols = self.cached_ok = None
+        if not has_cached:
+            return None
+        ok = torch.ones(self.B, self.Tc, dtype=torch.bool, device=self.device)
+        if self.dead is not None:
+            ok &= ~self.dead[:, :self.Tc]
+        if alive is not None:
+            ok &= alive
+        if bool(ok.all()):
+            return None
+        pos = torch.arange(self.Tc, device=self.device)
+        order = (pos + self.Tc * (~ok).long()).argsort(dim=1)  # live slots first, each group ascending
+        n = max(int(ok.sum(1).max()), 1)
+        cols = order[:, :n].sort(dim=1).values  # (B, Tc') live slots (and padding) in position order
+        self.cached_cols, self.cached_ok = cols, ok.gather(1, cols)
+        return cols
+
     def key_positions(self, has_cached: bool) -> torch.Tensor:
         """(B, Tk) absolute position of each key slot of a layer: cached ones, then running rows."""
         cols = self.Tc + self._cur()
         if has_cached:
-            cols = torch.cat([torch.arange(self.Tc, device=self.device).expand(self.B, -1), cols], dim=1)
+            cached = (torch.arange(self.Tc, device=self.device).expand(self.B, -1) if self.cached_cols is None
+                      else self.cached_cols)
+            cols = torch.cat([cached, cols], dim=1)
         return cols
 
     def to_positions(self, r: torch.Tensor, *, has_cached: bool) -> torch.Tensor:
@@ -469,17 +509,16 @@ class _Pruned:
             return r
         return r.new_zeros(self.B, self.Tc + self.T).scatter(1, cols, r)
 
-    def mask(self, base: torch.Tensor | None, *, has_cached: bool, alive: torch.Tensor | None) -> torch.Tensor | None:
-        """A layer's attention mask (B, 1, T', Tk) from the call's ``base`` (B, 1, T, Tc+T) or None."""
-        if self.rows is None and self.dead is None and alive is None and (has_cached or self.Tc == 0):
+    def mask(self, base: torch.Tensor | None, *, has_cached: bool) -> torch.Tensor | None:
+        """A layer's attention mask (B, 1, T', Tk) from the call's ``base`` (B, 1, T, Tc+T) or None,
+        over the key slots :meth:`select_cached` chose."""
+        if self.rows is None and self.cached_cols is None and (has_cached or self.Tc == 0):
             return base
         cur, cols = self._cur(), self.key_positions(has_cached)  # (B, T'), (B, Tk)
         Tq, Tk = cur.shape[1], cols.shape[1]
         ok = torch.ones(self.B, Tk, dtype=torch.bool, device=self.device)  # running rows are never dead
-        if has_cached and self.dead is not None:
-            ok[:, :self.Tc] &= ~self.dead[:, :self.Tc]
-        if alive is not None:  # slots the cache holds keys for
-            ok[:, :self.Tc] &= alive
+        if self.cached_ok is not None:  # the padding of rows with fewer live cached slots
+            ok[:, :self.cached_ok.shape[1]] &= self.cached_ok
         if base is None and bool(ok.all()):
             return None  # bidirectional, nothing masked: keep the unmasked attention kernel
         m = base if base is not None else torch.ones(self.B, 1, self.T, self.Tc + self.T, dtype=torch.bool,
@@ -620,13 +659,15 @@ class Decoder(nn.Module):
                     hidden.append(pruned.full(x))
                 continue
             has_cached = cache is not None and cache.keys[i] is not None
-            layer_mask = pruned.mask(mask, has_cached=has_cached, alive=cache.alive_at(i) if has_cached else None)
+            cached_cols = pruned.select_cached(has_cached, cache.alive_at(i) if has_cached else None)
+            layer_mask = pruned.mask(mask, has_cached=has_cached)
             weights = None if plan is None else plan.probe(i)
             q_weights = None if weights is None else pruned.rows_of(weights)
             x, r = block(x, cos, sin, layer_mask, cache=cache, layer=i, store=store_cache, probe=q_weights,
-                         rows=pruned.rows, n_new=T)
+                         rows=pruned.rows, n_new=T, cached_cols=cached_cols)
             n_probe = 0 if q_weights is None else int(q_weights.ne(0).any(0).sum())
-            shapes.append(LayerShape(x.shape[1], x.shape[1] + (Tc if has_cached else 0), n_probe))
+            n_cached = 0 if not has_cached else Tc if cached_cols is None else cached_cols.shape[1]
+            shapes.append(LayerShape(x.shape[1], x.shape[1] + n_cached, n_probe))
             if r is not None:
                 scores = pruned.to_positions(r, has_cached=has_cached)  # (B, Tc+T)
                 received[i] = scores

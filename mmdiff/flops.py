@@ -4,7 +4,8 @@ A matmul of (m, k) by (k, n) costs 2mkn FLOPs (a multiply and an add per term). 
 sequence whose ``rows`` tokens run against ``keys`` keys (cached + new, after pruning):
 
 * projections, only for the tokens that run: q and o  2·rows·D·(H·d) each, k and v  2·rows·D·(H_kv·d) each,
-* attention, against every key in the tensor (cached ones included): QKᵀ and AV  2·H·rows·keys·d each,
+* attention, against every key in the tensor (the cached slots attended, then the new rows; a
+  pruned cached key leaves the tensor): QKᵀ and AV  2·H·rows·keys·d each,
 * explicit attention scores for probed queries (FastV's probe): 2·H·probe_rows·keys·d,
 * SwiGLU MLP: 3 · 2·rows·D·F;
 

@@ -136,7 +136,23 @@ def test_dropping_cached_positions_masks_them():
     pre = d(ids[:, :10], attn_mode="prefix", prefix_len=10, store_cache=True)
     rest = d(ids[:, 10:], attn_mode="prefix", prefix_len=10, cache=pre.cache, plan=Drop(1, keep))
     torch.testing.assert_close(rest.logits, full, rtol=1e-5, atol=1e-5)
-    assert rest.layers_run == [LayerShape(4, 14, 0), LayerShape(4, 14, 0)]  # masked keys still run
+    assert rest.layers_run == [LayerShape(4, 14, 0), LayerShape(4, 11, 0)]  # dropped cached keys are left out
+
+
+def test_uneven_cached_drops_are_gathered_with_padding():
+    """Rows dropping different numbers of cached positions: each row's live slots are gathered, the
+    shorter row padded and masked; each row's answer equals one pass of that row alone."""
+    d = lively("prefix")
+    ids = torch.randint(3, 128, (2, 14))
+    keep = torch.ones(2, 14, dtype=torch.bool)
+    keep[0, [2, 3, 7]] = False
+    keep[1, [5]] = False
+    full = torch.cat([d(ids[b:b + 1], attn_mode="prefix", prefix_len=10, plan=Drop(1, keep[b:b + 1])).logits[:, 10:]
+                      for b in range(2)])
+    pre = d(ids[:, :10], attn_mode="prefix", prefix_len=10, store_cache=True)
+    rest = d(ids[:, 10:], attn_mode="prefix", prefix_len=10, cache=pre.cache, plan=Drop(1, keep))
+    torch.testing.assert_close(rest.logits, full, rtol=1e-5, atol=1e-5)
+    assert rest.layers_run == [LayerShape(4, 14, 0), LayerShape(4, 13, 0)]  # 9 live slots in the longer row
 
 
 def test_plan_errors_name_the_problem():
