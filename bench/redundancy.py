@@ -26,7 +26,8 @@ Columns: accuracy (normalised exact match; JSON captions right when every object
 95% **Wilson score** interval; the accuracy change vs the unpruned row of the same cache mode in
 points; ``changed``: the share of answers whose text differs from that row's (a paired measure:
 \\|change\\| <= changed, so a row with <= 1% changed answers loses <= 1 point whatever the interval
-says); decoder GFLOP per answer (``mmdiff.flops``; with the cache, pruned cached keys are gathered
+says); for JSON captions ``fields right``, the share of the true objects' fields answered right
+(graded, where accuracy counts a caption only when every field is right); decoder GFLOP per answer (``mmdiff.flops``; with the cache, pruned cached keys are gathered
 out of the key tensor, so only the later attention is saved) and the FLOPs cut vs that row; NFE per answer; median
 end-to-end latency per answer at batch 1 (image encoding included). ``target`` marks the rows that
 cut >= 25% of the decoder FLOPs at <= 1 point accuracy loss (point estimates).
@@ -55,8 +56,8 @@ DEFAULT_MODELS = ("hybrid=checkpoints/mmdiff-tiny-rich",
 CACHES = ("none", "prefix")  # without and with the exact prefix cache
 FLOPS_CUT_TARGET = 0.25  # the issue's target: >= 25% fewer decoder FLOPs ...
 LOSS_TARGET_POINTS = 1.0  # ... at <= 1 point accuracy loss
-COLUMNS = ("cache", "method", "setting", "accuracy (95% CI)", "Δ points", "changed", "GFLOP / answer", "FLOPs cut",
-           "NFE", "latency ms", "target")
+COLUMNS = ("cache", "method", "setting", "accuracy (95% CI)", "Δ points", "changed", "fields right", "GFLOP / answer",
+           "FLOPs cut", "NFE", "latency ms", "target")
 SMOKE = {"n": 5, "n_long": 2, "ratios": "0.5", "long_steps": 19, "repeats": 1}
 
 
@@ -110,8 +111,29 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def row_of(r: Result, base: Result) -> dict:
-    """One table row's numbers: ``r`` against the unpruned ``base`` of the same cache mode."""
+def fields_right(texts: list[str], examples: list[Example]) -> float | None:
+    """The share of the true JSON captions' fields (shape, color, size, position of every object) the
+    answers get right (:func:`mmdiff.evaluation.metrics.score_json_caption`), pooled over the
+    examples; None for short answers. A graded measure beside the all-or-nothing accuracy: a caption
+    with one field wrong is wrong, so on 30 captions the accuracy moves in steps of 3.3 points."""
+    from mmdiff.evaluation.metrics import score_json_caption
+
+    right = total = 0
+    for text, ex in zip(texts, examples):
+        try:
+            truth = json.loads(ex.answers[0])
+        except ValueError:
+            return None
+        if not isinstance(truth, list):
+            return None
+        score = score_json_caption(text, ex.answers[0])
+        right, total = right + score.fields_right, total + score.fields_total
+    return right / total if total else None
+
+
+def row_of(r: Result, base: Result, examples: list[Example] | None = None) -> dict:
+    """One table row's numbers: ``r`` against the unpruned ``base`` of the same cache mode (``examples``:
+    the workload's, for the JSON captions' ``fields_right``)."""
     n = len(r.correct)
     lo, hi = wilson(sum(r.correct), n)
     delta = 100 * (sum(r.correct) - sum(base.correct)) / n  # exactly -1.0 for 3 of 300 lost
@@ -121,6 +143,7 @@ def row_of(r: Result, base: Result) -> dict:
             "pruning": None if s.pruning is None else s.pruning.to_dict(), "n": n, "accuracy": r.accuracy,
             "ci95": [lo, hi], "delta_points": delta,
             "changed": sum(a != b for a, b in zip(r.texts, base.texts)) / max(1, n),
+            "fields_right": None if examples is None else fields_right(r.texts, examples),
             "gflop": r.gflop, "flops_cut": cut, "nfe": r.nfe, "nfe_per_token": r.nfe_per_token,
             "latency_ms": 1000 * r.latency_s,
             "target": cut >= FLOPS_CUT_TARGET and delta >= -LOSS_TARGET_POINTS}
@@ -146,7 +169,7 @@ def study(model, examples: list[Example], *, length: int, settings: list[Setting
             s = replace(s, cache=cache)
             print(f"  [{cache}] {s.family} {s.name} ...", file=sys.stderr, flush=True)
             results.append(measure(model, s, examples, length, repeats))
-        rows += [row_of(r, results[0]) for r in results]
+        rows += [row_of(r, results[0], examples) for r in results]
     return rows
 
 
@@ -164,7 +187,9 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lo, hi = r["ci95"]
         cells = (r["cache"], r["method"], r["setting"], f"{r['accuracy']:.1%} ({lo:.1%}-{hi:.1%})",
-                 f"{r['delta_points']:+.1f}", f"{r['changed']:.1%}", f"{r['gflop']:.3f}", f"{r['flops_cut']:.1%}",
+                 f"{r['delta_points']:+.1f}", f"{r['changed']:.1%}",
+                 "-" if r.get("fields_right") is None else f"{r['fields_right']:.1%}", f"{r['gflop']:.3f}",
+                 f"{r['flops_cut']:.1%}",
                  f"{r['nfe']:.1f}", f"{r['latency_ms']:.1f}", "**yes**" if r["target"] else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

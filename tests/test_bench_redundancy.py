@@ -65,6 +65,15 @@ def test_study_table_columns_and_flops(bench, model_dir):
         assert 0 < cached[name]["flops_cut"] < plain[name]["flops_cut"]
 
 
+def test_fields_right_is_graded(bench):
+    truth = json.dumps([{"shape": "circle", "color": "red", "size": "large", "position": "top left"}])
+    ex = bench.Example(None, "describe the image in json.", [truth])
+    half = json.dumps([{"shape": "circle", "color": "blue", "size": "large", "position": "top left"}])
+    assert bench.fields_right([truth], [ex]) == 1.0 and bench.fields_right(["not json"], [ex]) == 0.0
+    assert bench.fields_right([half], [ex]) == 0.75  # objects matched by position, one field of four wrong
+    assert bench.fields_right(["1"], [bench.Example(None, "how many?", ["1"])]) is None
+
+
 def test_wilson_interval(bench):
     lo, hi = bench.wilson(285, 300)
     assert lo == pytest.approx(0.9192, abs=1e-4) and hi == pytest.approx(0.9695, abs=1e-4)
@@ -81,7 +90,9 @@ def test_main_writes_every_number(bench, model_dir, tmp_path, capsys):
     short = report["models"][0]["workloads"]["short"]
     assert short["n"] == 2 and short["visual_tokens"] > 0 and short["prompt_tokens"] > short["visual_tokens"]
     assert {r["method"] for r in short["rows"]} == {"baseline", "FastV", "DivPrune", "VTW"}
-    assert report["models"][0]["workloads"]["long"]["canvas"] == 8
+    long = report["models"][0]["workloads"]["long"]
+    assert long["canvas"] == 8 and all(0 <= r["fields_right"] <= 1 for r in long["rows"])
+    assert all(r["fields_right"] is None for r in short["rows"])
     assert bench.main(["--tables", str(out)]) == 0  # the tables again, from the saved numbers
     assert capsys.readouterr().out.strip() == printed.strip()
 
