@@ -44,17 +44,18 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..adapters import ProjectorConfig
-from ..decoder import DecoderConfig
 from ..encoders.vision import QWEN_VL_TOWERS, VisionEncoderConfig
 from ..io import CONFIG_NAME, read_json
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     DREAM_WEIGHTS,
+    LLAMA_REQUIRED,
     _hf_special_ids,
     _read_config,
     assert_materialised,
     build_on_meta,
     assign_weights,
+    llama_decoder_config,
     open_checkpoint,
     shard_index,
 )
@@ -74,8 +75,7 @@ DIMPLE_DEFAULTS: dict[str, Any] = dict(
 )
 DIMPLE_OPTIONS: dict[str, tuple] = dict(hidden_act=("silu",), rope_scaling=(None,), use_sliding_window=(False,),
                                         full_attn_mask=(True,))
-DIMPLE_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                    "vocab_size")
+DIMPLE_REQUIRED: tuple[str, ...] = LLAMA_REQUIRED
 #: ``DimpleVisionConfig``'s defaults (Dimple-7B's tower) under a config.json ``vision_config``.
 DIMPLE_VISION_DEFAULTS: dict[str, Any] = dict(QWEN_VL_TOWERS["qwen2.5-vl-7b"])
 #: preprocessor_config.json keys read (Dimple's image processor; its defaults otherwise)
@@ -117,13 +117,7 @@ def dimple_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME,
     c = _read_config(config, defaults=DIMPLE_DEFAULTS, required=DIMPLE_REQUIRED, options=DIMPLE_OPTIONS,
                      kind="Dimple", source=source)
     try:
-        decoder = DecoderConfig(
-            vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
-            mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
-            qkv_bias=True, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=True,
-            attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
-            mrope_section=list(c["mrope_section"]))
+        decoder = llama_decoder_config(c, qkv_bias=True, logit_shift=True, mrope_section=list(c["mrope_section"]))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     tower = dimple_tower(c["vision_config"], source=source)

@@ -157,8 +157,10 @@ DREAM_DEFAULTS: dict[str, Any] = dict(
 DREAM_OPTIONS: dict[str, tuple] = dict(
     hidden_act=("silu",), rope_scaling=(None,), use_sliding_window=(False,), use_mrope=(False,),
 )
-DREAM_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+#: the keys :func:`llama_decoder_config` reads that have no default (Llama / Qwen2 names)
+LLAMA_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                    "intermediate_size", "vocab_size")
+DREAM_REQUIRED: tuple[str, ...] = LLAMA_REQUIRED
 
 
 def _read_config(config: Mapping[str, Any], *, defaults: Mapping[str, Any], required: tuple[str, ...],
@@ -192,18 +194,36 @@ def llada_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
     )
 
 
+def llama_decoder_config(c: Mapping[str, Any], *, qkv_bias: bool, logit_shift: bool,
+                         mrope_section: list[int] | None = None) -> DecoderConfig:
+    """A Llama / Qwen2-keyed config as a bidirectional :class:`DecoderConfig`: the one mapping shared by
+    Dream, LLaDA-V's LLM and Dimple, each of which states only what differs.
+
+    ``num_key_value_heads`` None (or 0) means ``num_attention_heads``.
+
+    Args:
+        c: the config already read over its family's defaults by :func:`_read_config` (every key of
+            :data:`LLAMA_REQUIRED` plus ``num_key_value_heads``, ``rope_theta``, ``rms_norm_eps``,
+            ``tie_word_embeddings`` and ``max_position_embeddings``).
+        qkv_bias: biases on the q/k/v projections (Qwen2 / Dream: True; Llama: False).
+        logit_shift: Dream's read-out, the prediction for position i at position i-1.
+        mrope_section: Qwen2-VL's M-RoPE bands (t, h, w); None = 1-D RoPE.
+    """
+    return DecoderConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
+        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
+        qkv_bias=qkv_bias, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=logit_shift,
+        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"], mrope_section=mrope_section,
+    )
+
+
 def dream_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> DecoderConfig:
     """A Dream (Qwen2-shaped) ``config.json`` as a :class:`DecoderConfig`: q/k/v biases, logits
     shifted by one position at sampling time."""
     c = _read_config(config, defaults=DREAM_DEFAULTS, required=DREAM_REQUIRED, options=DREAM_OPTIONS,
                      kind="Dream", source=source)
-    return DecoderConfig(
-        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
-        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
-        qkv_bias=True, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=True,
-        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
-    )
+    return llama_decoder_config(c, qkv_bias=True, logit_shift=True)
 
 
 def mmdiff_decoder_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME) -> DecoderConfig:

@@ -19,18 +19,19 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..adapters import ProjectorConfig
-from ..decoder import DecoderConfig
 from ..encoders.vision import SIGLIP_TOWERS, VisionEncoderConfig
 from ..io import CONFIG_NAME
 from ..model import ModelConfig, MultimodalDiffusionLM
 from .formats import (
     DREAM_WEIGHTS,
+    LLAMA_REQUIRED,
     _read_config,
     assert_materialised,
     build_on_meta,
     drop_unused,
     assign_weights,
     decoder_weight_names,
+    llama_decoder_config,
     open_checkpoint,
     shard_index,
 )
@@ -55,8 +56,7 @@ LLADA_V_OPTIONS: dict[str, tuple] = dict(
     mm_projector_type=("mlp2x_gelu",), mm_vision_select_layer=(-2,), mm_vision_select_feature=("patch",),
     mm_use_im_start_end=(False,),
 )
-LLADA_V_REQUIRED: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                     "vocab_size", "mm_vision_tower", "mm_hidden_size")
+LLADA_V_REQUIRED: tuple[str, ...] = LLAMA_REQUIRED + ("mm_vision_tower", "mm_hidden_size")
 
 #: the system prompt of LLaDA-V's ``llava_llada`` conversation template (LLaVA's, for LLaDA)
 LLADA_V_SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual "
@@ -82,13 +82,7 @@ def llada_v_model_config(config: Mapping[str, Any], *, source: str = CONFIG_NAME
 
     c = _read_config(config, defaults=LLADA_V_DEFAULTS, required=LLADA_V_REQUIRED, options=LLADA_V_OPTIONS,
                      kind="LLaDA-V", source=source)
-    decoder = DecoderConfig(
-        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
-        mlp_hidden=c["intermediate_size"], rope_theta=float(c["rope_theta"]), norm_eps=float(c["rms_norm_eps"]),
-        qkv_bias=False, tie_embeddings=bool(c["tie_word_embeddings"]), logit_shift=False,
-        attn_mode="bidirectional", max_seq_len=c["max_position_embeddings"],
-    )
+    decoder = llama_decoder_config(c, qkv_bias=False, logit_shift=False)
     tower = siglip_tower(c, source=source)
     width = SIGLIP_TOWERS[tower]["embed_dim"]
     views = llava_views(c, tile=SIGLIP_TOWERS[tower]["img_size"], source=source)
