@@ -115,7 +115,8 @@ def combine(results: list[Result], vanilla: Result, tolerance: float) -> Setting
             cache = best[fam].setting.cache if fam == "cache" else cache
     if "decoding" in best:
         sampler.pop("steps", None)
-    for fam, keys in (("pruning", ("prune", "keep_ratio", "prune_layer", "prune_from_step", "prune_schedule")),
+    for fam, keys in (("pruning", ("prune", "keep_ratio", "prune_layer", "prune_from_step", "prune_until_step",
+                                    "prune_schedule")),
                       ("skipping", ("skip_layers", "skip_from_step"))):
         if fam in best:
             try:

@@ -17,8 +17,10 @@ the canvas' layers):
 * ``unpruned``: the reference row of its cache mode;
 * FastV (K=2: ranked by the attention the response pays at layer 1) and DivPrune (K=0: the most
   diverse subset of the image embeddings) keeping each ``--ratios`` share of the image tokens,
-  at three times: ``step 0`` (every step), ``late`` (from the middle step on) and
-  ``progressive`` (the kept share decays linearly from 1 at step 0 to the ratio at the last step);
+  at four times: ``step 0`` (every step), ``late`` (from the middle step on), ``progressive``
+  (the kept share decays linearly from 1 at step 0 to the ratio at the last step) and ``early``
+  (the first half of the steps only; the image tokens come back for the late steps: whether late
+  denoising recovers what early pruning lost);
 * VTW (every image token withdrawn after layer K, ``--vtw-layers``) from step 0 and late;
 * layer skipping (``--skip``: the layers skipped) from step 0 (static) and late (step-wise).
 
@@ -81,7 +83,7 @@ def study_settings(steps: int, n_layers: int, *, ratios: tuple[float, ...], vtw_
     mid = steps // 2
     sampler = {"steps": steps}
     times = (("step 0", {}), (f"late (from step {mid})", {"prune_from_step": mid}),
-             ("progressive", {"prune_schedule": "progressive"}))
+             ("progressive", {"prune_schedule": "progressive"}), (f"early (until step {mid})", {"prune_until_step": mid}))
     out = [Setting("unpruned", "baseline", sampler)]
     for family, label, k in (("FastV", "fastv", 2 if n_layers > 2 else 1), ("DivPrune", "divprune", 0)):
         out += [Setting(f"keep {r:.0%} K={k}, {when}", family, sampler,

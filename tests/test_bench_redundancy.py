@@ -41,10 +41,10 @@ def test_study_table_columns_and_flops(bench, model_dir):
                  ((0, 0, 200), "where is the blue square?", "top left"), ((30, 200, 30), "yes", "no")]]
     n_layers = model.cfg.decoder.n_layers
     settings = bench.study_settings(4, n_layers, ratios=(0.5,), vtw_layers=(1,), skip=(n_layers - 1,))
-    families = ["baseline"] + ["FastV"] * 3 + ["DivPrune"] * 3 + ["VTW"] * 2 + ["layer skip"] * 2
+    families = ["baseline"] + ["FastV"] * 4 + ["DivPrune"] * 4 + ["VTW"] * 2 + ["layer skip"] * 2
     assert [s.family for s in settings] == families
     rows = bench.study(model, examples, length=4, settings=settings, repeats=1)
-    assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 11 + ["prefix"] * 11
+    assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 13 + ["prefix"] * 13
     table = bench.format_table(rows).splitlines()
     assert [c.strip() for c in table[0].split("|")[1:-1]] == list(bench.COLUMNS)
     assert len(table) == 2 + len(rows)
@@ -59,6 +59,7 @@ def test_study_table_columns_and_flops(bench, model_dir):
     for name in ("keep 50% K=0, step 0", "K=1, step 0"):  # DivPrune, VTW from step 0: image tokens dropped
         assert plain[name]["gflop"] < plain["unpruned"]["gflop"] and plain[name]["flops_cut"] > 0
     assert plain["keep 50% K=0, step 0"]["flops_cut"] > plain["keep 50% K=0, late (from step 2)"]["flops_cut"] > 0
+    assert plain["keep 50% K=0, step 0"]["flops_cut"] > plain["keep 50% K=0, early (until step 2)"]["flops_cut"] > 0
     cached = {r["setting"]: r for r in rows if r["cache"] == "prefix"}
     # with the prefix cache, pruned cached image keys leave the key tensor: only later attention is saved
     for name in ("keep 50% K=0, step 0", "K=1, step 0"):

@@ -295,6 +295,11 @@ def test_prune_schedules_late_and_progressive():
     prog = ratios(prune_schedule="progressive", prune_from_step=2)
     assert prog[:2] == [1.0, 1.0] and prog[-1] == pytest.approx(0.25)
     assert all(a > b for a, b in zip(prog[2:], prog[3:]))
+    assert ratios(prune_until_step=3) == [0.25] * 3 + [1.0] * 5  # early-step pruning: the tokens come back
+    early = ratios(prune_schedule="progressive", prune_until_step=4)
+    assert early[3] == pytest.approx(0.25) and early[4:] == [1.0] * 4 and all(a > b for a, b in zip(early, early[1:4]))
+    with pytest.raises(ValueError, match="prune_until_step 2 must be after prune_from_step 2"):
+        PruningConfig(prune="fastv", keep_ratio=0.5, prune_from_step=2, prune_until_step=2)
     pl = LayerPlanner(PruningConfig(prune="fastv", keep_ratio=0.5, prune_layer=1, prune_from_step=3), prompt_embeds=E,
                       media=media, n_layers=2, total_steps=8)
     assert pl.plan(2, n_cached=0, queries=torch.ones(2, 4)) is None and pl.plan(3, n_cached=0, queries=torch.ones(2, 4))

@@ -12,8 +12,9 @@ bound to one prompt batch; for every decoder call a denoiser asks it for a
   token embeddings (DivPrune, Alvar et al. 2025),
 * ``vtw``: every image token leaves after layer K (visual tokens withdrawal, Lin et al. 2024).
 
-When: from step ``prune_from_step`` on, at a ``constant`` kept ratio or a ``progressive`` one that
-decays linearly from 1 to ``keep_ratio`` over the remaining steps. Layer skipping leaves
+When: from step ``prune_from_step`` on (until step ``prune_until_step``, when set: early-step
+pruning, after which the image tokens come back), at a ``constant`` kept ratio or a ``progressive``
+one that decays linearly from 1 to ``keep_ratio`` over the pruned steps. Layer skipping leaves
 ``skip_layers`` out from step ``skip_from_step`` on.
 """
 from __future__ import annotations
@@ -45,6 +46,9 @@ class PruningConfig(JsonConfig):
     prune_layer: int = setting(2, "K: image tokens are dropped before decoder layer K (0-based)", low=0,
                                widget_max=64)
     prune_from_step: int = setting(0, "first denoising step that prunes (late-step pruning)", low=0, widget_max=256)
+    prune_until_step: int = setting(0, "first denoising step that no longer prunes: the image tokens come back "
+                                       "from it on (early-step pruning; 0 = prune to the last step)", low=0,
+                                    widget_max=256)
     prune_schedule: str = setting("constant", "constant, or progressive (kept ratio decays from 1 to --keep-ratio "
                                               "over the steps)", choices=PRUNE_SCHEDULES)
     skip_layers: tuple[int, ...] = setting((), "comma-separated decoder layers to skip, e.g. 3,4", low=0)
@@ -55,6 +59,9 @@ class PruningConfig(JsonConfig):
             PRUNERS.get(self.prune)
         object.__setattr__(self, "skip_layers", tuple(sorted(set(self.skip_layers))))
         check_settings(self)
+        if self.prune_until_step and self.prune_until_step <= self.prune_from_step:
+            raise ValueError(f"prune_until_step {self.prune_until_step} must be after prune_from_step "
+                             f"{self.prune_from_step} (or 0: prune to the last step)")
         if self.prune == "fastv" and self.prune_layer < 1:
             raise ValueError("fastv scores tokens by the attention at layer prune_layer - 1: prune_layer must be >= 1")
         if self.prune == "fastv" and self.prune_layer - 1 in self.skip_layers:
@@ -243,12 +250,12 @@ class LayerPlanner:
     def keep_ratio(self, step: int) -> float:
         """Kept fraction of image tokens at ``step`` (1.0 = no pruning)."""
         c = self.config
-        if self.pruner is None or step < c.prune_from_step:
+        if self.pruner is None or step < c.prune_from_step or (c.prune_until_step and step >= c.prune_until_step):
             return 1.0
         target = 0.0 if self.pruner.keeps_none else c.keep_ratio
         if c.prune_schedule == "constant":
             return target
-        span = max(1, self.total_steps - c.prune_from_step)
+        span = max(1, (c.prune_until_step or self.total_steps) - c.prune_from_step)
         return 1.0 - (1.0 - target) * min(1.0, (step - c.prune_from_step + 1) / span)
 
     def plan(self, step: int, *, n_cached: int, queries: torch.Tensor) -> StepPlan | None:
