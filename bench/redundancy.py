@@ -21,7 +21,7 @@ the canvas' layers):
   (the kept share decays linearly from 1 at step 0 to the ratio at the last step) and ``early``
   (the first half of the steps only; the image tokens come back for the late steps: whether late
   denoising recovers what early pruning lost);
-* VTW (every image token withdrawn after layer K, ``--vtw-layers``) from step 0 and late;
+* VTW (every image token withdrawn after layer K, ``--vtw-layers``) from step 0, late and early;
 * layer skipping (``--skip``: the layers skipped) from step 0 (static) and late (step-wise).
 
 Columns: accuracy (normalised exact match; JSON captions right when every object is right) with its
@@ -67,12 +67,13 @@ SMOKE = {"n": 5, "n_long": 2, "ratios": "0.5", "long_steps": 19, "repeats": 1}
 # settings
 # ------------------------------------------------------------------------------------------------
 def study_settings(steps: int, n_layers: int, *, ratios: tuple[float, ...], vtw_layers: tuple[int, ...],
-                   skip: tuple[int, ...]) -> list[Setting]:
+                   skip: tuple[int, ...], split: int | None = None) -> list[Setting]:
     """The study's settings for ``steps`` denoising steps on a decoder of ``n_layers`` layers (no
     cache; :func:`study` runs each once per cache mode). ``family`` is the method column.
 
     Args:
-        steps: denoising steps of the workload (late = from step ``steps // 2`` on).
+        steps: denoising steps of the workload.
+        split: the step late rows start from and early rows stop at (default ``steps // 2``).
         n_layers: decoder depth (FastV's K is 2, or 1 on decoders of two layers or fewer).
         ratios: kept shares of the image tokens for FastV and DivPrune.
         vtw_layers: the K of each VTW row (image tokens withdrawn before layer K).
@@ -80,7 +81,9 @@ def study_settings(steps: int, n_layers: int, *, ratios: tuple[float, ...], vtw_
     """
     from mmdiff.sampling.pruning import PruningConfig
 
-    mid = steps // 2
+    mid = steps // 2 if split is None else split
+    if not 0 < mid < steps:
+        raise ValueError(f"the early/late split step must be inside the {steps} steps, got {mid}")
     sampler = {"steps": steps}
     times = (("step 0", {}), (f"late (from step {mid})", {"prune_from_step": mid}),
              ("progressive", {"prune_schedule": "progressive"}), (f"early (until step {mid})", {"prune_until_step": mid}))
@@ -90,7 +93,7 @@ def study_settings(steps: int, n_layers: int, *, ratios: tuple[float, ...], vtw_
                         pruning=PruningConfig(prune=label, keep_ratio=r, prune_layer=k, **extra))
                 for r in ratios for when, extra in times]
     out += [Setting(f"K={k}, {when}", "VTW", sampler, pruning=PruningConfig(prune="vtw", prune_layer=k, **extra))
-            for k in vtw_layers for when, extra in times[:2]]
+            for k in vtw_layers for when, extra in times if "prune_schedule" not in extra]  # VTW keeps none
     if skip:
         names = ",".join(map(str, skip))
         out += [Setting(f"layers {names}, {when}", "layer skip", sampler,
@@ -242,6 +245,8 @@ def build_parser():
     p.add_argument("--vtw-layers", help="K of the VTW rows (default: half the depth and the last layer)")
     p.add_argument("--skip", help="layers the skipping rows leave out (default: the middle layer and the next; "
                                   "'none' for no skipping rows)")
+    p.add_argument("--split-step", type=int,
+                   help="the step late rows start from and early rows stop at (default: half the workload's steps)")
     p.add_argument("--caches", default=",".join(CACHES), help="comma-separated cache modes (default: none,prefix)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of every example (default: 1)")
     p.add_argument("--json", help="also write every number to this file")
@@ -273,7 +278,10 @@ def run_model(p, args, name: str, path: str, data: dict[str, list[Example]], *, 
     for w in workloads:
         (L, steps), examples = lengths[w], data[w]
         print(f"[{name}] {w} ...", file=sys.stderr, flush=True)
-        settings = study_settings(steps, n_layers, ratios=ratios, vtw_layers=vtw, skip=skip)
+        try:
+            settings = study_settings(steps, n_layers, ratios=ratios, vtw_layers=vtw, skip=skip, split=args.split_step)
+        except ValueError as e:
+            p.error(f"--split-step: {e}")
         rows = study(model, examples, length=L, settings=settings, repeats=args.repeats, caches=caches)
         visual, prompt = prompt_tokens(model, examples[0])
         entry["workloads"][w] = {"n": len(examples), "canvas": L, "steps": steps, "visual_tokens": visual,

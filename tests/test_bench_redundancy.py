@@ -41,10 +41,10 @@ def test_study_table_columns_and_flops(bench, model_dir):
                  ((0, 0, 200), "where is the blue square?", "top left"), ((30, 200, 30), "yes", "no")]]
     n_layers = model.cfg.decoder.n_layers
     settings = bench.study_settings(4, n_layers, ratios=(0.5,), vtw_layers=(1,), skip=(n_layers - 1,))
-    families = ["baseline"] + ["FastV"] * 4 + ["DivPrune"] * 4 + ["VTW"] * 2 + ["layer skip"] * 2
+    families = ["baseline"] + ["FastV"] * 4 + ["DivPrune"] * 4 + ["VTW"] * 3 + ["layer skip"] * 2
     assert [s.family for s in settings] == families
     rows = bench.study(model, examples, length=4, settings=settings, repeats=1)
-    assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 13 + ["prefix"] * 13
+    assert len(rows) == 2 * len(settings) and [r["cache"] for r in rows] == ["none"] * 14 + ["prefix"] * 14
     table = bench.format_table(rows).splitlines()
     assert [c.strip() for c in table[0].split("|")[1:-1]] == list(bench.COLUMNS)
     assert len(table) == 2 + len(rows)
@@ -64,6 +64,13 @@ def test_study_table_columns_and_flops(bench, model_dir):
     # with the prefix cache, pruned cached image keys leave the key tensor: only later attention is saved
     for name in ("keep 50% K=0, step 0", "K=1, step 0"):
         assert 0 < cached[name]["flops_cut"] < plain[name]["flops_cut"]
+
+
+def test_the_split_step_moves_late_and_early(bench):
+    names = [s.name for s in bench.study_settings(8, 6, ratios=(0.5,), vtw_layers=(3,), skip=(), split=6)]
+    assert "keep 50% K=0, early (until step 6)" in names and "K=3, late (from step 6)" in names
+    with pytest.raises(ValueError, match="inside the 8 steps, got 8"):
+        bench.study_settings(8, 6, ratios=(0.5,), vtw_layers=(3,), skip=(), split=8)
 
 
 def test_fields_right_is_graded(bench):
