@@ -201,6 +201,51 @@ def format_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# when the answer is decided
+# ------------------------------------------------------------------------------------------------
+def decode_order(model, examples: list[Example], *, length: int, steps: int, split: int) -> dict:
+    """When the unpruned sampler (no cache) commits each answer's content: the step (0-based) of the
+    first and last token that is not EOS / padding, per answer. Early-step pruning can only change an
+    answer whose content is decided before the split step; this says how many are.
+
+    Returns:
+        ``{"n", "steps", "split", "first": {step: count}, "last": {step: count}, "after_split": share}``,
+        ``after_split`` being the share of answers whose whole content is committed at or after ``split``.
+    """
+    from mmdiff.sampling import DecodeConfig, SamplerConfig
+
+    filler = {model.special.eos, model.special.pad}
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    after = 0
+    decode = DecodeConfig(sampler=SamplerConfig(gen_length=length, steps=steps))
+    for ex in examples:
+        r = model.generate([ex.question], images=[ex.image], decode=decode)[0]
+        # fixed_at counts forwards (1 at the first step; -1 = preset), one per step without a cache
+        content = [at - 1 for tok, at in zip(r.tokens, r.fixed_at) if tok not in filler and at > 0]
+        if not content:
+            continue
+        first[min(content)] = first.get(min(content), 0) + 1
+        last[max(content)] = last.get(max(content), 0) + 1
+        after += min(content) >= split
+    return {"n": len(examples), "steps": steps, "split": split, "first": dict(sorted(first.items())),
+            "last": dict(sorted(last.items())), "after_split": after / max(1, len(examples))}
+
+
+def format_order(name: str, workload: str, o: dict) -> str:
+    """One markdown row of :func:`decode_order` (see :data:`ORDER_COLUMNS`)."""
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in d.items())
+
+    return (f"| {name} | {workload} | {o['n']} | {o['steps']} | {counts(o['first'])} | {counts(o['last'])} | "
+            f"{o['split']} | {o['after_split']:.1%} |")
+
+
+ORDER_COLUMNS = ("model", "workload", "answers", "steps", "first content token fixed at step: answers",
+                 "last content token fixed at step: answers", "split step", "all content at or after it")
+
+
+# ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
 def parse_models(items: list[str]) -> list[tuple[str, str]]:
@@ -251,6 +296,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=1, help="timed runs of every example (default: 1)")
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("--tables", metavar="REPORT.json", help="print the tables of a saved --json report and stop")
+    p.add_argument("--decode-order", action="store_true",
+                   help="only say when the unpruned sampler commits each answer's content (no pruning rows)")
     p.add_argument("--smoke", action="store_true",
                    help="a short check: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SMOKE.items()))
     return p
@@ -324,6 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     empty = [w for w in workloads if not data[w]]
     if empty:
         p.error(f"no examples for the {empty[0]} workload")
+    if args.decode_order:
+        lengths = {"short": (args.gen_length, args.gen_length),
+                   "long": (args.long_length, args.long_steps or args.long_length)}
+        print("| " + " | ".join(ORDER_COLUMNS) + " |\n|" + "---|" * len(ORDER_COLUMNS))
+        for name, path in models:
+            torch.manual_seed(0)
+            model = common.load_model(args, path)
+            for w in workloads:
+                (L, steps) = lengths[w]
+                split = args.split_step or steps // 2
+                print(format_order(name, w, decode_order(model, data[w], length=L, steps=steps, split=split)),
+                      flush=True)
+        return 0
     report: dict = {"argv": sys.argv[1:] if argv is None else list(argv), "threads": torch.get_num_threads(),
                     "repeats": args.repeats, "models": []}
     for name, path in models:

@@ -73,6 +73,18 @@ def test_the_split_step_moves_late_and_early(bench):
         bench.study_settings(8, 6, ratios=(0.5,), vtw_layers=(3,), skip=(), split=8)
 
 
+def test_decode_order_counts_every_answer(bench, model_dir, capsys):
+    assert bench.main(["--models", f"tiny={model_dir}", "--n", "3", "--n-long", "1", "--gen-length", "4",
+                       "--long-length", "8", "--decode-order"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| tiny")]
+    assert [r.split("|")[2].strip() for r in rows] == ["short", "long"]
+    model = bench.common.load_model(bench.build_parser().parse_args([]), str(model_dir))
+    ex = bench.common.test_split(3, 0, 0)["short"]
+    o = bench.decode_order(model, ex, length=4, steps=4, split=2)
+    assert sum(o["first"].values()) == sum(o["last"].values()) <= 3 and 0 <= o["after_split"] <= 1
+    assert all(0 <= k < 4 for k in (*o["first"], *o["last"]))
+
+
 def test_fields_right_is_graded(bench):
     truth = json.dumps([{"shape": "circle", "color": "red", "size": "large", "position": "top left"}])
     ex = bench.Example(None, "describe the image in json.", [truth])
