@@ -471,7 +471,7 @@ class _Pruned:
         stored). Leaving such slots out of the key tensor, rather than masking them, gives the same
         attention (a masked key has softmax weight exactly 0) and removes their QKᵀ and AV work, so a
         pruned prompt saves attention FLOPs with the cache too. Rows with fewer live slots are padded
-        with their own last slots, masked (``cached_ok``).
+        with some of their dead slots, masked (``cached_ok``).
 
         Returns:
             (B, Tc') the gathered slots, ascending, or None when every slot is attended.
