@@ -274,6 +274,12 @@ def prompt_tokens(model, ex: Example) -> tuple[int, int]:
     return int((kinds == IMAGE).sum()), int(valid.sum())
 
 
+def workload_lengths(args) -> dict[str, tuple[int, int]]:
+    """(canvas, denoising steps) of each workload under the command line's settings."""
+    return {"short": (args.gen_length, args.gen_length),
+            "long": (args.long_length, args.long_steps or args.long_length)}
+
+
 def build_parser():
     p = common.parser(__doc__, threads=1)
     p.set_defaults(model=None)  # --models names the models
@@ -319,16 +325,12 @@ def run_model(p, args, name: str, path: str, data: dict[str, list[Example]], *, 
     if "prefix" in caches and model.exact_cache != "prefix":
         p.error(f"--models {name}: the prefix cache is exact only for models trained with the prefix mask; "
                 f"this one runs {model.cfg.decoder.attn_mode} attention (use --caches none)")
-    lengths = {"short": (args.gen_length, args.gen_length),
-               "long": (args.long_length, args.long_steps or args.long_length)}
+    lengths = workload_lengths(args)
     entry = {"name": name, "dir": path, "n_layers": n_layers, "workloads": {}}
     for w in workloads:
         (L, steps), examples = lengths[w], data[w]
         print(f"[{name}] {w} ...", file=sys.stderr, flush=True)
-        try:
-            settings = study_settings(steps, n_layers, ratios=ratios, vtw_layers=vtw, skip=skip, split=args.split_step)
-        except ValueError as e:
-            p.error(f"--split-step: {e}")
+        settings = study_settings(steps, n_layers, ratios=ratios, vtw_layers=vtw, skip=skip, split=args.split_step)
         rows = study(model, examples, length=L, settings=settings, repeats=args.repeats, caches=caches)
         visual, prompt = prompt_tokens(model, examples[0])
         entry["workloads"][w] = {"n": len(examples), "canvas": L, "steps": steps, "visual_tokens": visual,
@@ -359,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         bad = [w for w in workloads if w not in ("short", "long")] + [c for c in caches if c not in CACHES]
         if bad:
             raise ValueError(f"unknown workload or cache {bad[0]!r}; workloads: short, long; caches: none, prefix")
+        for w in workloads:
+            steps = workload_lengths(args)[w][1]
+            if args.split_step is not None and not 0 < args.split_step < steps:
+                raise ValueError(f"--split-step {args.split_step} must be inside the {steps} steps of the {w} workload")
     except ValueError as e:
         p.error(str(e))
     if args.model is not None:
@@ -372,8 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         p.error(f"no examples for the {empty[0]} workload")
     if args.decode_order:
-        lengths = {"short": (args.gen_length, args.gen_length),
-                   "long": (args.long_length, args.long_steps or args.long_length)}
+        lengths = workload_lengths(args)
         print("| " + " | ".join(ORDER_COLUMNS) + " |\n|" + "---|" * len(ORDER_COLUMNS))
         for name, path in models:
             torch.manual_seed(0)

@@ -69,6 +69,11 @@ def test_skip_layers_alone_ignores_the_unused_prune_layer(model, model_dir, caps
     assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
                      "--prune", "vtw", "--skip-layers", "1"]) == 2  # pruning at K=2: checked
     assert "layer index 2 out of range for a decoder of 2 layers" in capsys.readouterr().err
+    assert cli.main(["ask", QUESTION, "--image", str(model_dir / "scene.png"), "--model", str(model_dir),
+                     "--prune", "divprune", "--keep-ratio", "0.5", "--prune-from-step", "3",
+                     "--prune-until-step", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mmdiff ask: error: prune_until_step 2 must be after prune_from_step 3 (or 0: prune to the last step)"]
 
 
 def test_search_reports_its_nfe_and_scored_candidates(model, model_dir, capsys):

@@ -122,7 +122,9 @@ def test_main_writes_every_number(bench, model_dir, tmp_path, capsys):
                                            (["--models", "a=/nonexistent"], "no model at /nonexistent"),
                                            (["--model", "x", "--models", "a=x"], "--models NAME=DIR"),
                                            (["--models", "a=x", "--caches", "dual"], "unknown workload or cache"),
-                                           (["--models", "a=x", "--ratios", "0.5,1.5"], "kept shares in [0, 1)")])
+                                           (["--models", "a=x", "--ratios", "0.5,1.5"], "kept shares in [0, 1)"),
+                                           (["--models", "a=x", "--split-step", "8"],
+                                            "--split-step 8 must be inside the 8 steps of the short workload")])
 def test_bad_arguments_are_one_line(bench, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
