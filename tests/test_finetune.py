@@ -430,3 +430,16 @@ def test_spoken_replay_is_off_without_a_synthesiser_or_a_speech_path(tmp_path, a
     ft = FineTuner(config(tmp_path, data, audio_model_dir, replay=0.5, replay_scenes=4), resume=False, progress=False)
     lines = [line for line in capsys.readouterr().out.splitlines() if NO_SYNTHESISER in line]
     assert ft.speech is None and len(lines) == 1 and lines[0].startswith("replay: no spoken questions")
+
+
+def test_warmup_cosine_schedule_matches_its_formula():
+    """One schedule for the recipe and the fine-tune: linear warmup, then cosine from the peak to floor * peak."""
+    from mmdiff.training.state import warmup_cosine
+
+    peak, warmup, total, floor = 2e-3, 10, 110, 0.1
+    assert warmup_cosine(0, peak, warmup=warmup, total=total, floor=floor) == pytest.approx(peak / 10)
+    assert warmup_cosine(9, peak, warmup=warmup, total=total, floor=floor) == pytest.approx(peak)
+    assert warmup_cosine(10, peak, warmup=warmup, total=total, floor=floor) == pytest.approx(peak)
+    assert warmup_cosine(60, peak, warmup=warmup, total=total, floor=floor) == pytest.approx(peak * (0.1 + 0.9 * 0.5))
+    assert warmup_cosine(110, peak, warmup=warmup, total=total, floor=floor) == pytest.approx(peak * floor)
+    assert warmup_cosine(500, peak, warmup=warmup, total=total, floor=floor) == pytest.approx(peak * floor)

@@ -60,7 +60,7 @@ from .banks import SpeechBank, audio_batch, frozen_features
 from .batches import response_canvas, spoken_examples
 from .distributed import allreduce_grads, dist_info, sync_params
 from .lora import LORA_NAME, add_lora, load_lora, lora_state, merge_lora, without_lora
-from .state import STATE_NAME, append_log, load_optimizer, save_state
+from .state import STATE_NAME, append_log, load_optimizer, save_state, warmup_cosine
 
 log = logging.getLogger("mmdiff")
 
@@ -492,11 +492,7 @@ class FineTuner:
     # -- main loop ----------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:
         cfg = self.cfg
-        total = cfg.ar_steps + cfg.steps
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        prog = (step - cfg.warmup) / max(1, total - cfg.warmup)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+        return warmup_cosine(step, cfg.lr, warmup=cfg.warmup, total=cfg.ar_steps + cfg.steps, floor=0.05)
 
     def _save_best(self) -> None:
         if LORA in self.parts:

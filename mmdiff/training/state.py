@@ -3,6 +3,7 @@ written to a temporary directory and then renamed, so a crash never leaves a tor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -16,6 +17,17 @@ from ..model import MultimodalDiffusionLM
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "train_state.json"
+
+
+def warmup_cosine(step: int, peak: float, *, warmup: int, total: int, floor: float) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup to ``peak`` over ``warmup`` steps, then cosine
+    decay (Loshchilov & Hutter 2017, SGDR without restarts) to ``floor * peak`` at ``total`` steps,
+    held there after:  lr = peak * (floor + (1 - floor) * (1 + cos(pi * min(1, p))) / 2),
+    p = (step - warmup) / (total - warmup)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    prog = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
 
 def append_log(path: Path, record: dict) -> None:

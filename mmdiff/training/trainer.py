@@ -9,7 +9,6 @@ atomic resumable checkpoints (:mod:`~mmdiff.training.state`) and a NaN guard. Da
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from .ctc_lm import fit_ctc_lm
 from .distributed import allreduce_grads, dist_info, sync_params
 from .heads import CellHead, CTCHead, GroundHead
 from .recipe import StageConfig, TrainConfig
-from .state import STATE_NAME, append_log, load_optimizer, save_state
+from .state import STATE_NAME, append_log, load_optimizer, save_state, warmup_cosine
 from .validation import asr_eval, cell_accuracy, quick_eval
 
 log = logging.getLogger("mmdiff")
@@ -164,10 +163,7 @@ class Trainer:
             append_log(self.log_path, record)
 
     def _lr(self, stage: StageConfig, step: int) -> float:
-        if step < stage.warmup:
-            return stage.lr * (step + 1) / stage.warmup
-        prog = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
-        return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+        return warmup_cosine(step, stage.lr, warmup=stage.warmup, total=stage.steps, floor=0.1)
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> MultimodalDiffusionLM:
