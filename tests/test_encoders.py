@@ -435,3 +435,41 @@ def test_audio_encoder_takes_float32_features_in_any_dtype():
     feats, mask = enc.preprocess([(np.sin(np.arange(8000) / 9).astype(np.float32), 16000)])
     with torch.no_grad():
         assert enc(feats, mask).last.dtype == torch.bfloat16
+
+
+def test_shorter_window_matches_a_whisper_encoder_of_that_window(tmp_path):
+    """window_positions w = a WhisperEncoder built for w positions (the first w positional embeddings) over
+    WhisperFeatureExtractor's features padded to w * 2 frames, every layer."""
+    sizes = {**TINY_WHISPER, "max_source_positions": 150}
+    ref_model = save_whisper_model(tmp_path, **sizes)
+    cfg = AudioEncoderConfig.from_whisper_checkpoint(tmp_path, max_seconds=1.0, pad_to_window=True,
+                                                     window_positions=50, output_layers=(0, 2))
+    assert cfg.window_states == 50 and cfg.window_samples == 16000
+    enc = build_audio_encoder(cfg).eval()
+    short = WhisperModel(WhisperConfig(**{**ref_model.config.to_dict(), "max_source_positions": 50})).eval()
+    state = {k: v for k, v in ref_model.state_dict().items() if k.startswith("encoder.")}
+    state["encoder.embed_positions.weight"] = state["encoder.embed_positions.weight"][:50]
+    short.load_state_dict(state, strict=False)
+    clip = (0.3 * np.sin(np.arange(9000) / 5)).astype(np.float32)
+    feats, mask = enc.preprocess([(clip, 16000)])
+    ref = WhisperFeatureExtractor(feature_size=80, chunk_length=1)(clip, sampling_rate=16000, return_tensors="pt")
+    assert feats.shape == ref.input_features.shape == (1, 80, 100) and mask.sum().item() == 29
+    torch.testing.assert_close(feats, ref.input_features, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        out = enc(feats, mask)
+        want = short.encoder(ref.input_features, output_hidden_states=True)
+    torch.testing.assert_close(out.last, want.last_hidden_state, atol=1e-5, rtol=0)
+    for got, i in zip(out.layers, (0, 2)):
+        torch.testing.assert_close(got, want.hidden_states[i], atol=1e-5, rtol=0)
+    got, _ = enc.batch_mels([log_mel(clip)])
+    assert got.shape == (1, 80, 100)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(window_positions=50), "pad_to_window is false"),
+    (dict(pad_to_window=True, window_positions=0), r"window_positions 0 must be in \[1, max_source_positions 150\]"),
+    (dict(pad_to_window=True, window_positions=50), "max_seconds 3.0 exceeds the 1 s window of window_positions 50"),
+])
+def test_window_positions_is_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_audio_cfg(**kw)

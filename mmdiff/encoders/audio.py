@@ -9,7 +9,9 @@ Whisper (Radford et al. 2022) is trained on 30 s windows and ``WhisperEncoder.fo
   states alone or padded in a batch, and a 2 s clip costs 100 frames, not 1500.
 * ``True``: every clip is zero-padded to the full window (``max_source_positions`` states: 30 s)
   and the encoder attends over the padding, exactly as Whisper and DIFFA (Zhou et al. 2025,
-  ``WhisperFeatureExtractor`` then ``WhisperEncoder``) run it.
+  ``WhisperFeatureExtractor`` then ``WhisperEncoder``) run it. ``window_positions`` shortens the
+  window (e.g. 500 states: 10 s of speech and silence, the first 500 positional embeddings), which
+  costs about a third of the full window's FLOPs for the linear layers and a ninth for attention.
 
 Log-mel is ``WhisperFeatureExtractor``'s maths: 400-point Hann STFT, hop 160 at 16 kHz (100
 frames/s, last frame dropped), its Slaney mel filters (``transformers.audio_utils.mel_filter_bank``,
@@ -77,6 +79,8 @@ class AudioEncoderConfig(JsonConfig):
     #: pad every clip to the full window (max_source_positions states; Whisper's 30 s) and attend over the
     #: padding, as Whisper and DIFFA do; False: run a batch at its longest clip, padded frames masked out
     pad_to_window: bool = False
+    #: states in the padded window (None: max_source_positions, Whisper's own 30 s); only with pad_to_window
+    window_positions: int | None = None
 
     def __post_init__(self) -> None:
         self.output_layers = tuple(self.output_layers)  # JSON gives a list
@@ -87,6 +91,16 @@ class AudioEncoderConfig(JsonConfig):
         if self.max_seconds > limit:
             raise ValueError(f"max_seconds {self.max_seconds} exceeds the {limit:g} s that "
                              f"max_source_positions {self.max_source_positions} can hold")
+        if self.window_positions is not None:
+            if not self.pad_to_window:
+                raise ValueError("window_positions is set but pad_to_window is false: set pad_to_window true")
+            if not 1 <= self.window_positions <= self.max_source_positions:
+                raise ValueError(f"window_positions {self.window_positions} must be in [1, max_source_positions "
+                                 f"{self.max_source_positions}]")
+            window = self.window_positions * 2 * HOP / SAMPLE_RATE
+            if self.max_seconds > window:
+                raise ValueError(f"max_seconds {self.max_seconds} exceeds the {window:g} s window of window_positions "
+                                 f"{self.window_positions}: lower max_seconds")
         n_states = self.encoder_layers + 1
         bad = [i for i in self.output_layers if not -n_states <= i < n_states]
         if bad or not self.output_layers:
@@ -94,9 +108,14 @@ class AudioEncoderConfig(JsonConfig):
                              f"{n_states} hidden states (embeddings + {self.encoder_layers} layers)")
 
     @property
+    def window_states(self) -> int:
+        """Encoder states in the padded window: ``window_positions``, else ``max_source_positions``."""
+        return self.window_positions or self.max_source_positions
+
+    @property
     def window_samples(self) -> int:
-        """Samples in the encoder's full window: ``max_source_positions`` states of 2 mel frames."""
-        return self.max_source_positions * 2 * HOP
+        """Samples in the padded window: ``window_states`` states of 2 mel frames."""
+        return self.window_states * 2 * HOP
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "audio encoder config") -> "AudioEncoderConfig":
@@ -224,7 +243,7 @@ class AudioEncoder(nn.Module):
         """
         lengths = [m.shape[1] + m.shape[1] % 2 for m in mels]  # even frame counts
         if self.cfg.pad_to_window:
-            T = self.cfg.max_source_positions * 2
+            T = self.cfg.window_states * 2
             if max(lengths) > T:
                 raise ValueError(f"a clip of {max(lengths)} mel frames exceeds the encoder's window of {T}")
             features = torch.stack([F.pad(m.float(), (0, T - m.shape[1]), value=float(m.max()) - 2.0)
@@ -240,7 +259,7 @@ class AudioEncoder(nn.Module):
         or (``pad_to_window``) over the whole window with no mask, as ``WhisperEncoder.forward``.
 
         Args:
-            features: (B, n_mels, T) log-mels, T even (T = 2 * max_source_positions with ``pad_to_window``).
+            features: (B, n_mels, T) log-mels, T even (T = 2 * ``cfg.window_states`` with ``pad_to_window``).
             frame_mask: (B, T // 2) bool, True at the clips' own encoder frames.
         """
         return self.forward_from(self.embed(features, frame_mask), frame_mask, start=0)
@@ -255,8 +274,8 @@ class AudioEncoder(nn.Module):
                              f"shape {(features.shape[0], T2)}, got {tuple(frame_mask.shape)}")
         if T2 > enc.config.max_source_positions:
             raise ValueError(f"{T2} encoder frames exceed max_source_positions {enc.config.max_source_positions}")
-        if self.cfg.pad_to_window and T2 != enc.config.max_source_positions:
-            raise ValueError(f"pad_to_window: features must fill the window of {2 * enc.config.max_source_positions} "
+        if self.cfg.pad_to_window and T2 != self.cfg.window_states:
+            raise ValueError(f"pad_to_window: features must fill the window of {2 * self.cfg.window_states} "
                              f"mel frames, got {features.shape[-1]}")
         x = F.gelu(enc.conv1(features.to(enc.conv1.weight.dtype)))  # (B, D, T), in the encoder's dtype
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # (B, T/2, D)
