@@ -20,8 +20,8 @@ from tqdm import tqdm
 from ..data.dataset import SPOKEN_TYPES
 from ..data.questions import ask
 from ..data.scenes import cell_labels, render, sample_scene
-from ..data.speech import speak
-from ..encoders.audio import AudioFeatures, log_mel
+from ..data.speech import resample, speak
+from ..encoders.audio import SAMPLE_RATE, AudioFeatures, log_mel
 from ..media import load_audio
 from ..model import MultimodalDiffusionLM
 from .augment import spec_augment, state_augment
@@ -85,9 +85,14 @@ class SpeechBank:
 
     @classmethod
     def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
-              workers: int = 2, progress: bool = True) -> "SpeechBank":
+              workers: int = 2, progress: bool = True,
+              speed_range: tuple[float, float] | None = None) -> "SpeechBank":
         """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
-        thread pool: the work is in the subprocess) and compute log-mels."""
+        thread pool: the work is in the subprocess) and compute log-mels.
+
+        ``speed_range`` (lo, hi): speed perturbation (Ko et al. 2015), each clip resampled as if played
+        ``a ~ U(lo, hi)`` times faster: tempo, pitch and formants all scale by ``a``, a change of vocal
+        tract that espeak's own speed and pitch settings never make. None: clips as synthesised."""
         rng = random.Random(f"speech-{split}-{seed}")
         items = []
         while len(items) < n:
@@ -100,7 +105,11 @@ class SpeechBank:
             def one(k: int) -> torch.Tensor:
                 _, qa, s = items[k]
                 path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s))
-                mel = log_mel(load_audio(path), n_mels=n_mels).half()
+                wave = load_audio(path)
+                if speed_range is not None:
+                    a = random.Random(s ^ 0x5EED).uniform(*speed_range)
+                    wave = resample(wave, round(SAMPLE_RATE * a), SAMPLE_RATE)  # a times faster
+                mel = log_mel(wave, n_mels=n_mels).half()
                 path.unlink()
                 return mel
 

@@ -75,6 +75,9 @@ class TrainConfig(JsonConfig):
     speech_clips: int = 0  # spoken questions synthesised for training (0 = no audio path)
     speech_val_clips: int = 100  # spoken questions for validation
     spec_augment: bool = False  # SpecAugment frequency / time masking in the ASR stage
+    #: speed perturbation of the training clips (lo, hi): each resampled a ~ U(lo, hi) times faster, tempo, pitch
+    #: and formants together (SpeechBank.build); None = off
+    speed_perturb: tuple[float, float] | None = None
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ctc_lm_order: int = 0  # n of the token n-gram LM saved as ctc_lm.json for the CTC beam at inference (0 = none)
     ctc_lm_texts: int = 20000  # training-split questions of the spoken families it is fitted on
@@ -90,6 +93,14 @@ class TrainConfig(JsonConfig):
     eval_every: int = 500  # validation interval in steps (0: never)
     save_every: int = 250
     threads: int = 0  # torch threads (0 = torch default)
+
+    def __post_init__(self) -> None:
+        if self.speed_perturb is not None:
+            lo_hi = tuple(float(v) for v in self.speed_perturb)  # JSON gives a list
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"speed_perturb {list(self.speed_perturb)} must be [lo, hi] with 0 < lo <= hi "
+                                 f"(e.g. [0.9, 1.1])")
+            self.speed_perturb = lo_hi
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
