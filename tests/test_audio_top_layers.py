@@ -142,3 +142,28 @@ def test_asr_stage_tunes_only_the_top_layer_and_the_model_keeps_it(tmp_path):
         assert torch.equal(saved.audio.state_dict()[n], p.half().float()), n  # stored in float16 (fp16_parts)
     log = [json.loads(line) for line in Path(trainer.log_path).read_text().splitlines()]
     assert any("val_asr" in r for r in log)
+
+
+@pytest.mark.needs_espeak
+def test_speed_perturbation_speeds_clips_up_by_its_factor():
+    """speed_range (a, a) resamples each clip a times faster: the same questions, 1/a of the frames."""
+    import random
+
+    from mmdiff.data.scenes import sample_scene
+
+    model = SimpleNamespace(cfg=SimpleNamespace(audio=SimpleNamespace(num_mel_bins=80)))
+    rng = random.Random(0)
+    scenes = SimpleNamespace(scenes=[sample_scene(rng, "train") for _ in range(4)])
+    kw = dict(n=3, split="train", seed=5, desc="", progress=False)
+    plain = SpeechBank.build(model, scenes, **kw)
+    fast = SpeechBank.build(model, scenes, speed_range=(1.25, 1.25), **kw)
+    assert [q.question for q in fast.qas] == [q.question for q in plain.qas]
+    for a, b in zip(plain.mels, fast.mels, strict=True):
+        assert b.shape[1] == pytest.approx(a.shape[1] / 1.25, abs=2)
+
+
+@pytest.mark.parametrize("bad", [[1.1, 0.9], [0.0, 1.0], [0.9]])
+def test_speed_perturb_is_checked(bad):
+    with pytest.raises(ValueError, match=r"speed_perturb .* must be \[lo, hi\] with 0 < lo <= hi"):
+        TrainConfig(out="x", model={}, stages=[], speed_perturb=bad)
+    assert TrainConfig(out="x", model={}, stages=[], speed_perturb=[0.9, 1.1]).speed_perturb == (0.9, 1.1)
