@@ -9,12 +9,22 @@ encoder fine-tuned with a direct label already needs thousands of images, the an
 decoder (one answer token per question, a quarter of the questions about shape) cannot do better.
 
     python bench/byod_probe.py [--data data/byod] [--model checkpoints/mmdiff-tiny] [--steps 600]
-        [--train-images 3000] [--test-images 400] [--threads 2]
+        [--train-images 3000] [--test-images 400] [--threads 2] [--pretrain 250,500,1000]
+
+``--pretrain`` adds a second table: would a vision encoder pretrained on varied object sizes and
+orientations carry these shapes? The encoder is first trained (AdamW 1e-3, batch 32, a linear head over
+its whole patch grid) to name the single shape of images drawn like the generator's (its 4 shapes,
+colours and light backgrounds) but large (radius 10-30 px of 64), at any position and rotation, filled or
+outlined; after each listed step count it is frozen and read by a linear classifier over its whole patch
+grid (the decoder sees every visual token, not their mean), trained on the foreign training images
+(3,000 steps) and scored per shape. Two of the five shapes (star, pentagon) are never drawn in pretraining.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
+import random
 import time
 from pathlib import Path
 
@@ -66,6 +76,90 @@ def probe(vision: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Te
     return curve
 
 
+def pretraining_image(rng: random.Random):
+    """(image, shape index into data.scenes.SHAPES): one large generator shape at a random position, size and
+    rotation, filled or outlined (line 2-4 px), drawn at 4x and box-filtered to 64 x 64 like ``render``."""
+    from PIL import Image, ImageDraw
+
+    from mmdiff.data.scenes import COLOUR_RGB, SHAPES as GEN_SHAPES
+
+    big = 4 * 64
+    image = Image.new("RGB", (big, big), tuple(rng.randint(180, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    k = rng.randrange(len(GEN_SHAPES))
+    r = rng.uniform(10, 30) * 4
+    cx, cy, rot = rng.uniform(r, big - r), rng.uniform(r, big - r), rng.uniform(0, 2 * math.pi)
+    colour, outline, width = COLOUR_RGB[rng.choice(sorted(COLOUR_RGB))], rng.random() < 0.5, rng.randint(2, 4) * 4
+    if GEN_SHAPES[k] == "circle":
+        box = (cx - r, cy - r, cx + r, cy + r)
+        draw.ellipse(box, outline=colour, width=width) if outline else draw.ellipse(box, fill=colour)
+    else:
+        if GEN_SHAPES[k] == "square":
+            pts = [(0.8 * r * x, 0.8 * r * y) for x, y in ((1, 1), (-1, 1), (-1, -1), (1, -1))]
+        elif GEN_SHAPES[k] == "triangle":
+            pts = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        else:  # cross: arms a third of the width, as data.scenes draws it
+            t = r / 3
+            pts = [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t), (-r, t), (-r, -t),
+                   (-t, -t)]
+        c, s = math.cos(rot), math.sin(rot)
+        pts = [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+        draw.line(pts + [pts[0]], fill=colour, width=width, joint="curve") if outline else draw.polygon(pts, fill=colour)
+    return image.resize((64, 64), Image.Resampling.BOX), k
+
+
+def grid_probe(vision: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor,
+               steps: int = 3000) -> tuple[float, list[float]]:
+    """A linear classifier over the frozen encoder's whole patch grid; (test accuracy, accuracy per shape)."""
+    vision = vision.eval()
+    with torch.no_grad():
+        ftr, fte = vision(xtr).flatten(1), vision(xte).flatten(1)  # (N, patches * D)
+    torch.manual_seed(0)
+    head = nn.Linear(ftr.shape[1], len(SHAPES))
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, len(ftr), (32,), generator=g)
+        loss = nn.functional.cross_entropy(head(ftr[i]), ytr[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = head(fte).argmax(-1)
+    return (pred == yte).float().mean().item(), [(pred[yte == c] == c).float().mean().item() for c in range(len(SHAPES))]
+
+
+def pretraining_rows(vision: nn.Module, xtr, ytr, xte, yte, checkpoints: list[int], n_images: int = 6000) -> None:
+    """Print the ``--pretrain`` table (see the module docstring)."""
+    from mmdiff.data.scenes import SHAPES as GEN_SHAPES
+
+    rng = random.Random(0)
+    drawn = [pretraining_image(rng) for _ in range(n_images)]
+    xp, yp = vision.preprocess([im for im, _ in drawn]), torch.tensor([k for _, k in drawn])
+    print(f"\npretraining on {n_images} large single-shape images ({', '.join(GEN_SHAPES)}); frozen encoder read "
+          f"over its whole patch grid\n")
+    print("| encoder | pretraining steps | all | " + " | ".join(SHAPES) + " | pretraining seconds |")
+    print("|---|---|---|" + "---|" * len(SHAPES) + "---|")
+    acc, per = grid_probe(vision, xtr, ytr, xte, yte)
+    print(f"| shipped | 0 | {acc:.1%} | " + " | ".join(f"{a:.1%}" for a in per) + " | 0 |")
+    tuned = copy.deepcopy(vision).train()
+    head = nn.Linear(tuned(xp[:1]).flatten(1).shape[1], len(GEN_SHAPES))
+    opt = torch.optim.AdamW(list(tuned.parameters()) + list(head.parameters()), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    seconds = 0.0
+    for step in range(1, max(checkpoints) + 1):
+        t0 = time.perf_counter()
+        i = torch.randint(0, len(xp), (32,), generator=g)
+        loss = nn.functional.cross_entropy(head(tuned(xp[i]).flatten(1)), yp[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seconds += time.perf_counter() - t0
+        if step in checkpoints:
+            acc, per = grid_probe(copy.deepcopy(tuned), xtr, ytr, xte, yte)
+            print(f"| pretrained | {step} | {acc:.1%} | " + " | ".join(f"{a:.1%}" for a in per) + f" | {seconds:.0f} |")
+
+
 def main() -> None:
     p = common.parser(__doc__, threads=2)
     p.add_argument("--data", default="data/byod", help="bench/byod_data.py's output (default: data/byod)")
@@ -73,7 +167,16 @@ def main() -> None:
     p.add_argument("--every", type=int, default=150)
     p.add_argument("--train-images", type=int, default=3000)
     p.add_argument("--test-images", type=int, default=400)
+    p.add_argument("--pretrain", default="", help="comma-separated pretraining step counts for the second table "
+                   "(e.g. 250,500,1000; default: none)")
+    p.add_argument("--no-rows", action="store_true", help="skip the first table (the probe rows)")
     args = p.parse_args()
+    try:
+        checkpoints = sorted({int(v) for v in args.pretrain.split(",") if v.strip()})
+    except ValueError:
+        p.error(f"--pretrain {args.pretrain!r}: give comma-separated step counts, e.g. 250,500,1000")
+    if any(c <= 0 for c in checkpoints):
+        p.error(f"--pretrain {args.pretrain!r}: step counts must be positive")
     common.start(p, args)
     from PIL import Image
 
@@ -90,6 +193,11 @@ def main() -> None:
     (xtr, ytr), (xte, yte) = split["train"], split["test"]
     print(f"model {args.model}; {len(xtr)} training and {len(xte)} test images, {len(SHAPES)} shapes "
           f"(chance {1 / len(SHAPES):.0%}, majority {yte.bincount().max().item() / len(yte):.1%})\n")
+    if checkpoints:
+        pretraining_rows(model.vision, xtr, ytr, xte, yte, checkpoints)
+    if args.no_rows:
+        print(f"\nwall time {time.perf_counter() - t0:.0f} s")
+        return
     curves = [(name, lr, probe(model.vision, xtr, ytr, xte, yte, tune=tune, lr=lr, steps=args.steps, every=args.every))
               for name, tune, lr in ROWS]
     steps = [s for s, _, _ in curves[0][2]]
