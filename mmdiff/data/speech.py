@@ -214,22 +214,25 @@ def resample(wave: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def add_noise(wave: np.ndarray, snr_db: float, rng: random.Random) -> np.ndarray:
+def add_noise(wave: np.ndarray, snr_db: float, rng: random.Random, *, power: float | None = None) -> np.ndarray:
     """Add white Gaussian noise at ``snr_db`` relative to the mean power of ``wave``.
 
     Args:
         wave: (T,) float signal.
         snr_db: 10 * log10(P_signal / P_noise).
         rng: random source (seeds the noise, so the clip is deterministic).
+        power: P_signal (default: the mean power of ``wave``; give the speech's own when ``wave`` is padded
+            with silence, so the silence does not lower the noise).
     """
-    power = float(np.mean(wave.astype(np.float64) ** 2))
+    if power is None:
+        power = float(np.mean(wave.astype(np.float64) ** 2))
     sigma = np.sqrt(power / 10 ** (snr_db / 10))
     noise = np.random.default_rng(rng.getrandbits(64)).normal(0.0, sigma, size=wave.shape)
     return (wave + noise).astype(np.float32)
 
 
 def synthesize(text: str, path: str | Path, *, voice: str, speed: int, pitch: int, snr_db: float,
-               rng: random.Random) -> Path:
+               rng: random.Random, silence: tuple[float, float] = (0.0, 0.0)) -> Path:
     """Speak ``text`` with libespeak-ng (:func:`espeak_wave`) and write a 16 kHz mono 16-bit PCM wav with
     added noise.
 
@@ -241,6 +244,9 @@ def synthesize(text: str, path: str | Path, *, voice: str, speed: int, pitch: in
         pitch: espeak-ng pitch, 0..99.
         snr_db: signal-to-noise ratio of the added white noise.
         rng: random source for the noise.
+        silence: seconds of silence added before and after the speech (the noise covers them too, at the
+            speech's SNR). espeak-ng starts speaking within 40 ms; other engines and microphones leave
+            0.2 s or more, which a recogniser trained only on espeak-ng's clips hears as words.
 
     Raises:
         RuntimeError: no synthesiser (:data:`NO_SYNTHESISER`), or it failed for this voice.
@@ -250,12 +256,15 @@ def synthesize(text: str, path: str | Path, *, voice: str, speed: int, pitch: in
     path.parent.mkdir(parents=True, exist_ok=True)
     wave = samples.astype(np.float32) / 32768.0  # what soundfile reads from the program's 16-bit wav
     wave = resample(wave, sr, SAMPLE_RATE)  # (T',)
-    wave = np.clip(add_noise(wave, snr_db, rng), -1.0, 1.0)
+    power = float(np.mean(wave.astype(np.float64) ** 2))
+    wave = np.pad(wave, [round(max(0.0, t) * SAMPLE_RATE) for t in silence])  # (T'',)
+    wave = np.clip(add_noise(wave, snr_db, rng, power=power), -1.0, 1.0)
     sf.write(path, wave, SAMPLE_RATE, subtype="PCM_16")
     return path
 
 
-def speak(text: str, path: str | Path, *, split: str, rng: random.Random) -> tuple[Path, VoiceParams]:
+def speak(text: str, path: str | Path, *, split: str, rng: random.Random,
+          silence: tuple[float, float] = (0.0, 0.0)) -> tuple[Path, VoiceParams]:
     """Synthesize ``text`` with a voice, speed, pitch and SNR drawn for ``split``.
 
     Args:
@@ -263,7 +272,8 @@ def speak(text: str, path: str | Path, *, split: str, rng: random.Random) -> tup
         path: output .wav path.
         split: decides the voice pool (held-out voices for "test").
         rng: random source for the voice parameters and the noise.
+        silence: seconds of silence before and after the speech (:func:`synthesize`).
     """
     params = sample_voice(rng, split)
     return synthesize(text, path, voice=params.voice, speed=params.speed, pitch=params.pitch,
-                      snr_db=params.snr_db, rng=rng), params
+                      snr_db=params.snr_db, rng=rng, silence=silence), params

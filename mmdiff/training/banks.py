@@ -85,14 +85,19 @@ class SpeechBank:
 
     @classmethod
     def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
-              workers: int = 2, progress: bool = True,
-              speed_range: tuple[float, float] | None = None) -> "SpeechBank":
+              workers: int = 2, progress: bool = True, speed_range: tuple[float, float] | None = None,
+              silence_range: tuple[float, float] | None = None) -> "SpeechBank":
         """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
         thread pool: the work is in the subprocess) and compute log-mels.
 
         ``speed_range`` (lo, hi): speed perturbation (Ko et al. 2015), each clip resampled as if played
         ``a ~ U(lo, hi)`` times faster: tempo, pitch and formants all scale by ``a``, a change of vocal
-        tract that espeak's own speed and pitch settings never make. None: clips as synthesised."""
+        tract that espeak's own speed and pitch settings never make. None: clips as synthesised.
+
+        ``silence_range`` (lo, hi): seconds of noisy silence drawn from U(lo, hi) for each clip's start and
+        end (:func:`~mmdiff.data.speech.synthesize`): espeak-ng speaks from the first 40 ms, so a recogniser
+        trained on its clips alone may hear words in another engine's or a microphone's leading silence.
+        None: none added."""
         rng = random.Random(f"speech-{split}-{seed}")
         items = []
         while len(items) < n:
@@ -104,7 +109,11 @@ class SpeechBank:
         with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp:
             def one(k: int) -> torch.Tensor:
                 _, qa, s = items[k]
-                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s))
+                silence = (0.0, 0.0)
+                if silence_range is not None:
+                    r = random.Random(s ^ 0x51E7)
+                    silence = (r.uniform(*silence_range), r.uniform(*silence_range))
+                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s), silence=silence)
                 wave = load_audio(path)
                 if speed_range is not None:
                     a = random.Random(s ^ 0x5EED).uniform(*speed_range)

@@ -78,6 +78,9 @@ class TrainConfig(JsonConfig):
     #: speed perturbation of the training clips (lo, hi): each resampled a ~ U(lo, hi) times faster, tempo, pitch
     #: and formants together (SpeechBank.build); None = off
     speed_perturb: tuple[float, float] | None = None
+    #: seconds of noisy silence (lo, hi) drawn for the start and the end of each training clip (SpeechBank.build):
+    #: espeak-ng speaks from the first 40 ms, other engines and microphones do not; None = none
+    pad_silence: tuple[float, float] | None = None
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ctc_lm_order: int = 0  # n of the token n-gram LM saved as ctc_lm.json for the CTC beam at inference (0 = none)
     ctc_lm_texts: int = 20000  # training-split questions of the spoken families it is fitted on
@@ -101,6 +104,12 @@ class TrainConfig(JsonConfig):
                 raise ValueError(f"speed_perturb {list(self.speed_perturb)} must be [lo, hi] with 0 < lo <= hi "
                                  f"(e.g. [0.9, 1.1])")
             self.speed_perturb = lo_hi
+        if self.pad_silence is not None:
+            lo_hi = tuple(float(v) for v in self.pad_silence)
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"pad_silence {list(self.pad_silence)} must be [lo, hi] seconds with 0 <= lo <= hi "
+                                 f"(e.g. [0.0, 0.5])")
+            self.pad_silence = lo_hi
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

@@ -120,7 +120,8 @@ class Trainer:
                 raise ValueError("speech_clips > 0 but the model config has no audio encoder")
             self.speech = SpeechBank.build(self.model, self.bank, n=cfg.speech_clips, split="train",
                                            seed=cfg.seed + 1000 * self.rank, desc="speaking train questions",
-                                           progress=self.progress, speed_range=cfg.speed_perturb)
+                                           progress=self.progress, speed_range=cfg.speed_perturb,
+                                           silence_range=cfg.pad_silence)
             self.val_speech = SpeechBank.build(self.model, self.val, n=cfg.speech_val_clips, split="val",
                                                seed=cfg.seed, desc="speaking val questions", progress=self.progress)
         if stage.kind == "asr" and stage.audio_top_layers:  # the frozen lower layers run once, not every epoch
