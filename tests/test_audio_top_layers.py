@@ -167,3 +167,27 @@ def test_speed_perturb_is_checked(bad):
     with pytest.raises(ValueError, match=r"speed_perturb .* must be \[lo, hi\] with 0 < lo <= hi"):
         TrainConfig(out="x", model={}, stages=[], speed_perturb=bad)
     assert TrainConfig(out="x", model={}, stages=[], speed_perturb=[0.9, 1.1]).speed_perturb == (0.9, 1.1)
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.1], [-0.1, 0.5], [0.2]])
+def test_pad_silence_is_checked(bad):
+    with pytest.raises(ValueError, match=r"pad_silence .* must be \[lo, hi\] seconds with 0 <= lo <= hi"):
+        TrainConfig(out="x", model={}, stages=[], pad_silence=bad)
+    assert TrainConfig(out="x", model={}, stages=[], pad_silence=[0, 0.5]).pad_silence == (0.0, 0.5)
+
+
+@pytest.mark.needs_espeak
+def test_silence_range_adds_the_drawn_silence_to_each_clip():
+    import random
+
+    from mmdiff.data.scenes import sample_scene
+
+    model = SimpleNamespace(cfg=SimpleNamespace(audio=SimpleNamespace(num_mel_bins=80)))
+    rng = random.Random(0)
+    scenes = SimpleNamespace(scenes=[sample_scene(rng, "train") for _ in range(4)])
+    kw = dict(n=3, split="train", seed=5, desc="", progress=False)
+    plain = SpeechBank.build(model, scenes, **kw)
+    padded = SpeechBank.build(model, scenes, silence_range=(0.3, 0.3), **kw)
+    assert [q.question for q in padded.qas] == [q.question for q in plain.qas]
+    for a, b in zip(plain.mels, padded.mels, strict=True):
+        assert b.shape[1] - a.shape[1] == 60  # 0.6 s at 100 frames per second

@@ -424,6 +424,25 @@ def test_synthesize_writes_16khz_mono_speech(tmp_path: Path) -> None:
 
 
 @needs_espeak
+def test_synthesize_pads_noisy_silence_at_the_speechs_snr(tmp_path: Path) -> None:
+    """silence=(lead, trail) adds that much audio around the same speech; the noise in it has the level the
+    speech's SNR gives (not lowered by the silence), and (0, 0) is the clip without padding."""
+    kwargs = dict(voice="en-us+m3", speed=150, pitch=50, snr_db=20.0)
+    text = "where is the blue cross?"
+    plain, _ = sf.read(speech.synthesize(text, tmp_path / "a.wav", rng=random.Random(2), **kwargs), dtype="float32")
+    same, _ = sf.read(speech.synthesize(text, tmp_path / "b.wav", rng=random.Random(2), silence=(0.0, 0.0), **kwargs),
+                      dtype="float32")
+    padded, _ = sf.read(speech.synthesize(text, tmp_path / "c.wav", rng=random.Random(2), silence=(0.4, 0.25), **kwargs),
+                        dtype="float32")
+    assert np.array_equal(plain, same)
+    assert len(padded) - len(plain) == 0.65 * 16000
+    clean, sr = speech.espeak_wave(text, voice="en-us+m3", speed=150, pitch=50)
+    speech_power = np.mean(speech.resample(clean.astype(np.float32) / 32768.0, sr, 16000).astype(np.float64) ** 2)
+    lead_rms = np.sqrt(np.mean(padded[: int(0.4 * 16000)].astype(np.float64) ** 2))
+    assert lead_rms == pytest.approx(np.sqrt(speech_power / 10 ** 2), rel=0.1)  # 20 dB below the speech
+
+
+@needs_espeak
 def test_mmdiff_data_with_audio(tmp_path: Path) -> None:
     assert data_cli.run(data_args(tmp_path, "--split", "test", "--n", "16", "--seed", "1", "--audio")) == 0
     rows = list(read_rows(tmp_path / "data.jsonl"))
