@@ -5,6 +5,11 @@ The speech path's failures on flite were at the clip's edges (issue #22): espeak
 40 ms and some adapters heard words ("how?") in flite's 0.2-0.3 s of leading silence. This script shows it.
 
     python bench/transcripts.py --models DIR [DIR ...] [--n 60] [--show 24] [--seed 7] [--threads 2]
+        [--lead-silence S]
+
+``--lead-silence S`` puts S more seconds of the clip's own noise floor (the level of its first 50 ms, which
+is silence in flite's clips) before each clip, as a microphone that starts recording before the speaker
+would.
 """
 from __future__ import annotations
 
@@ -28,6 +33,17 @@ def edges(wave: np.ndarray, floor_db: float = 25.0) -> tuple[float, float]:
     return active[0] * 0.01, (len(energy) - 1 - active[-1]) * 0.01
 
 
+def lengthen_lead(path: str, seconds: float, seed: int) -> str:
+    """Rewrite the 16 kHz clip at ``path`` with ``seconds`` of white noise at its first 50 ms's RMS before it."""
+    import soundfile as sf
+
+    wave, sr = sf.read(path, dtype="float32")
+    rms = float(np.sqrt(np.mean(wave[: sr // 20].astype(np.float64) ** 2)))
+    noise = np.random.default_rng(seed).normal(0.0, rms, round(seconds * sr)).astype(np.float32)
+    sf.write(path, np.concatenate([noise, wave]), sr, subtype="PCM_16")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="model directories with an audio_ctc speech path")
@@ -35,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=int, default=24, help="clips whose wrong transcripts are printed (default 24)")
     p.add_argument("--seed", type=int, default=7, help="question and clip seed (default 7)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lead-silence", type=float, default=0.0,
+                   help="seconds of the clip's own noise floor put before each clip (default 0)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n {args.n}: give at least one clip")
+    if not 0 <= args.lead_silence <= 10:
+        p.error(f"--lead-silence {args.lead_silence}: give 0 to 10 seconds")
     if not flite_available():
         p.exit(2, f"{NO_FLITE}\n")
     torch.set_num_threads(args.threads)
@@ -61,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if qa is None:
             continue
         voice = FLITE_VOICES[len(clips) % len(FLITE_VOICES)]
-        clips.append(str(flite_clip(qa.question, tmp / f"{len(clips)}.wav", voice=voice, rng=rng)))
+        clip = str(flite_clip(qa.question, tmp / f"{len(clips)}.wav", voice=voice, rng=rng))
+        clips.append(lengthen_lead(clip, args.lead_silence, len(clips)) if args.lead_silence else clip)
         truth.append((voice, qa.question))
     heard = {path: [t.strip() for t in m.transcribe(clips)] for path, m in models.items()}
 

@@ -40,3 +40,20 @@ def test_a_model_without_a_ctc_speech_path_is_refused(tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench().main(["--models", str(tiny_model_dir), "--n", "2"])
     assert exit_.value.code == 2 and "no audio_ctc speech path" in capsys.readouterr().err
+
+
+def test_lead_silence_is_checked_and_puts_the_noise_floor_first(tmp_path, capsys):
+    import soundfile as sf
+
+    with pytest.raises(SystemExit) as exit_:
+        bench().main(["--models", "x", "--lead-silence", "-1"])
+    assert exit_.value.code == 2 and "--lead-silence -1.0: give 0 to 10 seconds" in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    wave = np.concatenate([0.01 * rng.standard_normal(1600), 0.5 * np.sin(np.arange(8000) / 3)]).astype(np.float32)
+    path = tmp_path / "c.wav"
+    sf.write(path, wave, 16000, subtype="PCM_16")
+    bench().lengthen_lead(str(path), 0.5, seed=1)
+    got, _ = sf.read(path, dtype="float32")
+    assert len(got) == len(wave) + 8000
+    assert np.sqrt(np.mean(got[:8000] ** 2)) == pytest.approx(0.01, rel=0.1)
+    np.testing.assert_allclose(got[8000:], wave, atol=1e-4)
