@@ -144,9 +144,8 @@ def test_asr_stage_tunes_only_the_top_layer_and_the_model_keeps_it(tmp_path):
     assert any("val_asr" in r for r in log)
 
 
-@pytest.mark.needs_espeak
-def test_speed_perturbation_speeds_clips_up_by_its_factor():
-    """speed_range (a, a) resamples each clip a times faster: the same questions, 1/a of the frames."""
+def plain_and_changed_banks(**change) -> tuple[SpeechBank, SpeechBank]:
+    """Two 3-clip speech banks drawn alike from 4 training scenes, the second built with ``change``."""
     import random
 
     from mmdiff.data.scenes import sample_scene
@@ -155,8 +154,13 @@ def test_speed_perturbation_speeds_clips_up_by_its_factor():
     rng = random.Random(0)
     scenes = SimpleNamespace(scenes=[sample_scene(rng, "train") for _ in range(4)])
     kw = dict(n=3, split="train", seed=5, desc="", progress=False)
-    plain = SpeechBank.build(model, scenes, **kw)
-    fast = SpeechBank.build(model, scenes, speed_range=(1.25, 1.25), **kw)
+    return SpeechBank.build(model, scenes, **kw), SpeechBank.build(model, scenes, **kw, **change)
+
+
+@pytest.mark.needs_espeak
+def test_speed_perturbation_speeds_clips_up_by_its_factor():
+    """speed_range (a, a) resamples each clip a times faster: the same questions, 1/a of the frames."""
+    plain, fast = plain_and_changed_banks(speed_range=(1.25, 1.25))
     assert [q.question for q in fast.qas] == [q.question for q in plain.qas]
     for a, b in zip(plain.mels, fast.mels, strict=True):
         assert b.shape[1] == pytest.approx(a.shape[1] / 1.25, abs=2)
@@ -178,16 +182,7 @@ def test_pad_silence_is_checked(bad):
 
 @pytest.mark.needs_espeak
 def test_silence_range_adds_the_drawn_silence_to_each_clip():
-    import random
-
-    from mmdiff.data.scenes import sample_scene
-
-    model = SimpleNamespace(cfg=SimpleNamespace(audio=SimpleNamespace(num_mel_bins=80)))
-    rng = random.Random(0)
-    scenes = SimpleNamespace(scenes=[sample_scene(rng, "train") for _ in range(4)])
-    kw = dict(n=3, split="train", seed=5, desc="", progress=False)
-    plain = SpeechBank.build(model, scenes, **kw)
-    padded = SpeechBank.build(model, scenes, silence_range=(0.3, 0.3), **kw)
+    plain, padded = plain_and_changed_banks(silence_range=(0.3, 0.3))
     assert [q.question for q in padded.qas] == [q.question for q in plain.qas]
     for a, b in zip(plain.mels, padded.mels, strict=True):
         assert b.shape[1] - a.shape[1] == 60  # 0.6 s at 100 frames per second

@@ -468,7 +468,7 @@ def test_shorter_window_matches_a_whisper_encoder_of_that_window(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(window_positions=50), "pad_to_window is false"),
     (dict(pad_to_window=True, window_positions=0), r"window_positions 0 must be in \[1, max_source_positions 150\]"),
-    (dict(pad_to_window=True, window_positions=50), "max_seconds 3.0 exceeds the 1 s window of window_positions 50"),
+    (dict(pad_to_window=True, window_positions=50), "max_seconds 3.0 exceeds the 1 s that the window of window_positions 50 can hold"),
 ])
 def test_window_positions_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):

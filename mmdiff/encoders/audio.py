@@ -87,20 +87,17 @@ class AudioEncoderConfig(JsonConfig):
         if self.d_model % self.encoder_attention_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by encoder_attention_heads "
                              f"{self.encoder_attention_heads}")
-        limit = self.max_source_positions * 2 * HOP / SAMPLE_RATE
-        if self.max_seconds > limit:
-            raise ValueError(f"max_seconds {self.max_seconds} exceeds the {limit:g} s that "
-                             f"max_source_positions {self.max_source_positions} can hold")
         if self.window_positions is not None:
             if not self.pad_to_window:
                 raise ValueError("window_positions is set but pad_to_window is false: set pad_to_window true")
             if not 1 <= self.window_positions <= self.max_source_positions:
                 raise ValueError(f"window_positions {self.window_positions} must be in [1, max_source_positions "
                                  f"{self.max_source_positions}]")
-            window = self.window_positions * 2 * HOP / SAMPLE_RATE
-            if self.max_seconds > window:
-                raise ValueError(f"max_seconds {self.max_seconds} exceeds the {window:g} s window of window_positions "
-                                 f"{self.window_positions}: lower max_seconds")
+        states, field = ((self.window_positions, "the window of window_positions") if self.window_positions
+                         else (self.max_source_positions, "max_source_positions"))
+        limit = states * 2 * HOP / SAMPLE_RATE
+        if self.max_seconds > limit:
+            raise ValueError(f"max_seconds {self.max_seconds} exceeds the {limit:g} s that {field} {states} can hold")
         n_states = self.encoder_layers + 1
         bad = [i for i in self.output_layers if not -n_states <= i < n_states]
         if bad or not self.output_layers:
