@@ -50,6 +50,15 @@ def shape_labels(data: Path, split: str, n: int) -> list[tuple[Path, int]]:
     return out[:n]
 
 
+def step(opt: torch.optim.Optimizer, logits, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> None:
+    """One AdamW step of cross-entropy on a random batch of 32 rows of ``x`` (``logits(batch)`` -> (32, classes))."""
+    i = torch.randint(0, len(x), (32,), generator=g)
+    loss = nn.functional.cross_entropy(logits(x[i]), y[i])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def probe(vision: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, *,
           tune: bool, lr: float, steps: int, every: int, seed: int = 0) -> list[tuple[int, float, float]]:
     """Train the probe (and the encoder when ``tune``); (step, test accuracy, seconds) every ``every`` steps."""
@@ -62,17 +71,15 @@ def probe(vision: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Te
     opt = torch.optim.AdamW(list(head.parameters()) + (list(vision.parameters()) if tune else []), lr=lr)
     g = torch.Generator().manual_seed(seed)
     curve, t0 = [], time.perf_counter()
-    for step in range(1, steps + 1):
-        i = torch.randint(0, len(xtr), (32,), generator=g)
-        feats = vision(xtr[i]).mean(1) if tune else ftr[i]
-        loss = nn.functional.cross_entropy(head(feats), ytr[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % every == 0:
+    for k in range(1, steps + 1):
+        if tune:
+            step(opt, lambda batch: head(vision(batch).mean(1)), xtr, ytr, g)
+        else:
+            step(opt, head, ftr, ytr, g)
+        if k % every == 0:
             with torch.no_grad():
                 pred = head(vision(xte).mean(1) if tune else fte).argmax(-1)
-            curve.append((step, (pred == yte).float().mean().item(), time.perf_counter() - t0))
+            curve.append((k, (pred == yte).float().mean().item(), time.perf_counter() - t0))
     return curve
 
 
@@ -119,11 +126,7 @@ def grid_probe(vision: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, xte: tor
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        i = torch.randint(0, len(ftr), (32,), generator=g)
-        loss = nn.functional.cross_entropy(head(ftr[i]), ytr[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        step(opt, head, ftr, ytr, g)
     with torch.no_grad():
         pred = head(fte).argmax(-1)
     return (pred == yte).float().mean().item(), [(pred[yte == c] == c).float().mean().item() for c in range(len(SHAPES))]
@@ -147,20 +150,16 @@ def pretraining_rows(vision: nn.Module, xtr, ytr, xte, yte, checkpoints: list[in
     opt = torch.optim.AdamW(list(tuned.parameters()) + list(head.parameters()), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     seconds = 0.0
-    for step in range(1, max(checkpoints) + 1):
+    for k in range(1, max(checkpoints) + 1):
         t0 = time.perf_counter()
-        i = torch.randint(0, len(xp), (32,), generator=g)
-        loss = nn.functional.cross_entropy(head(tuned(xp[i]).flatten(1)), yp[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        step(opt, lambda batch: head(tuned(batch).flatten(1)), xp, yp, g)
         seconds += time.perf_counter() - t0
-        if step in checkpoints:
+        if k in checkpoints:
             acc, per = grid_probe(copy.deepcopy(tuned), xtr, ytr, xte, yte)
-            print(f"| pretrained | {step} | {acc:.1%} | " + " | ".join(f"{a:.1%}" for a in per) + f" | {seconds:.0f} |")
+            print(f"| pretrained | {k} | {acc:.1%} | " + " | ".join(f"{a:.1%}" for a in per) + f" | {seconds:.0f} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__, threads=2)
     p.add_argument("--data", default="data/byod", help="bench/byod_data.py's output (default: data/byod)")
     p.add_argument("--steps", type=int, default=600)
@@ -170,7 +169,7 @@ def main() -> None:
     p.add_argument("--pretrain", default="", help="comma-separated pretraining step counts for the second table "
                    "(e.g. 250,500,1000; default: none)")
     p.add_argument("--no-rows", action="store_true", help="skip the first table (the probe rows)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         checkpoints = sorted({int(v) for v in args.pretrain.split(",") if v.strip()})
     except ValueError:

@@ -50,6 +50,14 @@ class StageConfig(JsonConfig):
                              f"only in an asr stage whose train list does not name the whole encoder ('audio')")
 
 
+def _range(name: str, value, rule: str, *, zero_ok: bool) -> tuple[float, float]:
+    """A config's ``[lo, hi]`` (JSON gives a list) as a tuple, checked: 0 < lo <= hi (0 <= lo with ``zero_ok``)."""
+    lo_hi = tuple(float(v) for v in value)
+    if len(lo_hi) != 2 or not (0 <= lo_hi[0] if zero_ok else 0 < lo_hi[0]) or lo_hi[0] > lo_hi[1]:
+        raise ValueError(f"{name} {list(value)} must be [lo, hi] {rule}")
+    return lo_hi
+
+
 @dataclass
 class TrainConfig(JsonConfig):
     """Everything a training run needs; see ``configs/mmdiff-tiny.json``."""
@@ -99,17 +107,11 @@ class TrainConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         if self.speed_perturb is not None:
-            lo_hi = tuple(float(v) for v in self.speed_perturb)  # JSON gives a list
-            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-                raise ValueError(f"speed_perturb {list(self.speed_perturb)} must be [lo, hi] with 0 < lo <= hi "
-                                 f"(e.g. [0.9, 1.1])")
-            self.speed_perturb = lo_hi
+            self.speed_perturb = _range("speed_perturb", self.speed_perturb, "with 0 < lo <= hi (e.g. [0.9, 1.1])",
+                                        zero_ok=False)
         if self.pad_silence is not None:
-            lo_hi = tuple(float(v) for v in self.pad_silence)
-            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1]:
-                raise ValueError(f"pad_silence {list(self.pad_silence)} must be [lo, hi] seconds with 0 <= lo <= hi "
-                                 f"(e.g. [0.0, 0.5])")
-            self.pad_silence = lo_hi
+            self.pad_silence = _range("pad_silence", self.pad_silence, "seconds with 0 <= lo <= hi (e.g. [0.0, 0.5])",
+                                      zero_ok=True)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
