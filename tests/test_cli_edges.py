@@ -316,3 +316,16 @@ def test_every_door_refuses_a_bad_device_or_dtype_in_one_line(command, extra, me
         line = err.strip()
     assert line.startswith(f"mmdiff {command}: error: ") and message in line, line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("pad_silence", [0.5, 0.1], "pad_silence [0.5, 0.1] must be [lo, hi] seconds with 0 <= lo <= hi"),
+    ("speed_perturb", [1.1, 0.9], "speed_perturb [1.1, 0.9] must be [lo, hi] with 0 < lo <= hi"),
+    ("speed_perturb", [1.1], "speed_perturb must be a list of 2 numbers or null, got [1.1]"),
+])
+def test_a_bad_speech_augmentation_range_is_one_line(key, value, message, tmp_path: Path, capsys) -> None:
+    recipe = json.loads(RECIPE.read_text()) | {key: value}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    assert message in fails(["train", "--config", str(path), "--out", str(tmp_path / "m")], capsys)
+    assert not (tmp_path / "m").exists()
