@@ -2,12 +2,14 @@
 
 The clips are validation-split questions of the spoken families in the *training* voices, so the
 held-out test voices that ``bench/quality.py`` and ``bench/asr_voices.py`` score stay untouched by
-the choice. The encoder runs once; each (alpha, beta) decodes the same frames with
+the choice. ``--voices unheard`` speaks them instead in voices the training never heard that are not the
+test voices either: the training accents with espeak-ng variants outside both the training and the held-out
+variants (:data:`UNHEARD_VARIANTS`), a validation set for generalisation to new speakers. The encoder runs once; each (alpha, beta) decodes the same frames with
 :func:`mmdiff.adapters.ctc.ctc_prefix_beam_search` and the model's ``ctc_lm.json`` (alpha 0 = no LM).
 One table: WER and exact transcripts per setting, the best marked.
 
     python bench/ctc_lm_sweep.py [--model checkpoints/mmdiff-tiny] [--clips 150] [--alphas 0 0.3 0.5 0.8 1.2]
-        [--betas 0 0.5 1.5 2.5] [--beam 8]
+        [--betas 0 0.5 1.5 2.5] [--beam 8] [--voices train|unheard]
 """
 from __future__ import annotations
 
@@ -19,13 +21,16 @@ import torch
 
 import common
 
+#: espeak-ng variants in neither TRAIN_VARIANTS nor the held-out voices' variants (checked in main)
+UNHEARD_VARIANTS = ("m8", "klatt", "klatt4", "Andy", "Annie", "edward", "linda", "steph", "john", "belinda")
+
 
 def main(argv: list[str] | None = None) -> int:
     from mmdiff.adapters.ctc import ctc_prefix_beam_search
     from mmdiff.data.dataset import SPOKEN_TYPES
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import sample_scene
-    from mmdiff.data.speech import speak
+    from mmdiff.data.speech import HELDOUT_VOICES, TRAIN_ACCENTS, TRAIN_VARIANTS, sample_voice, speak, synthesize
     from mmdiff.evaluation.metrics import word_error_rate
 
     p = common.parser(__doc__, seed=True)
@@ -33,19 +38,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.8, 1.2])
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.5, 2.5])
     p.add_argument("--beam", type=int, default=8, help="beam width")
+    p.add_argument("--voices", choices=["train", "unheard"], default="train",
+                   help="train: the training voices (default); unheard: the training accents with variants heard "
+                        "neither in training nor in the test voices")
     args = p.parse_args(argv)
     common.start(p, args, speech=True)
     model = common.load_model(args)
     adapter = model.audio_adapter
     if getattr(adapter, "lm", None) is None:
         p.error(f"{args.model}: no audio_ctc adapter with a ctc_lm.json to tune")
+    held_out_variants = {v.partition("+")[2] for v in HELDOUT_VOICES}
+    assert not set(UNHEARD_VARIANTS) & (set(TRAIN_VARIANTS) | held_out_variants), "unheard variants must be unheard"
     rng = random.Random(f"ctc-lm-sweep-{args.seed}")
     clips, refs = [], []
     with tempfile.TemporaryDirectory(prefix="mmdiff-lm-sweep-") as tmp:
         while len(clips) < args.clips:
             qa = ask(sample_scene(rng, "val"), rng, rng.choice(SPOKEN_TYPES))
             if qa is not None:
-                path, _ = speak(qa.question, Path(tmp) / f"{len(clips)}.wav", split="val", rng=rng)
+                out = Path(tmp) / f"{len(clips)}.wav"
+                if args.voices == "train":
+                    path, _ = speak(qa.question, out, split="val", rng=rng)
+                else:
+                    v = sample_voice(rng, "val")  # speed, pitch and SNR as validation draws them
+                    voice = f"{rng.choice(TRAIN_ACCENTS)}+{rng.choice(UNHEARD_VARIANTS)}"
+                    path = synthesize(qa.question, out, voice=voice, speed=v.speed, pitch=v.pitch, snr_db=v.snr_db,
+                                      rng=rng)
                 clips.append(str(path))
                 refs.append(qa.question)
         with torch.no_grad():
@@ -62,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             exact = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / len(refs)
             rows.append((alpha, beta, word_error_rate(refs, hyps), exact))
     best = min(rows, key=lambda r: (r[2], -r[3]))
-    print(f"CTC beam (width {args.beam}) on {len(refs)} validation clips (training voices), model {args.model}; "
+    voices = "training voices" if args.voices == "train" else "unheard variants of the training accents"
+    print(f"CTC beam (width {args.beam}) on {len(refs)} validation clips ({voices}), model {args.model}; "
           f"model's setting: alpha {adapter.cfg.lm_weight}, beta {adapter.cfg.length_bonus}")
     print("| alpha (LM weight) | beta (length bonus) | WER | exact |\n|---|---|---|---|")
     for r in rows:
