@@ -35,6 +35,14 @@ TRAIN_VARIANTS: tuple[str, ...] = ("", "m1", "m3", "m4", "m5", "m6", "f1", "f2",
 TRAIN_VOICES: tuple[str, ...] = tuple(a + (f"+{v}" if v else "") for a in TRAIN_ACCENTS for v in TRAIN_VARIANTS)
 #: test-only voices: neither their accent nor their variant is ever heard in training
 HELDOUT_VOICES: tuple[str, ...] = ("en-gb-scotland+m2", "en-us-nyc+f5", "en-gb-x-gbcwmd+m7")
+#: the phoneme tables of the training accents (espeak-ng-data/lang/gmw: en, en-US, en-029, en-GB-x-gbclan,
+#: en-GB-x-rp); a synthetic accent (:func:`write_accent`) is built on one of them, never on a held-out accent's
+TRAIN_PHONEME_TABLES: tuple[str, ...] = ("en", "en-us", "en-wi", "en-n", "en-rp")
+#: vowels (espeak-ng phoneme names) that accents trade for neighbours: a synthetic accent replaces a few vowels by
+#: another of the same group (front close, front mid, open, back rounded, close back / diphthongs, central)
+ACCENT_VOWEL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("i:", "I", "i", "I2", "eI"), ("E", "e@", "eI", "a"), ("a", "a#", "A@", "A:", "aI", "V"),
+    ("0", "O:", "o@", "O@", "oU"), ("u:", "U", "oU", "aU"), ("@", "3:", "V", "@L", "a#"))
 SPEED_RANGE = (130, 190)  # words per minute
 PITCH_RANGE = (30, 70)  # espeak-ng pitch, 0..99
 SNR_RANGE_DB = (15.0, 35.0)
@@ -87,6 +95,7 @@ def _library() -> tuple[ctypes.CDLL, int]:
         raise RuntimeError(f"{NO_SYNTHESISER} ({e})") from None
     lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_ng_SetVoiceByFile.argtypes = [ctypes.c_char_p]
     lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                  ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
@@ -155,8 +164,12 @@ def _speak_into(lib: ctypes.CDLL, text: str, voice: str, speed: int, pitch: int,
     """(In the forked child.) Synthesise and write the samples to ``fd``; an error message instead on failure.
     Returns the exit status."""
     with os.fdopen(fd, "wb") as out:
-        if lib.espeak_SetVoiceByName(voice.encode()) != 0 and lib.espeak_SetVoiceByProperties(
-                ctypes.byref(_VoiceSpec(languages=voice.encode()))) != 0:  # the espeak-ng program's fallback
+        if os.sep in voice:  # a voice file (write_accent), as the espeak-ng program reads -v PATH[+VARIANT]
+            chosen = lib.espeak_ng_SetVoiceByFile(voice.encode()) == 0
+        else:
+            chosen = lib.espeak_SetVoiceByName(voice.encode()) == 0 or lib.espeak_SetVoiceByProperties(
+                ctypes.byref(_VoiceSpec(languages=voice.encode()))) == 0  # the espeak-ng program's fallback
+        if not chosen:
             out.write(b"unknown voice")
             return 2
         lib.espeak_SetParameter(_ESPEAK_RATE, speed, 0)
@@ -264,7 +277,7 @@ def synthesize(text: str, path: str | Path, *, voice: str, speed: int, pitch: in
 
 
 def speak(text: str, path: str | Path, *, split: str, rng: random.Random,
-          silence: tuple[float, float] = (0.0, 0.0)) -> tuple[Path, VoiceParams]:
+          silence: tuple[float, float] = (0.0, 0.0), voice: str | None = None) -> tuple[Path, VoiceParams]:
     """Synthesize ``text`` with a voice, speed, pitch and SNR drawn for ``split``.
 
     Args:
@@ -273,7 +286,47 @@ def speak(text: str, path: str | Path, *, split: str, rng: random.Random,
         split: decides the voice pool (held-out voices for "test").
         rng: random source for the voice parameters and the noise.
         silence: seconds of silence before and after the speech (:func:`synthesize`).
+        voice: speak with this voice instead of the drawn one (speed, pitch and SNR are drawn as ever), e.g. a
+            synthetic accent (:func:`write_accent`) with a "+variant".
     """
     params = sample_voice(rng, split)
+    if voice is not None:
+        params = VoiceParams(voice, params.speed, params.pitch, params.snr_db)
     return synthesize(text, path, voice=params.voice, speed=params.speed, pitch=params.pitch,
                       snr_db=params.snr_db, rng=rng, silence=silence), params
+
+
+def write_accent(path: str | Path, rng: random.Random) -> Path:
+    """Write an espeak-ng voice file of a synthetic English accent and return its path, which
+    :func:`synthesize` takes as a voice name (optionally with a "+variant").
+
+    espeak-ng's accents are voice files (espeak-ng-data/lang/gmw) that differ in their phoneme table, vowel
+    ``replace`` rules, ``stressLength`` and formant scaling. A synthetic accent draws each of them: one of the
+    training accents' tables (:data:`TRAIN_PHONEME_TABLES`), 1-4 vowels each replaced by a neighbour of its
+    :data:`ACCENT_VOWEL_GROUPS` group (everywhere, or in unstressed syllables only), the 8 stress lengths of an
+    American voice scaled by 0.8-1.2 each, and the first three formants' frequencies scaled by 0.92-1.08. A
+    recogniser trained on many such accents cannot rely on any one accent's vowels (the held-out test accents
+    are espeak-ng's own, whose files are never read here).
+
+    Args:
+        path: where to write the voice file (parent folders are created): lower case and at most 50 characters,
+            because libespeak-ng lower-cases a voice file's name and copies it, variant included, into 60 bytes.
+        rng: random source of the accent.
+
+    Raises:
+        ValueError: ``path`` has upper-case letters or is longer than 50 characters.
+    """
+    if str(path) != str(path).lower() or len(str(path)) > 50:
+        raise ValueError(f"accent voice file {str(path)!r} must be lower case and at most 50 characters "
+                         "(libespeak-ng lower-cases the name and reads at most 60 bytes of it)")
+    lines = ["name mmdiff synthetic accent", "language en", f"phonemes {rng.choice(TRAIN_PHONEME_TABLES)}",
+             "stressLength " + " ".join(str(round(b * rng.uniform(0.8, 1.2))) for b in (140, 120, 190, 170, 0, 0, 255, 300))]
+    for _ in range(rng.randint(1, 4)):
+        group = rng.choice(ACCENT_VOWEL_GROUPS)
+        old, new = rng.sample(group, 2)
+        lines.append(f"replace {rng.choice(('00', '03'))} {old} {new}")
+    lines += [f"formant {k} {round(100 * rng.uniform(0.92, 1.08))} 100 100" for k in (1, 2, 3)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

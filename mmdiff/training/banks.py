@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data.dataset import SPOKEN_TYPES
 from ..data.questions import ask
 from ..data.scenes import cell_labels, render, sample_scene
-from ..data.speech import resample, speak
+from ..data.speech import TRAIN_VARIANTS, resample, speak, write_accent
 from ..encoders.audio import SAMPLE_RATE, AudioFeatures, log_mel
 from ..media import load_audio
 from ..model import MultimodalDiffusionLM
@@ -69,6 +69,13 @@ def frozen_features(vision: torch.nn.Module, pixels: torch.Tensor, batch_size: i
     return torch.cat([vision(pixels[i:i + batch_size].float()).half() for i in range(0, len(pixels), batch_size)])
 
 
+def _short_tmp() -> str:
+    """A temporary folder for libespeak-ng voice files, whose paths must be short and lower case: the system's,
+    else /tmp."""
+    d = tempfile.gettempdir()
+    return d if d == d.lower() and len(d) <= 16 else "/tmp"
+
+
 @dataclass
 class SpeechBank:
     """Spoken questions about bank scenes (the question text is the transcript)."""
@@ -86,7 +93,8 @@ class SpeechBank:
     @classmethod
     def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
               workers: int = 2, progress: bool = True, speed_range: tuple[float, float] | None = None,
-              silence_range: tuple[float, float] | None = None) -> "SpeechBank":
+              silence_range: tuple[float, float] | None = None,
+              accents: tuple[int, float] | None = None) -> "SpeechBank":
         """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
         thread pool: the work is in the subprocess) and compute log-mels.
 
@@ -97,7 +105,11 @@ class SpeechBank:
         ``silence_range`` (lo, hi): seconds of noisy silence drawn from U(lo, hi) for each clip's start and
         end (:func:`~mmdiff.data.speech.synthesize`): espeak-ng speaks from the first 40 ms, so a recogniser
         trained on its clips alone may hear words in another engine's or a microphone's leading silence.
-        None: none added."""
+        None: none added.
+
+        ``accents`` (n, share): n synthetic English accents (:func:`~mmdiff.data.speech.write_accent`, drawn
+        from ``seed``), each clip spoken with probability ``share`` by one of them with a training variant
+        instead of by ``split``'s voice (speed, pitch and SNR drawn as ever). None: ``split``'s voices only."""
         rng = random.Random(f"speech-{split}-{seed}")
         items = []
         while len(items) < n:
@@ -106,14 +118,27 @@ class SpeechBank:
             if qa is not None:
                 items.append((i, qa, rng.getrandbits(32)))
         n_mels = model.cfg.audio.num_mel_bins
-        with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp, \
+                tempfile.TemporaryDirectory(prefix="mmdiff-acc-", dir=_short_tmp()) as acc:
+            voices = []
+            if accents is not None:
+                a_rng = random.Random(f"accents-{split}-{seed}")
+                voices = [str(write_accent(Path(acc) / f"a{j}", a_rng)) for j in range(accents[0])]
+
             def one(k: int) -> torch.Tensor:
                 _, qa, s = items[k]
+                voice = None
+                if voices:
+                    r = random.Random(s ^ 0xACCE)
+                    if r.random() < accents[1]:
+                        variant = r.choice(TRAIN_VARIANTS)
+                        voice = r.choice(voices) + (f"+{variant}" if variant else "")
                 silence = (0.0, 0.0)
                 if silence_range is not None:
                     r = random.Random(s ^ 0x51E7)
                     silence = (r.uniform(*silence_range), r.uniform(*silence_range))
-                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s), silence=silence)
+                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s), silence=silence,
+                                voice=voice)
                 wave = load_audio(path)
                 if speed_range is not None:
                     a = random.Random(s ^ 0x5EED).uniform(*speed_range)

@@ -121,7 +121,7 @@ class Trainer:
             self.speech = SpeechBank.build(self.model, self.bank, n=cfg.speech_clips, split="train",
                                            seed=cfg.seed + 1000 * self.rank, desc="speaking train questions",
                                            progress=self.progress, speed_range=cfg.speed_perturb,
-                                           silence_range=cfg.pad_silence)
+                                           silence_range=cfg.pad_silence, accents=cfg.synthetic_accents)
             self.val_speech = SpeechBank.build(self.model, self.val, n=cfg.speech_val_clips, split="val",
                                                seed=cfg.seed, desc="speaking val questions", progress=self.progress)
         if stage.kind == "asr" and stage.audio_top_layers:  # the frozen lower layers run once, not every epoch
