@@ -194,8 +194,10 @@ def test_ask_speech_flags_reach_the_adapter(tmp_path, ctc_model, capsys):
 
 
 @pytest.mark.needs_espeak
-def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys):
-    """bench/ctc_lm_sweep.py speaks real validation clips and decodes them once per (alpha, beta)."""
+@pytest.mark.parametrize("voices", ["train", "unheard"])
+def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys, voices):
+    """bench/ctc_lm_sweep.py speaks real validation clips (training voices, or unheard variants of the training
+    accents) and decodes them once per (alpha, beta)."""
     import importlib.util
     from pathlib import Path
 
@@ -207,7 +209,23 @@ def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys):
     spec = importlib.util.spec_from_file_location("bench_ctc_lm_sweep", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--model", str(tmp_path), "--clips", "2", "--alphas", "0", "0.3", "--betas", "1.5"]) == 0
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| 0")]
+    assert bench.main(["--model", str(tmp_path), "--clips", "2", "--alphas", "0", "0.3", "--betas", "1.5",
+                       "--voices", voices]) == 0
+    out = capsys.readouterr().out
+    assert ("unheard variants of the training accents" in out) == (voices == "unheard")
+    rows = [l for l in out.splitlines() if l.startswith("| 0")]
     assert [r.split(" | ")[0:2] for r in rows] == [["| 0", "1.5"], ["| 0.3", "1.5"]]
     assert sum("(best)" in r for r in rows) == 1
+
+
+def test_lm_sweep_bench_refuses_unknown_voices(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ctc_lm_sweep.py"
+    spec = importlib.util.spec_from_file_location("bench_ctc_lm_sweep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--voices", "flite"])
+    assert e.value.code == 2 and "--voices: invalid choice: 'flite'" in capsys.readouterr().err
