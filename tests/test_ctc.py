@@ -194,7 +194,7 @@ def test_ask_speech_flags_reach_the_adapter(tmp_path, ctc_model, capsys):
 
 
 @pytest.mark.needs_espeak
-@pytest.mark.parametrize("voices", ["train", "unheard"])
+@pytest.mark.parametrize("voices", ["train", "unheard", "accents"])
 def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys, voices):
     """bench/ctc_lm_sweep.py speaks real validation clips (training voices, or unheard variants of the training
     accents) and decodes them once per (alpha, beta)."""
@@ -213,6 +213,7 @@ def test_lm_sweep_bench_prints_one_row_per_setting(tmp_path, ctc_model, capsys, 
                        "--voices", voices]) == 0
     out = capsys.readouterr().out
     assert ("unheard variants of the training accents" in out) == (voices == "unheard")
+    assert ("20 synthetic accents" in out) == (voices == "accents")
     rows = [l for l in out.splitlines() if l.startswith("| 0")]
     assert [r.split(" | ")[0:2] for r in rows] == [["| 0", "1.5"], ["| 0.3", "1.5"]]
     assert sum("(best)" in r for r in rows) == 1
