@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.data.dataset import SPOKEN_TYPES
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import sample_scene
-    from mmdiff.data.speech import (HELDOUT_VOICES, TRAIN_ACCENTS, TRAIN_VARIANTS, sample_voice, speak, synthesize,
-                                    write_accent)
+    from mmdiff.data.speech import (HELDOUT_VOICES, TRAIN_ACCENTS, TRAIN_VARIANTS, accent_folder, sample_voice, speak,
+                                    synthesize, write_accent)
     from mmdiff.evaluation.metrics import word_error_rate
 
     p = common.parser(__doc__, seed=True)
@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     assert not set(UNHEARD_VARIANTS) & (set(TRAIN_VARIANTS) | held_out_variants), "unheard variants must be unheard"
     rng = random.Random(f"ctc-lm-sweep-{args.seed}")
     clips, refs = [], []
-    with tempfile.TemporaryDirectory(prefix="mmdiff-lm-sweep-") as tmp, \
-            tempfile.TemporaryDirectory(prefix="mmdiff-acc-", dir="/tmp") as acc:
+    with tempfile.TemporaryDirectory(prefix="mmdiff-lm-sweep-") as tmp, accent_folder() as acc:
         a_rng = random.Random(f"ctc-lm-sweep-accents-{args.seed}")
-        accents = [str(write_accent(Path(acc) / f"a{j}", a_rng)) for j in range(20)]
+        accents = [str(write_accent(Path(acc) / f"a{j}", a_rng)) for j in range(20)] if args.voices == "accents" else []
         while len(clips) < args.clips:
             qa = ask(sample_scene(rng, "val"), rng, rng.choice(SPOKEN_TYPES))
             if qa is not None:

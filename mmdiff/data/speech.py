@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 import random
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,8 +320,9 @@ def write_accent(path: str | Path, rng: random.Random) -> Path:
     if str(path) != str(path).lower() or len(str(path)) > 50:
         raise ValueError(f"accent voice file {str(path)!r} must be lower case and at most 50 characters "
                          "(libespeak-ng lower-cases the name and reads at most 60 bytes of it)")
+    stress = (round(b * rng.uniform(0.8, 1.2)) for b in (140, 120, 190, 170, 0, 0, 255, 300))  # en-US's, scaled
     lines = ["name mmdiff synthetic accent", "language en", f"phonemes {rng.choice(TRAIN_PHONEME_TABLES)}",
-             "stressLength " + " ".join(str(round(b * rng.uniform(0.8, 1.2))) for b in (140, 120, 190, 170, 0, 0, 255, 300))]
+             "stressLength " + " ".join(map(str, stress))]
     for _ in range(rng.randint(1, 4)):
         group = rng.choice(ACCENT_VOWEL_GROUPS)
         old, new = rng.sample(group, 2)
@@ -330,3 +332,10 @@ def write_accent(path: str | Path, rng: random.Random) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def accent_folder() -> tempfile.TemporaryDirectory:
+    """A temporary folder for :func:`write_accent`'s files, whose paths libespeak-ng can read (short, lower
+    case): under the system's temporary folder, else under /tmp."""
+    d = tempfile.gettempdir()
+    return tempfile.TemporaryDirectory(prefix="mmdiff-acc-", dir=d if d == d.lower() and len(d) <= 16 else "/tmp")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data.dataset import SPOKEN_TYPES
 from ..data.questions import ask
 from ..data.scenes import cell_labels, render, sample_scene
-from ..data.speech import TRAIN_VARIANTS, resample, speak, write_accent
+from ..data.speech import TRAIN_VARIANTS, accent_folder, resample, speak, write_accent
 from ..encoders.audio import SAMPLE_RATE, AudioFeatures, log_mel
 from ..media import load_audio
 from ..model import MultimodalDiffusionLM
@@ -69,13 +69,6 @@ def frozen_features(vision: torch.nn.Module, pixels: torch.Tensor, batch_size: i
     return torch.cat([vision(pixels[i:i + batch_size].float()).half() for i in range(0, len(pixels), batch_size)])
 
 
-def _short_tmp() -> str:
-    """A temporary folder for libespeak-ng voice files, whose paths must be short and lower case: the system's,
-    else /tmp."""
-    d = tempfile.gettempdir()
-    return d if d == d.lower() and len(d) <= 16 else "/tmp"
-
-
 @dataclass
 class SpeechBank:
     """Spoken questions about bank scenes (the question text is the transcript)."""
@@ -118,8 +111,7 @@ class SpeechBank:
             if qa is not None:
                 items.append((i, qa, rng.getrandbits(32)))
         n_mels = model.cfg.audio.num_mel_bins
-        with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp, \
-                tempfile.TemporaryDirectory(prefix="mmdiff-acc-", dir=_short_tmp()) as acc:
+        with tempfile.TemporaryDirectory(prefix="mmdiff-speech-") as tmp, accent_folder() as acc:
             voices = []
             if accents is not None:
                 a_rng = random.Random(f"accents-{split}-{seed}")
