@@ -39,8 +39,9 @@ SHORT_TYPES = ("attribute", "existence", "count", "position", "relation", "compa
 ASR_QUESTION = "transcribe the audio."
 
 
-def build_examples(args) -> dict[str, list[dict]]:
-    """Test-split workloads: {name: [{question, answer, image, audio?, transcript?}]}."""
+def build_examples(args, folder: Path) -> dict[str, list[dict]]:
+    """Test-split workloads: {name: [{question, answer, image, audio?, transcript?}]}; spoken clips are written
+    under ``folder``."""
     from mmdiff.data.dataset import SPOKEN_TYPES
     from mmdiff.data.questions import ask
     from mmdiff.data.scenes import render, sample_scene
@@ -59,7 +60,8 @@ def build_examples(args) -> dict[str, list[dict]]:
                 if qa is not None:
                     work[qtype].append({"question": qa.question, "answer": qa.answers[0], "image": image, "scene": scene})
     if args.spoken and espeak_available():
-        tmp = Path(tempfile.mkdtemp(prefix="mmdiff-quality-"))
+        tmp = folder / "espeak"
+        tmp.mkdir()
         while len(work["spoken"]) < args.spoken:
             scene = sample_scene(rng, "test")
             qa = ask(scene, rng, rng.choice(SPOKEN_TYPES))
@@ -74,7 +76,8 @@ def build_examples(args) -> dict[str, list[dict]]:
     elif args.spoken:
         print(f"{NO_SYNTHESISER}: spoken questions skipped", file=sys.stderr)
     if args.other_spoken and flite_available():
-        tmp = Path(tempfile.mkdtemp(prefix="mmdiff-quality-flite-"))
+        tmp = folder / "flite"
+        tmp.mkdir()
         other = "spoken, other synthesiser"
         while len(work[other]) < args.other_spoken:
             scene = sample_scene(rng, "test")
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.start(p, args)
 
-    work = build_examples(args)
+    clips = tempfile.TemporaryDirectory(prefix="mmdiff-quality-")  # removed when main returns, or at exit
+    work = build_examples(args, Path(clips.name))
     systems = [("diffusion", args.model, False)]
     if args.ar_model and args.ar_model != "none":
         systems.append(("AR baseline", args.ar_model, True))

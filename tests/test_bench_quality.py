@@ -101,3 +101,28 @@ def test_asr_voices_table(tmp_path, tiny_tokenizer, capsys):
     assert [r.split(" | ")[0][2:] for r in rows] == [*HELDOUT_VOICES, "en-us"]
     assert [r.split(" | ")[1] for r in rows] == ["yes"] * len(HELDOUT_VOICES) + ["no"]
     assert all(float(r.split(" | ")[3]) >= 0 for r in rows)
+
+
+@pytest.mark.needs_espeak
+def test_quality_leaves_no_clips_behind(tiny_model_dir, tmp_path, monkeypatch):
+    """The spoken clips live in a temporary folder that is gone once main returns."""
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    made = []
+    build = bench.build_examples
+
+    def spy(args, folder):
+        work = build(args, folder)
+        made.extend(Path(e["audio"]) for e in work["spoken"])
+        return work
+
+    monkeypatch.setattr(bench, "build_examples", spy)
+    assert bench.main(["--model", str(tiny_model_dir), "--ar-model", "none", "--per-type", "1", "--spoken", "2",
+                       "--other-spoken", "0", "--captions", "0"]) == 0
+    assert len(made) == 2 and all(p.is_relative_to(tmp_path / "tmp") for p in made)
+    assert list((tmp_path / "tmp").iterdir()) == []
