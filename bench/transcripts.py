@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if not model.transcribes:
             p.error(f"--models {path}: no audio_ctc speech path to transcribe with")
         models[path] = model
-    clips = tempfile.TemporaryDirectory(prefix="mmdiff-transcripts-")  # removed when main returns, or at exit
-    rng, tmp = random.Random(args.seed), Path(clips.name)
+    folder = tempfile.TemporaryDirectory(prefix="mmdiff-transcripts-")  # removed when main returns, or at exit
+    rng, tmp = random.Random(args.seed), Path(folder.name)
     clips, truth = [], []
     while len(clips) < args.n:
         qa = ask(sample_scene(rng, "test"), rng, rng.choice(SPOKEN_TYPES))

@@ -129,8 +129,8 @@ class SpeechBank:
                 if silence_range is not None:
                     r = random.Random(s ^ 0x51E7)
                     silence = (r.uniform(*silence_range), r.uniform(*silence_range))
-                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s), silence=silence,
-                                voice=voice)
+                path, _ = speak(qa.question, Path(tmp) / f"{k}.wav", split=split, rng=random.Random(s),
+                                silence=silence, voice=voice)
                 wave = load_audio(path)
                 if speed_range is not None:
                     a = random.Random(s ^ 0x5EED).uniform(*speed_range)
