@@ -49,3 +49,22 @@ def test_lead_silence_is_checked_and_puts_the_noise_floor_first(tmp_path, capsys
     assert len(got) == len(wave) + 8000
     assert np.sqrt(np.mean(got[:8000] ** 2)) == pytest.approx(0.01, rel=0.1)
     np.testing.assert_allclose(got[8000:], wave, atol=1e-4)
+
+
+@pytest.mark.needs_espeak
+def test_the_table_of_the_shipped_model_leaves_no_clips_behind(tmp_path, capsys, monkeypatch, bench):
+    """End to end on the shipped speech path: flite clips written into one temporary folder that stays until
+    the tables are printed and is gone afterwards."""
+    import tempfile
+    from pathlib import Path
+
+    from other_tts import flite_available
+
+    if not flite_available():
+        pytest.skip("flite is not installed (apt-get install -y flite)")
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "mmdiff-tiny"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert bench.main(["--models", str(shipped), "--n", "4", "--show", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| flite |" in out and f"| {shipped} | " in out
+    assert list(tmp_path.iterdir()) == []
