@@ -322,8 +322,9 @@ def test_every_door_refuses_a_bad_device_or_dtype_in_one_line(command, extra, me
     ("pad_silence", [0.5, 0.1], "pad_silence [0.5, 0.1] must be [lo, hi] seconds with 0 <= lo <= hi"),
     ("speed_perturb", [1.1, 0.9], "speed_perturb [1.1, 0.9] must be [lo, hi] with 0 < lo <= hi"),
     ("speed_perturb", [1.1], "speed_perturb must be a list of 2 numbers or null, got [1.1]"),
-    ("synthetic_accents", [0, 0.5], "synthetic_accents [0, 0.5] must be [n, share] with an integer n >= 1 and "
-                                    "0 < share <= 1"),
+    ("synthetic_accents", [0, 0.5], "synthetic_accents [0, 0.5] must be [n, share] or [n, share, k] with "
+                                    "integers n >= 1 and k >= 0 and 0 < share <= 1"),
+    ("synthetic_accents", [200, 0.5, -1], "synthetic_accents [200, 0.5, -1] must be [n, share] or [n, share, k]"),
 ])
 def test_a_bad_speech_augmentation_range_is_one_line(key, value, message, tmp_path: Path, capsys) -> None:
     recipe = json.loads(RECIPE.read_text()) | {key: value}

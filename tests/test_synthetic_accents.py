@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmdiff.data.speech import (ACCENT_VOWEL_GROUPS, HELDOUT_VOICES, TRAIN_ACCENTS, TRAIN_PHONEME_TABLES,
-                                espeak_wave, write_accent)
+from mmdiff.data.speech import (ACCENT_CONSONANT_RULES, ACCENT_VOWEL_GROUPS, HELDOUT_VOICES, TRAIN_ACCENTS,
+                                TRAIN_PHONEME_TABLES, espeak_wave, write_accent)
 from mmdiff.training import banks
 from mmdiff.training.recipe import TrainConfig
 
@@ -48,6 +48,41 @@ def test_an_accent_is_a_training_table_with_neighbouring_vowel_shifts(short_dir,
     assert 112 <= lengths[0] <= 168 and 240 <= lengths[7] <= 360
     assert [k for k, *_ in f["formant"]] == ["1", "2", "3"]
     assert all(92 <= int(freq) <= 108 for _, freq, _, _ in f["formant"])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_consonant_processes_follow_the_same_draws(short_dir, seed):
+    """With consonants=k the file is the vowels-only file of the same seed plus 0-k consonant rules."""
+    plain = write_accent(short_dir / "plain", random.Random(seed)).read_text().splitlines()
+    lines = write_accent(short_dir / "cons", random.Random(seed), consonants=2).read_text().splitlines()
+    assert lines[:len(plain)] == plain
+    extra = [line.split() for line in lines[len(plain):]]
+    assert len(extra) <= 2 and len({tuple(e[2:]) for e in extra}) == len(extra)
+    for key, flags, old, new in extra:
+        assert key == "replace" and flags in ("00", "01") and (old, new) in ACCENT_CONSONANT_RULES
+
+
+def test_consonant_processes_are_drawn_up_to_k(short_dir):
+    counts = {len(write_accent(short_dir / "c", random.Random(s), consonants=2).read_text().split("replace")) - 1
+              - len(write_accent(short_dir / "p", random.Random(s)).read_text().split("replace")) + 1
+              for s in range(40)}
+    assert counts == {0, 1, 2}
+    with pytest.raises(ValueError, match="consonants must be >= 0"):
+        write_accent(short_dir / "c", random.Random(0), consonants=-1)
+
+
+@pytest.mark.needs_espeak
+@pytest.mark.parametrize("old, new, word", [("h", "NULL", "how"), ("T", "f", "three"), ("N", "n", "thing")])
+def test_libespeak_ng_applies_a_consonant_process(short_dir, old, new, word):
+    base = "name t\nlanguage en\nphonemes en-us\n"
+    (short_dir / "plain").write_text(base)
+    (short_dir / "cons").write_text(base + f"replace 00 {old} {new}\n")
+    a, _ = espeak_wave(word, voice=str(short_dir / "plain"), speed=160, pitch=50)
+    b, _ = espeak_wave(word, voice=str(short_dir / "cons"), speed=160, pitch=50)
+    c, _ = espeak_wave("red", voice=str(short_dir / "cons"), speed=160, pitch=50)
+    d, _ = espeak_wave("red", voice=str(short_dir / "plain"), speed=160, pitch=50)
+    assert len(a) != len(b) or not np.array_equal(a, b)
+    assert np.array_equal(c, d)  # a word without that consonant is spoken alike
 
 
 def test_accents_differ_and_repeat_with_their_seed(short_dir):
@@ -112,8 +147,10 @@ def test_the_tables_are_the_training_accents_and_none_is_a_held_out_accents():
     assert len(held_out) == 3 and not held_out & set(TRAIN_PHONEME_TABLES)
 
 
-@pytest.mark.parametrize("bad", [[0, 0.5], [10, 0], [10, 1.5], [2.5, 0.5], [10]])
+@pytest.mark.parametrize("bad", [[0, 0.5], [10, 0], [10, 1.5], [2.5, 0.5], [10], [10, 0.5, -1], [10, 0.5, 1.5],
+                                 [10, 0.5, 1, 1]])
 def test_synthetic_accents_are_checked(bad):
-    with pytest.raises(ValueError, match=r"synthetic_accents .* must be \[n, share\] with an integer n >= 1"):
+    with pytest.raises(ValueError, match=r"synthetic_accents .* must be \[n, share\] or \[n, share, k\]"):
         TrainConfig(out="x", model={}, stages=[], synthetic_accents=bad)
     assert TrainConfig(out="x", model={}, stages=[], synthetic_accents=[200, 0.5]).synthetic_accents == (200, 0.5)
+    assert TrainConfig(out="x", model={}, stages=[], synthetic_accents=[200, 0.5, 2]).synthetic_accents == (200, 0.5, 2)

@@ -44,6 +44,10 @@ TRAIN_PHONEME_TABLES: tuple[str, ...] = ("en", "en-us", "en-wi", "en-n", "en-rp"
 ACCENT_VOWEL_GROUPS: tuple[tuple[str, ...], ...] = (
     ("i:", "I", "i", "I2", "eI"), ("E", "e@", "eI", "a"), ("a", "a#", "A@", "A:", "aI", "V"),
     ("0", "O:", "o@", "O@", "oU"), ("u:", "U", "oU", "aU"), ("@", "3:", "V", "@L", "a#"))
+#: consonant processes of English accents (espeak-ng phoneme -> replacement; NULL drops it) that a synthetic accent
+#: may apply: h-dropping, th-fronting, th-stopping, g-dropping (-ing as -in), t-glottalling
+ACCENT_CONSONANT_RULES: tuple[tuple[str, str], ...] = (
+    ("h", "NULL"), ("T", "f"), ("D", "v"), ("T", "t"), ("D", "d"), ("N", "n"), ("t", "?"))
 SPEED_RANGE = (130, 190)  # words per minute
 PITCH_RANGE = (30, 70)  # espeak-ng pitch, 0..99
 SNR_RANGE_DB = (15.0, 35.0)
@@ -297,7 +301,7 @@ def speak(text: str, path: str | Path, *, split: str, rng: random.Random,
                       snr_db=params.snr_db, rng=rng, silence=silence), params
 
 
-def write_accent(path: str | Path, rng: random.Random) -> Path:
+def write_accent(path: str | Path, rng: random.Random, consonants: int = 0) -> Path:
     """Write an espeak-ng voice file of a synthetic English accent and return its path, which
     :func:`synthesize` takes as a voice name (optionally with a "+variant").
 
@@ -305,18 +309,23 @@ def write_accent(path: str | Path, rng: random.Random) -> Path:
     ``replace`` rules, ``stressLength`` and formant scaling. A synthetic accent draws each of them: one of the
     training accents' tables (:data:`TRAIN_PHONEME_TABLES`), 1-4 vowels each replaced by a neighbour of its
     :data:`ACCENT_VOWEL_GROUPS` group (everywhere, or in unstressed syllables only), the 8 stress lengths of an
-    American voice scaled by 0.8-1.2 each, and the first three formants' frequencies scaled by 0.92-1.08. A
-    recogniser trained on many such accents cannot rely on any one accent's vowels (the held-out test accents
-    are espeak-ng's own, whose files are never read here).
+    American voice scaled by 0.8-1.2 each, the first three formants' frequencies scaled by 0.92-1.08 and, with
+    ``consonants`` k > 0, 0-k consonant processes of :data:`ACCENT_CONSONANT_RULES` (everywhere, or at the end of
+    a word only). A recogniser trained on many such accents cannot rely on any one accent's vowels or consonants
+    (the held-out test accents are espeak-ng's own, whose files are never read here).
 
     Args:
         path: where to write the voice file (parent folders are created): lower case and at most 50 characters,
             because libespeak-ng lower-cases a voice file's name and copies it, variant included, into 60 bytes.
         rng: random source of the accent.
+        consonants: at most this many consonant processes (0: vowels only; the draws before them are the same
+            for every k, so k = 0 writes the files it always wrote).
 
     Raises:
-        ValueError: ``path`` has upper-case letters or is longer than 50 characters.
+        ValueError: ``path`` has upper-case letters or is longer than 50 characters, or ``consonants`` is negative.
     """
+    if consonants < 0:
+        raise ValueError(f"write_accent: consonants must be >= 0, got {consonants}")
     if str(path) != str(path).lower() or len(str(path)) > 50:
         raise ValueError(f"accent voice file {str(path)!r} must be lower case and at most 50 characters "
                          "(libespeak-ng lower-cases the name and reads at most 60 bytes of it)")
@@ -328,6 +337,9 @@ def write_accent(path: str | Path, rng: random.Random) -> Path:
         old, new = rng.sample(group, 2)
         lines.append(f"replace {rng.choice(('00', '03'))} {old} {new}")
     lines += [f"formant {k} {round(100 * rng.uniform(0.92, 1.08))} 100 100" for k in (1, 2, 3)]
+    if consonants:
+        rules = rng.sample(ACCENT_CONSONANT_RULES, min(rng.randint(0, consonants), len(ACCENT_CONSONANT_RULES)))
+        lines += [f"replace {rng.choice(('00', '01'))} {old} {new}" for old, new in rules]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

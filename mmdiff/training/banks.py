@@ -87,7 +87,7 @@ class SpeechBank:
     def build(cls, model: MultimodalDiffusionLM, bank: SceneBank, *, n: int, split: str, seed: int, desc: str,
               workers: int = 2, progress: bool = True, speed_range: tuple[float, float] | None = None,
               silence_range: tuple[float, float] | None = None,
-              accents: tuple[int, float] | None = None) -> "SpeechBank":
+              accents: tuple[int, float] | tuple[int, float, int] | None = None) -> "SpeechBank":
         """Draw ``n`` (scene, question) pairs, speak them with ``split``'s voices (espeak-ng, in a
         thread pool: the work is in the subprocess) and compute log-mels.
 
@@ -100,9 +100,10 @@ class SpeechBank:
         trained on its clips alone may hear words in another engine's or a microphone's leading silence.
         None: none added.
 
-        ``accents`` (n, share): n synthetic English accents (:func:`~mmdiff.data.speech.write_accent`, drawn
-        from ``seed``), each clip spoken with probability ``share`` by one of them with a training variant
-        instead of by ``split``'s voice (speed, pitch and SNR drawn as ever). None: ``split``'s voices only."""
+        ``accents`` (n, share[, k]): n synthetic English accents (:func:`~mmdiff.data.speech.write_accent`, drawn
+        from ``seed``, each with up to k consonant processes, 0 if k is left out), each clip spoken with probability
+        ``share`` by one of them with a training variant instead of by ``split``'s voice (speed, pitch and SNR
+        drawn as ever). None: ``split``'s voices only."""
         rng = random.Random(f"speech-{split}-{seed}")
         items = []
         while len(items) < n:
@@ -115,7 +116,8 @@ class SpeechBank:
             voices = []
             if accents is not None:
                 a_rng = random.Random(f"accents-{split}-{seed}")
-                voices = [str(write_accent(Path(acc) / f"a{j}", a_rng)) for j in range(accents[0])]
+                k = accents[2] if len(accents) > 2 else 0
+                voices = [str(write_accent(Path(acc) / f"a{j}", a_rng, consonants=k)) for j in range(accents[0])]
 
             def one(k: int) -> torch.Tensor:
                 _, qa, s = items[k]

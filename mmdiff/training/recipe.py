@@ -89,9 +89,10 @@ class TrainConfig(JsonConfig):
     #: seconds of noisy silence (lo, hi) drawn for the start and the end of each training clip (SpeechBank.build):
     #: espeak-ng speaks from the first 40 ms, other engines and microphones do not; None = none
     pad_silence: tuple[float, float] | None = None
-    #: [n, share]: n synthetic English accents (mmdiff.data.speech.write_accent) speak that share of the training
-    #: clips (SpeechBank.build); None = the training voices only
-    synthetic_accents: tuple[int, float] | None = None
+    #: [n, share] or [n, share, k]: n synthetic English accents (mmdiff.data.speech.write_accent, each with up to k
+    #: consonant processes; k = 0 when left out) speak that share of the training clips (SpeechBank.build); None =
+    #: the training voices only
+    synthetic_accents: tuple[int, float] | tuple[int, float, int] | None = None
     asr_fraction: float = 0.3  # share of ASR ("transcribe the audio.") items in spoken batches
     ctc_lm_order: int = 0  # n of the token n-gram LM saved as ctc_lm.json for the CTC beam at inference (0 = none)
     ctc_lm_texts: int = 20000  # training-split questions of the spoken families it is fitted on
@@ -114,11 +115,12 @@ class TrainConfig(JsonConfig):
                                         zero_ok=False)
         if self.synthetic_accents is not None:
             value = list(self.synthetic_accents)
-            n, share = value if len(value) == 2 else (0, 0)
-            if not (isinstance(n, int) and n >= 1 and isinstance(share, (int, float)) and 0 < share <= 1):
-                raise ValueError(f"synthetic_accents {list(self.synthetic_accents)} must be [n, share] with an "
-                                 "integer n >= 1 and 0 < share <= 1 (e.g. [200, 0.5])")
-            self.synthetic_accents = (n, float(share))
+            n, share, k = value + [0] if len(value) == 2 else value if len(value) == 3 else (0, 0, 0)
+            if not (isinstance(n, int) and n >= 1 and isinstance(share, (int, float)) and 0 < share <= 1
+                    and isinstance(k, int) and k >= 0):
+                raise ValueError(f"synthetic_accents {value} must be [n, share] or [n, share, k] with integers "
+                                 "n >= 1 and k >= 0 and 0 < share <= 1 (e.g. [200, 0.5] or [200, 0.5, 2])")
+            self.synthetic_accents = (n, float(share)) if len(value) == 2 else (n, float(share), k)
         if self.pad_silence is not None:
             self.pad_silence = _range("pad_silence", self.pad_silence, "seconds with 0 <= lo <= hi (e.g. [0.0, 0.5])",
                                       zero_ok=True)
