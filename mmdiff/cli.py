@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-adapter": ("mmdiff.training.adapters", "train only an image or audio adapter against a frozen LLaDA / Dream / LLaDA-V (DIFFA recipe)"),
     "convert-whisper": ("mmdiff.checkpoints.whisper_ct2", "convert a CTranslate2 Whisper directory into a transformers "
                                                        "Whisper directory (safetensors, config, tokenizer)"),
+    "convert-timm-cnn": ("mmdiff.checkpoints.timm_cnn", "convert a released CNN backbone's state dict (.pth, plain tensors) into "
+                                                      "a safetensors file under timm's names (the timm_cnn vision encoder)"),
     "convert": ("mmdiff.checkpoints.convert", "write a text-only LLaDA / Dream checkpoint in the mmdiff-decoder format "
                                       "(optional: mmdiff.load reads them as they are)"),
     "caption": ("mmdiff.commands.caption", "caption an image as text or schema-valid JSON (structure priors)"),

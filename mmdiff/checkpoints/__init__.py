@@ -9,7 +9,8 @@
 * :mod:`~mmdiff.checkpoints.diffa`: DIFFA (LLaDA + Whisper + dual adapter) likewise;
 * :mod:`~mmdiff.checkpoints.mmada`: MMaDA (LLaDA + MAGVIT-v2 image tokens) likewise;
 * :mod:`~mmdiff.checkpoints.convert`: ``mmdiff convert``;
-* :mod:`~mmdiff.checkpoints.whisper_ct2`: ``mmdiff convert-whisper`` (CTranslate2 Whisper -> transformers Whisper).
+* :mod:`~mmdiff.checkpoints.whisper_ct2`: ``mmdiff convert-whisper`` (CTranslate2 Whisper -> transformers Whisper);
+* :mod:`~mmdiff.checkpoints.timm_cnn`: ``mmdiff convert-timm-cnn`` (a released CNN state dict -> timm names).
 
 :func:`mmdiff.load` (:mod:`mmdiff.loading`) dispatches over all of them.
 """
@@ -76,6 +77,7 @@ from .mmada import (
     mmada_model_config,
 )
 from .tokenizers import LLADA_MASK_TOKEN, MEDIA_LAYOUTS, ReleasedTokenizer, require_tokenizer
+from .timm_cnn import convert_timm_cnn
 from .whisper_ct2 import convert_whisper, read_ct2_model
 
 __all__ = [
@@ -88,7 +90,7 @@ __all__ = [
     "llama_decoder_config",
     "llada_v_model_config", "load_checkpoint", "load_llada_v", "load_mmada", "load_pretrained", "magvit2_name",
     "mmada_model_config", "load_tokenizer_if_present",
-    "convert_whisper", "read_ct2_model",
+    "convert_whisper", "read_ct2_model", "convert_timm_cnn",
     "DREAM_MASK_TOKEN", "LAVIDA_SYSTEM_PROMPT", "LAVIDA_UNUSED", "LAVIDA_VARIANTS", "lavida_model_config",
     "lavida_variant", "load_lavida",
     "open_checkpoint", "read_weights", "require_tokenizer", "run", "save_decoder", "shard_index", "special_ids_from_configs",

@@ -9,6 +9,8 @@ Three backends, one registry (:data:`VISION_ENCODERS`):
 
 * ``timm``: any timm ViT (``patch_embed`` + ``forward_intermediates``); sizes can be overridden,
   e.g. the shipped scene encoder is ``vit_tiny_patch16_224`` at 72 px, patch 8, width 128.
+* ``timm_cnn``: a timm convolutional backbone read at one feature stage (e.g. EfficientNet-Lite0's stride-16
+  map), with frozen BatchNorm statistics.
 * ``open_clip``: the vision tower of an open_clip ``VisionTransformer`` config; tokens have the
   tower's *width* (not the CLIP embedding dim, which only exists after pooling and projection).
 * ``siglip``: a SigLIP tower (LLaDA-V's), written out in plain torch under transformers' names;
@@ -226,6 +228,80 @@ class TimmVisionEncoder(VisionEncoder):
         (tokens,) = self.model.forward_intermediates(pixels, indices=[self.index], intermediates_only=True,
                                                       output_fmt="NLC")  # prefix tokens removed by timm
         return tokens  # (B, N, D)
+
+
+@VISION_ENCODERS.register("timm_cnn")
+class TimmCNNVisionEncoder(VisionEncoder):
+    """A timm convolutional backbone (EfficientNet, MobileNet, ResNet, ...) read at one feature stage.
+
+    ``layer`` indexes the backbone's feature stages (``feature_info``; negative counts from the end), e.g.
+    ``tf_efficientnet_lite0`` has stages of stride 2, 4, 8, 16, 32 with 16, 24, 40, 112, 320 channels. The stage's
+    (B, C, h, w) map, read through ``forward_intermediates`` with the later stages pruned, becomes h * w tokens of
+    width C in reading order. ``img_size`` is required (a CNN takes any size; it fixes the grid). The transform is
+    the model's data config (mean, std, interpolation) at that size with nothing cropped.
+
+    BatchNorm layers always run in eval mode with their stored statistics (frozen BatchNorm, as detection
+    backbones are fine-tuned; Wu & He 2018, "Group Normalization", sec. 2): batches of a few small images would
+    corrupt pretrained statistics, and a frozen tower (a recipe stage that does not train ``vision``) must
+    not change at all.
+
+    Weights (``weights``): a safetensors file of the whole timm model under timm's names (``mmdiff
+    convert-timm-cnn`` writes one from a released state dict); the classifier and the pruned stages' tensors
+    are ignored, every kept tensor must be in the file.
+    """
+
+    def __init__(self, cfg: VisionEncoderConfig) -> None:
+        super().__init__(cfg)
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+
+        if cfg.img_size is None:
+            raise ValueError(f"timm_cnn {cfg.name!r}: img_size must be set (it fixes the token grid)")
+        path = _check_weights(cfg.weights)
+        try:
+            model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"unknown timm model {cfg.name!r}") from None
+            raise
+        stages = getattr(model, "feature_info", None)
+        if not stages or not hasattr(model, "prune_intermediate_layers") or hasattr(model, "patch_embed"):
+            raise ValueError(f"timm model {cfg.name!r} is not a convolutional backbone with feature stages "
+                             "(use kind 'timm' for a ViT)")
+        self.index = _resolve_layer(cfg.layer, len(stages))
+        model.prune_intermediate_layers([self.index], prune_head=True)
+        if path is not None:
+            state = load_safetensors(path)
+            kept = model.state_dict()  # BatchNorm's num_batches_tracked counters are never read in eval mode
+            missing = sorted(k for k in kept if k not in state and not k.endswith("num_batches_tracked"))
+            if missing:
+                raise ValueError(f"{path}: not weights of timm {cfg.name!r}: {len(missing)} tensors missing, e.g. "
+                                 f"{missing[0]}")
+            load_state_checked(model, {k: state.get(k, v) for k, v in kept.items()}, source=str(path))
+        _log_init(cfg, path)
+        self.model = model
+        self.out_dim = int(stages[self.index]["num_chs"])
+        self.input_size = int(cfg.img_size)
+        data = resolve_model_data_config(model)
+        data.update(input_size=(3, self.input_size, self.input_size), crop_pct=1.0, crop_mode="center")
+        self.mean = tuple(data["mean"])
+        self.transform = create_transform(**data, is_training=False)
+        with torch.no_grad():
+            h, w = self.model.eval().forward_intermediates(
+                torch.zeros(1, 3, self.input_size, self.input_size), indices=[self.index],
+                intermediates_only=True)[0].shape[-2:]
+        self.grid = (int(h), int(w))
+
+    def train(self, mode: bool = True) -> "TimmCNNVisionEncoder":
+        super().train(mode)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()  # frozen statistics (see the class docstring)
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        (fmap,) = self.model.forward_intermediates(pixels, indices=[self.index], intermediates_only=True)
+        return fmap.flatten(2).transpose(1, 2)  # (B, h * w, C)
 
 
 @VISION_ENCODERS.register("open_clip")

@@ -1,0 +1,144 @@
+"""A pretrained convolutional image backbone (issue #21): the ``timm_cnn`` vision encoder, read at one feature stage
+with frozen BatchNorm, and ``mmdiff convert-timm-cnn``, which writes a released state dict under timm's names.
+References: timm's own ``forward_intermediates`` of the same network with the same tensors."""
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from mmdiff import cli
+from mmdiff.adapters import ProjectorConfig
+from mmdiff.checkpoints.timm_cnn import convert_timm_cnn, to_timm_names
+from mmdiff.checkpoints.whisper_ct2 import sha256_of
+from mmdiff.encoders.vision import VisionEncoderConfig, build_vision_encoder
+
+from test_cli_edges import fails
+
+NAME = "tf_efficientnet_lite0"  # the backbone `make vision-weights` converts
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A timm network with random weights (BatchNorm statistics too) and its state dict as a 'released' port:
+    the same tensors in the same order under other names, saved with torch.save (plain tensors)."""
+    torch.manual_seed(0)
+    net = timm.create_model(NAME, pretrained=False).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    released = OrderedDict((f"_port.t{i}.{k.rsplit('.', 1)[-1]}", v.clone())
+                           for i, (k, v) in enumerate(net.state_dict().items()))
+    return net, released
+
+
+@pytest.fixture(scope="module")
+def weights(reference, tmp_path_factory) -> Path:
+    net, released = reference
+    folder = tmp_path_factory.mktemp("lite0")
+    torch.save(released, folder / "released.pth")
+    convert_timm_cnn(folder / "released.pth", folder / "lite0.safetensors", model=NAME,
+                     sha256=sha256_of(folder / "released.pth"))
+    return folder / "lite0.safetensors"
+
+
+def test_the_converter_pairs_a_port_by_position_and_drops_the_classifier(reference, weights):
+    net, _ = reference
+    state = load_file(str(weights))
+    assert not any(k.startswith("classifier.") for k in state)
+    assert set(state) == {k for k in net.state_dict() if not k.startswith("classifier.")}
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items() if k in state)
+
+
+@pytest.mark.parametrize("img_size, grid", [(64, (4, 4)), (96, (6, 6))])
+def test_the_encoder_returns_the_stage_map_of_timms_own_network(reference, weights, img_size, grid):
+    net, _ = reference
+    enc = build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=img_size, layer=3,
+                                                   weights=str(weights))).eval()
+    assert enc.grid == grid and enc.out_dim == 112 and enc.num_tokens == grid[0] * grid[1]
+    pixels = enc.preprocess([Image.new("RGB", (img_size, img_size // 2), (200, 30, 30)),
+                             Image.new("RGB", (40, 40), (10, 90, 200))])
+    assert pixels.shape == (2, 3, img_size, img_size)
+    with torch.no_grad():
+        (want,) = net.forward_intermediates(pixels, indices=[3], intermediates_only=True)
+        got = enc(pixels)
+    assert got.shape == (2, grid[0] * grid[1], 112)
+    torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_statistics_stay_frozen_in_training_mode(weights):
+    enc = build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3,
+                                                   weights=str(weights)))
+    enc.train()
+    assert enc.training and not any(m.training for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k}
+    enc(torch.randn(4, 3, 64, 64) * 3).sum().backward()
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())
+    assert enc.model.conv_stem.weight.grad is not None  # still trainable where a stage trains "vision"
+
+
+def test_a_model_with_the_cnn_tower_saves_and_loads(weights, tiny_tokenizer, tmp_path):
+    import mmdiff
+    from mmdiff import decoder
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
+    vis = VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3, weights=str(weights))
+    cfg = ModelConfig(decoder=dec, vision=vis, vision_adapter=ProjectorConfig(kind="linear", in_dim=112,
+                                                                              out_dim=dec.d_model))
+    model = MultimodalDiffusionLM(cfg, tiny_tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    back = mmdiff.load(tmp_path / "m")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    (out,) = back.generate(["what color is the object?"], images=[image])
+    assert isinstance(out.text, str)
+
+
+def test_bad_configs_and_files_are_one_clear_error(weights, tmp_path):
+    with pytest.raises(ValueError, match="img_size must be set"):
+        build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, layer=3))
+    with pytest.raises(ValueError, match="not a convolutional backbone"):
+        build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name="vit_tiny_patch16_224", img_size=64))
+    with pytest.raises(ValueError, match="unknown timm model"):
+        build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name="no_such_net", img_size=64))
+    with pytest.raises(ValueError, match="out of range"):
+        build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=7))
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("blocks.2.")}, str(partial))
+    with pytest.raises(ValueError, match=r"not weights of timm 'tf_efficientnet_lite0': \d+ tensors missing"):
+        build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3,
+                                                 weights=str(partial)))
+
+
+def test_a_different_network_is_refused_not_mis_mapped(reference):
+    net, released = reference
+    other = timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict()
+    with pytest.raises(ValueError, match="not the same network"):
+        to_timm_names(released, OrderedDict(other))
+    swapped = OrderedDict(released)
+    keys = list(swapped)
+    swapped = OrderedDict([(keys[1], released[keys[1]]), (keys[0], released[keys[0]]), *list(released.items())[2:]])
+    with pytest.raises(ValueError, match="does not pair with timm's"):
+        to_timm_names(swapped, OrderedDict(net.state_dict()))
+
+
+def test_the_command_refuses_a_wrong_hash_or_a_file_of_objects_in_one_line(reference, tmp_path, capsys):
+    _, released = reference
+    torch.save(released, tmp_path / "r.pth")
+    line = fails(["convert-timm-cnn", str(tmp_path / "r.pth"), str(tmp_path / "o.safetensors"), "--model", NAME,
+                  "--sha256", "0" * 64], capsys)
+    assert "is not the pinned" in line and not (tmp_path / "o.safetensors").exists()
+    torch.save({"weights": "not a tensor"}, tmp_path / "obj.pth")
+    line = fails(["convert-timm-cnn", str(tmp_path / "obj.pth"), str(tmp_path / "o.safetensors"), "--model", NAME],
+                 capsys)
+    assert "not a state dict of plain tensors" in line
+    assert "no such weight file" in fails(["convert-timm-cnn", str(tmp_path / "none.pth"),
+                                           str(tmp_path / "o.safetensors"), "--model", NAME], capsys)
+    assert cli.main(["convert-timm-cnn", str(tmp_path / "r.pth"), str(tmp_path / "o.safetensors"), "--model", NAME]) == 0
+    assert "converted" in capsys.readouterr().out
