@@ -11,6 +11,11 @@ decoder (one answer token per question, a quarter of the questions about shape) 
     python bench/byod_probe.py [--data data/byod] [--model checkpoints/mmdiff-tiny] [--steps 600]
         [--train-images 3000] [--test-images 400] [--threads 2] [--pretrain 250,500,1000]
 
+``--tower WEIGHTS`` reads the images through a pretrained convolutional tower instead of the model's encoder: the
+``timm_cnn`` encoder ``tf_efficientnet_lite0`` at ``--tower-size`` px, its stride-16 stage (what ``make
+vision-weights`` converts: Google's ImageNet EfficientNet-Lite0). ``--grid`` adds one line: the frozen tower read by
+a linear classifier over its whole patch grid (3,000 steps, AdamW 3e-3), per shape.
+
 ``--pretrain`` adds a second table: would a vision encoder pretrained on varied object sizes and
 orientations carry these shapes? The encoder is first trained (AdamW 1e-3, batch 32, a linear head over
 its whole patch grid) to name the single shape of images drawn like the generator's (its 4 shapes,
@@ -169,7 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain", default="", help="comma-separated pretraining step counts for the second table "
                    "(e.g. 250,500,1000; default: none)")
     p.add_argument("--no-rows", action="store_true", help="skip the first table (the probe rows)")
+    p.add_argument("--tower", help="a tf_efficientnet_lite0 safetensors file (make vision-weights): probe that "
+                   "pretrained tower instead of the model's encoder")
+    p.add_argument("--tower-size", type=int, default=96, help="--tower's input side in pixels (default 96)")
+    p.add_argument("--grid", action="store_true", help="add the frozen whole-grid linear probe line")
     args = p.parse_args(argv)
+    if args.tower and not Path(args.tower).is_file():
+        p.error(f"--tower {args.tower}: no such file; write it with make vision-weights")
     try:
         checkpoints = sorted({int(v) for v in args.pretrain.split(",") if v.strip()})
     except ValueError:
@@ -183,21 +194,34 @@ def main(argv: list[str] | None = None) -> None:
     if not (data / "train.json").exists():
         p.error(f"--data {data}: no train.json; write it with python bench/byod_data.py --out {data}")
     model = common.load_model(args)
+    vision = model.vision
+    if args.tower:
+        from mmdiff.encoders.vision import VisionEncoderConfig, build_vision_encoder
+
+        vision = build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name="tf_efficientnet_lite0",
+                                                          img_size=args.tower_size, layer=3, weights=args.tower))
     t0 = time.perf_counter()
     split = {}
     for name, n in (("train", args.train_images), ("test", args.test_images)):
         rows = shape_labels(data, name, n)
-        split[name] = (model.vision.preprocess([Image.open(path).convert("RGB") for path, _ in rows]),
+        split[name] = (vision.preprocess([Image.open(path).convert("RGB") for path, _ in rows]),
                        torch.tensor([y for _, y in rows]))
     (xtr, ytr), (xte, yte) = split["train"], split["test"]
-    print(f"model {args.model}; {len(xtr)} training and {len(xte)} test images, {len(SHAPES)} shapes "
+    source = f"tower {args.tower} ({args.tower_size} px, {vision.num_tokens} tokens of {vision.out_dim})" \
+        if args.tower else f"model {args.model}"
+    print(f"{source}; {len(xtr)} training and {len(xte)} test images, {len(SHAPES)} shapes "
           f"(chance {1 / len(SHAPES):.0%}, majority {yte.bincount().max().item() / len(yte):.1%})\n")
+    if args.grid:
+        acc, per = grid_probe(vision, xtr, ytr, xte, yte)
+        print("| encoder | readout | all | " + " | ".join(SHAPES) + " |\n|---|---|---|" + "---|" * len(SHAPES))
+        print(f"| {'pretrained tower' if args.tower else 'model encoder'}, frozen | linear, whole grid | {acc:.1%} | "
+              + " | ".join(f"{a:.1%}" for a in per) + " |\n")
     if checkpoints:
-        pretraining_rows(model.vision, xtr, ytr, xte, yte, checkpoints)
+        pretraining_rows(vision, xtr, ytr, xte, yte, checkpoints)
     if args.no_rows:
         print(f"\nwall time {time.perf_counter() - t0:.0f} s")
         return
-    curves = [(name, lr, probe(model.vision, xtr, ytr, xte, yte, tune=tune, lr=lr, steps=args.steps, every=args.every))
+    curves = [(name, lr, probe(vision, xtr, ytr, xte, yte, tune=tune, lr=lr, steps=args.steps, every=args.every))
               for name, tune, lr in ROWS]
     steps = [s for s, _, _ in curves[0][2]]
     print("| encoder | lr | " + " | ".join(f"step {s}" for s in steps) + " | seconds |")
