@@ -528,7 +528,8 @@ class MultimodalDiffusionLM(nn.Module):
         adapter has a CTC language model, ``ctc_lm.json`` into ``directory``.
 
         Every weight is in ``model.safetensors``, so the audio encoder's ``checkpoint`` (the Whisper
-        directory it was initialised from) is written as null: loading never needs that directory.
+        directory it was initialised from) and the vision encoder's ``weights`` (e.g. the pretrained
+        EfficientNet-Lite0 file) are written as null: loading never needs them.
 
         Args:
             directory: output folder (created).
@@ -540,6 +541,8 @@ class MultimodalDiffusionLM(nn.Module):
         config = self.cfg.to_dict()
         if config.get("audio"):
             config["audio"]["checkpoint"] = None
+        if config.get("vision"):
+            config["vision"]["weights"] = None
         write_json(directory / CONFIG_NAME, config)
         halves = [getattr(self, p) for p in fp16_parts if getattr(self, p) is not None]
         dtypes = [next(m.parameters()).dtype for m in halves]

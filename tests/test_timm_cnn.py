@@ -1,6 +1,7 @@
 """A pretrained convolutional image backbone (issue #21): the ``timm_cnn`` vision encoder, read at one feature stage
 with frozen BatchNorm, and ``mmdiff convert-timm-cnn``, which writes a released state dict under timm's names.
 References: timm's own ``forward_intermediates`` of the same network with the same tensors."""
+import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def test_a_model_with_the_cnn_tower_saves_and_loads(weights, tiny_tokenizer, tmp
                                                                               out_dim=dec.d_model))
     model = MultimodalDiffusionLM(cfg, tiny_tokenizer)
     model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["vision"]["kind"] == "timm_cnn" and saved["vision"]["weights"] is None  # inside model.safetensors
     back = mmdiff.load(tmp_path / "m")
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
