@@ -42,7 +42,9 @@ def tiny_vision_cfg(kind: str, **kw) -> VisionEncoderConfig:
     base = {"timm": preset("tiny-test"), "open_clip": VisionEncoderConfig(kind="open_clip", name=TINY_CLIP),
             "siglip": VisionEncoderConfig(kind="siglip", name="siglip-tiny-test"),
             "magvit2": VisionEncoderConfig(kind="magvit2", name="magvitv2-tiny-test", img_size=32),
-            "qwen2_5_vl": VisionEncoderConfig(kind="qwen2_5_vl", name="qwen2.5-vl-tiny-test")}[kind]
+            "qwen2_5_vl": VisionEncoderConfig(kind="qwen2_5_vl", name="qwen2.5-vl-tiny-test"),
+            # a small timm CNN at its stride-8 stage: 32 px -> 4 x 4 tokens of 16 channels
+            "timm_cnn": VisionEncoderConfig(kind="timm_cnn", name="mobilenetv2_035", img_size=32, layer=2)}[kind]
     return VisionEncoderConfig.from_dict({**base.to_dict(), **kw})
 
 
@@ -135,7 +137,7 @@ def test_load_audio_bad_clips_name_the_file_and_problem(tmp_path):
 # vision encoders
 # ------------------------------------------------------------------------------------------------
 def test_tiny_configs_cover_the_registry():
-    assert set(VISION_ENCODERS.names()) == {"timm", "open_clip", "siglip", "magvit2", "qwen2_5_vl"}
+    assert set(VISION_ENCODERS.names()) == {"timm", "timm_cnn", "open_clip", "siglip", "magvit2", "qwen2_5_vl"}
     assert AUDIO_ENCODERS.names() == ["whisper"]
 
 
@@ -156,8 +158,9 @@ def test_vision_encoder_builds_and_runs(kind, tmp_path):
         assert 0 <= int(tokens.min()) and int(tokens.max()) < enc.out_dim == 64
         return
     assert enc.emits == "features"
-    assert enc.grid == (4, 4) and enc.num_tokens == 16 and enc.out_dim == 32
-    assert tokens.shape == (2, 16, 32) and torch.isfinite(tokens).all()
+    width = 16 if kind == "timm_cnn" else 32  # the CNN stage's channels; the transformers' width
+    assert enc.grid == (4, 4) and enc.num_tokens == 16 and enc.out_dim == width
+    assert tokens.shape == (2, 16, width) and torch.isfinite(tokens).all()
 
 
 @pytest.mark.parametrize("kind", NATIVE_RESOLUTION)
