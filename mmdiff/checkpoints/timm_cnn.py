@@ -16,14 +16,14 @@ written.
 from __future__ import annotations
 
 import argparse
-import re
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from ..encoders.vision import create_timm_model
 from ..io import load_safetensors
-from .whisper_ct2 import sha256_of
+from .whisper_ct2 import pinned_sha256
 
 
 def read_state_dict(path: str | Path) -> "OrderedDict[str, torch.Tensor]":
@@ -83,7 +83,6 @@ def convert_timm_cnn(src: str | Path, dst: str | Path, *, model: str, sha256: st
     Returns:
         the number of tensors written.
     """
-    import timm
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
@@ -91,24 +90,16 @@ def convert_timm_cnn(src: str | Path, dst: str | Path, *, model: str, sha256: st
         raise ValueError(f"{dst}: the output must be a .safetensors file")
     if dst.exists():
         raise FileExistsError(f"{dst} exists; remove it first")
-    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise ValueError(f"--sha256 {sha256!r}: not a SHA-256 (64 hex digits)")
     state = read_state_dict(src)
-    if sha256 is not None and (got := sha256_of(src)) != sha256.lower():
-        raise ValueError(f"{src}: SHA-256 {got} is not the pinned {sha256.lower()}")
-    try:
-        net = timm.create_model(model, pretrained=False)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"unknown timm model {model!r}") from None
-        raise
+    digest = pinned_sha256(src, sha256)  # read once: checked against the pin, kept in the file's metadata
+    net = create_timm_model(model)
     mapped = to_timm_names(state, OrderedDict(net.state_dict()), source=str(src))
     net.load_state_dict(mapped, strict=True)  # every tensor placed, nothing left over
     head = net.get_classifier()
     head_keys = {f"{name}.{p}" for name, m in net.named_modules() if m is head for p, _ in m.named_parameters()}
     backbone = {k: v.contiguous() for k, v in mapped.items() if k not in head_keys}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(backbone, str(dst), metadata={"format": "pt", "timm_model": model, "source_sha256": sha256_of(src)})
+    save_file(backbone, str(dst), metadata={"format": "pt", "timm_model": model, "source_sha256": digest})
     return len(backbone)
 
 

@@ -257,6 +257,20 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def pinned_sha256(path: str | Path, expected: str | None) -> str:
+    """The file's SHA-256; when ``expected`` is given (a pinned build step's ``--sha256``), it must be that.
+
+    Raises:
+        ValueError: ``expected`` is not 64 hex digits, or the file's SHA-256 differs.
+    """
+    if expected is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected):
+        raise ValueError(f"--sha256 {expected!r}: not a SHA-256 (64 hex digits)")
+    got = sha256_of(path)
+    if expected is not None and got != expected.lower():
+        raise ValueError(f"{path}: SHA-256 {got} is not the pinned {expected.lower()}")
+    return got
+
+
 def convert_whisper(src: str | Path, dst: str | Path, *, sha256: str | None = None) -> dict:
     """Write the CTranslate2 Whisper directory ``src`` as a transformers Whisper directory ``dst``.
 
@@ -286,10 +300,8 @@ def convert_whisper(src: str | Path, dst: str | Path, *, sha256: str | None = No
         raise ValueError(f"destination {dst} exists and is not empty")
     if not (src / MODEL_BIN).is_file():
         raise ValueError(f"{src}: no {MODEL_BIN}; expected a CTranslate2 Whisper directory")
-    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise ValueError(f"--sha256 {sha256!r}: not a SHA-256 (64 hex digits)")
-    if sha256 is not None and (got := sha256_of(src / MODEL_BIN)) != sha256.lower():
-        raise ValueError(f"{src / MODEL_BIN}: SHA-256 {got} is not the pinned {sha256.lower()}")
+    if sha256 is not None:
+        pinned_sha256(src / MODEL_BIN, sha256)
     model = read_ct2_model(src / MODEL_BIN)
     state = ct2_whisper_state(model)
     ct2_config = json.loads((src / CONFIG_NAME).read_text()) if (src / CONFIG_NAME).is_file() else {}

@@ -180,6 +180,18 @@ def _check_weights(weights: str | None) -> Path | None:
     return path
 
 
+def create_timm_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, an unknown name as one ValueError line."""
+    import timm
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"unknown timm model {name!r}") from None
+        raise
+
+
 def _log_init(cfg: VisionEncoderConfig, path: Path | None) -> None:
     source = f"loaded weights from {path}" if path else "random init"
     logger.info("vision encoder %s:%s: %s", cfg.kind, cfg.name, source)
@@ -197,19 +209,13 @@ class TimmVisionEncoder(VisionEncoder):
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__(cfg)
-        import timm
         from timm.data import create_transform, resolve_model_data_config
 
         path = _check_weights(cfg.weights)
         # custom_load=False: some default tags (augreg .npz) route file loads to a numpy loader.
         overlay = dict(file=str(path), custom_load=False) if path else None
-        try:
-            model = timm.create_model(cfg.name, pretrained=path is not None, pretrained_cfg_overlay=overlay,
-                                      num_classes=0, **cfg.overrides())
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"unknown timm model {cfg.name!r}") from None
-            raise
+        model = create_timm_model(cfg.name, pretrained=path is not None, pretrained_cfg_overlay=overlay,
+                                  num_classes=0, **cfg.overrides())
         if not (hasattr(model, "patch_embed") and hasattr(model, "forward_intermediates")):
             raise ValueError(f"timm model {cfg.name!r} is not a ViT with patch_embed and forward_intermediates")
         _log_init(cfg, path)
@@ -252,18 +258,12 @@ class TimmCNNVisionEncoder(VisionEncoder):
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
         super().__init__(cfg)
-        import timm
         from timm.data import create_transform, resolve_model_data_config
 
         if cfg.img_size is None:
             raise ValueError(f"timm_cnn {cfg.name!r}: img_size must be set (it fixes the token grid)")
         path = _check_weights(cfg.weights)
-        try:
-            model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"unknown timm model {cfg.name!r}") from None
-            raise
+        model = create_timm_model(cfg.name, pretrained=False, num_classes=0)
         stages = getattr(model, "feature_info", None)
         if not stages or not hasattr(model, "prune_intermediate_layers") or hasattr(model, "patch_embed"):
             raise ValueError(f"timm model {cfg.name!r} is not a convolutional backbone with feature stages "
