@@ -145,3 +145,14 @@ def test_the_command_refuses_a_wrong_hash_or_a_file_of_objects_in_one_line(refer
                                            str(tmp_path / "o.safetensors"), "--model", NAME], capsys)
     assert cli.main(["convert-timm-cnn", str(tmp_path / "r.pth"), str(tmp_path / "o.safetensors"), "--model", NAME]) == 0
     assert "converted" in capsys.readouterr().out
+
+
+def test_the_tower_swap_script_refuses_missing_weights_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "sweeps" / "vision-lite0" / "swap_tower.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "--weights", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("write it with make vision-weights")
+    assert not (tmp_path / "out").exists()
