@@ -156,3 +156,39 @@ def test_the_tower_swap_script_refuses_missing_weights_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("write it with make vision-weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_keeps_a_frozen_tower_frozen_unless_named(weights, tiny_tokenizer, tmp_path):
+    """``timm_cnn`` is ``frozen`` by default: the default ``--train all`` leaves the tower as it is and reads its
+    features once; ``--train vision`` trains it; a config that says ``frozen: false`` lets ``all`` train it."""
+    from mmdiff import decoder
+    from mmdiff.model import ModelConfig, MultimodalDiffusionLM
+    from mmdiff.training.finetune import FineTuner
+
+    from test_finetune import config, llava_file
+
+    dec = decoder.preset("tiny-test", vocab_size=len(tiny_tokenizer))
+    vis = VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=32, layer=2, weights=str(weights))
+    assert vis.frozen is True and VisionEncoderConfig(kind="timm").frozen is False
+    cfg = ModelConfig(decoder=dec, vision=vis, vision_adapter=ProjectorConfig(kind="linear", in_dim=40,
+                                                                              out_dim=dec.d_model))
+    torch.manual_seed(0)
+    MultimodalDiffusionLM(cfg, tiny_tokenizer).save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vision"]["frozen"] is True
+    data = llava_file(tmp_path)
+    before = {k: v.clone() for k, v in MultimodalDiffusionLM.from_pretrained(tmp_path / "m").state_dict().items()}
+
+    tuner = FineTuner(config(tmp_path / "a", data, tmp_path / "m"), resume=False, progress=False)
+    assert "vision" not in tuner.parts and "decoder" in tuner.parts and tuner.store.features is not None  # computed once
+    tuner.run()
+    after = MultimodalDiffusionLM.from_pretrained(tmp_path / "a" / "out").state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("vision."))
+    assert not all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder."))
+
+    named = FineTuner(config(tmp_path / "b", data, tmp_path / "m", train=["vision", "decoder"]), resume=False,
+                      progress=False)
+    assert named.parts == ["vision", "decoder"] and named.store.features is None
+    thawed = json.loads((tmp_path / "m" / "config.json").read_text())
+    thawed["vision"]["frozen"] = False
+    (tmp_path / "m" / "config.json").write_text(json.dumps(thawed))
+    assert "vision" in FineTuner(config(tmp_path / "c", data, tmp_path / "m"), resume=False, progress=False).parts

@@ -66,11 +66,16 @@ class VisionEncoderConfig(JsonConfig):
     view_pool: str = "none"  # pool each view's projected grid: none | bilinear | average | max (LaViDa: bilinear)
     view_pool_stride: int = 2  # its stride (bilinear: side ceil(side / stride), LLaVA's get_2dPool)
 
+    #: a pretrained tower kept as it is: fine-tuning's groups (``--train all``, the default) leave it frozen and read
+    #: its features once; only ``--train vision`` names it. None: the kind's default (``timm_cnn``: True, else False)
+    frozen: bool | None = None
     min_pixels: int | None = None  # qwen2_5_vl: fewest pixels after the resize (None = the tower's)
     max_pixels: int | None = None  # qwen2_5_vl: most pixels after the resize (None = the tower's)
 
     def __post_init__(self) -> None:
         self.grid_pinpoints = tuple((int(w), int(h)) for w, h in self.grid_pinpoints)  # JSON gives lists
+        if self.frozen is None:
+            self.frozen = self.kind == "timm_cnn"  # a released ImageNet tower (see TimmCNNVisionEncoder)
         if self.views not in IMAGE_VIEWS.names():
             raise ValueError(f"unknown image views {self.views!r}; known: {', '.join(IMAGE_VIEWS.names())}")
         if self.view_pool not in VIEW_POOLS:

@@ -14,7 +14,9 @@ makes it emit them; no token is added, so the output directory keeps the tokeniz
 size and the structure priors of its base (``bench/results/byod.md`` measures the new words' accuracy).
 
 What trains (``train``): any of ``vision``, ``vision_adapter``, ``audio``, ``audio_adapter``,
-``decoder``, or the groups ``adapters``, ``encoders``, ``all``; ``lora`` puts LoRA adapters (``peft``,
+``decoder``, or the groups ``adapters``, ``encoders``, ``all`` (the default: everything but the Whisper encoder
+and a vision tower marked ``frozen``, e.g. the pretrained ``timm_cnn`` one, whose features are then computed
+once; ``--train vision`` trains it); ``lora`` puts LoRA adapters (``peft``,
 :mod:`mmdiff.training.lora`) on the decoder's linear layers instead of training it whole (for released
 7-8B decoders loaded with :func:`mmdiff.load`); ``out`` holds them merged into the weights, the
 resumable state the un-merged base and the adapters apart.
@@ -145,12 +147,14 @@ class Item:
     clip: int = -1  # replay: the speech bank's clip (-1: none)
 
 
-def trainable_parts(names: list[str]) -> list[str]:
-    """Expand groups; refuse unknown names."""
+def trainable_parts(names: list[str], frozen: tuple[str, ...] = ()) -> list[str]:
+    """Expand groups; refuse unknown names. ``all`` leaves out the ``frozen`` parts (a pretrained tower the
+    model keeps as it is, :attr:`~mmdiff.encoders.vision.VisionEncoderConfig.frozen`); naming one, or the
+    ``encoders`` group, trains it."""
     out: list[str] = []
     for n in names:
         if n in GROUPS:
-            out += GROUPS[n]
+            out += [p for p in GROUPS[n] if n != "all" or p not in frozen]
         elif n in PARTS or n == LORA:
             out.append(n)
         else:
@@ -230,7 +234,7 @@ class FineTuner:
         self.rank, self.world = dist_info()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.parts = trainable_parts(cfg.train)
+        trainable_parts(cfg.train)  # unknown names fail before any data is read
         self.out = Path(cfg.out)
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
         self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
@@ -240,6 +244,8 @@ class FineTuner:
         if cfg.val:
             self.val_data = read_usable(cfg.val, fmt=cfg.format, name="--val", say=self._say)
         self.model = load_init(cfg.init)
+        vision = self.model.cfg.vision
+        self.parts = trainable_parts(cfg.train, frozen=("vision",) if getattr(vision, "frozen", False) else ())
         self.state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": 0}
         resuming = resume and (self.state_dir / STATE_NAME).exists()
         if resuming:
