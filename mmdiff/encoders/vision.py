@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.functional as F
 from PIL import Image
 
 from ..io import JsonConfig, load_safetensors, load_state_checked
@@ -69,6 +70,9 @@ class VisionEncoderConfig(JsonConfig):
     #: a pretrained tower kept as it is: fine-tuning's groups (``--train all``, the default) leave it frozen and read
     #: its features once; only ``--train vision`` names it. None: the kind's default (``timm_cnn``: True, else False)
     frozen: bool | None = None
+    #: timm_cnn: also hand on each token's cell of the input image itself, average-pooled to p x p and folded into
+    #: 3 p^2 channels after the stage's (0: off); what a ViT's patch embedding reads, e.g. colour a deep stage drops
+    pixel_cells: int = 0
     min_pixels: int | None = None  # qwen2_5_vl: fewest pixels after the resize (None = the tower's)
     max_pixels: int | None = None  # qwen2_5_vl: most pixels after the resize (None = the tower's)
 
@@ -80,6 +84,8 @@ class VisionEncoderConfig(JsonConfig):
             raise ValueError(f"unknown image views {self.views!r}; known: {', '.join(IMAGE_VIEWS.names())}")
         if self.view_pool not in VIEW_POOLS:
             raise ValueError(f"unknown view_pool {self.view_pool!r}; known: {', '.join(VIEW_POOLS)}")
+        if self.pixel_cells < 0 or (self.pixel_cells and self.kind != "timm_cnn"):
+            raise ValueError(f"pixel_cells {self.pixel_cells}: a cell side >= 0, for kind timm_cnn only")
         if self.view_pool_stride < 1:
             raise ValueError(f"view_pool_stride must be >= 1, got {self.view_pool_stride}")
 
@@ -259,6 +265,13 @@ class TimmCNNVisionEncoder(VisionEncoder):
     Weights (``weights``): a safetensors file of the whole timm model under timm's names (``mmdiff
     convert-timm-cnn`` writes one from a released state dict); the classifier and the pruned stages' tensors
     are ignored, every kept tensor must be in the file.
+
+    ``pixel_cells`` p > 0 appends to each token the (normalised) input pixels of its cell, average-pooled to
+    p x p and folded into 3 p^2 channels by space-to-depth, the fine features YOLOv2's passthrough layer
+    concatenates onto a coarse map (Redmon & Farhadi 2017, "YOLO9000", sec. 2) taken from the input itself: what a
+    ViT's patch embedding reads (Dosovitskiy et al. 2021). An ImageNet stage at stride 16 is largely invariant to
+    brightness and hue shades (navy vs blue, lime vs green: ``bench/results/byod.md``); the cell's pixels keep them.
+    Tokens are then ``C + 3 p^2`` wide; there are no new weights.
     """
 
     def __init__(self, cfg: VisionEncoderConfig) -> None:
@@ -285,7 +298,7 @@ class TimmCNNVisionEncoder(VisionEncoder):
             load_state_checked(model, {k: state.get(k, v) for k, v in kept.items()}, source=str(path))
         _log_init(cfg, path)
         self.model = model
-        self.out_dim = int(stages[self.index]["num_chs"])
+        self.out_dim = int(stages[self.index]["num_chs"]) + 3 * cfg.pixel_cells ** 2
         self.input_size = int(cfg.img_size)
         data = resolve_model_data_config(model)
         data.update(input_size=(3, self.input_size, self.input_size), crop_pct=1.0, crop_mode="center")
@@ -306,7 +319,12 @@ class TimmCNNVisionEncoder(VisionEncoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         (fmap,) = self.model.forward_intermediates(pixels, indices=[self.index], intermediates_only=True)
-        return fmap.flatten(2).transpose(1, 2)  # (B, h * w, C)
+        p = self.cfg.pixel_cells
+        if p:  # (B, 3, h p, w p) -> (B, 3 p^2, h, w): each cell's pixels beside its features
+            h, w = fmap.shape[-2:]
+            cells = F.pixel_unshuffle(F.adaptive_avg_pool2d(pixels, (h * p, w * p)), p)
+            fmap = torch.cat([fmap, cells.to(fmap.dtype)], dim=1)
+        return fmap.flatten(2).transpose(1, 2)  # (B, h * w, C [+ 3 p^2])
 
 
 @VISION_ENCODERS.register("open_clip")
