@@ -192,3 +192,25 @@ def test_fine_tuning_keeps_a_frozen_tower_frozen_unless_named(weights, tiny_toke
     thawed["vision"]["frozen"] = False
     (tmp_path / "m" / "config.json").write_text(json.dumps(thawed))
     assert "vision" in FineTuner(config(tmp_path / "c", data, tmp_path / "m"), resume=False, progress=False).parts
+
+
+def test_pixel_cells_append_each_cells_pooled_pixels(weights):
+    """``pixel_cells`` p: each token is the stage's features, then its cell's pixels average-pooled to p x p
+    (channel-major, as space-to-depth folds them); a config that cannot hold it is one clear error."""
+    plain = build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3,
+                                                     weights=str(weights))).eval()
+    enc = build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3,
+                                                   weights=str(weights), pixel_cells=2)).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = enc(x), plain(x)
+    assert enc.out_dim == 112 + 12 and out.shape == (2, 16, 124)  # 64 px at stride 16: 4 x 4 cells of 16 px
+    assert torch.equal(out[..., :112], ref)
+    r, c = 1, 2
+    cell = x[1, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]  # (3, 16, 16)
+    expect = cell.reshape(3, 2, 8, 2, 8).mean((2, 4)).reshape(-1)  # (3, 2, 2) sub-cell means, channel-major
+    assert torch.allclose(out[1, r * 4 + c, 112:], expect, atol=1e-6)
+    for bad in (dict(kind="timm_cnn", pixel_cells=-1), dict(kind="timm", pixel_cells=2)):
+        with pytest.raises(ValueError, match="pixel_cells"):
+            VisionEncoderConfig(**bad)
