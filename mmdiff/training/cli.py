@@ -29,12 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", help="validation data (default: 300 questions held out from --data)")
     g.add_argument("--init", help="model directory to start from (e.g. checkpoints/mmdiff-tiny)")
     g.add_argument("--format", choices=("auto", "mmdiff", "llava", "hf"), help="dataset format (default: auto)")
-    g.add_argument("--train", help="comma-separated parts with gradients: all (default), adapters, encoders, "
-                   "decoder, vision, vision_adapter, audio_adapter, lora (LoRA on the decoder, via peft)")
-    g.add_argument("--steps", type=int, help="masked-diffusion steps, at most (default 3000; it stops once validation reaches stop_at, 0.99)")
+    g.add_argument("--train", help="comma-separated parts with gradients: all (default: every part but the Whisper "
+                   "encoder and a vision tower marked frozen), adapters, encoders, decoder, vision, vision_adapter, "
+                   "audio_adapter, lora (LoRA on the decoder, via peft)")
+    g.add_argument("--steps", type=int, help="masked-diffusion steps, at most (default 4000; it stops once validation reaches stop_at, 0.99)")
     g.add_argument("--ar-steps", type=int, help="autoregressive (phase-1) steps before them (default 0)")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int, help="questions per step (default 32)")
+    g.add_argument("--lr", type=float, help="peak AdamW learning rate, warmup then cosine (default 5e-4)")
     g.add_argument("--replay", type=float, help="share of each batch replayed from the original synthetic world "
                    "(default 0.25 for mmdiff models, 0 = off)")
     g.add_argument("--replay-scenes", type=int)

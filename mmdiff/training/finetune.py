@@ -89,10 +89,10 @@ class FinetuneConfig(JsonConfig):
     val: str | None = None  # validation data (None: val_rows held out from data)
     format: str = "auto"  # dataset format: auto | mmdiff | llava | hf
     train: list[str] = field(default_factory=lambda: ["all"])  # parts with gradients (see GROUPS, lora)
-    steps: int = 3000  # masked-diffusion steps (at most: see stop_at)
+    steps: int = 4000  # masked-diffusion steps (at most: see stop_at)
     ar_steps: int = 0  # AR (phase-1) steps before them
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 5e-4
     media_lr_scale: float = 1.0  # the encoders' and adapters' learning rate is lr times this
     warmup: int = 50
     weight_decay: float = 0.01
