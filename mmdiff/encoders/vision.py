@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.nn.functional as F
 from PIL import Image
 
 from ..io import JsonConfig, load_safetensors, load_state_checked
