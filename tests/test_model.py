@@ -240,25 +240,32 @@ OLD_SHIPPED_CONFIG = """\
 
 def test_old_flat_config_reads_as_the_per_kind_configs_the_shipped_ones_were_migrated_to():
     cfg = ModelConfig.from_dict(json.loads(OLD_SHIPPED_CONFIG))
+    assert cfg.vision == vision.VisionEncoderConfig(kind="timm", name="vit_tiny_patch16_224", img_size=72,
+                                                    patch_size=12, embed_dim=128, depth=4, num_heads=4, layer=-1)
     assert cfg.vision_adapter == ProjectorConfig(kind="mlp2x_gelu", in_dim=128, out_dim=192, pool=2, grid=(6, 6),
                                                  norm=True, pos_embed=True)
     assert cfg.audio_adapter == CTCAdapterConfig(kind="audio_ctc", in_dim=192, out_dim=192, vocab_size=483)
-    for name in SHIPPED:  # a field added since (audio narrowband_fill_db) reads as its default
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # what save_pretrained writes reads back the same
+    for name in SHIPPED:  # the decoder of every shipped model has kept its shape since
         shipped = ModelConfig.from_dict(json.loads((ROOT / "checkpoints" / name / "config.json").read_text()))
-        if name == "mmdiff-tiny":  # its speech path is Whisper tiny.en since issue #22
-            shipped = dataclasses.replace(shipped, audio=cfg.audio, audio_adapter=cfg.audio_adapter)
-        assert shipped == cfg
+        assert shipped.decoder == cfg.decoder
 
 
 def test_directory_with_an_old_flat_config_loads_the_same_model(tmp_path):
-    """The shipped AR checkpoint's weights (the same network, with the pre-#22 speech path) under the pre-#18
-    config.json: the same configs and weights, so the same answers."""
-    shipped = ROOT / "checkpoints" / "mmdiff-tiny-ar"
-    for f in shipped.iterdir():
+    """A model of the pre-#18 shipped shape (random weights, the shipped tokenizer and CTC LM) saved by
+    save_pretrained, and the same files under the pre-#18 config.json: the same configs and weights."""
+    from mmdiff.tokenizer import load_tokenizer
+
+    cfg = ModelConfig.from_dict(json.loads(OLD_SHIPPED_CONFIG))
+    torch.manual_seed(0)
+    MultimodalDiffusionLM(cfg, load_tokenizer(ROOT / "checkpoints" / "mmdiff-tiny")).save_pretrained(tmp_path / "new")
+    (tmp_path / "new" / "ctc_lm.json").write_bytes((ROOT / "checkpoints" / "mmdiff-tiny" / "ctc_lm.json").read_bytes())
+    (tmp_path / "old").mkdir()
+    for f in (tmp_path / "new").iterdir():
         if f.is_file() and f.name != "config.json":
-            (tmp_path / f.name).symlink_to(f)
-    (tmp_path / "config.json").write_text(OLD_SHIPPED_CONFIG)
-    old, new = MultimodalDiffusionLM.from_pretrained(tmp_path), MultimodalDiffusionLM.from_pretrained(shipped)
+            (tmp_path / "old" / f.name).symlink_to(f)
+    (tmp_path / "old" / "config.json").write_text(OLD_SHIPPED_CONFIG)
+    old, new = (MultimodalDiffusionLM.from_pretrained(tmp_path / d) for d in ("old", "new"))
     assert old.cfg == new.cfg and old.audio_adapter.lm.to_dict() == new.audio_adapter.lm.to_dict()
     new_state = new.state_dict()
     assert all(torch.equal(v, new_state[k]) for k, v in old.state_dict().items())
