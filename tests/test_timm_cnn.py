@@ -214,3 +214,6 @@ def test_pixel_cells_append_each_cells_pooled_pixels(weights):
     for bad in (dict(kind="timm_cnn", pixel_cells=-1), dict(kind="timm", pixel_cells=2)):
         with pytest.raises(ValueError, match="pixel_cells"):
             VisionEncoderConfig(**bad)
+    with pytest.raises(ValueError, match="pixel_cells 3 needs img_size 64 to split into 4 x 4 cells"):
+        build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3,
+                                                 weights=str(weights), pixel_cells=3))

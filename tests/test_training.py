@@ -255,10 +255,15 @@ def test_resume_continues_from_checkpoint(tmp_path):
     t = Trainer(cfg, progress=False)
     t.run()
     state = json.loads((tmp_path / "model.train_state" / "train_state.json").read_text())
-    assert state == {"stage": 2, "step": 0}
+    assert {k: state[k] for k in ("stage", "step")} == {"stage": 2, "step": 0}
     again = Trainer(cfg, progress=False)  # resumes: nothing left to do, weights identical
     assert again.state["stage"] == 2
     torch.testing.assert_close(again.model.decoder.lm_head.weight, t.model.decoder.lm_head.weight)
+    # another recipe with the same out (as the caption stage after the shipped recipe) never resumes this state
+    other = dict(cfg_dict, stages=cfg_dict["stages"][1:2])
+    with pytest.raises(ValueError, match="another recipe.*--fresh"):
+        Trainer(TrainConfig.from_file(write(tmp_path, other)), progress=False)
+    Trainer(TrainConfig.from_file(write(tmp_path, other)), resume=False, progress=False)  # --fresh
 
 
 def test_nan_guard_stops_with_message(tmp_path):

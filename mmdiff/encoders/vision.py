@@ -66,8 +66,9 @@ class VisionEncoderConfig(JsonConfig):
     view_pool: str = "none"  # pool each view's projected grid: none | bilinear | average | max (LaViDa: bilinear)
     view_pool_stride: int = 2  # its stride (bilinear: side ceil(side / stride), LLaVA's get_2dPool)
 
-    #: a pretrained tower kept as it is: fine-tuning's groups (``--train all``, the default) leave it frozen and read
-    #: its features once; only ``--train vision`` names it. None: the kind's default (``timm_cnn``: True, else False)
+    #: a pretrained tower kept as it is: fine-tuning's default ``--train all`` leaves it frozen and reads its features
+    #: once; ``--train vision`` or ``encoders`` trains it. Recipe stages ignore it (their ``train`` lists say what
+    #: trains). None: the kind's default (``timm_cnn``: True, else False)
     frozen: bool | None = None
     #: timm_cnn: also hand on each token's cell of the input image itself, average-pooled to p x p and folded into
     #: 3 p^2 channels after the stage's (0: off); what a ViT's patch embedding reads, e.g. colour a deep stage drops
@@ -308,6 +309,10 @@ class TimmCNNVisionEncoder(VisionEncoder):
                 torch.zeros(1, 3, self.input_size, self.input_size), indices=[self.index],
                 intermediates_only=True)[0].shape[-2:]
         self.grid = (int(h), int(w))
+        p = cfg.pixel_cells
+        if p and (self.input_size % (self.grid[0] * p) or self.input_size % (self.grid[1] * p)):
+            raise ValueError(f"timm_cnn {cfg.name!r}: pixel_cells {p} needs img_size {self.input_size} to split into "
+                             f"{self.grid[0]} x {self.grid[1]} cells of {p} x {p} whole pixels")
 
     def train(self, mode: bool = True) -> "TimmCNNVisionEncoder":
         super().train(mode)

@@ -16,7 +16,7 @@ size and the structure priors of its base (``bench/results/byod.md`` measures th
 What trains (``train``): any of ``vision``, ``vision_adapter``, ``audio``, ``audio_adapter``,
 ``decoder``, or the groups ``adapters``, ``encoders``, ``all`` (the default: everything but the Whisper encoder
 and a vision tower marked ``frozen``, e.g. the pretrained ``timm_cnn`` one, whose features are then computed
-once; ``--train vision`` trains it); ``lora`` puts LoRA adapters (``peft``,
+once; ``--train vision`` or ``encoders`` trains it); ``lora`` puts LoRA adapters (``peft``,
 :mod:`mmdiff.training.lora`) on the decoder's linear layers instead of training it whole (for released
 7-8B decoders loaded with :func:`mmdiff.load`); ``out`` holds them merged into the weights, the
 resumable state the un-merged base and the adapters apart.
@@ -115,6 +115,7 @@ class FinetuneConfig(JsonConfig):
         """Refuse values no run can use, by flag, before any work (one clear line each)."""
         if not self.train:
             raise ValueError("--train: no part given; e.g. all, adapters, decoder or lora")
+        trainable_parts(self.train)  # unknown names fail before any data is read
         for flag, value, least in (("--steps", self.steps, 0), ("--ar-steps", self.ar_steps, 0),
                                    ("--batch-size", self.batch_size, 1), ("--lora-rank", self.lora_rank, 1),
                                    ("--replay-clips", self.replay_clips, 1)):
@@ -234,7 +235,6 @@ class FineTuner:
         self.rank, self.world = dist_info()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        trainable_parts(cfg.train)  # unknown names fail before any data is read
         self.out = Path(cfg.out)
         self.state_dir = self.out.with_name(self.out.name + ".train_state")
         self.log_path = self.out.with_name(self.out.name + ".train_log.jsonl")
@@ -245,7 +245,7 @@ class FineTuner:
             self.val_data = read_usable(cfg.val, fmt=cfg.format, name="--val", say=self._say)
         self.model = load_init(cfg.init)
         vision = self.model.cfg.vision
-        self.parts = trainable_parts(cfg.train, frozen=("vision",) if getattr(vision, "frozen", False) else ())
+        self.parts = trainable_parts(cfg.train, frozen=("vision",) if vision is not None and vision.frozen else ())
         self.state: dict[str, Any] = {"step": 0, "best": -1.0, "best_step": 0}
         resuming = resume and (self.state_dir / STATE_NAME).exists()
         if resuming:

@@ -8,6 +8,7 @@ atomic resumable checkpoints (:mod:`~mmdiff.training.state`) and a NaN guard. Da
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -57,9 +58,13 @@ class Trainer:
         if not resume and self.rank == 0 and self.log_path.exists():
             self.log_path.unlink()  # a fresh run starts a fresh log
         torch.manual_seed(cfg.seed)
+        self.recipe = json.loads(json.dumps(cfg.to_dict()))  # as the state file holds it
         if resume and (self.state_dir / STATE_NAME).exists():
-            self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
             self.state = read_json(self.state_dir / STATE_NAME)
+            if self.state.get("config", self.recipe) != self.recipe:  # states before this check carry none
+                raise ValueError(f"{self.state_dir} belongs to a run of another recipe (two recipes with the same "
+                                 "out share it); use --fresh to start over")
+            self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
             log.info("resuming from %s at stage %d step %d", self.state_dir, self.state["stage"], self.state["step"])
         elif cfg.init:
             self.model = self._from_init(cfg.init)
@@ -175,7 +180,7 @@ class Trainer:
             self._run_stage(si, stage)
             self.state = {"stage": si + 1, "step": 0}
             if self.rank == 0:
-                save_state(self.state_dir, self.model, None, self.state)
+                save_state(self.state_dir, self.model, None, {**self.state, "config": self.recipe})
                 if stage.save_as:
                     self.model.save_pretrained(stage.save_as, fp16_parts=self.cfg.fp16_parts)
         if self.rank == 0:
@@ -238,7 +243,7 @@ class Trainer:
             if self.rank == 0 and cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last):
                 self._validate(stage, head, step + 1)
             if stage.kind in ("ar", "diffusion") and self.rank == 0 and (step + 1) % cfg.save_every == 0 and not last:
-                save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1})
+                save_state(self.state_dir, model, opt, {"stage": si, "step": step + 1, "config": self.recipe})
         if stage.kind == "cells":
             self.bank.features = None  # encoder changed: features are recomputed when needed
         if stage.kind == "asr" and ("audio" in stage.train or stage.audio_top_layers):
