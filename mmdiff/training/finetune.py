@@ -34,7 +34,6 @@ training data) picks the best checkpoint, which is what ``out`` holds; the run r
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -62,7 +61,7 @@ from .banks import SpeechBank, audio_batch, frozen_features
 from .batches import response_canvas, spoken_examples
 from .distributed import allreduce_grads, dist_info, sync_params
 from .lora import LORA_NAME, add_lora, load_lora, lora_state, merge_lora, without_lora
-from .state import STATE_NAME, append_log, load_optimizer, save_state, warmup_cosine
+from .state import STATE_NAME, append_log, check_same_run, load_optimizer, save_state, warmup_cosine
 
 log = logging.getLogger("mmdiff")
 
@@ -250,8 +249,7 @@ class FineTuner:
         resuming = resume and (self.state_dir / STATE_NAME).exists()
         if resuming:
             self.state = read_json(self.state_dir / STATE_NAME)
-            if self.state.get("config") != json.loads(json.dumps(cfg.to_dict())):
-                raise ValueError(f"{self.state_dir} belongs to a run with other settings; use --fresh to start over")
+            check_same_run(self.state_dir, self.state, cfg.to_dict(), other="with other settings")
             self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
             self._say(f"resuming from {self.state_dir} at step {self.state['step']}")
         elif self.rank == 0 and self.log_path.exists():

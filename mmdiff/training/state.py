@@ -19,6 +19,14 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "train_state.json"
 
 
+def check_same_run(path: Path, state: dict, settings: dict, *, other: str, legacy_ok: bool = False) -> None:
+    """Refuse to resume a state that another run wrote: its ``config`` (the settings :func:`save_state` was
+    given) must equal ``settings`` as JSON reads them back. ``legacy_ok``: a state without one (written before
+    states carried it) resumes. ``other`` names the other run in the one-line error."""
+    if state.get("config", settings if legacy_ok else None) != json.loads(json.dumps(settings)):
+        raise ValueError(f"{path} belongs to a run {other}; use --fresh to start over")
+
+
 def warmup_cosine(step: int, peak: float, *, warmup: int, total: int, floor: float) -> float:
     """Learning rate at ``step`` (0-based): linear warmup to ``peak`` over ``warmup`` steps, then cosine
     decay (Loshchilov & Hutter 2017, SGDR without restarts) to ``floor * peak`` at ``total`` steps,

@@ -8,7 +8,6 @@ atomic resumable checkpoints (:mod:`~mmdiff.training.state`) and a NaN guard. Da
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -31,7 +30,7 @@ from .ctc_lm import fit_ctc_lm
 from .distributed import allreduce_grads, dist_info, sync_params
 from .heads import CellHead, CTCHead, GroundHead
 from .recipe import StageConfig, TrainConfig
-from .state import STATE_NAME, append_log, load_optimizer, save_state, warmup_cosine
+from .state import STATE_NAME, append_log, check_same_run, load_optimizer, save_state, warmup_cosine
 from .validation import asr_eval, cell_accuracy, quick_eval
 
 log = logging.getLogger("mmdiff")
@@ -58,12 +57,11 @@ class Trainer:
         if not resume and self.rank == 0 and self.log_path.exists():
             self.log_path.unlink()  # a fresh run starts a fresh log
         torch.manual_seed(cfg.seed)
-        self.recipe = json.loads(json.dumps(cfg.to_dict()))  # as the state file holds it
+        self.recipe = cfg.to_dict()  # saved with the state: another recipe never resumes it
         if resume and (self.state_dir / STATE_NAME).exists():
             self.state = read_json(self.state_dir / STATE_NAME)
-            if self.state.get("config", self.recipe) != self.recipe:  # states before this check carry none
-                raise ValueError(f"{self.state_dir} belongs to a run of another recipe (two recipes with the same "
-                                 "out share it); use --fresh to start over")
+            check_same_run(self.state_dir, self.state, self.recipe, legacy_ok=True,
+                           other="of another recipe (two recipes with the same out share it)")
             self.model = MultimodalDiffusionLM.from_pretrained(self.state_dir)
             log.info("resuming from %s at stage %d step %d", self.state_dir, self.state["stage"], self.state["step"])
         elif cfg.init:
