@@ -1,6 +1,5 @@
 """The multimodal model: placeholder merge, save/load (and configs saved before issue #18), media bad input,
 two images + a clip in one prompt, and check_inputs (issue #19: what answer() refuses, e.g. no image)."""
-import dataclasses
 import json
 from pathlib import Path
 

@@ -217,3 +217,12 @@ def test_pixel_cells_append_each_cells_pooled_pixels(weights):
     with pytest.raises(ValueError, match="pixel_cells 3 needs img_size 64 to split into 4 x 4 cells"):
         build_vision_encoder(VisionEncoderConfig(kind="timm_cnn", name=NAME, img_size=64, layer=3,
                                                  weights=str(weights), pixel_cells=3))
+
+
+def test_a_config_with_a_non_boolean_frozen_is_one_clear_error():
+    from mmdiff.model import ModelConfig
+
+    saved = json.loads((Path(__file__).resolve().parents[1] / "checkpoints" / "mmdiff-tiny" / "config.json").read_text())
+    saved["vision"]["frozen"] = "yes"
+    with pytest.raises(ValueError, match="config.json vision: frozen must be a bool"):
+        ModelConfig.from_dict(saved)
